@@ -1,0 +1,179 @@
+"""Load CRNN checkpoints (.pth) into the project's PyTorch models, with clear errors.
+
+Handles the layouts in use:
+    * a bare state dict, or one wrapped under ``state_dict`` / ``model`` (ModelZoo saves
+      ``{"state_dict": ..., "epoch": ...}``);
+    * ``module.`` prefixes left by ``nn.DataParallel`` / distributed training;
+    * CUDA- or NPU-saved tensors, loaded onto the CPU (``map_location="cpu"``);
+    * the ModelZoo NPU LSTM gate order: Ascend's LSTM stores the four gate blocks of
+      ``weight_ih``/``weight_hh``/``bias_ih``/``bias_hh`` as (i, g, f, o) ("igfo"), where
+      PyTorch expects (i, f, g, o) ("ifgo"); ``gate_order="igfo"`` reorders them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convert.errors import ToolchainError
+from convert.models import CRNN_LAYOUTS, build_model
+from convert.spec import ARCHS, ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: Gate orders of stored LSTM weights; PyTorch's is "ifgo".
+GATE_ORDERS = ("ifgo", "igfo")
+_LSTM_PARAM = re.compile(r"(^|\.)(weight_ih|weight_hh|bias_ih|bias_hh)_l\d+(_reverse)?$")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def reorder_gates(tensor: torch.Tensor, source: str, target: str = "ifgo") -> torch.Tensor:
+    """Reorder the four gate blocks of an LSTM parameter along dim 0.
+
+    Args:
+        tensor: ``[4 * hidden, ...]`` LSTM weight or bias, blocks in ``source`` order.
+        source, target: gate orders, each a permutation of ``"ifgo"`` (see :data:`GATE_ORDERS`).
+
+    Returns:
+        The same values with blocks in ``target`` order; ``igfo <-> ifgo`` is an involution.
+    """
+    if sorted(source) != sorted("ifgo") or sorted(target) != sorted("ifgo"):
+        raise ValueError(f"gate orders must be permutations of 'ifgo': {source!r}, {target!r}")
+    if tensor.shape[0] % 4:
+        raise ValueError(f"dim 0 of an LSTM parameter must be 4 * hidden, got {tensor.shape[0]}")
+    blocks = dict(zip(source, tensor.chunk(4, dim=0)))
+    return torch.cat([blocks[g] for g in target], dim=0)
+
+
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
+
+    Args:
+        path: the .pth file.
+        trust: allow arbitrary pickled objects (``weights_only=False``); only for files
+            you trust, e.g. old checkpoints that pickled an ``argparse.Namespace``.
+
+    Raises:
+        ToolchainError: missing file, unreadable file, or no state dict inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as exc:  # torch.load raises KeyError, EOFError, UnpicklingError... on junk
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        unsafe = next((ln for ln in lines if "Unsupported global" in ln), None)
+        if unsafe and not trust:
+            raise ToolchainError(
+                f"{path}: cannot be unpickled safely ({unsafe.split('. Please use')[0]}); "
+                "if you trust the file, --trust-checkpoint allows pickled objects"
+            ) from exc
+        raise ToolchainError(
+            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {lines[-1][:200]})"
+        ) from exc
+    if isinstance(obj, nn.Module):  # a whole pickled model (only reachable with trust)
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(v, torch.Tensor) for v in obj.values()
+    ):
+        kind = type(obj).__name__
+        raise ToolchainError(
+            f"{path}: holds a {kind}, not a state dict of tensors (save model.state_dict())"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """``"modelzoo"`` when the recurrent blocks are split into ``fw_rnn``/``bw_rnn``, else ``"meijieru"``."""
+    return "modelzoo" if any(".fw_rnn." in k for k in state) else "meijieru"
+
+
+def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between ``model``'s parameters and ``state`` (first few of each)."""
+    expected = model.state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (checkpoint vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - 4} more" if len(items) > 4 else ""
+            problems.append(f"{title}: {', '.join(items[:4])}{more}")
+    return problems
+
+
+def load_checkpoint(
+    path: str | Path,
+    spec: ModelSpec,
+    layout: str = "auto",
+    gate_order: str = "ifgo",
+    trust: bool = False,
+) -> nn.Module:
+    """Build the model of ``spec`` and load the checkpoint at ``path`` into it (eval mode, CPU).
+
+    Args:
+        path: the .pth file.
+        spec: model description (its ``arch`` chooses the network).
+        layout: ``crnn`` recurrent layout, ``"meijieru"``, ``"modelzoo"`` or ``"auto"``.
+        gate_order: gate order of the stored LSTM parameters (:data:`GATE_ORDERS`);
+            ``"igfo"`` for ModelZoo NPU-trained checkpoints.
+        trust: see :func:`read_state_dict`.
+
+    Raises:
+        ToolchainError: unreadable file, or keys/shapes that do not fit; the message names
+            the first few problems and suggests the ``--arch``/``--layout`` that would fit.
+    """
+    if gate_order not in GATE_ORDERS:
+        raise ToolchainError(f"gate order {gate_order!r} is unknown; use one of {GATE_ORDERS}")
+    state = read_state_dict(path, trust=trust)
+    if layout == "auto":
+        layout = detect_layout(state) if spec.arch == "crnn" else "meijieru"
+    elif layout not in CRNN_LAYOUTS:
+        raise ToolchainError(f"layout {layout!r} is unknown; use auto or one of {CRNN_LAYOUTS}")
+    if gate_order != "ifgo":
+        state = {
+            k: reorder_gates(v, gate_order) if _LSTM_PARAM.search(k) else v
+            for k, v in state.items()
+        }
+    model = build_model(spec, layout)
+    problems = _mismatch_report(model, state)
+    if problems:
+        raise ToolchainError(
+            f"{path} does not fit --arch {spec.arch}"
+            + (f" --layout {layout}" if spec.arch == "crnn" else "")
+            + ": " + "; ".join(problems) + _suggest(state, spec.arch, layout)
+        )
+    model.load_state_dict(state, strict=False)  # strict keys were checked above
+    log.info("loaded %s as %s (layout %s, gate order %s)", path, spec.arch, layout, gate_order)
+    return model
+
+
+def _suggest(state: dict[str, torch.Tensor], arch: str, layout: str) -> str:
+    """A hint naming an ``--arch``/``--layout`` whose parameters fit ``state`` exactly."""
+    for other in ARCHS.values():
+        layouts = CRNN_LAYOUTS if other.arch == "crnn" else ("meijieru",)
+        for other_layout in layouts:
+            if (other.arch, other_layout) == (arch, layout):
+                continue
+            if not _mismatch_report(build_model(other, other_layout), state):
+                hint = f"--arch {other.arch}"
+                if other.arch == "crnn":
+                    hint += f" --layout {other_layout}"
+                return f". The checkpoint fits {hint}"
+    return ". Check --arch and --layout"

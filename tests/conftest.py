@@ -1,0 +1,66 @@
+"""Session-wide fixtures: real weights, small exported models, tiny lmdbs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert.checkpoint import reorder_gates
+from convert.models import build_model
+from convert.spec import spec_for_arch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IIIT5K = Path(os.environ.get("IIIT5K_LMDB", REPO_ROOT.parent / "shared" / "data" / "IIIT5K_3000"))
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial running statistics so exports test them too."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
+def meijieru_to_modelzoo(state: dict[str, torch.Tensor]) -> dict:
+    """Re-save a meijieru crnn state dict the way ModelZoo NPU training does.
+
+    ``rnn.K.rnn.*_l0`` -> ``rnn.K.fw_rnn.*_l0``; ``*_l0_reverse`` -> ``rnn.K.bw_rnn.*_l0``;
+    LSTM gate blocks in Ascend's (i, g, f, o) order; ``module.`` prefixes; wrapped in
+    ``{"state_dict": ...}``.
+    """
+    out = {}
+    for key, value in state.items():
+        if ".rnn.weight" in key or ".rnn.bias" in key:
+            direction = "bw_rnn" if key.endswith("_reverse") else "fw_rnn"
+            key = key.removesuffix("_reverse").replace(".rnn.", f".{direction}.", 1)
+            value = reorder_gates(value, "ifgo", "igfo")
+        out["module." + key] = value
+    return {"state_dict": out, "epoch": 3}
+
+
+@pytest.fixture(scope="session")
+def nano_weights() -> Path:
+    """The real nano-ocr 0.1.0 checkpoint, fetched into the cache once."""
+    from convert.weights import fetch
+
+    return fetch("nano-ocr")
+
+
+@pytest.fixture(scope="session")
+def crnn_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight crnn checkpoints of one model, saved in both layouts."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = randomise(build_model(spec_for_arch("crnn"), "meijieru"))
+    state = model.state_dict()
+    paths = {"meijieru": folder / "crnn_meijieru.pth", "modelzoo": folder / "crnn_modelzoo.pth"}
+    torch.save(state, paths["meijieru"])
+    torch.save(meijieru_to_modelzoo(state), paths["modelzoo"])
+    return paths
