@@ -64,3 +64,35 @@ def crnn_checkpoints(tmp_path_factory) -> dict[str, Path]:
     torch.save(state, paths["meijieru"])
     torch.save(meijieru_to_modelzoo(state), paths["modelzoo"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, nano_weights, crnn_checkpoints) -> dict[str, Path]:
+    """ONNX exports (convert.pth2onnx) of nano-ocr (real weights) and crnn in both layouts."""
+    from convert.checkpoint import load_checkpoint
+    from convert.pth2onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx")
+    nano_spec, crnn_spec = spec_for_arch("nano-ocr"), spec_for_arch("crnn")
+    return {
+        "nano-ocr": export_onnx(load_checkpoint(nano_weights, nano_spec), nano_spec,
+                                folder / "nano.onnx"),
+        "crnn-meijieru": export_onnx(load_checkpoint(crnn_checkpoints["meijieru"], crnn_spec),
+                                     crnn_spec, folder / "crnn_meijieru.onnx"),
+        "crnn-modelzoo": export_onnx(
+            load_checkpoint(crnn_checkpoints["modelzoo"], crnn_spec, gate_order="igfo"),
+            crnn_spec, folder / "crnn_modelzoo.onnx"),
+    }
+
+
+@pytest.fixture(scope="session")
+def fixed_models(tmp_path_factory, exported) -> dict[str, Path]:
+    """The exports above after convert.fix."""
+    from convert.fix import fix_model
+
+    folder = tmp_path_factory.mktemp("fixed")
+    out = {}
+    for name, path in exported.items():
+        out[name] = folder / f"{name}_fixed.onnx"
+        fix_model(path, out[name])
+    return out

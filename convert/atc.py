@@ -1,0 +1,272 @@
+"""Build (and run, where CANN is installed) the ATC command for a dynamic-shape Ascend model.
+
+Two ways to make the width dynamic:
+    ``range`` (Ascend 310P, 910 and newer): ``--input_shape=imgs:1~16,1,32,32~320``, any
+    batch and width inside the ranges at run time (ais_bench mode ``dymshape``).
+    ``gears`` (Ascend 310, which has no range support): ``--input_shape=imgs:16,1,32,-1``
+    with ``--dynamic_dims=32;64;...``: a fixed batch and a list of compiled widths; inputs
+    are padded up to the next gear (ais_bench mode ``dymdims``).
+``--mode auto`` picks ``gears`` for SoCs without range support and says so. Defaults for
+the ranges come from the model description in the ONNX metadata. ATC appends
+``_linux_<arch>`` to dynamic-shape model names; the produced .om is found either way, and a
+sidecar JSON (same name, ``.json``) records input name, mode, ranges or gears, and the model
+description for ``eval.postprocess --om_path``. ``--input_shape_range`` is deprecated in
+CANN; this tool uses ``--input_shape`` with ``~`` ranges.
+
+Example:
+    python -m convert.atc --model nano_fixed.onnx --output om/nano --soc_version Ascend310P3
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.spec import ModelSpec, read_onnx_spec
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "range", "gears")
+#: SoC versions whose ATC has no shape-range support (dynamic dims/gears only).
+SOCS_WITHOUT_RANGE = frozenset({"Ascend310"})
+MIN_GEARS, MAX_GEARS = 2, 100
+SET_ENV_HINT = ("install the CANN toolkit and run `source /usr/local/Ascend/ascend-toolkit/set_env.sh` "
+                "(or your CANN install's set_env.sh) so that `atc` is on PATH")
+_SOC_PATTERN = re.compile(r"^Ascend\d{3}[A-Za-z0-9]*$")
+
+
+@dataclass(frozen=True)
+class DynamicShape:
+    """The dynamic-shape plan of one build.
+
+    Attributes:
+        mode: ``"range"`` or ``"gears"``.
+        batch: ``(min, max)`` for range mode; ``(b, b)`` (the compiled batch) for gears.
+        width: ``(min, max)`` in pixels for range mode; ``(first, last)`` gear for gears.
+        gears: compiled widths in pixels, ascending (gears mode only).
+    """
+
+    mode: str
+    batch: tuple[int, int]
+    width: tuple[int, int]
+    gears: tuple[int, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form used in the sidecar."""
+        return {"mode": self.mode, "batch": list(self.batch), "width": list(self.width),
+                "gears": list(self.gears)}
+
+
+def supports_shape_range(soc_version: str) -> bool:
+    """Whether ATC accepts ``~`` shape ranges for this SoC (all but :data:`SOCS_WITHOUT_RANGE`)."""
+    return soc_version not in SOCS_WITHOUT_RANGE
+
+
+def plan_shape(soc_version: str, mode: str = "auto", min_batch: int = 1, max_batch: int = 16,
+               min_width: int = 32, max_width: int = 320,
+               width_gears: Sequence[int] | None = None,
+               min_accepted_width: int = ModelSpec.MIN_INPUT_WIDTH) -> DynamicShape:
+    """Validate the requested ranges and choose range or gear mode.
+
+    Args:
+        soc_version: e.g. ``"Ascend310P3"``.
+        mode: ``"auto"`` (range where the SoC supports it, else gears), ``"range"``, ``"gears"``.
+        min_batch, max_batch: batch range; gears mode compiles ``max_batch``.
+        min_width, max_width: width range in pixels.
+        width_gears: explicit gears (gears mode); default: ``min_width`` to ``max_width``
+            in steps of 16, ``max_width`` included.
+        min_accepted_width: narrowest input the network accepts.
+
+    Raises:
+        ToolchainError: an unknown mode or SoC, min > max, a width below what the
+            network accepts, ranges on a SoC without range support, or a gear count
+            outside 2..100.
+    """
+    if not _SOC_PATTERN.match(soc_version):
+        raise ToolchainError(f"SoC version {soc_version!r} does not look like Ascend<NNN>[suffix], "
+                             "e.g. Ascend310P3 (see `npu-smi info`)")
+    if mode not in MODES:
+        raise ToolchainError(f"mode {mode!r} is unknown; use one of {MODES}")
+    if not 1 <= min_batch <= max_batch:
+        raise ToolchainError(f"batch range {min_batch}~{max_batch} is invalid: need 1 <= min <= max")
+    if min_width > max_width:
+        raise ToolchainError(f"width range {min_width}~{max_width} is invalid: min > max")
+    if min_width < min_accepted_width:
+        raise ToolchainError(f"min width {min_width} is below the network's minimum input width "
+                             f"{min_accepted_width}")
+    if mode == "auto":
+        mode = "range" if supports_shape_range(soc_version) else "gears"
+        if mode == "gears":
+            log.info("%s has no shape-range support: building width gears instead", soc_version)
+    elif mode == "range" and not supports_shape_range(soc_version):
+        raise ToolchainError(f"{soc_version} has no shape-range support; use --mode gears")
+    if mode == "range":
+        return DynamicShape("range", (min_batch, max_batch), (min_width, max_width))
+    gears = sorted(set(width_gears)) if width_gears else _default_gears(min_width, max_width)
+    if not MIN_GEARS <= len(gears) <= MAX_GEARS:
+        raise ToolchainError(f"{len(gears)} width gears given; ATC needs {MIN_GEARS} to {MAX_GEARS}")
+    if gears[0] < min_accepted_width:
+        raise ToolchainError(f"gear {gears[0]} is below the network's minimum input width "
+                             f"{min_accepted_width}")
+    return DynamicShape("gears", (max_batch, max_batch), (gears[0], gears[-1]), tuple(gears))
+
+
+def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
+    gears = list(range(min_width, max_width + 1, step))
+    if gears[-1] != max_width:
+        gears.append(max_width)
+    return gears
+
+
+def build_atc_command(model: str | Path, output: str | Path, soc_version: str,
+                      shape: DynamicShape, input_name: str = "imgs", channels: int = 1,
+                      height: int = 32, log_level: str = "error",
+                      precision_mode: str | None = None, atc: str = "atc") -> list[str]:
+    """The ATC argv for ``model`` (a pure function: nothing is checked on disk).
+
+    Returns:
+        ``[atc, --model=..., --framework=5, --output=..., --input_format=ND,
+        --input_shape=..., (--dynamic_dims=...), --log=..., --soc_version=...,
+        (--precision_mode=...)]``; ``--framework=5`` means ONNX.
+    """
+    if shape.mode == "range":
+        dims = (f"{shape.batch[0]}~{shape.batch[1]},{channels},{height},"
+                f"{shape.width[0]}~{shape.width[1]}")
+    else:
+        dims = f"{shape.batch[0]},{channels},{height},-1"
+    argv = [atc, f"--model={model}", "--framework=5", f"--output={output}",
+            "--input_format=ND", f"--input_shape={input_name}:{dims}"]
+    if shape.mode == "gears":
+        argv.append("--dynamic_dims=" + ";".join(str(g) for g in shape.gears))
+    argv += [f"--log={log_level}", f"--soc_version={soc_version}"]
+    if precision_mode:
+        argv.append(f"--precision_mode={precision_mode}")
+    return argv
+
+
+def find_om(output: str | Path) -> Path:
+    """The model ATC wrote for ``--output=output``: ``output.om`` or ``output_linux_<arch>.om``.
+
+    Raises:
+        ToolchainError: neither exists (the folder's .om files are listed).
+    """
+    output = Path(output)
+    exact = output.with_name(output.name + ".om")
+    if exact.is_file():
+        return exact
+    suffixed = sorted(output.parent.glob(f"{output.name}_linux_*.om"))
+    if suffixed:
+        return suffixed[0]
+    present = sorted(p.name for p in output.parent.glob("*.om")) if output.parent.is_dir() else []
+    raise ToolchainError(f"ATC reported success but wrote neither {exact.name} nor "
+                         f"{output.name}_linux_<arch>.om in {output.parent}; present: {present}")
+
+
+def run_atc(argv: list[str], output: str | Path) -> Path:
+    """Run ATC, log the full command, and return the produced .om path.
+
+    Raises:
+        ToolchainError: ``atc`` not on PATH (names CANN's set_env.sh), or a non-zero
+            return code (with the tail of stderr, else of stdout).
+    """
+    if shutil.which(argv[0]) is None:
+        raise ToolchainError(f"`{argv[0]}` not found: {SET_ENV_HINT}")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    log.info("running: %s", shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-15:]
+        raise ToolchainError(f"atc failed with return code {proc.returncode}: " + " | ".join(tail))
+    return find_om(output)
+
+
+def write_sidecar(om_path: Path, shape: DynamicShape, spec: ModelSpec | None, input_name: str,
+                  soc_version: str, argv: list[str], onnx_path: Path) -> Path:
+    """Write ``<om stem>.json`` with everything inference needs; return its path."""
+    sidecar = om_path.with_suffix(".json")
+    sidecar.write_text(json.dumps({
+        "input_name": input_name,
+        "output_name": "output1",
+        **shape.to_dict(),
+        "soc_version": soc_version,
+        "onnx": str(onnx_path),
+        "atc_command": argv,
+        "model": spec.to_dict() if spec else None,
+    }, indent=2))
+    return sidecar
+
+
+def _onnx_input(path: Path) -> tuple[str, int, int]:
+    """(name, channels, height) of the model's one 4-D input."""
+    from convert.fix import load_onnx
+
+    graph = load_onnx(path).graph
+    if len(graph.input) != 1 or len(graph.input[0].type.tensor_type.shape.dim) != 4:
+        raise ToolchainError(f"{path}: expected one 4-D input [batch, channels, height, width]")
+    dims = graph.input[0].type.tensor_type.shape.dim
+    return graph.input[0].name, dims[1].dim_value or 1, dims[2].dim_value or 32
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="rewritten ONNX (convert.fix)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="output path without .om (ATC may append _linux_<arch>)")
+    parser.add_argument("--soc_version", required=True, help="e.g. Ascend310P3 (npu-smi info)")
+    parser.add_argument("--mode", default="auto", choices=MODES, help="dynamic-shape mode")
+    parser.add_argument("--min-batch", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="range maximum; the compiled batch in gears mode")
+    parser.add_argument("--min-width", type=int, help="default: from the model metadata")
+    parser.add_argument("--max-width", type=int, help="default: from the model metadata")
+    parser.add_argument("--width-gears", help="comma-separated widths for gears mode")
+    parser.add_argument("--precision_mode", help="e.g. force_fp32 against fp16 LSTM accuracy loss")
+    parser.add_argument("--log", default="error", choices=("debug", "info", "warning", "error", "null"))
+    parser.add_argument("--atc", default="atc", help="the ATC executable")
+    parser.add_argument("--dry-run", action="store_true", help="print the command only")
+    return parser
+
+
+def _run(args) -> int:
+    input_name, channels, height = _onnx_input(args.model)
+    try:
+        spec = read_onnx_spec(args.model)
+    except ToolchainError as exc:
+        log.warning("%s; width defaults fall back to 32~320", exc)
+        spec = None
+    min_width = args.min_width or (min(spec.min_width, spec.width) if spec else 32)
+    max_width = args.max_width or (max(spec.max_width, spec.width) if spec else 320)
+    try:
+        gears = [int(g) for g in args.width_gears.split(",")] if args.width_gears else None
+    except ValueError:
+        raise ToolchainError(f"--width-gears must be comma-separated integers, got {args.width_gears!r}") from None
+    shape = plan_shape(args.soc_version, args.mode, args.min_batch, args.max_batch,
+                       min_width, max_width, gears)
+    argv = build_atc_command(args.model, args.output, args.soc_version, shape, input_name,
+                             channels, height, args.log, args.precision_mode, args.atc)
+    print(shlex.join(argv))
+    if args.dry_run:
+        return 0
+    om_path = run_atc(argv, args.output)
+    sidecar = write_sidecar(om_path, shape, spec, input_name, args.soc_version, argv, args.model)
+    print(f"built {om_path} ({shape.mode}: batch {shape.batch}, width "
+          f"{list(shape.gears) if shape.gears else shape.width}); sidecar {sidecar}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Rewrite an exported CRNN ONNX graph so ATC can build a dynamic-shape Ascend model.
+
+Applies the rules of :mod:`convert.rewrite_rules` (zero LSTM initial states dropped, time
+flips folded into reverse LSTMs, Reshape/Gemm/Reshape turned into MatMul + Add), folds
+constants, removes dead nodes, prints op-type counts before and after, and verifies the
+result: ONNX Runtime outputs of the input and output models must agree within the
+tolerance at several (batch, width) pairs. Batch and width stay dynamic. Fixing a fixed
+model changes nothing. The ModelZoo guide's equivalent is ``python3 fix.py in.onnx out.onnx``.
+
+Example:
+    python -m convert.fix nano.onnx nano_fixed.onnx
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.rewrite_rules import RULES, tidy
+
+log = logging.getLogger(__name__)
+
+#: Op types ATC's dynamic-shape build should not see in a fixed CRNN.
+UNWANTED_OPS = ("Shape", "Gather", "ConstantOfShape", "Gemm")
+DEFAULT_TOLERANCE = 1e-5
+VERIFY_PAIRS = ((1, 32), (2, 100), (4, 320), (3, 57))
+FIX_METADATA_KEY = "crnn_toolchain.fix_rules"
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    """Op type -> number of nodes in the main graph."""
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file or raise :class:`ToolchainError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends share no useful base
+        raise ToolchainError(f"{path}: not a readable ONNX model ({exc})") from exc
+
+
+def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Apply every rule once, then tidy.
+
+    Returns:
+        The rewritten model (metadata and opset kept) and ``{rule name: matches}``.
+    """
+    graph = gs.import_onnx(model)
+    applied = {rule.__name__: rule(graph) for rule in RULES}
+    fixed = gs.export_onnx(tidy(graph), do_type_check=True)
+    fixed.ir_version = model.ir_version
+    fixed.producer_name, fixed.doc_string = model.producer_name, model.doc_string
+    props = {p.key: p.value for p in model.metadata_props if p.key != FIX_METADATA_KEY}
+    previous = json.loads(
+        next((p.value for p in model.metadata_props if p.key == FIX_METADATA_KEY), "{}")
+    )
+    props[FIX_METADATA_KEY] = json.dumps(
+        {name: previous.get(name, 0) + n for name, n in applied.items()}
+    )
+    onnx.helper.set_model_props(fixed, props)
+    return fixed, applied
+
+
+def dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Input name -> indices of its symbolic (dynamic) dimensions."""
+    return {
+        value.name: [i for i, d in enumerate(value.type.tensor_type.shape.dim) if d.dim_param]
+        for value in model.graph.input
+    }
+
+
+def compare_outputs(original: onnx.ModelProto, fixed: onnx.ModelProto,
+                    pairs: Sequence[tuple[int, int]] = VERIFY_PAIRS,
+                    tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> float:
+    """Run both models on the same random ``[batch, C, H, width]`` inputs with ONNX Runtime.
+
+    Returns:
+        The largest absolute output difference over all pairs.
+
+    Raises:
+        ToolchainError: a difference above ``tolerance``.
+    """
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (original, fixed)]
+    (feed,) = sessions[0].get_inputs()
+    channels, height = feed.shape[1], feed.shape[2]
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch, width in pairs:
+        imgs = rng.uniform(-1, 1, (batch, channels, height, width)).astype(np.float32)
+        expected, actual = (s.run(None, {feed.name: imgs})[0] for s in sessions)
+        if actual.shape != expected.shape:
+            raise ToolchainError(f"rewritten model changed the output shape at batch {batch}, "
+                                 f"width {width}: {expected.shape} -> {actual.shape}")
+        diff = float(np.max(np.abs(actual - expected)))
+        worst = max(worst, diff)
+        if diff > tolerance:
+            raise ToolchainError(f"rewritten model differs by {diff:.3g} (> {tolerance:g}) at "
+                                 f"batch {batch}, width {width}; not writing it")
+    return worst
+
+
+def fix_model(source: str | Path, target: str | Path,
+              tolerance: float = DEFAULT_TOLERANCE) -> dict[str, object]:
+    """Rewrite ``source`` into ``target`` and verify it.
+
+    Returns:
+        ``{"before": Counter, "after": Counter, "applied": {rule: n}, "max_abs_diff": float}``.
+
+    Raises:
+        ToolchainError: unreadable input, lost dynamic axes, or outputs that disagree.
+    """
+    original = load_onnx(source)
+    fixed, applied = rewrite(original)
+    onnx.checker.check_model(fixed)
+    if dynamic_axes(fixed) != dynamic_axes(original):
+        raise ToolchainError(f"rewriting {source} changed the dynamic axes: "
+                             f"{dynamic_axes(original)} -> {dynamic_axes(fixed)}")
+    worst = compare_outputs(original, fixed, tolerance=tolerance)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(fixed, str(target))
+    return {"before": op_counts(original), "after": op_counts(fixed),
+            "applied": applied, "max_abs_diff": worst}
+
+
+def format_counts(before: Counter, after: Counter) -> str:
+    """A two-column table of op-type counts, one op type a line."""
+    lines = [f"{'op type':<18}{'before':>7}{'after':>7}"]
+    for op in sorted(set(before) | set(after)):
+        lines.append(f"{op:<18}{before.get(op, 0):>7}{after.get(op, 0):>7}")
+    lines.append(f"{'total':<18}{sum(before.values()):>7}{sum(after.values()):>7}")
+    return "\n".join(lines)
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("input", type=Path, help="ONNX model from convert.pth2onnx")
+    parser.add_argument("output", type=Path, help="rewritten ONNX model to write")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="max absolute output difference allowed")
+    return parser
+
+
+def _run(args) -> int:
+    result = fix_model(args.input, args.output, args.tolerance)
+    print(format_counts(result["before"], result["after"]))
+    applied = ", ".join(f"{name} x{n}" for name, n in result["applied"].items())
+    print(f"rules: {applied}")
+    left = {op: result["after"][op] for op in UNWANTED_OPS if result["after"].get(op)}
+    if left:
+        log.warning("still present for ATC: %s", left)
+    print(f"wrote {args.output}; outputs agree within {result['max_abs_diff']:.2e} "
+          f"(<= {args.tolerance:g}) at (batch, width) {list(VERIFY_PAIRS)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
