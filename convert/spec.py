@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class ModelSpec:
             to ``round(w * height / h)`` clamped to ``[min_width, max_width]``.
         width: training width (used by the ``fixed`` policy).
         min_width, max_width: clamp of the ``keep-ratio`` policy, in pixels.
+        width_step: ``keep-ratio`` widths are rounded to a multiple of this many pixels
+            (1: no rounding); fewer distinct widths make fuller equal-width batches.
         output_kind: what the exported ``output1`` holds: ``"logits"`` (pre-softmax).
     """
 
@@ -53,6 +56,7 @@ class ModelSpec:
     width: int = 100
     min_width: int = 32
     max_width: int = 320
+    width_step: int = 1
     output_kind: str = "logits"
 
     #: Smallest input width the convolution/pooling stack accepts (two 2x2/2 pools).
@@ -71,6 +75,19 @@ class ModelSpec:
         """
         return width // 4 + 1
 
+    def resized_width(self, width: int, height: int) -> int:
+        """Input width in pixels for an image of ``width`` x ``height`` under the width policy.
+
+        ``fixed``: :attr:`width`. ``keep-ratio``: ``w * height_model / h`` rounded half up to a
+        multiple of :attr:`width_step`, then clamped to ``[min_width, max_width]``.
+        """
+        if self.width_policy == "fixed":
+            return self.width
+        step = self.width_step
+        scaled = width * self.height / height
+        rounded = int(math.floor(scaled / step + 0.5)) * step
+        return min(max(rounded, self.min_width), self.max_width)
+
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
         if self.width_policy not in WIDTH_POLICIES:
@@ -86,6 +103,8 @@ class ModelSpec:
                 f"width range [{self.min_width}, {self.max_width}] is invalid: need "
                 f"{self.MIN_INPUT_WIDTH} <= min_width <= max_width"
             )
+        if self.width_step < 1:
+            raise ToolchainError(f"width step {self.width_step} must be >= 1")
         if self.width < self.MIN_INPUT_WIDTH:
             raise ToolchainError(
                 f"width {self.width} is below the network's minimum of {self.MIN_INPUT_WIDTH}"

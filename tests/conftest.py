@@ -96,3 +96,62 @@ def fixed_models(tmp_path_factory, exported) -> dict[str, Path]:
         out[name] = folder / f"{name}_fixed.onnx"
         fix_model(path, out[name])
     return out
+
+
+def encode(image, fmt: str = "PNG", **params) -> bytes:
+    """Encoded bytes of a Pillow image."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def write_lmdb(path: Path, entries: dict[int, tuple[bytes | None, bytes | None]],
+               num_samples: int | None) -> Path:
+    """Write an IIIT5K-style lmdb: ``{index: (image bytes, label bytes)}``, None = key absent."""
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        if num_samples is not None:
+            txn.put(b"num-samples", str(num_samples).encode())
+        for index, (image, label) in entries.items():
+            if image is not None:
+                txn.put(b"image-%09d" % index, image)
+            if label is not None:
+                txn.put(b"label-%09d" % index, label)
+    env.close()
+    return path
+
+
+def word_image(text: str, width: int = 100, height: int = 32, mode: str = "L"):
+    """A dark word on a light background, drawn with Pillow's default font."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (width, height), 235)
+    ImageDraw.Draw(image).text((4, height // 4), text, fill=20)
+    return image.convert(mode)
+
+
+@pytest.fixture
+def tiny_lmdb(tmp_path) -> Path:
+    """Ten indices: PNG, JPEG, grey, RGBA, palette, 16-bit and very wide images that decode,
+    one corrupt image, one missing label, and num-samples claiming one index too many."""
+    import numpy as np
+    from PIL import Image
+
+    sixteen = Image.fromarray((np.linspace(0, 65535, 64 * 16).reshape(16, 64)).astype(np.uint16))
+    rgba = word_image("rgba", 90, 30, "RGBA")
+    entries = {
+        1: (encode(word_image("png", 100, 32, "RGB")), b"png"),
+        2: (encode(word_image("Jpeg", 120, 40, "RGB"), "JPEG", quality=90), b"Jpeg"),
+        3: (encode(word_image("grey", 128, 32)), b"grey"),
+        4: (encode(rgba), b"rgba"),
+        5: (encode(word_image("pal", 64, 24, "RGB").convert("P")), b"pal"),
+        6: (encode(sixteen), b"sixteen"),
+        7: (b"\x89PNG\r\n\x1a\n this is not an image", b"corrupt"),
+        8: (encode(word_image("nolabel")), None),
+        9: (encode(word_image("wide", 2600, 20)), b"wide"),
+    }
+    return write_lmdb(tmp_path / "tiny_lmdb", entries, num_samples=10)

@@ -1,0 +1,259 @@
+"""Turn an IIIT5K-style lmdb test set into model inputs (.npy), a manifest and label.txt.
+
+Every index 1..num-samples is accounted for: decoded (any Pillow format, converted to grey),
+resized to height 32 with the model's filter and width policy, normalised as the model
+expects, and written; or recorded in ``failed`` with its reason. Nothing is dropped silently
+or replaced. The model description comes from ``--model`` (ONNX metadata written by
+convert.pth2onnx) or ``--arch``; width options override it.
+
+Layouts:
+    bucketed (default): ``batch_00000.npy``... float32 ``[B, 1, 32, W]``, samples sorted by
+        width; with ``--max-pad 0`` each batch holds one width (no padding, so batched
+        results equal batch-1 results); a larger ``--max-pad`` allows mixed widths, right-
+        padded with normalised 0.0, the value the first convolution pads with.
+    per-image: ``test_{index}.npy`` float32 ``[1, 1, 32, W]`` (the ModelZoo layout).
+
+Also written: ``manifest.json`` (model description, policy, ``samples`` and ``failed``) and
+the ModelZoo ``label.txt`` (``test_{index}.npy:label``). Output goes to a temporary folder
+beside the target and is renamed into place at the end. The ModelZoo guide's equivalent is
+``python3 parse_testdata.py --test_dir ./IIIT5K_lmdb --output_npy input_npy``.
+
+Example:
+    python -m preprocess.parse_testdata --test_dir ../shared/data/IIIT5K_3000 \\
+        --output_npy work/inputs --model nano.onnx
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.spec import WIDTH_POLICIES, ModelSpec, read_onnx_spec, spec_for_arch
+from preprocess.batching import PAD_VALUE, pad_to_batch, plan_batches
+from preprocess.image import SampleError, decode_label, normalise, prepare
+from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("bucketed", "per-image")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+# Per-process state of the decode workers (set by _init_worker).
+_worker: dict[str, object] = {}
+
+
+def _init_worker(test_dir: str, spec: ModelSpec) -> None:
+    _worker["env"] = open_lmdb(test_dir)
+    _worker["spec"] = spec
+
+
+def _process(indices: Sequence[int]) -> list[tuple]:
+    """Decode and resize a chunk of indices in a worker; one result tuple per index.
+
+    Each tuple is ``(index, label, uint8 [32, W] | None, (w, h) | None, reason | None)``.
+    """
+    spec = _worker["spec"]
+    results = []
+    with _worker["env"].begin() as txn:
+        for index in indices:
+            raw = read_sample(txn, index)
+            try:
+                label = decode_label(raw.label)
+                pixels, size = prepare(raw.image, spec)
+            except SampleError as exc:
+                results.append((index, None, None, None, str(exc)))
+                continue
+            results.append((index, label, pixels, size, None))
+    return results
+
+
+def _chunks(count: int, size: int) -> Iterator[list[int]]:
+    for start in range(1, count + 1, size):
+        yield list(range(start, min(start + size, count + 1)))
+
+
+def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[int, Iterator[tuple]]:
+    """(N, iterator of per-sample results) over indices 1..N, decoded by ``workers`` processes."""
+    env = open_lmdb(test_dir)
+    count = count_samples(env, test_dir)
+    env.close()
+    chunks = _chunks(count, 64)
+
+    def results() -> Iterator[tuple]:
+        if workers <= 1:
+            _init_worker(str(test_dir), spec)
+            try:
+                for chunk in chunks:
+                    yield from _process(chunk)
+            finally:
+                _worker.pop("env").close()
+            return
+        with multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(str(test_dir), spec)
+        ) as pool:
+            for chunk_results in pool.imap_unordered(_process, chunks):
+                yield from chunk_results
+
+    return count, results()
+
+
+def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict[str, object]:
+    return {"width_policy": spec.width_policy, "width": spec.width, "min_width": spec.min_width,
+            "max_width": spec.max_width, "width_step": spec.width_step, "resample": spec.resample,
+            "layout": layout, "batch_size": batch_size, "max_pad": max_pad,
+            "pad_value": PAD_VALUE}
+
+
+def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "bucketed",
+                 batch_size: int = 16, max_pad: int = 0, workers: int = 1,
+                 progress: bool = False) -> dict[str, object]:
+    """Read every sample of ``test_dir`` and write the model inputs into ``output``.
+
+    Returns:
+        The manifest (also written as ``output/manifest.json``).
+
+    Raises:
+        ToolchainError: ``test_dir`` is not an lmdb, or ``output`` exists and is not an
+            earlier output of this tool.
+    """
+    if layout not in LAYOUTS:
+        raise ToolchainError(f"layout {layout!r} is unknown; use one of {LAYOUTS}")
+    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise ToolchainError(f"{output} exists and is not an earlier parse_testdata output; "
+                             "choose another --output_npy")
+    count, results = decode_all(test_dir, spec, workers)
+    samples: dict[int, dict] = {}
+    pixels: dict[int, np.ndarray] = {}
+    failed: list[dict] = []
+    for index, label, image, size, reason in tqdm(results, total=count, unit="img",
+                                                   desc="decode", disable=None if progress else True):
+        if reason is not None:
+            failed.append({"index": index, "reason": reason})
+            continue
+        samples[index] = {"index": index, "label": label, "width": int(image.shape[1]),
+                          "size": list(size)}
+        pixels[index] = image
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        indices = sorted(samples)
+        if layout == "per-image":
+            for index in indices:
+                name = f"test_{index}.npy"
+                np.save(staging / name, normalise(pixels[index], spec)[None, None])
+                samples[index].update(file=name, row=0)
+        else:
+            plan = plan_batches([samples[i]["width"] for i in indices], batch_size, max_pad)
+            for number, positions in enumerate(plan):
+                name = f"batch_{number:05d}.npy"
+                members = [indices[p] for p in positions]
+                batch = pad_to_batch([normalise(pixels[i], spec) for i in members])
+                np.save(staging / name, batch)
+                for row, index in enumerate(members):
+                    samples[index].update(file=name, row=row)
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "source": str(test_dir),
+            "num_samples": count,
+            "model": spec.to_dict(),
+            "policy": _policy(spec, layout, batch_size, max_pad),
+            "samples": [samples[i] for i in indices],
+            "failed": sorted(failed, key=lambda f: f["index"]),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        (staging / "label.txt").write_text(
+            "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices), encoding="utf-8")
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move ``staging`` to ``output``, replacing an earlier output only once the new one is whole."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def resolve_spec(model: Path | None, arch: str | None, **overrides) -> ModelSpec:
+    """The model description from an ONNX file or an architecture name, with overrides applied.
+
+    Raises:
+        ToolchainError: neither or both of ``model``/``arch`` given, or invalid overrides.
+    """
+    if (model is None) == (arch is None):
+        raise ToolchainError("give exactly one of --model (ONNX from convert.pth2onnx) or --arch")
+    spec = read_onnx_spec(model) if model is not None else spec_for_arch(arch)
+    return spec.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--test_dir", type=Path, required=True, help="lmdb folder")
+    parser.add_argument("--output_npy", type=Path, required=True, help="output folder")
+    parser.add_argument("--model", type=Path, help="ONNX model carrying the model description")
+    parser.add_argument("--arch", help="architecture name instead of --model")
+    parser.add_argument("--layout", default="bucketed", choices=LAYOUTS)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="samples per batch file (bucketed); 16 is the ModelZoo range maximum")
+    parser.add_argument("--max-pad", type=int, default=0,
+                        help="most pixels of right padding per sample in a batch (0: equal widths only)")
+    parser.add_argument("--width-policy", choices=WIDTH_POLICIES, help="default: the model's")
+    parser.add_argument("--width", type=int, help="fixed-policy width (default: the model's)")
+    parser.add_argument("--min-width", type=int, help="keep-ratio clamp (default: the model's)")
+    parser.add_argument("--max-width", type=int, help="keep-ratio clamp (default: the model's)")
+    parser.add_argument("--width-step", type=int, help="keep-ratio rounding (default: the model's)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="decode processes (1: in this process)")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero if any sample fails")
+    return parser
+
+
+def _run(args) -> int:
+    if args.batch_size < 1 or args.max_pad < 0:
+        raise ToolchainError("--batch-size must be >= 1 and --max-pad >= 0")
+    spec = resolve_spec(args.model, args.arch, width_policy=args.width_policy, width=args.width,
+                        min_width=args.min_width, max_width=args.max_width,
+                        width_step=args.width_step)
+    start = time.perf_counter()
+    manifest = write_inputs(args.test_dir, args.output_npy, spec, args.layout, args.batch_size,
+                            args.max_pad, args.workers, progress=True)
+    elapsed = time.perf_counter() - start
+    written, failed = len(manifest["samples"]), manifest["failed"]
+    for failure in failed[:10]:
+        log.warning("sample %d failed: %s", failure["index"], failure["reason"])
+    files = len({s["file"] for s in manifest["samples"]})
+    print(f"read {manifest['num_samples']}, written {written}, failed {len(failed)} "
+          f"({args.layout}, {files} files, {spec.width_policy} width) in {elapsed:.2f} s "
+          f"-> {args.output_npy}")
+    if written == 0 or (args.strict and failed):
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
