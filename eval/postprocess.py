@@ -1,0 +1,207 @@
+"""Run model inputs through a backend, decode with CTC, and report accuracy and end-to-end time.
+
+Backends: ``--onnx_path`` (ONNX Runtime, CPU by default, ``--provider cuda``),
+``--om_path`` (ais_bench on an Ascend NPU; ranges or gears from the sidecar JSON that
+convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference path). Labels
+come from the input folder's manifest.json; ``--label`` takes a ModelZoo label.txt.
+
+Scoring: word accuracy under the field's protocol (lower-case both sides, keep only
+0-9a-z), case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
+accuracy by resized width. Every sample of the source set is either scored or listed in
+``failed`` with the stage and reason. ``e2e_seconds`` runs from the first input read to the
+last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
+``python3 postpossess_CRNN_pytorch.py --input_npy input_npy --label label.txt --om_path X.om``.
+
+Example:
+    python -m eval.postprocess --input_npy work/inputs --onnx_path nano_fixed.onnx \\
+        --report report.json --predictions predictions.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
+from eval.evaluate import EvalRun, run_evaluation
+from eval.inputs import InputSet, load_input_set
+from eval.metrics import PROTOCOL, accuracy_by_width, field_protocol, recognition_metrics
+from infer import AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner
+from infer.ais_bench_runner import read_sidecar
+from infer.onnxruntime_runner import available_cores
+
+log = logging.getLogger(__name__)
+
+_CHECKED_FIELDS = ("alphabet", "blank", "height", "channels", "mean", "std")
+
+
+def check_compatible(model_spec: ModelSpec, input_model: dict | None, source: str) -> None:
+    """Raise when the inputs were preprocessed for a different model than the one evaluated."""
+    if not input_model:
+        return
+    different = [f for f in _CHECKED_FIELDS if input_model.get(f) != getattr(model_spec, f)]
+    if different:
+        raise ToolchainError(
+            f"the inputs were preprocessed for {input_model.get('arch')!r} but {source} is "
+            f"{model_spec.arch!r}; they differ in {', '.join(different)}: rerun parse_testdata "
+            "with --model pointing at this model")
+
+
+def build_runner(args) -> tuple[Runner, ModelSpec | None, str]:
+    """The runner the arguments ask for, the model's own description if it has one, its path."""
+    if args.onnx_path:
+        try:
+            spec = read_onnx_spec(args.onnx_path)
+        except ToolchainError as exc:
+            log.warning("%s; using the description in the inputs' manifest", exc)
+            spec = None
+        return OnnxRuntimeRunner(args.onnx_path, args.provider, args.threads), spec, str(args.onnx_path)
+    if args.om_path:
+        sidecar = read_sidecar(Path(args.om_path), args.sidecar)
+        spec = ModelSpec.from_dict(sidecar["model"], f"sidecar of {args.om_path}")
+        return AisBenchRunner(args.om_path, args.device, args.sidecar), spec, str(args.om_path)
+    if not args.arch:
+        raise ToolchainError("--pth needs --arch (crnn or nano-ocr)")
+    spec = spec_for_arch(args.arch)
+    return TorchRunner(args.pth, spec, args.torch_device), spec, str(args.pth)
+
+
+def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, model: str,
+                decoder: str) -> dict[str, object]:
+    """The report.json content (see the module docstring for the fields)."""
+    import time
+
+    start = time.perf_counter()
+    preds = run.predictions
+    metrics = recognition_metrics([p.prediction for p in preds], [p.label for p in preds])
+    correct = [field_protocol(p.prediction) == field_protocol(p.label) for p in preds]
+    by_width = accuracy_by_width([p.width for p in preds], correct)
+    score_seconds = time.perf_counter() - start
+    failed = sorted(inputs.failed + run.failed, key=lambda f: f["index"])
+    latencies_ms = np.array(run.batch_latencies) * 1000.0
+    return {
+        "samples": inputs.num_samples,
+        "scored": len(preds),
+        "failed": len(failed),
+        "accuracy": metrics["accuracy"],
+        "correct": metrics["correct"],
+        "accuracy_case_sensitive": metrics["accuracy_case_sensitive"],
+        "one_minus_ned": metrics["one_minus_ned"],
+        "cer": metrics["cer"],
+        "accuracy_over_all_samples": (metrics["correct"] / inputs.num_samples
+                                      if inputs.num_samples else 0.0),
+        "protocol": PROTOCOL,
+        "decoder": decoder,
+        "backend": backend,
+        "model": model,
+        "arch": spec.arch,
+        "policy": inputs.policy,
+        "e2e_seconds": run.e2e_seconds,
+        "images_per_second": len(preds) / run.e2e_seconds if run.e2e_seconds else 0.0,
+        "stages": {**run.stages, "score": score_seconds},
+        "latency_ms": {
+            "batches": len(run.batch_latencies),
+            "p50": float(np.percentile(latencies_ms, 50)) if len(latencies_ms) else 0.0,
+            "p99": float(np.percentile(latencies_ms, 99)) if len(latencies_ms) else 0.0,
+        },
+        "engine_seconds_sum": run.engine_seconds_sum,
+        "accuracy_by_width": by_width,
+        "failures": failed,
+        "machine": {"cores": available_cores(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_predictions(path: Path, run: EvalRun) -> None:
+    """predictions.csv: index, label, prediction, confidence, correct (field protocol), width."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "label", "prediction", "confidence", "correct", "width"])
+        for p in run.predictions:
+            ok = field_protocol(p.prediction) == field_protocol(p.label)
+            writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}", int(ok), p.width])
+
+
+def summary_line(report: dict) -> str:
+    """One line a person can paste into an issue."""
+    return (f"{report['backend']} {Path(report['model']).name}: word accuracy "
+            f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, lower-case 0-9a-z), "
+            f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
+            f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
+            f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "
+            f"{report['images_per_second']:.0f} img/s (engine sum {report['engine_seconds_sum']:.2f} s, "
+            f"{report['machine']['cores']} cores)")
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--input_npy", type=Path, required=True, help="parse_testdata output")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--onnx_path", type=Path, help="ONNX model (ONNX Runtime)")
+    model.add_argument("--om_path", type=Path, help="Ascend .om model (ais_bench)")
+    model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch)")
+    parser.add_argument("--arch", help="architecture of --pth")
+    parser.add_argument("--device", type=int, default=0, help="NPU id (--om_path)")
+    parser.add_argument("--sidecar", type=Path, help="sidecar JSON (default: beside the .om)")
+    parser.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="ONNX Runtime device")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores)")
+    parser.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--label", type=Path, help="ModelZoo label.txt instead of the manifest's labels")
+    parser.add_argument("--decoder", default="greedy", choices=("greedy", "beam"))
+    parser.add_argument("--beam-width", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of the first batch")
+    parser.add_argument("--report", type=Path, help="write report.json here")
+    parser.add_argument("--predictions", type=Path, help="write predictions.csv here")
+    return parser
+
+
+def evaluate_folder(args) -> dict[str, object]:
+    """Everything the CLI does except printing; returns the report."""
+    inputs = load_input_set(args.input_npy, args.label)
+    runner, spec, model = build_runner(args)
+    if spec is None:
+        if inputs.model is None:
+            raise ToolchainError(f"{model} carries no model description and {args.input_npy} "
+                                 "has no manifest; export with convert.pth2onnx")
+        spec = ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
+    check_compatible(spec, inputs.model, model)
+    with runner:
+        run = run_evaluation(runner, inputs, spec, args.decoder, args.beam_width, args.warmup,
+                             progress=True)
+    report = make_report(run, inputs, spec, runner.name, model, args.decoder)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if args.predictions:
+        write_predictions(args.predictions, run)
+    return report
+
+
+def _run(args) -> int:
+    report = evaluate_folder(args)
+    for failure in report["failures"][:5]:
+        log.warning("sample %d failed (%s): %s", failure["index"], failure.get("stage"),
+                    failure["reason"])
+    print(summary_line(report))
+    return 0 if report["scored"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

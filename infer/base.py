@@ -1,0 +1,138 @@
+"""The runner interface every backend implements (after NVIDIA Polygraphy's runners).
+
+A runner has a cheap constructor, ``load()``, ``infer(feed) -> outputs`` on dicts of named
+numpy arrays, and ``close()``, and is a context manager. The base class checks the feed
+against the engine's input metadata (names, dtypes, ranks, static dimensions, and any
+shape range) and times only the engine call; each backend implements ``_load``,
+``_infer``, ``_close`` and ``input_specs``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from convert.errors import ToolchainError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One engine input.
+
+    Attributes:
+        name: input name, e.g. ``"imgs"``.
+        dtype: numpy dtype the engine takes.
+        shape: one entry per dimension: an int for a static dimension, ``None`` for a
+            dynamic one.
+        ranges: optional ``{axis: (min, max)}`` bounds of dynamic dimensions (inclusive).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+    ranges: dict[int, tuple[int, int]] | None = None
+
+
+class Runner:
+    """Base class of the backends; see the module docstring."""
+
+    #: Name used on the command line and in reports.
+    name = "base"
+    #: Top-level module whose presence makes the backend usable, or None.
+    requires: str | None = None
+
+    def __init__(self) -> None:
+        self.loaded = False
+        #: Seconds the last ``infer`` spent in the engine call alone.
+        self.last_engine_seconds = 0.0
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the backend's engine can be imported here (nothing is imported)."""
+        return cls.requires is None or importlib.util.find_spec(cls.requires) is not None
+
+    def load(self) -> Runner:
+        """Load the engine. Raises :class:`ToolchainError` when it cannot be loaded."""
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+        return self
+
+    def close(self) -> None:
+        """Release the engine."""
+        if self.loaded:
+            self._close()
+            self.loaded = False
+
+    def __enter__(self) -> Runner:
+        return self.load()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch.
+
+        Args:
+            feed: input name -> array, checked against :meth:`input_specs`.
+
+        Returns:
+            Output name -> array.
+
+        Raises:
+            ToolchainError: the runner is not loaded, or the feed does not fit the engine.
+        """
+        if not self.loaded:
+            raise ToolchainError(f"{self.name} runner: call load() before infer()")
+        self.check_feed(feed)
+        return self._infer(feed)
+
+    def check_feed(self, feed: dict[str, np.ndarray]) -> None:
+        """Raise :class:`ToolchainError` naming what in ``feed`` does not fit the engine."""
+        specs = {spec.name: spec for spec in self.input_specs()}
+        for name in feed:
+            if name not in specs:
+                raise ToolchainError(f"input {name!r} not in the model; inputs are: "
+                                     f"{', '.join(specs)}")
+        for name, spec in specs.items():
+            if name not in feed:
+                raise ToolchainError(f"input {name!r} missing from the feed")
+            array = feed[name]
+            if array.dtype != spec.dtype:
+                raise ToolchainError(f"input {name!r} has dtype {array.dtype}; the model takes "
+                                     f"{np.dtype(spec.dtype)}")
+            if array.ndim != len(spec.shape):
+                raise ToolchainError(f"input {name!r} has shape {array.shape}; the model takes "
+                                     f"rank {len(spec.shape)} {spec.shape}")
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+                if want is not None and got != want:
+                    raise ToolchainError(f"input {name!r} has {got} on axis {axis}; the model "
+                                         f"takes {want} (shape {spec.shape})")
+            for axis, (low, high) in (spec.ranges or {}).items():
+                if not low <= array.shape[axis] <= high:
+                    raise ToolchainError(
+                        f"input {name!r} has {array.shape[axis]} on axis {axis}, outside the "
+                        f"model's range {low}~{high}")
+
+    def _timed(self, call, *args, **kwargs):
+        """Run ``call`` and record its wall time in :attr:`last_engine_seconds`."""
+        start = time.perf_counter()
+        result = call(*args, **kwargs)
+        self.last_engine_seconds = time.perf_counter() - start
+        return result
+
+    # Backends implement these.
+    def input_specs(self) -> list[InputSpec]:
+        raise NotImplementedError
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError

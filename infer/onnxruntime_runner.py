@@ -1,0 +1,80 @@
+"""ONNX Runtime backend: the default engine here (CPU), CUDA where installed and asked for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import ToolchainError
+from infer.base import InputSpec, Runner
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an .onnx model with ONNX Runtime.
+
+    Args:
+        model_path: the .onnx file.
+        device: ``"cpu"`` (CPU execution provider, intra-op threads = available cores,
+            full graph optimisation) or ``"cuda"`` (needs onnxruntime-gpu).
+        threads: intra-op threads; default: :func:`available_cores`.
+    """
+
+    name = "onnxruntime"
+    requires = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):
+        super().__init__()
+        if device not in PROVIDERS:
+            raise ToolchainError(f"device {device!r} is unknown; use one of {list(PROVIDERS)}")
+        self.model_path = Path(model_path)
+        self.device = device
+        self.threads = threads or available_cores()
+        self.session = None
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise ToolchainError(f"{self.model_path}: no such ONNX model")
+        provider = PROVIDERS[self.device]
+        if provider not in ort.get_available_providers():
+            raise ToolchainError(
+                f"{provider} is not available in this onnxruntime ({ort.get_available_providers()});"
+                " install onnxruntime-gpu matching your CUDA for --device cuda")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), options, providers=[provider])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ToolchainError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def input_specs(self) -> list[InputSpec]:
+        return [
+            InputSpec(i.name, np.dtype(_DTYPES.get(i.type, np.float32)),
+                      tuple(d if isinstance(d, int) else None for d in i.shape))
+            for i in self.session.get_inputs()
+        ]
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._timed(self.session.run, self._outputs, feed)
+        return dict(zip(self._outputs, outputs))
+
+    def _close(self) -> None:
+        self.session = None

@@ -1,0 +1,124 @@
+"""eval.postprocess end to end: tiny lmdb -> inputs -> report, and the real IIIT5K check."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from eval import compare, postprocess
+from preprocess import parse_testdata
+from tests.conftest import IIIT5K
+
+
+@pytest.fixture
+def tiny_inputs(tmp_path, tiny_lmdb, exported):
+    out = tmp_path / "inputs"
+    assert parse_testdata.main(["--test_dir", str(tiny_lmdb), "--output_npy", str(out),
+                                "--model", str(exported["nano-ocr"]), "--width-policy",
+                                "keep-ratio", "--workers", "1"]) == 0
+    return out
+
+
+def test_report_end_to_end(tmp_path, tiny_inputs, fixed_models, capsys):
+    report_path, csv_path = tmp_path / "r" / "report.json", tmp_path / "r" / "predictions.csv"
+    assert postprocess.main(["--input_npy", str(tiny_inputs), "--onnx_path",
+                             str(fixed_models["nano-ocr"]), "--report", str(report_path),
+                             "--predictions", str(csv_path)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "10 samples, 7 scored, 3 failed" in line and "E2E" in line
+    report = json.loads(report_path.read_text())
+    for key in ("samples", "scored", "failed", "accuracy", "accuracy_case_sensitive",
+                "one_minus_ned", "cer", "protocol", "backend", "model", "e2e_seconds",
+                "images_per_second", "stages", "latency_ms", "engine_seconds_sum",
+                "accuracy_by_width"):
+        assert key in report
+    assert (report["samples"], report["scored"], report["failed"]) == (10, 7, 3)
+    assert {f["index"] for f in report["failures"]} == {7, 8, 10}
+    assert set(report["stages"]) == {"read", "engine", "decode", "score"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert "0-9a-z" in report["protocol"] and report["backend"] == "onnxruntime"
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [int(r["index"]) for r in rows] == [1, 2, 3, 4, 5, 6, 9]
+    assert set(rows[0]) == {"index", "label", "prediction", "confidence", "correct", "width"}
+    assert sum(int(r["correct"]) for r in rows) == report["correct"]
+
+
+def test_torch_backend_and_beam_decoder_agree_with_onnx(tmp_path, tiny_inputs, nano_weights,
+                                                        fixed_models):
+    def predictions(*args):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.csv"
+        assert postprocess.main(["--input_npy", str(tiny_inputs), *args, "--predictions",
+                                 str(out)]) == 0
+        return compare.read_predictions(out)
+
+    onnx = predictions("--onnx_path", str(fixed_models["nano-ocr"]))
+    torch = predictions("--pth", str(nano_weights), "--arch", "nano-ocr")
+    beam = predictions("--onnx_path", str(fixed_models["nano-ocr"]), "--decoder", "beam")
+    assert compare.compare(onnx, torch)["differ"] == 0
+    assert compare.compare(onnx, beam)["common"] == 7
+
+
+def test_modelzoo_folder_with_label_txt(tmp_path, tiny_lmdb, fixed_models, capsys):
+    out = tmp_path / "zoo"
+    parse_testdata.main(["--test_dir", str(tiny_lmdb), "--output_npy", str(out), "--arch",
+                         "nano-ocr", "--layout", "per-image", "--workers", "1"])
+    (out / "manifest.json").unlink()  # what ModelZoo's parse_testdata leaves: npy + label.txt
+    assert postprocess.main(["--input_npy", str(out), "--onnx_path",
+                             str(fixed_models["nano-ocr"])]) == 1
+    assert "pass --label" in capsys.readouterr().err
+    assert postprocess.main(["--input_npy", str(out), "--onnx_path",
+                             str(fixed_models["nano-ocr"]), "--label", str(out / "label.txt")]) == 0
+    assert "7 samples, 7 scored, 0 failed" in capsys.readouterr().out
+
+
+def test_inputs_for_another_model_are_refused(tiny_inputs, fixed_models, capsys):
+    assert postprocess.main(["--input_npy", str(tiny_inputs), "--onnx_path",
+                             str(fixed_models["crnn-meijieru"])]) == 1
+    assert "preprocessed for 'nano-ocr'" in capsys.readouterr().err
+
+
+def test_engine_failures_are_recorded_per_sample(tmp_path, tiny_lmdb, exported, fixed_models):
+    from eval.evaluate import run_evaluation
+    from eval.inputs import load_input_set
+    from convert.spec import read_onnx_spec
+    from infer import OnnxRuntimeRunner
+
+    out = tmp_path / "narrow"
+    parse_testdata.main(["--test_dir", str(tiny_lmdb), "--output_npy", str(out), "--model",
+                         str(exported["nano-ocr"]), "--width-policy", "keep-ratio",
+                         "--min-width", "4", "--max-width", "400", "--workers", "1"])
+    inputs = load_input_set(out)
+
+    class RejectsWide(OnnxRuntimeRunner):  # an engine with a compiled maximum width
+        def _infer(self, feed):
+            if feed["imgs"].shape[3] > 200:
+                raise RuntimeError("width above the compiled range")
+            return super()._infer(feed)
+
+    with RejectsWide(fixed_models["nano-ocr"]) as runner:
+        run = run_evaluation(runner, inputs, read_onnx_spec(exported["nano-ocr"]))
+    assert [f["index"] for f in run.failed] == [9]  # the very wide image
+    assert "width above the compiled range" in run.failed[0]["reason"]
+    assert len(run.predictions) == 6
+
+
+@pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
+def test_iiit5k_nano_fixed_128_and_batched_equals_batch1(tmp_path, exported, fixed_models):
+    reports, preds = {}, {}
+    for layout in ("bucketed", "per-image"):
+        inputs = tmp_path / layout
+        assert parse_testdata.main(["--test_dir", str(IIIT5K), "--output_npy", str(inputs),
+                                    "--model", str(exported["nano-ocr"]), "--width-policy",
+                                    "fixed", "--layout", layout]) == 0
+        preds[layout], reports[layout] = tmp_path / f"{layout}.csv", tmp_path / f"{layout}.json"
+        assert postprocess.main(["--input_npy", str(inputs), "--onnx_path",
+                                 str(fixed_models["nano-ocr"]), "--report", str(reports[layout]),
+                                 "--predictions", str(preds[layout])]) == 0
+    report = json.loads(reports["bucketed"].read_text())
+    assert (report["samples"], report["scored"], report["failed"]) == (3000, 3000, 0)
+    assert report["accuracy"] >= 0.776
+    result = compare.compare(compare.read_predictions(preds["bucketed"]),
+                             compare.read_predictions(preds["per-image"]))
+    assert result["common"] == 3000 and result["differ"] == 0

@@ -1,0 +1,58 @@
+"""TEST DOUBLE of ``ais_bench.infer.interface`` (Ascend ait benchmark), backed by ONNX Runtime.
+
+It exists only so the tests can check our side of the ais_bench contract on a machine
+without an NPU. The "om" it loads is an ONNX model's bytes written under a .om name; the
+compiled dynamic-shape plan, which a real .om carries inside, is read from the sidecar JSON
+beside it. Like the real session it:
+    * takes ``InferSession(device_id, model_path)`` and ``infer(feeds: list, mode, custom_sizes)``;
+    * in ``dymshape`` mode (range models) rejects shapes outside the compiled ranges and a
+      ``custom_sizes`` smaller than the output needs;
+    * in ``dymdims`` mode (gear models) accepts only the compiled batch and gear widths;
+    * frees its resources with ``free_resource()``.
+Every call is appended to ``InferSession.calls`` for the tests to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class InferSession:
+    calls: list[dict] = []
+
+    def __init__(self, device_id: int, model_path: str):
+        path = Path(model_path)
+        self.plan = json.loads(path.with_suffix(".json").read_text())
+        self.session = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+        self.device_id = device_id
+        self.freed = False
+        InferSession.calls.append({"call": "init", "device_id": device_id, "model": model_path})
+
+    def infer(self, feeds, mode="static", custom_sizes=100000):
+        (array,) = feeds
+        batch, width = array.shape[0], array.shape[3]
+        InferSession.calls.append({"call": "infer", "mode": mode, "shape": array.shape,
+                                   "custom_sizes": custom_sizes})
+        if self.plan["mode"] == "range":
+            if mode != "dymshape":
+                raise RuntimeError(f"range model run with mode {mode}")
+            (b_lo, b_hi), (w_lo, w_hi) = self.plan["batch"], self.plan["width"]
+            if not (b_lo <= batch <= b_hi and w_lo <= width <= w_hi):
+                raise RuntimeError(f"shape {array.shape} outside the compiled range")
+        else:
+            if mode != "dymdims":
+                raise RuntimeError(f"gear model run with mode {mode}")
+            if batch != self.plan["batch"][0] or width not in self.plan["gears"]:
+                raise RuntimeError(f"shape {array.shape} is not a compiled gear")
+        (output,) = self.session.run(None, {self.plan["input_name"]: array})
+        if mode == "dymshape" and output.nbytes > custom_sizes:
+            raise RuntimeError(f"custom_sizes {custom_sizes} < output {output.nbytes} bytes")
+        return [np.ascontiguousarray(output)]
+
+    def free_resource(self):
+        self.freed = True
+        InferSession.calls.append({"call": "free_resource"})
