@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from convert.errors import ToolchainError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's line breaks and shows each option's default."""
+
+
 def make_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argparse parser whose help is the module docstring, with defaults shown."""
-    return argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
 
 
 def run_main(
