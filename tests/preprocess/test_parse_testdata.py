@@ -50,8 +50,8 @@ def test_bucketed_keep_ratio(tmp_path, tiny_lmdb, workers, capsys):
 
 def test_per_image_layout_and_fixed_width(tmp_path, tiny_lmdb):
     out = tmp_path / "inputs"
-    manifest = parse_testdata.write_inputs(tiny_lmdb, out, parse_testdata.resolve_spec(
-        None, "nano-ocr"), layout="per-image")
+    spec = parse_testdata.resolve_spec(None, "nano-ocr", width_policy="fixed")
+    manifest = parse_testdata.write_inputs(tiny_lmdb, out, spec, layout="per-image")
     _check_failed(manifest)
     for sample in manifest["samples"]:
         assert sample["file"] == f"test_{sample['index']}.npy" and sample["row"] == 0
