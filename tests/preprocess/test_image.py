@@ -60,7 +60,8 @@ def test_width_policy(policy, size, expected):
 
 @pytest.mark.parametrize(
     ("raw", "reason"),
-    [(None, "missing image key"), (b"", "empty"), (b"GIF89a junk", "not a decodable image")],
+    [(None, "missing image key"), (b"", "empty"), (b"GIF89a junk", "not a decodable image"),
+     (b"P5\n0 10\n255\n", "not a decodable image")],  # zero-width: Pillow refuses it
 )
 def test_bad_images(raw, reason):
     with pytest.raises(SampleError, match=reason):
