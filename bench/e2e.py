@@ -1,0 +1,177 @@
+"""Time the whole path from the lmdb to scored predictions, three ways, in one process.
+
+1. reference: what the ModelZoo postprocess does, on ONNX Runtime: one image at a time,
+   decoded and resized to the fixed training width, batch-1 inference, decode, score.
+2. torch-eager: what nano-ocr's ``read_batch`` does: PIL decode, grey, resize, one eager
+   PyTorch forward per image, CTC decode.
+3. toolchain: this project's default path: ``python -m preprocess.parse_testdata`` then
+   ``python -m eval.postprocess`` on the rewritten ONNX model (the CLIs' ``main``).
+
+Every path is timed from loading its model to the last scored sample (model loading and
+warm-up included for all three), on the same machine, in the same run, and scored with the
+same protocol. Speed-ups are per-image time ratios: reference / row and torch-eager / row.
+
+Example (the README's table):
+    python -m bench.e2e
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from convert.cli import make_parser, run_main
+from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
+from eval.ctc import greedy_decode
+from eval.metrics import recognition_metrics
+from infer.onnxruntime_runner import available_cores
+from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "IIIT5K_3000"
+
+
+def _grey_fixed(raw: bytes, spec: ModelSpec) -> np.ndarray:
+    """PIL decode, grey, fixed-width bilinear resize, normalise: float32 [1, 1, 32, W]."""
+    image = Image.open(io.BytesIO(raw)).convert("L").resize((spec.width, spec.height),
+                                                            Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return ((pixels - spec.mean) / spec.std)[None, None]
+
+
+def _per_image(data: Path, spec: ModelSpec, forward, limit: int | None) -> tuple[list[str], list[str]]:
+    """Run ``forward`` ([1,1,32,W] float32 -> (T,1,C) logits) on each sample, one at a time."""
+    env = open_lmdb(data)
+    count = min(count_samples(env, data), limit or 1 << 30)
+    predictions, labels = [], []
+    with env.begin() as txn:
+        for index in range(1, count + 1):
+            raw = read_sample(txn, index)
+            logits = forward(_grey_fixed(raw.image, spec))
+            predictions.append(greedy_decode(logits, spec.alphabet, spec.blank)[0].text)
+            labels.append(raw.label.decode("utf-8"))
+    env.close()
+    return predictions, labels
+
+
+def reference(data: Path, onnx_model: Path, limit: int | None) -> dict:
+    """Path 1: batch-1 ONNX Runtime at the fixed width, default session options."""
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    spec = read_onnx_spec(onnx_model).replace(width_policy="fixed")
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    session.run(None, {"imgs": np.zeros((1, 1, spec.height, spec.width), np.float32)})
+    preds, labels = _per_image(data, spec, lambda x: session.run(None, {"imgs": x})[0], limit)
+    return _row(preds, labels, time.perf_counter() - start)
+
+
+def torch_eager(data: Path, weights: Path, limit: int | None) -> dict:
+    """Path 2: eager PyTorch, one forward per image, as nano-ocr's read_batch."""
+    import torch
+
+    from convert.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    spec = spec_for_arch("nano-ocr")
+    model = load_checkpoint(weights, spec)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    forward(np.zeros((1, 1, spec.height, spec.width), np.float32))
+    preds, labels = _per_image(data, spec, forward, limit)
+    return _row(preds, labels, time.perf_counter() - start)
+
+
+def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] = ()) -> dict:
+    """Path 3: the project's two CLIs with their defaults (``extra``: parse_testdata options)."""
+    from eval import postprocess
+    from preprocess import parse_testdata
+
+    inputs, report = workdir / "inputs", workdir / "report.json"
+    start = time.perf_counter()
+    if parse_testdata.main(["--test_dir", str(data), "--output_npy", str(inputs),
+                            "--model", str(onnx_model), *extra]):
+        raise SystemExit("parse_testdata failed")
+    if postprocess.main(["--input_npy", str(inputs), "--onnx_path", str(onnx_model),
+                         "--report", str(report)]):
+        raise SystemExit("postprocess failed")
+    seconds = time.perf_counter() - start
+    result = json.loads(report.read_text())
+    return {"seconds": seconds, "samples": result["scored"], "accuracy": result["accuracy"],
+            "correct": result["correct"], "policy": result["policy"]}
+
+
+def _row(predictions: list[str], labels: list[str], seconds: float) -> dict:
+    metrics = recognition_metrics(predictions, labels)
+    return {"seconds": seconds, "samples": metrics["samples"], "accuracy": metrics["accuracy"],
+            "correct": metrics["correct"]}
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", type=Path,
+                        default=Path(os.environ.get("IIIT5K_LMDB", DEFAULT_DATA)),
+                        help="lmdb test set ($IIIT5K_LMDB)")
+    parser.add_argument("--limit", type=int, help="only the first N samples (paths 1 and 2)")
+    return parser
+
+
+def _prepare(workdir: Path) -> tuple[Path, Path]:
+    """Fetch the nano-ocr weights, export and rewrite them (untimed)."""
+    from convert import fix, pth2onnx
+    from convert.weights import fetch
+
+    weights = fetch("nano-ocr")
+    exported, fixed = workdir / "nano.onnx", workdir / "nano_fixed.onnx"
+    if pth2onnx.main([str(weights), str(exported), "--arch", "nano-ocr"]) or \
+            fix.main([str(exported), str(fixed)]):
+        raise SystemExit("export failed")
+    return weights, fixed
+
+
+def _run(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        weights, model = _prepare(workdir)
+        results = {
+            "reference (ModelZoo-style, ORT batch 1, fixed width)": reference(args.data, model, args.limit),
+            "torch eager per image (nano-ocr read_batch)": torch_eager(args.data, weights, args.limit),
+        }
+        ours = toolchain(args.data, model, workdir)
+        # The fastest policy that keeps the reference's accuracy (see bench.width_policy).
+        fast = toolchain(args.data, model, workdir, ["--min-width", "64"])
+    for label, result in (("toolchain default", ours), ("toolchain --min-width 64", fast)):
+        policy = result.pop("policy")
+        results[f"{label} (bucketed, {policy['width_policy']} "
+                f"[{policy['min_width']}, {policy['max_width']}])"] = result
+    print(f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
+          "`python -m bench.e2e`\n")
+    per_image = {label: r["seconds"] / r["samples"] for label, r in results.items()}
+    ref_label, torch_label = list(results)[:2]
+    print("| path | samples | seconds | images/s | word accuracy | speed-up over reference "
+          "| speed-up over torch eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, r in results.items():
+        print(f"| {label} | {r['samples']} | {r['seconds']:.2f} | {r['samples'] / r['seconds']:.0f} "
+              f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
+              f"| {per_image[torch_label] / per_image[label]:.2f}x |")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
