@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The main job, end to end, on a fresh clone: environment, weights, export, rewrite, ATC
+# command, preprocessing, inference, scoring. Chains the project's CLIs; holds no logic.
+#
+# Usage: scripts/run_e2e.sh [--backend onnxruntime|torch|ais_bench] [--width-policy fixed|keep-ratio]
+#                           [--data LMDB] [--output DIR] [--soc-version Ascend310P3] [--device N]
+# Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; if none exists, a small
+# synthetic lmdb is generated and the figures are labelled SYNTHETIC.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+backend=onnxruntime
+policy=""
+data="${IIIT5K_LMDB:-$root/../shared/data/IIIT5K_3000}"
+output="$root/results/$(date +%Y%m%d-%H%M%S)"
+soc="${SOC_VERSION:-Ascend310P3}"
+device=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) backend="$2"; shift 2 ;;
+    --width-policy) policy="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --output) output="$2"; shift 2 ;;
+    --soc-version) soc="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$backend" in onnxruntime|torch|ais_bench) ;; *) echo "unknown backend: $backend" >&2; exit 2 ;; esac
+
+echo "== environment"
+bash scripts/setup_env.sh
+py="${CRNN_VENV:-$root/.venv}/bin/python"
+work="$output/work"
+mkdir -p "$work"
+
+echo "== weights"
+weights="$("$py" -m convert.weights fetch nano-ocr)"
+
+echo "== export (convert.pth2onnx) and rewrite for ATC (convert.fix)"
+"$py" -m convert.pth2onnx "$weights" "$work/nano.onnx" --arch nano-ocr
+"$py" -m convert.fix "$work/nano.onnx" "$work/nano_fixed.onnx"
+
+echo "== ATC (convert.atc)"
+om_args=()
+if command -v atc >/dev/null 2>&1; then
+  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc_version "$soc"
+  om_args=(--om_path "$(ls "$work"/om/nano*.om | head -n 1)" --device "$device")
+else
+  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc_version "$soc" --dry-run
+  echo "atc is not on PATH (no CANN here): the command above is what would build the .om;"
+  echo "inference continues on ONNX Runtime with the rewritten model."
+  [ "$backend" = ais_bench ] && { echo "--backend ais_bench needs atc and an NPU" >&2; exit 1; }
+fi
+
+synthetic=""
+if [ ! -f "$data/data.mdb" ]; then
+  echo "== no lmdb at $data: generating a SYNTHETIC one"
+  data="$work/synthetic_lmdb"
+  rm -rf "$data"
+  "$py" -m preprocess.make_synthetic_lmdb "$data" --samples 200
+  synthetic=1
+fi
+
+echo "== preprocess (preprocess.parse_testdata) $data"
+policy_args=()
+[ -n "$policy" ] && policy_args=(--width-policy "$policy")
+"$py" -m preprocess.parse_testdata --test_dir "$data" --output_npy "$work/inputs" \
+  --model "$work/nano.onnx" "${policy_args[@]}"
+
+echo "== inference and scoring (eval.postprocess, backend $backend)"
+case "$backend" in
+  onnxruntime) model_args=(--onnx_path "$work/nano_fixed.onnx") ;;
+  torch) model_args=(--pth "$weights" --arch nano-ocr) ;;
+  ais_bench) model_args=("${om_args[@]}") ;;
+esac
+"$py" -m eval.postprocess --input_npy "$work/inputs" "${model_args[@]}" \
+  --report "$output/report.json" --predictions "$output/predictions.csv" | tee "$output/summary.txt"
+
+echo "== results in $output (report.json, predictions.csv)"
+if [ -n "$synthetic" ]; then
+  echo "NOTE: these figures are SYNTHETIC (rendered words), not IIIT5K; set IIIT5K_LMDB or --data for real ones."
+fi
