@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,9 +32,8 @@ from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
 from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
 from infer.onnxruntime_runner import available_cores
-from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
+from preprocess.lmdb_reader import count_samples, default_test_set, open_lmdb, read_sample
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "IIIT5K_3000"
 
 
 def _grey_fixed(raw: bytes, spec: ModelSpec) -> np.ndarray:
@@ -120,7 +118,7 @@ def _row(predictions: list[str], labels: list[str], seconds: float) -> dict:
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data", type=Path,
-                        default=Path(os.environ.get("IIIT5K_LMDB", DEFAULT_DATA)),
+                        default=default_test_set(),
                         help="lmdb test set ($IIIT5K_LMDB)")
     parser.add_argument("--limit", type=int, help="only the first N samples (paths 1 and 2)")
     return parser

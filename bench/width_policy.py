@@ -23,9 +23,9 @@ from eval.inputs import load_input_set
 from eval.metrics import recognition_metrics
 from infer import OnnxRuntimeRunner
 from infer.onnxruntime_runner import available_cores
+from preprocess.lmdb_reader import default_test_set
 from preprocess.parse_testdata import write_inputs
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "IIIT5K_3000"
 
 #: (label, spec overrides) of the policies measured.
 POLICIES: list[tuple[str, dict]] = [
@@ -67,7 +67,7 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path, required=True, help="ONNX model with metadata")
     parser.add_argument("--data", type=Path,
-                        default=Path(os.environ.get("IIIT5K_LMDB", DEFAULT_DATA)),
+                        default=default_test_set(),
                         help="lmdb test set ($IIIT5K_LMDB)")
     return parser
 

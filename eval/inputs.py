@@ -76,7 +76,7 @@ class InputSet:
         files = self.files()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-reader") as pool:
             pending = [pool.submit(load, name) for name, _ in files[:prefetch]]
-            for position, (name, samples) in enumerate(files):
+            for position, (_name, samples) in enumerate(files):
                 array, seconds = pending.pop(0).result()
                 if position + prefetch < len(files):
                     pending.append(pool.submit(load, files[position + prefetch][0]))

@@ -22,10 +22,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import platform
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +118,7 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
         "failures": failed,
         "machine": {"cores": available_cores(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

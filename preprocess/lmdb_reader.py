@@ -9,6 +9,7 @@ read-only folder works.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,15 @@ from convert.errors import ToolchainError
 log = logging.getLogger(__name__)
 
 _INDEXED_KEY = re.compile(rb"^(?:image|label)-(\d{9})$")
+
+#: Environment variable naming the IIIT5K test lmdb.
+TEST_SET_ENV = "IIIT5K_LMDB"
+
+
+def default_test_set() -> Path:
+    """``$IIIT5K_LMDB``, else ``../shared/data/IIIT5K_3000`` beside the repository."""
+    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / "IIIT5K_3000"
+    return Path(os.environ.get(TEST_SET_ENV, fallback))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,9 @@ import torch
 from convert.checkpoint import reorder_gates
 from convert.models import build_model
 from convert.spec import spec_for_arch
+from preprocess.lmdb_reader import default_test_set
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-IIIT5K = Path(os.environ.get("IIIT5K_LMDB", REPO_ROOT.parent / "shared" / "data" / "IIIT5K_3000"))
+IIIT5K = default_test_set()
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
