@@ -72,11 +72,12 @@ def _is_flatten_keeping_last(shape: gs.Tensor, source: gs.Tensor, last_dim: int)
     """True when ``shape`` reshapes rank-3 ``source`` to ``[d0 * d1, last_dim]`` row by row.
 
     Accepts a constant ``[-1, last_dim]`` or the exporter's
-    ``Concat(Unsqueeze(Mul(dim0, dim1)), dim(source, 2))``.
+    ``Concat(Unsqueeze(Mul(dim0, dim1)), dim(source, 2))``. Not ``[0, last_dim]``: ONNX's
+    0 copies ``d0``, which is a flatten only when ``d1 == 1``.
     """
     value = const_value(shape)
     if value is not None:
-        return value.reshape(-1).tolist() in ([-1, last_dim], [0, last_dim])
+        return value.reshape(-1).tolist() == [-1, last_dim]
     concat = _producer(shape, "Concat")
     if concat is None or len(concat.inputs) != 2 or _dim_of(concat.inputs[1]) != (source, 2):
         return False

@@ -144,6 +144,13 @@ def test_flip_on_batch_axis_is_not_a_time_flip(tmp_path):
     _assert_same_function(model, fixed)
 
 
+@pytest.mark.parametrize(("target", "is_flatten"), [([-1, 8], True), ([0, 8], False), ([-1, 5], False)])
+def test_constant_flatten_targets(target, is_flatten):
+    """``[0, H]`` keeps d0 (ONNX Reshape's 0 copies a dim), so it is not a row-wise flatten."""
+    shape = gs.Constant("shape", np.array(target, dtype=np.int64))
+    assert rewrite_rules._is_flatten_keeping_last(shape, gs.Variable("x"), 8) is is_flatten
+
+
 @pytest.mark.parametrize("values", [np.array([3]), np.array([[1, 2]])])
 def test_const_value_reads_initializers(values):
     assert np.array_equal(rewrite_rules.const_value(gs.Constant("c", values)), values)
