@@ -42,10 +42,9 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     return None
 
 
-def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
-    """``(x, i)`` when ``tensor`` is ``Unsqueeze(Gather(Shape(x), i))`` (a 1-element dim), else None."""
-    unsqueeze = _producer(tensor, "Unsqueeze")
-    gather = _producer(unsqueeze.inputs[0], "Gather") if unsqueeze else None
+def _shape_index(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
+    """``(x, i)`` when ``tensor`` is ``Gather(Shape(x), i)`` with a constant scalar ``i``, else None."""
+    gather = _producer(tensor, "Gather")
     shape = _producer(gather.inputs[0], "Shape") if gather else None
     if shape is None:
         return None
@@ -53,6 +52,12 @@ def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
     if index is None or index.size != 1:
         return None
     return shape.inputs[0], int(index.reshape(-1)[0])
+
+
+def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
+    """``(x, i)`` when ``tensor`` is ``Unsqueeze(Gather(Shape(x), i))`` (a 1-element dim), else None."""
+    unsqueeze = _producer(tensor, "Unsqueeze")
+    return _shape_index(unsqueeze.inputs[0]) if unsqueeze else None
 
 
 def _is_restore_leading_dims(shape: gs.Tensor, source: gs.Tensor) -> bool:
@@ -85,15 +90,9 @@ def _is_flatten_keeping_last(shape: gs.Tensor, source: gs.Tensor, last_dim: int)
     mul = _producer(unsqueeze.inputs[0], "Mul") if unsqueeze else None
     if mul is None:
         return False
-    dims = set()
-    for factor in mul.inputs:
-        gather = _producer(factor, "Gather")
-        shape_node = _producer(gather.inputs[0], "Shape") if gather else None
-        index = const_value(gather.inputs[1]) if gather else None
-        if shape_node is None or shape_node.inputs[0] is not source or index is None:
-            return False
-        dims.add(int(index.reshape(-1)[0]))
-    return dims == {0, 1}
+    factors = [_shape_index(factor) for factor in mul.inputs]
+    return (all(f is not None and f[0] is source for f in factors)
+            and {f[1] for f in factors} == {0, 1})
 
 
 def gemm_to_matmul(graph: gs.Graph) -> int:
