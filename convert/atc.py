@@ -31,7 +31,8 @@ from pathlib import Path
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.spec import ModelSpec, read_onnx_spec
+from convert.onnx_io import load_onnx
+from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,9 @@ def write_sidecar(om_path: Path, shape: DynamicShape, spec: ModelSpec | None, in
     return sidecar
 
 
-def _onnx_input(path: Path) -> tuple[str, int, int]:
+def _onnx_input(model, path: Path) -> tuple[str, int, int]:
     """(name, channels, height) of the model's one 4-D input."""
-    from convert.fix import load_onnx
-
-    graph = load_onnx(path).graph
+    graph = model.graph
     if len(graph.input) != 1 or len(graph.input[0].type.tensor_type.shape.dim) != 4:
         raise ToolchainError(f"{path}: expected one 4-D input [batch, channels, height, width]")
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -237,9 +236,10 @@ def _parser():
 
 
 def _run(args) -> int:
-    input_name, channels, height = _onnx_input(args.model)
+    model = load_onnx(args.model)
+    input_name, channels, height = _onnx_input(model, args.model)
     try:
-        spec = read_onnx_spec(args.model)
+        spec = ModelSpec.from_onnx(model, str(args.model))
     except ToolchainError as exc:
         log.warning("%s; width defaults fall back to 32~320", exc)
         spec = None

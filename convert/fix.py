@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
+from convert.onnx_io import load_onnx
 from convert.rewrite_rules import RULES, tidy
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,6 @@ FIX_METADATA_KEY = "crnn_toolchain.fix_rules"
 def op_counts(model: onnx.ModelProto) -> Counter:
     """Op type -> number of nodes in the main graph."""
     return Counter(node.op_type for node in model.graph.node)
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file or raise :class:`ToolchainError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToolchainError(f"{path}: no such ONNX file")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends share no useful base
-        raise ToolchainError(f"{path}: not a readable ONNX model ({exc})") from exc
 
 
 def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -161,6 +161,11 @@ class ModelSpec:
             )
         return cls.from_dict(data, source)
 
+    @classmethod
+    def from_onnx(cls, model, source: str) -> ModelSpec:
+        """The description in a loaded ``onnx.ModelProto``'s metadata (see :meth:`from_metadata`)."""
+        return cls.from_metadata({p.key: p.value for p in model.metadata_props}, source)
+
 
 #: The architectures this toolchain knows, by name.
 ARCHS: dict[str, ModelSpec] = {
@@ -208,13 +213,6 @@ def read_onnx_spec(path: str | Path) -> ModelSpec:
     Raises:
         ToolchainError: the file is missing, not ONNX, or carries no description.
     """
-    import onnx  # local: keeps `import convert.spec` light
+    from convert.onnx_io import load_onnx  # local: keeps `import convert.spec` light
 
-    path = Path(path)
-    if not path.is_file():
-        raise ToolchainError(f"{path}: no such model file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others with no common base
-        raise ToolchainError(f"{path}: not a readable ONNX model ({exc})") from exc
-    return ModelSpec.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
+    return ModelSpec.from_onnx(load_onnx(path, load_external_data=False), str(path))
