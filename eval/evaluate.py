@@ -9,6 +9,7 @@ postprocess's "E2E time" (the sum of engine calls), kept for comparison.
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def run_evaluation(runner: Runner, inputs: InputSet, spec: ModelSpec, decoder: s
                disable=None if progress else True)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode") as decode_pool:
-        for array, samples, read_seconds in _chain(first, batches):
+        for array, samples, read_seconds in itertools.chain([first], batches):
             stages["read"] += read_seconds
             try:
                 outputs = runner.infer({input_name: array})
@@ -115,8 +116,3 @@ def run_evaluation(runner: Runner, inputs: InputSet, spec: ModelSpec, decoder: s
     stages["engine"] = float(sum(latencies))
     predictions.sort(key=lambda p: p.index)
     return EvalRun(predictions, failed, e2e, stages, latencies)
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest

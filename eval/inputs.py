@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,8 +68,6 @@ class InputSet:
         inference.
         """
         def load(name: str) -> tuple[np.ndarray, float]:
-            import time
-
             start = time.perf_counter()
             array = np.load(self.folder / name)
             return array, time.perf_counter() - start

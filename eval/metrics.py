@@ -29,6 +29,11 @@ def field_protocol(text: str) -> str:
     return _OUTSIDE_ALNUM.sub("", text.lower())
 
 
+def is_correct(prediction: str, label: str) -> bool:
+    """Whether ``prediction`` matches ``label`` under :func:`field_protocol`."""
+    return field_protocol(prediction) == field_protocol(label)
+
+
 def recognition_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:
     """Scores of ``predictions`` against ``labels`` (same length, same order).
 

@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import platform
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ from convert.errors import ToolchainError
 from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
 from eval.evaluate import EvalRun, run_evaluation
 from eval.inputs import InputSet, load_input_set
-from eval.metrics import PROTOCOL, accuracy_by_width, field_protocol, recognition_metrics
+from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_metrics
 from infer import AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner
 from infer.ais_bench_runner import read_sidecar
 from infer.onnxruntime_runner import available_cores
@@ -78,12 +79,10 @@ def build_runner(args) -> tuple[Runner, ModelSpec | None, str]:
 def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, model: str,
                 decoder: str) -> dict[str, object]:
     """The report.json content (see the module docstring for the fields)."""
-    import time
-
     start = time.perf_counter()
     preds = run.predictions
     metrics = recognition_metrics([p.prediction for p in preds], [p.label for p in preds])
-    correct = [field_protocol(p.prediction) == field_protocol(p.label) for p in preds]
+    correct = [is_correct(p.prediction, p.label) for p in preds]
     by_width = accuracy_by_width([p.width for p in preds], correct)
     score_seconds = time.perf_counter() - start
     failed = sorted(inputs.failed + run.failed, key=lambda f: f["index"])
@@ -129,8 +128,8 @@ def write_predictions(path: Path, run: EvalRun) -> None:
         writer = csv.writer(handle)
         writer.writerow(["index", "label", "prediction", "confidence", "correct", "width"])
         for p in run.predictions:
-            ok = field_protocol(p.prediction) == field_protocol(p.label)
-            writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}", int(ok), p.width])
+            writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}",
+                             int(is_correct(p.prediction, p.label)), p.width])
 
 
 def summary_line(report: dict) -> str:
