@@ -17,7 +17,6 @@ Example (the README's table):
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import time
@@ -25,34 +24,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from convert.cli import make_parser, run_main
 from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
 from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
 from infer.onnxruntime_runner import available_cores
+from preprocess.image import normalise, prepare
 from preprocess.lmdb_reader import count_samples, default_test_set, open_lmdb, read_sample
 
 
 
-def _grey_fixed(raw: bytes, spec: ModelSpec) -> np.ndarray:
-    """PIL decode, grey, fixed-width bilinear resize, normalise: float32 [1, 1, 32, W]."""
-    image = Image.open(io.BytesIO(raw)).convert("L").resize((spec.width, spec.height),
-                                                            Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return ((pixels - spec.mean) / spec.std)[None, None]
-
-
 def _per_image(data: Path, spec: ModelSpec, forward, limit: int | None) -> tuple[list[str], list[str]]:
-    """Run ``forward`` ([1,1,32,W] float32 -> (T,1,C) logits) on each sample, one at a time."""
+    """Run ``forward`` ([1,1,32,W] float32 -> (T,1,C) logits) on each sample, one at a time,
+    at the fixed training width (the preprocessing nano-ocr and the ModelZoo use)."""
+    spec = spec.replace(width_policy="fixed")
     env = open_lmdb(data)
     count = min(count_samples(env, data), limit or 1 << 30)
     predictions, labels = [], []
     with env.begin() as txn:
         for index in range(1, count + 1):
             raw = read_sample(txn, index)
-            logits = forward(_grey_fixed(raw.image, spec))
+            pixels, _ = prepare(raw.image, spec)
+            logits = forward(normalise(pixels, spec)[None, None])
             predictions.append(greedy_decode(logits, spec.alphabet, spec.blank)[0].text)
             labels.append(raw.label.decode("utf-8"))
     env.close()
@@ -64,7 +58,7 @@ def reference(data: Path, onnx_model: Path, limit: int | None) -> dict:
     import onnxruntime as ort
 
     start = time.perf_counter()
-    spec = read_onnx_spec(onnx_model).replace(width_policy="fixed")
+    spec = read_onnx_spec(onnx_model)
     session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     session.run(None, {"imgs": np.zeros((1, 1, spec.height, spec.width), np.float32)})
     preds, labels = _per_image(data, spec, lambda x: session.run(None, {"imgs": x})[0], limit)
