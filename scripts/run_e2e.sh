@@ -24,11 +24,13 @@ while [ $# -gt 0 ]; do
     --output) output="$2"; shift 2 ;;
     --soc-version) soc="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$backend" in onnxruntime|torch|ais_bench) ;; *) echo "unknown backend: $backend" >&2; exit 2 ;; esac
+data="$(realpath -m "$data")"
+output="$(realpath -m "$output")"
 
 echo "== environment"
 bash scripts/setup_env.sh

@@ -11,6 +11,8 @@ fi
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements.txt"
+  echo "installing requirements.txt into $venv (first run only; about a minute)"
+  # -qq: errors only (pip's index warnings are noise here); a failure still stops the script.
+  "$venv/bin/python" -m pip install -qq --disable-pip-version-check -r "$root/requirements.txt"
   echo "$want" > "$stamp"
 fi
