@@ -32,6 +32,16 @@ def default_test_set() -> Path:
     return Path(os.environ.get(TEST_SET_ENV, fallback))
 
 
+#: Environment variable naming the calibration lmdb (int8 quantisation; not the test set).
+CALIBRATION_SET_ENV = "IIIT5K_CALIB_LMDB"
+
+
+def default_calibration_set() -> Path:
+    """``$IIIT5K_CALIB_LMDB``, else ``../shared/data/IIIT5K_train_500`` beside the repository."""
+    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / "IIIT5K_train_500"
+    return Path(os.environ.get(CALIBRATION_SET_ENV, fallback))
+
+
 @dataclass(frozen=True)
 class RawSample:
     """One index of the lmdb as stored; ``None`` where the key is absent."""

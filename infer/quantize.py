@@ -1,0 +1,280 @@
+"""Static int8 quantisation of a CRNN ONNX model for ONNX Runtime on CPU.
+
+The CPU counterpart of ATC's model build: the Ascend path compiles the fp32 rewritten model
+with ``atc``; the ONNX Runtime CPU path runs an int8 copy of the same model, about 2.5x
+faster on this project's 2-core x86 benchmark machine at a small accuracy cost (see the
+README's results). Quantisation is ONNX Runtime's own (``onnxruntime.quantization``):
+
+- format QDQ (QuantizeLinear/DequantizeLinear pairs around Conv and MatMul; ONNX Runtime
+  fuses them into integer kernels); the LSTM stays fp32 (QDQ has no int8 LSTM);
+- activations uint8, asymmetric, per tensor; weights int8, symmetric, per output channel
+  (``--per-tensor`` for one scale per weight);
+- scales from the min/max of every tensor over calibration images (``MinMax``: the
+  histogram calibrators need equal shapes, and keep-ratio batches differ in width);
+- ``--reduce-range`` (default on) keeps weights to 7 bits, which avoids the saturation of
+  uint8 x int8 products on x86 CPUs without VNNI (ONNX Runtime quantisation guide,
+  "when and why do I need to try U8U8 / reduce_range").
+
+Calibration images are read from an IIIT5K-style lmdb and prepared exactly as
+``preprocess.parse_testdata`` prepares test inputs (the model description in the ONNX
+metadata: grey, height 32, width policy, normalisation), in equal-width batches. Use data
+that is not the test set: the default is ``$IIIT5K_CALIB_LMDB``, else
+``../shared/data/IIIT5K_train_500``. Models below opset 13 are converted to opset 13 first
+(``onnx.version_converter``): per-channel DequantizeLinear needs the ``axis`` attribute.
+
+After quantising, the int8 and fp32 models are run on the calibration images and their
+frame-wise arg-max classes compared (the path greedy CTC decoding reads); the tool fails if
+the agreement is below ``--min-agreement``. The int8 model keeps the ``crnn.*`` metadata and
+records its settings under ``crnn_toolchain.quantization``. It is for ONNX Runtime's CPU
+provider; give ``atc`` and ``--provider cuda`` the fp32 model.
+
+Example:
+    python -m infer.quantize nano_fixed.onnx nano_int8.onnx \\
+        --calibration ../shared/data/IIIT5K_train_500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.onnx_io import load_onnx
+from convert.spec import ModelSpec
+from preprocess.batching import pad_to_batch, plan_batches
+from preprocess.image import normalise
+from preprocess.lmdb_reader import default_calibration_set
+from preprocess.parse_testdata import decode_all
+
+log = logging.getLogger(__name__)
+
+QUANT_METADATA_KEY = "crnn_toolchain.quantization"
+#: Lowest opset with per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute).
+MIN_OPSET = 13
+
+
+@dataclass
+class CalibrationSet:
+    """Prepared calibration images.
+
+    Attributes:
+        source: the lmdb folder.
+        batches: float32 ``[B, 1, height, W]`` normalised inputs, one width per batch.
+        used: number of images in ``batches``.
+        failed: ``{"index", "reason"}`` for every sample read that could not be used.
+    """
+
+    source: Path
+    batches: list[np.ndarray]
+    used: int
+    failed: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class QuantizationResult:
+    """What :func:`quantize_model` did; also stored (without ``output``) in the metadata.
+
+    ``frame_agreement`` is the fraction of output frames whose arg-max class is the same in
+    the int8 and fp32 models on the calibration images; ``max_abs_logit_diff`` the largest
+    absolute logit difference there.
+    """
+
+    output: str
+    source_opset: int
+    opset: int
+    per_channel: bool
+    reduce_range: bool
+    calibration: str
+    calibration_samples: int
+    calibration_failed: int
+    frame_agreement: float
+    max_abs_logit_diff: float
+    method: str = "MinMax"
+    format: str = "QDQ, uint8 asymmetric activations, int8 symmetric weights"
+
+
+def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | None = None,
+                         batch_size: int = 16) -> CalibrationSet:
+    """Read up to ``samples`` images (indices 1..N in order) and batch them by width.
+
+    Raises:
+        ToolchainError: ``lmdb_path`` is not an lmdb, or no image could be used.
+    """
+    if samples is not None and samples < 1:
+        raise ToolchainError(f"--samples must be >= 1, got {samples}")
+    if batch_size < 1:
+        raise ToolchainError(f"--batch-size must be >= 1, got {batch_size}")
+    lmdb_path = Path(lmdb_path)
+    count, results = decode_all(lmdb_path, spec, workers=1)
+    wanted = min(count, samples or count)
+    images, failed = [], []
+    for index, _label, pixels, _size, reason in results:
+        if index > wanted:
+            break
+        if reason is None:
+            images.append(normalise(pixels, spec))
+        else:
+            failed.append({"index": index, "reason": reason})
+    if not images:
+        raise ToolchainError(f"{lmdb_path}: none of the first {wanted} samples could be used "
+                             f"for calibration (first failure: {failed[0]['reason'] if failed else 'none read'})")
+    plan = plan_batches([image.shape[-1] for image in images], batch_size)
+    batches = [pad_to_batch([images[i] for i in positions]) for positions in plan]
+    return CalibrationSet(lmdb_path, batches, len(images), failed)
+
+
+class _Reader:
+    """``onnxruntime.quantization.CalibrationDataReader``: one feed per calibration batch."""
+
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray]):
+        self._input_name = input_name
+        self._batches = batches
+        self._iterator: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iterator, None)
+        return None if batch is None else {self._input_name: batch}
+
+    def rewind(self) -> None:
+        self._iterator = iter(self._batches)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(frame-wise arg-max agreement, max absolute logit difference) of two models.
+
+    Both models take ``[B, 1, H, W]`` float32 and return ``[T, B, C]`` logits.
+    """
+    reference, quantised = _session(fp32_path), _session(int8_path)
+    name = reference.get_inputs()[0].name
+    same = frames = 0
+    worst = 0.0
+    for batch in batches:
+        expected = reference.run(None, {name: batch})[0]
+        actual = quantised.run(None, {name: batch})[0]
+        same += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+        frames += expected.shape[0] * expected.shape[1]
+        worst = max(worst, float(np.abs(expected - actual).max()))
+    return same / frames, worst
+
+
+def quantize_model(source: str | Path, output: str | Path, calibration: CalibrationSet,
+                   per_channel: bool = True, reduce_range: bool = True,
+                   min_agreement: float = 0.95) -> QuantizationResult:
+    """Quantise ``source`` (fp32 ONNX from convert.pth2onnx/convert.fix) into ``output``.
+
+    Raises:
+        ToolchainError: ``source`` is unreadable or lacks the model description, ONNX
+            Runtime's quantiser fails, or the frame agreement is below ``min_agreement``
+            (``output`` is then not written).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, output = Path(source), Path(output)
+    model = load_onnx(source)
+    ModelSpec.from_onnx(model, str(source))  # fails early without the crnn.* metadata
+    metadata = {p.key: p.value for p in model.metadata_props if p.key != QUANT_METADATA_KEY}
+    source_opset = _opset(model)
+    if source_opset < MIN_OPSET:
+        log.info("converting %s from opset %d to %d for quantisation", source.name,
+                 source_opset, MIN_OPSET)
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, MIN_OPSET)
+    input_name = model.graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="crnn-quantize-") as tmp:
+        fp32, prepared, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, str(fp32))
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+            quantize_static(
+                str(prepared), str(int8), _Reader(input_name, calibration.batches),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax)
+        except Exception as exc:  # the quantiser raises plain ValueError/RuntimeError/ORT errors
+            raise ToolchainError(f"{source}: ONNX Runtime quantisation failed ({exc})") from exc
+        agreement, worst = compare_on(fp32, int8, calibration.batches)
+        if agreement < min_agreement:
+            raise ToolchainError(
+                f"{source}: int8 model agrees with fp32 on only {agreement:.2%} of output frames "
+                f"on {calibration.source} (minimum {min_agreement:.2%}); {output} not written. "
+                "Try --per-tensor or --no-reduce-range, or calibrate on data closer to the test set")
+        result = QuantizationResult(
+            output=str(output), source_opset=source_opset, opset=max(source_opset, MIN_OPSET),
+            per_channel=per_channel, reduce_range=reduce_range,
+            calibration=str(calibration.source), calibration_samples=calibration.used,
+            calibration_failed=len(calibration.failed), frame_agreement=agreement,
+            max_abs_logit_diff=worst)
+        quantised = onnx.load(str(int8))
+        kept = {p.key: p.value for p in quantised.metadata_props}
+        kept.update(metadata)
+        kept[QUANT_METADATA_KEY] = json.dumps({k: v for k, v in asdict(result).items() if k != "output"})
+        onnx.helper.set_model_props(quantised, kept)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(quantised, str(output))
+    return result
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("input", type=Path, help="fp32 ONNX model (convert.fix output)")
+    parser.add_argument("output", type=Path, help="int8 ONNX model to write")
+    parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
+                        help="IIIT5K-style lmdb of calibration images ($IIIT5K_CALIB_LMDB); "
+                             "not the test set")
+    parser.add_argument("--samples", type=int, help="use only the first N images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="one scale per weight tensor instead of per output channel")
+    parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
+                        default=True, help="7-bit weights (safe on x86 without VNNI)")
+    parser.add_argument("--min-agreement", type=float, default=0.95,
+                        help="least frame-wise arg-max agreement with fp32 on the calibration images")
+    return parser
+
+
+def _run(args) -> int:
+    start = time.perf_counter()
+    spec = ModelSpec.from_onnx(load_onnx(args.input), str(args.input))
+    calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
+    for failure in calibration.failed[:10]:
+        log.warning("calibration sample %d skipped: %s", failure["index"], failure["reason"])
+    result = quantize_model(args.input, args.output, calibration, per_channel=not args.per_tensor,
+                            reduce_range=args.reduce_range, min_agreement=args.min_agreement)
+    print(f"quantised {args.input} -> {args.output} (int8 QDQ, "
+          f"{'per-channel' if result.per_channel else 'per-tensor'} weights, opset {result.opset}); "
+          f"calibration {result.calibration_samples} images from {calibration.source}, "
+          f"{result.calibration_failed} skipped; int8 vs fp32 there: frame agreement "
+          f"{result.frame_agreement:.2%}, max |logit diff| {result.max_abs_logit_diff:.3f}; "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""infer.quantize: int8 QDQ models from real exports, calibrated on real or tiny lmdbs."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from convert.errors import ToolchainError
+from convert.spec import read_onnx_spec
+from eval import compare, postprocess
+from infer import quantize
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from preprocess import parse_testdata
+from preprocess.lmdb_reader import default_calibration_set
+from tests.conftest import IIIT5K
+
+CALIBRATION = default_calibration_set()
+real_data = pytest.mark.skipif(not (IIIT5K.is_dir() and CALIBRATION.is_dir()),
+                               reason=f"IIIT5K lmdbs not found at {IIIT5K} / {CALIBRATION}")
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_calibration_set_records_every_skipped_sample(tiny_lmdb, exported):
+    spec = read_onnx_spec(exported["nano-ocr"])
+    calibration = quantize.load_calibration_set(tiny_lmdb, spec, batch_size=4)
+    # 10 indices claimed: 7 corrupt, 8 without label, 10 absent; the other 7 are used.
+    assert calibration.used == 7 == sum(len(b) for b in calibration.batches)
+    assert [f["index"] for f in calibration.failed] == [7, 8, 10]
+    assert all(f["reason"] for f in calibration.failed)
+    for batch in calibration.batches:
+        assert batch.dtype == np.float32 and batch.shape[1:3] == (1, 32) and len(batch) <= 4
+    assert quantize.load_calibration_set(tiny_lmdb, spec, samples=3).used == 3
+
+
+def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path, tiny_lmdb,
+                                                                       exported, fixed_models):
+    source = fixed_models["nano-ocr"]
+    calibration = quantize.load_calibration_set(tiny_lmdb, read_onnx_spec(source))
+    result = quantize.quantize_model(source, tmp_path / "int8.onnx", calibration, min_agreement=0.0)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert (result.source_opset, result.opset) == (11, 13)
+    assert read_onnx_spec(tmp_path / "int8.onnx") == read_onnx_spec(source)
+    recorded = json.loads({p.key: p.value for p in model.metadata_props}[quantize.QUANT_METADATA_KEY])
+    assert recorded["calibration_samples"] == 7 and recorded["calibration_failed"] == 3
+    assert recorded["per_channel"] is True and recorded["reduce_range"] is True
+    ops = _ops(tmp_path / "int8.onnx")
+    # Every convolution and the classifier MatMul read dequantised int8 weights; the LSTM stays fp32.
+    assert ops["QuantizeLinear"] >= 7 and ops["DequantizeLinear"] >= 14
+    assert ops["Conv"] == 6 and ops["LSTM"] == 1
+    # Dynamic batch and width survive: the int8 model runs at widths not seen in calibration.
+    with OnnxRuntimeRunner(tmp_path / "int8.onnx") as runner:
+        for batch, width in ((1, 40), (3, 257)):
+            logits = runner.infer({"imgs": np.zeros((batch, 1, 32, width), np.float32)})["output1"]
+            assert logits.shape == (width // 4 + 1, batch, 66)
+
+
+def test_per_tensor_quantisation_of_the_modelzoo_graph(tmp_path, tiny_lmdb, fixed_models):
+    source = fixed_models["crnn-modelzoo"]
+    calibration = quantize.load_calibration_set(tiny_lmdb, read_onnx_spec(source))
+    result = quantize.quantize_model(source, tmp_path / "crnn_int8.onnx", calibration,
+                                     per_channel=False, min_agreement=0.0)
+    assert not result.per_channel
+    ops = _ops(tmp_path / "crnn_int8.onnx")
+    assert ops["Conv"] == 7 and ops["LSTM"] == 4 and ops["DequantizeLinear"] > 0
+    imgs = calibration.batches[0]
+    with OnnxRuntimeRunner(source) as fp32, OnnxRuntimeRunner(tmp_path / "crnn_int8.onnx") as int8:
+        assert fp32.infer({"imgs": imgs})["output1"].shape == int8.infer({"imgs": imgs})["output1"].shape
+
+
+def test_agreement_below_the_minimum_fails_and_writes_nothing(tmp_path, tiny_lmdb, fixed_models):
+    source = fixed_models["nano-ocr"]
+    calibration = quantize.load_calibration_set(tiny_lmdb, read_onnx_spec(source))
+    with pytest.raises(ToolchainError, match="agrees with fp32 on only .* not written"):
+        quantize.quantize_model(source, tmp_path / "int8.onnx", calibration, min_agreement=1.01)
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_cli_errors_name_the_file(tmp_path, tiny_lmdb, fixed_models, capsys):
+    bare = onnx.load(str(fixed_models["nano-ocr"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert quantize.main([str(tmp_path / "bare.onnx"), str(tmp_path / "out.onnx"),
+                          "--calibration", str(tiny_lmdb)]) == 1
+    assert "bare.onnx" in capsys.readouterr().err
+    assert quantize.main([str(fixed_models["nano-ocr"]), str(tmp_path / "out.onnx"),
+                          "--calibration", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: not an lmdb folder" in capsys.readouterr().err
+    assert quantize.main([str(fixed_models["nano-ocr"]), str(tmp_path / "out.onnx"),
+                          "--calibration", str(tiny_lmdb), "--samples", "0"]) == 1
+    assert "--samples must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@real_data
+def test_iiit5k_int8_keeps_the_reference_accuracy(tmp_path, exported, fixed_models, capsys):
+    """Calibrated on IIIT5K train (500), scored on IIIT5K test (3000): the int8 model of the
+    default path must keep at least the reference's 0.776 and change few predicted strings."""
+    int8 = tmp_path / "nano_int8.onnx"
+    assert quantize.main([str(fixed_models["nano-ocr"]), str(int8)]) == 0
+    assert "calibration 500 images" in capsys.readouterr().out
+    inputs = tmp_path / "inputs"
+    assert parse_testdata.main(["--test_dir", str(IIIT5K), "--output_npy", str(inputs),
+                                "--model", str(exported["nano-ocr"])]) == 0
+    for name, model in (("fp32", fixed_models["nano-ocr"]), ("int8", int8)):
+        assert postprocess.main(["--input_npy", str(inputs), "--onnx_path", str(model),
+                                 "--report", str(tmp_path / f"{name}.json"),
+                                 "--predictions", str(tmp_path / f"{name}.csv")]) == 0
+    report = json.loads((tmp_path / "int8.json").read_text())
+    assert (report["samples"], report["scored"], report["failed"]) == (3000, 3000, 0)
+    assert report["accuracy"] >= 0.776
+    result = compare.compare(compare.read_predictions(tmp_path / "fp32.csv"),
+                             compare.read_predictions(tmp_path / "int8.csv"))
+    # Measured: 130 of 3000 strings change (README), mostly on words both models get wrong.
+    assert result["common"] == 3000 and result["differ"] <= 0.06 * 3000
