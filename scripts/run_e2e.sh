@@ -3,15 +3,20 @@
 # command, preprocessing, inference, scoring. Chains the project's CLIs; holds no logic.
 #
 # Usage: scripts/run_e2e.sh [--backend onnxruntime|torch|ais_bench] [--width-policy fixed|keep-ratio]
-#                           [--data LMDB] [--output DIR] [--soc-version Ascend310P3] [--device N]
+#                           [--precision int8|fp32] [--data LMDB] [--calibration LMDB]
+#                           [--output DIR] [--soc-version Ascend310P3] [--device N]
 # Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; if none exists, a small
-# synthetic lmdb is generated and the figures are labelled SYNTHETIC.
+# synthetic lmdb is generated and the figures are labelled SYNTHETIC. ONNX Runtime runs the
+# int8 model (infer.quantize) by default, calibrated on --calibration, else $IIIT5K_CALIB_LMDB,
+# else ../shared/data/IIIT5K_train_500 (synthetic words if none exists); --precision fp32 skips it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 backend=onnxruntime
 policy=""
+precision=int8
+calibration="${IIIT5K_CALIB_LMDB:-$root/../shared/data/IIIT5K_train_500}"
 data="${IIIT5K_LMDB:-$root/../shared/data/IIIT5K_3000}"
 output="$root/results/$(date +%Y%m%d-%H%M%S)"
 soc="${SOC_VERSION:-Ascend310P3}"
@@ -21,15 +26,19 @@ while [ $# -gt 0 ]; do
     --backend) backend="$2"; shift 2 ;;
     --width-policy) policy="$2"; shift 2 ;;
     --data) data="$2"; shift 2 ;;
+    --precision) precision="$2"; shift 2 ;;
+    --calibration) calibration="$2"; shift 2 ;;
     --output) output="$2"; shift 2 ;;
     --soc-version) soc="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$backend" in onnxruntime|torch|ais_bench) ;; *) echo "unknown backend: $backend" >&2; exit 2 ;; esac
+case "$precision" in int8|fp32) ;; *) echo "unknown precision: $precision (int8 or fp32)" >&2; exit 2 ;; esac
 data="$(realpath -m "$data")"
+calibration="$(realpath -m "$calibration")"
 output="$(realpath -m "$output")"
 
 echo "== environment"
@@ -53,7 +62,13 @@ if command -v atc >/dev/null 2>&1; then
 else
   "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc_version "$soc" --dry-run
   echo "atc is not on PATH (no CANN here): the command above is what would build the .om;"
-  echo "inference continues on ONNX Runtime with the rewritten model."
+  if [ "$backend" = onnxruntime ]; then
+    if [ "$precision" = int8 ]; then
+      echo "inference continues on ONNX Runtime with an int8 copy of the rewritten model."
+    else
+      echo "inference continues on ONNX Runtime with the rewritten model."
+    fi
+  fi
   [ "$backend" = ais_bench ] && { echo "--backend ais_bench needs atc and an NPU" >&2; exit 1; }
 fi
 
@@ -66,6 +81,21 @@ if [ ! -f "$data/data.mdb" ]; then
   synthetic=1
 fi
 
+synthetic_calibration=""
+onnx_model="$work/nano_fixed.onnx"
+if [ "$backend" = onnxruntime ] && [ "$precision" = int8 ]; then
+  echo "== int8 for ONNX Runtime CPU (infer.quantize)"
+  if [ ! -f "$calibration/data.mdb" ]; then
+    echo "no calibration lmdb at $calibration: calibrating on SYNTHETIC words instead"
+    calibration="$work/synthetic_calibration"
+    synthetic_calibration=1
+    rm -rf "$calibration"
+    "$py" -m preprocess.make_synthetic_lmdb "$calibration" --samples 200 --seed 1
+  fi
+  "$py" -m infer.quantize "$work/nano_fixed.onnx" "$work/nano_int8.onnx" --calibration "$calibration"
+  onnx_model="$work/nano_int8.onnx"
+fi
+
 echo "== preprocess (preprocess.parse_testdata) $data"
 policy_args=()
 [ -n "$policy" ] && policy_args=(--width-policy "$policy")
@@ -74,7 +104,7 @@ policy_args=()
 
 echo "== inference and scoring (eval.postprocess, backend $backend)"
 case "$backend" in
-  onnxruntime) model_args=(--onnx_path "$work/nano_fixed.onnx") ;;
+  onnxruntime) model_args=(--onnx_path "$onnx_model") ;;
   torch) model_args=(--pth "$weights" --arch nano-ocr) ;;
   ais_bench) model_args=("${om_args[@]}") ;;
 esac
@@ -84,4 +114,7 @@ esac
 echo "== results in $output (report.json, predictions.csv)"
 if [ -n "$synthetic" ]; then
   echo "NOTE: these figures are SYNTHETIC (rendered words), not IIIT5K; set IIIT5K_LMDB or --data for real ones."
+fi
+if [ -n "$synthetic_calibration" ]; then
+  echo "NOTE: the int8 model was calibrated on SYNTHETIC words; set IIIT5K_CALIB_LMDB or --calibration to real crops (not the test set)."
 fi

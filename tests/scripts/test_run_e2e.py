@@ -11,11 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_run_e2e_on_synthetic_data(tmp_path):
+def _run_e2e(tmp_path, *options: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CRNN_VENV": sys.prefix}  # reuse this environment, no reinstall
     proc = subprocess.run(
         ["bash", "scripts/run_e2e.sh", "--data", str(tmp_path / "no_such_lmdb"),
-         "--output", str(tmp_path / "out")],
+         "--output", str(tmp_path / "out"), *options],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -25,11 +25,31 @@ def test_run_e2e_on_synthetic_data(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (report["samples"], report["scored"], report["failed"]) == (200, 200, 0)
     assert (tmp_path / "out" / "predictions.csv").is_file()
-    summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert "200 samples, 200 scored, 0 failed" in summary
+    assert "200 samples, 200 scored, 0 failed" in (tmp_path / "out" / "summary.txt").read_text()
+    return proc
+
+
+def test_run_e2e_on_synthetic_data_int8_by_default(tmp_path):
+    proc = _run_e2e(tmp_path, "--calibration", str(tmp_path / "no_calibration_lmdb"))
+    assert "calibrating on SYNTHETIC words instead" in proc.stdout
+    assert "calibration 200 images" in proc.stdout
+    assert "the int8 model was calibrated on SYNTHETIC words" in proc.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"].endswith("nano_int8.onnx")
+
+
+def test_run_e2e_fp32_skips_quantisation(tmp_path):
+    proc = _run_e2e(tmp_path, "--precision", "fp32", "--width-policy", "fixed")
+    assert "infer.quantize" not in proc.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"].endswith("nano_fixed.onnx")
+    assert report["policy"]["width_policy"] == "fixed"
 
 
 def test_run_e2e_rejects_unknown_options():
     proc = subprocess.run(["bash", "scripts/run_e2e.sh", "--fast"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown option: --fast" in proc.stderr
+    proc = subprocess.run(["bash", "scripts/run_e2e.sh", "--precision", "fp16"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown precision: fp16" in proc.stderr
