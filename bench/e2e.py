@@ -1,15 +1,19 @@
-"""Time the whole path from the lmdb to scored predictions, three ways, in one process.
+"""Time the whole path from the lmdb to scored predictions, four ways, in one process.
 
 1. reference: what the ModelZoo postprocess does, on ONNX Runtime: one image at a time,
    decoded and resized to the fixed training width, batch-1 inference, decode, score.
 2. torch-eager: what nano-ocr's ``read_batch`` does: PIL decode, grey, resize, one eager
    PyTorch forward per image, CTC decode.
 3. toolchain: this project's default path: ``python -m preprocess.parse_testdata`` then
-   ``python -m eval.postprocess`` on the rewritten ONNX model (the CLIs' ``main``).
+   ``python -m eval.postprocess`` on the int8 copy (``infer.quantize``) of the rewritten
+   ONNX model (the CLIs' ``main``).
+4. toolchain fp32: the same on the fp32 rewritten model, to show what int8 adds.
 
 Every path is timed from loading its model to the last scored sample (model loading and
-warm-up included for all three), on the same machine, in the same run, and scored with the
-same protocol. Speed-ups are per-image time ratios: reference / row and torch-eager / row.
+warm-up included for all four), on the same machine, in the same run, and scored with the
+same protocol. Building the models (export, rewrite, quantisation with its calibration) is
+a one-off step outside the timings, like ATC on the NPU; its time is printed separately.
+Speed-ups are per-image time ratios: reference / row and torch-eager / row.
 
 Example (the README's table):
     python -m bench.e2e
@@ -31,7 +35,8 @@ from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
 from infer.onnxruntime_runner import available_cores
 from preprocess.image import normalise, prepare
-from preprocess.lmdb_reader import count_samples, default_test_set, open_lmdb, read_sample
+from preprocess.lmdb_reader import (count_samples, default_calibration_set, default_test_set,
+                                   open_lmdb, read_sample)
 
 
 
@@ -114,40 +119,50 @@ def _parser():
     parser.add_argument("--data", type=Path,
                         default=default_test_set(),
                         help="lmdb test set ($IIIT5K_LMDB)")
+    parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
+                        help="lmdb for int8 calibration ($IIIT5K_CALIB_LMDB)")
     parser.add_argument("--limit", type=int, help="only the first N samples (paths 1 and 2)")
     return parser
 
 
-def _prepare(workdir: Path) -> tuple[Path, Path]:
-    """Fetch the nano-ocr weights, export and rewrite them (untimed)."""
+def _prepare(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]:
+    """Fetch the nano-ocr weights, export, rewrite and quantise them (untimed in the table).
+
+    Returns:
+        (weights, fp32 rewritten model, int8 model, seconds the build took).
+    """
     from convert import fix, pth2onnx
     from convert.weights import fetch
+    from infer import quantize
 
     weights = fetch("nano-ocr")
+    start = time.perf_counter()
     exported, fixed = workdir / "nano.onnx", workdir / "nano_fixed.onnx"
+    int8 = workdir / "nano_int8.onnx"
     if pth2onnx.main([str(weights), str(exported), "--arch", "nano-ocr"]) or \
-            fix.main([str(exported), str(fixed)]):
-        raise SystemExit("export failed")
-    return weights, fixed
+            fix.main([str(exported), str(fixed)]) or \
+            quantize.main([str(fixed), str(int8), "--calibration", str(calibration)]):
+        raise SystemExit("model build failed")
+    return weights, fixed, int8, time.perf_counter() - start
 
 
 def _run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        weights, model = _prepare(workdir)
+        weights, model, int8, build_seconds = _prepare(workdir, args.calibration)
         results = {
             "reference (ModelZoo-style, ORT batch 1, fixed width)": reference(args.data, model, args.limit),
             "torch eager per image (nano-ocr read_batch)": torch_eager(args.data, weights, args.limit),
         }
-        ours = toolchain(args.data, model, workdir)
-        # The fastest policy that keeps the reference's accuracy (see bench.width_policy).
-        fast = toolchain(args.data, model, workdir, ["--min-width", "64"])
-    for label, result in (("toolchain default", ours), ("toolchain --min-width 64", fast)):
+        ours = toolchain(args.data, int8, workdir)
+        fp32 = toolchain(args.data, model, workdir)
+    for label, result in (("toolchain default, int8", ours), ("toolchain fp32", fp32)):
         policy = result.pop("policy")
         results[f"{label} (bucketed, {policy['width_policy']} "
                 f"[{policy['min_width']}, {policy['max_width']}])"] = result
     print(f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
-          "`python -m bench.e2e`\n")
+          f"`python -m bench.e2e`; model build (export, rewrite, int8 calibration on "
+          f"{args.calibration.name}) {build_seconds:.1f} s, not in the table\n")
     per_image = {label: r["seconds"] / r["samples"] for label, r in results.items()}
     ref_label, torch_label = list(results)[:2]
     print("| path | samples | seconds | images/s | word accuracy | speed-up over reference "
