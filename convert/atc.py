@@ -32,7 +32,7 @@ from pathlib import Path
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
-from convert.spec import ModelSpec
+from convert.spec import ModelSpec, quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,9 @@ def _parser():
 
 def _run(args) -> int:
     model = load_onnx(args.model)
+    if quantization_of(model) is not None:
+        raise ToolchainError(f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
+                             "give atc the fp32 model from convert.fix")
     input_name, channels, height = _onnx_input(model, args.model)
     try:
         spec = ModelSpec.from_onnx(model, str(args.model))

@@ -17,6 +17,14 @@ from convert.errors import ToolchainError
 
 #: Prefix of every key this project writes into ONNX ``metadata_props``.
 METADATA_PREFIX = "crnn."
+#: ``metadata_props`` key that marks an int8 model written by ``infer.quantize`` (JSON settings).
+QUANTIZATION_METADATA_KEY = "crnn_toolchain.quantization"
+
+
+def quantization_of(model) -> dict | None:
+    """The settings ``infer.quantize`` recorded in a loaded ``onnx.ModelProto``; None for fp32."""
+    value = next((p.value for p in model.metadata_props if p.key == QUANTIZATION_METADATA_KEY), None)
+    return None if value is None else json.loads(value)
 
 WIDTH_POLICIES = ("fixed", "keep-ratio")
 RESAMPLE_FILTERS = ("bilinear", "bicubic", "nearest", "lanczos")

@@ -50,7 +50,7 @@ import onnx
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
-from convert.spec import ModelSpec
+from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of
 from preprocess.batching import pad_to_batch, plan_batches
 from preprocess.image import normalise
 from preprocess.lmdb_reader import default_calibration_set
@@ -58,7 +58,7 @@ from preprocess.parse_testdata import decode_all
 
 log = logging.getLogger(__name__)
 
-QUANT_METADATA_KEY = "crnn_toolchain.quantization"
+QUANT_METADATA_KEY = QUANTIZATION_METADATA_KEY
 #: Lowest opset with per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute).
 MIN_OPSET = 13
 
@@ -193,6 +193,9 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
     source, output = Path(source), Path(output)
     model = load_onnx(source)
     ModelSpec.from_onnx(model, str(source))  # fails early without the crnn.* metadata
+    if quantization_of(model) is not None:
+        raise ToolchainError(f"{source} is already an int8 model (infer.quantize); "
+                             "quantise the fp32 model from convert.fix")
     metadata = {p.key: p.value for p in model.metadata_props if p.key != QUANT_METADATA_KEY}
     source_opset = _opset(model)
     if source_opset < MIN_OPSET:

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from convert import atc
 from convert.errors import ToolchainError
 from convert.spec import read_onnx_spec
 from eval import compare, postprocess
@@ -60,6 +61,18 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
         for batch, width in ((1, 40), (3, 257)):
             logits = runner.infer({"imgs": np.zeros((batch, 1, 32, width), np.float32)})["output1"]
             assert logits.shape == (width // 4 + 1, batch, 66)
+
+
+def test_int8_models_are_refused_by_quantize_and_atc(tmp_path, tiny_lmdb, fixed_models, capsys):
+    source = fixed_models["nano-ocr"]
+    calibration = quantize.load_calibration_set(tiny_lmdb, read_onnx_spec(source), samples=4)
+    int8 = tmp_path / "int8.onnx"
+    quantize.quantize_model(source, int8, calibration, min_agreement=0.0)
+    with pytest.raises(ToolchainError, match="int8.onnx is already an int8 model"):
+        quantize.quantize_model(int8, tmp_path / "twice.onnx", calibration)
+    assert atc.main(["--model", str(int8), "--output", str(tmp_path / "om"),
+                     "--soc_version", "Ascend310P3", "--dry-run"]) == 1
+    assert "int8.onnx is an int8 model for ONNX Runtime" in capsys.readouterr().err
 
 
 def test_per_tensor_quantisation_of_the_modelzoo_graph(tmp_path, tiny_lmdb, fixed_models):
