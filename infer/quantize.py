@@ -58,7 +58,6 @@ from preprocess.parse_testdata import decode_all
 
 log = logging.getLogger(__name__)
 
-QUANT_METADATA_KEY = QUANTIZATION_METADATA_KEY
 #: Lowest opset with per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute).
 MIN_OPSET = 13
 
@@ -196,7 +195,7 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
     if quantization_of(model) is not None:
         raise ToolchainError(f"{source} is already an int8 model (infer.quantize); "
                              "quantise the fp32 model from convert.fix")
-    metadata = {p.key: p.value for p in model.metadata_props if p.key != QUANT_METADATA_KEY}
+    metadata = {p.key: p.value for p in model.metadata_props}
     source_opset = _opset(model)
     if source_opset < MIN_OPSET:
         log.info("converting %s from opset %d to %d for quantisation", source.name,
@@ -232,7 +231,7 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
         quantised = onnx.load(str(int8))
         kept = {p.key: p.value for p in quantised.metadata_props}
         kept.update(metadata)
-        kept[QUANT_METADATA_KEY] = json.dumps({k: v for k, v in asdict(result).items() if k != "output"})
+        kept[QUANTIZATION_METADATA_KEY] = json.dumps({k: v for k, v in asdict(result).items() if k != "output"})
         onnx.helper.set_model_props(quantised, kept)
         output.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(quantised, str(output))

@@ -11,7 +11,7 @@ import pytest
 
 from convert import atc
 from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from convert.spec import QUANTIZATION_METADATA_KEY, read_onnx_spec
 from eval import compare, postprocess
 from infer import quantize
 from infer.onnxruntime_runner import OnnxRuntimeRunner
@@ -49,7 +49,7 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 13
     assert (result.source_opset, result.opset) == (11, 13)
     assert read_onnx_spec(tmp_path / "int8.onnx") == read_onnx_spec(source)
-    recorded = json.loads({p.key: p.value for p in model.metadata_props}[quantize.QUANT_METADATA_KEY])
+    recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
     assert recorded["calibration_samples"] == 7 and recorded["calibration_failed"] == 3
     assert recorded["per_channel"] is True and recorded["reduce_range"] is True
     ops = _ops(tmp_path / "int8.onnx")
