@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.cli import make_parser, run_main
+from convert.onnx_io import cpu_session
 from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
 from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
@@ -60,11 +61,9 @@ def _per_image(data: Path, spec: ModelSpec, forward, limit: int | None) -> tuple
 
 def reference(data: Path, onnx_model: Path, limit: int | None) -> dict:
     """Path 1: batch-1 ONNX Runtime at the fixed width, default session options."""
-    import onnxruntime as ort
-
     start = time.perf_counter()
     spec = read_onnx_spec(onnx_model)
-    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_model)
     session.run(None, {"imgs": np.zeros((1, 1, spec.height, spec.width), np.float32)})
     preds, labels = _per_image(data, spec, lambda x: session.run(None, {"imgs": x})[0], limit)
     return _row(preds, labels, time.perf_counter() - start)

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.onnx_io import load_onnx
+from convert.onnx_io import cpu_session, load_onnx
 from convert.rewrite_rules import RULES, tidy
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ def compare_outputs(original: onnx.ModelProto, fixed: onnx.ModelProto,
     Raises:
         ToolchainError: a difference above ``tolerance``.
     """
-    import onnxruntime as ort
-
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                for m in (original, fixed)]
+    sessions = [cpu_session(m) for m in (original, fixed)]
     (feed,) = sessions[0].get_inputs()
     channels, height = feed.shape[1], feed.shape[2]
     rng = np.random.default_rng(seed)

@@ -22,3 +22,18 @@ def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf's DecodeError and friends share no useful base
         raise ToolchainError(f"{path}: not a readable ONNX model ({exc})") from exc
+
+
+def cpu_session(model: str | Path | onnx.ModelProto):
+    """An ONNX Runtime session on the CPU provider with default options.
+
+    Args:
+        model: an ONNX file or a loaded ``onnx.ModelProto``.
+
+    Returns:
+        ``onnxruntime.InferenceSession`` (onnxruntime is imported here, on first use).
+    """
+    import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])

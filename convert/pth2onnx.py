@@ -29,6 +29,7 @@ from convert.checkpoint import GATE_ORDERS, load_checkpoint
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.models import CRNN_LAYOUTS
+from convert.onnx_io import cpu_session
 from convert.spec import ARCHS, ModelSpec, spec_for_arch
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, spec: ModelSpec,
     Raises:
         ToolchainError: a difference is above ``tolerance`` or an output shape differs.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)
     generator = torch.Generator().manual_seed(seed)
     results = []
     for batch, width in pairs:

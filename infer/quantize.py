@@ -49,7 +49,7 @@ import onnx
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.onnx_io import load_onnx
+from convert.onnx_io import cpu_session, load_onnx
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of
 from preprocess.batching import pad_to_batch, plan_batches
 from preprocess.image import normalise
@@ -152,18 +152,12 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray]) -> tuple[float, float]:
     """(frame-wise arg-max agreement, max absolute logit difference) of two models.
 
     Both models take ``[B, 1, H, W]`` float32 and return ``[T, B, C]`` logits.
     """
-    reference, quantised = _session(fp32_path), _session(int8_path)
+    reference, quantised = cpu_session(fp32_path), cpu_session(int8_path)
     name = reference.get_inputs()[0].name
     same = frames = 0
     worst = 0.0
