@@ -35,7 +35,7 @@ from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
 from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
 from infer.onnxruntime_runner import available_cores
-from preprocess.image import normalise, prepare
+from preprocess.image import decode_label, normalise, prepare
 from preprocess.lmdb_reader import (count_samples, default_calibration_set, default_test_set,
                                    open_lmdb, read_sample)
 
@@ -54,7 +54,7 @@ def _per_image(data: Path, spec: ModelSpec, forward, limit: int | None) -> tuple
             pixels, _ = prepare(raw.image, spec)
             logits = forward(normalise(pixels, spec)[None, None])
             predictions.append(greedy_decode(logits, spec.alphabet, spec.blank)[0].text)
-            labels.append(raw.label.decode("utf-8"))
+            labels.append(decode_label(raw.label))
     env.close()
     return predictions, labels
 

@@ -10,7 +10,7 @@ The dynamic-shape plan is read from the sidecar JSON that ``convert.atc`` writes
     output) is the size of the largest output this batch can produce:
     ``frames(width) * batch * classes * 4``.
     ``gears`` models run with ``mode="dymdims"``: the width is padded on the right up to
-    the next compiled gear and the batch up to the compiled batch (with normalised 0.0),
+    the next compiled gear and the batch up to the compiled batch (with ``PAD_VALUE``, 0.0),
     larger batches are split, and the padded rows and the frames past ``frames(width)`` are
     dropped from the output, so outputs have the shape other backends return. Padding the
     width can change what the backward LSTM reads at the right edge; prefer range models.
@@ -19,7 +19,6 @@ The dynamic-shape plan is read from the sidecar JSON that ``convert.atc`` writes
 from __future__ import annotations
 
 import bisect
-import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from convert.errors import ToolchainError
 from convert.spec import ModelSpec
 from infer.base import InputSpec, Runner
+from preprocess.batching import PAD_VALUE
 
 INSTALL_HINT = (
     "install Ascend's aclruntime and ais_bench wheels (ait/tools repository, matching your "
@@ -79,7 +79,7 @@ class AisBenchRunner(Runner):
             raise ToolchainError(f"{self.om_path}: no such .om model")
         self.plan = read_sidecar(self.om_path, self.sidecar_path)
         self.spec = ModelSpec.from_dict(self.plan["model"], f"sidecar of {self.om_path}")
-        if importlib.util.find_spec("ais_bench") is None:
+        if not self.is_available():
             raise ToolchainError(f"the ais_bench backend needs ais_bench, which is not installed: "
                                  f"{INSTALL_HINT}")
         try:
@@ -130,7 +130,7 @@ class AisBenchRunner(Runner):
         total, pieces = 0.0, []
         for start in range(0, imgs.shape[0], compiled):
             chunk = imgs[start:start + compiled]
-            padded = np.zeros((compiled, *imgs.shape[1:3], gear), np.float32)
+            padded = np.full((compiled, *imgs.shape[1:3], gear), PAD_VALUE, np.float32)
             padded[: len(chunk), :, :, :width] = chunk
             (logits,) = self._timed(self.session.infer, [padded], mode="dymdims")
             total += self.last_engine_seconds

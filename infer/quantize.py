@@ -50,7 +50,7 @@ import onnx
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session, load_onnx
-from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of
+from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
 from preprocess.batching import pad_to_batch, plan_batches
 from preprocess.image import normalise
 from preprocess.lmdb_reader import default_calibration_set
@@ -252,7 +252,7 @@ def _parser():
 
 def _run(args) -> int:
     start = time.perf_counter()
-    spec = ModelSpec.from_onnx(load_onnx(args.input), str(args.input))
+    spec = read_onnx_spec(args.input)
     calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
     for failure in calibration.failed[:10]:
         log.warning("calibration sample %d skipped: %s", failure["index"], failure["reason"])
