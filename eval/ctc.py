@@ -33,9 +33,13 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
-def _batch_major(scores: np.ndarray, time_major: bool) -> np.ndarray:
+def _batch_major(scores: np.ndarray, time_major: bool, alphabet: str) -> np.ndarray:
+    """``(N, T, C)`` view of ``scores``, checked against the alphabet (C = characters + blank)."""
     if scores.ndim != 3:
         raise ValueError(f"expected a (T, N, C) or (N, T, C) array, got shape {scores.shape}")
+    if scores.shape[2] != len(alphabet) + 1:
+        raise ValueError(f"{scores.shape[2]} classes but the alphabet has {len(alphabet)} "
+                         "characters + blank")
     return np.swapaxes(scores, 0, 1) if time_major else scores
 
 
@@ -61,10 +65,8 @@ def greedy_decode(logits: np.ndarray, alphabet: str, blank: int = 0, time_major:
     Returns:
         One :class:`Decoded` per sample, in batch order.
     """
-    scores = _batch_major(logits, time_major)
-    batch, frames, classes = scores.shape
-    if classes != len(alphabet) + 1:
-        raise ValueError(f"{classes} classes but the alphabet has {len(alphabet)} characters + blank")
+    scores = _batch_major(logits, time_major, alphabet)
+    batch, frames, _ = scores.shape
     valid = np.arange(frames)[None, :] < _lengths(lengths, batch, frames)[:, None]
     probabilities = softmax(scores.astype(np.float32, copy=False))
     best = probabilities.argmax(axis=2)
@@ -108,10 +110,8 @@ def beam_search_decode(logits: np.ndarray, alphabet: str, blank: int = 0, beam_w
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    scores = _batch_major(logits, time_major)
+    scores = _batch_major(logits, time_major, alphabet)
     batch, frames, classes = scores.shape
-    if classes != len(alphabet) + 1:
-        raise ValueError(f"{classes} classes but the alphabet has {len(alphabet)} characters + blank")
     lengths = _lengths(lengths, batch, frames)
     log_probs = np.log(np.maximum(softmax(scores.astype(np.float32, copy=False)), 1e-30))
     char_of = {c: alphabet[c - 1 if c > blank else c] for c in range(classes) if c != blank}

@@ -24,22 +24,24 @@ _INDEXED_KEY = re.compile(rb"^(?:image|label)-(\d{9})$")
 
 #: Environment variable naming the IIIT5K test lmdb.
 TEST_SET_ENV = "IIIT5K_LMDB"
-
-
-def default_test_set() -> Path:
-    """``$IIIT5K_LMDB``, else ``../shared/data/IIIT5K_3000`` beside the repository."""
-    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / "IIIT5K_3000"
-    return Path(os.environ.get(TEST_SET_ENV, fallback))
-
-
 #: Environment variable naming the calibration lmdb (int8 quantisation; not the test set).
 CALIBRATION_SET_ENV = "IIIT5K_CALIB_LMDB"
 
 
+def _from_env_or_shared(variable: str, folder: str) -> Path:
+    """``$variable``, else ``../shared/data/<folder>`` beside the repository."""
+    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / folder
+    return Path(os.environ.get(variable, fallback))
+
+
+def default_test_set() -> Path:
+    """``$IIIT5K_LMDB``, else ``../shared/data/IIIT5K_3000`` beside the repository."""
+    return _from_env_or_shared(TEST_SET_ENV, "IIIT5K_3000")
+
+
 def default_calibration_set() -> Path:
     """``$IIIT5K_CALIB_LMDB``, else ``../shared/data/IIIT5K_train_500`` beside the repository."""
-    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / "IIIT5K_train_500"
-    return Path(os.environ.get(CALIBRATION_SET_ENV, fallback))
+    return _from_env_or_shared(CALIBRATION_SET_ENV, "IIIT5K_train_500")
 
 
 @dataclass(frozen=True)
