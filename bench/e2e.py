@@ -30,62 +30,49 @@ from pathlib import Path
 import numpy as np
 
 from convert.cli import make_parser, run_main
-from convert.onnx_io import cpu_session
-from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
-from eval.ctc import greedy_decode
 from eval.metrics import recognition_metrics
+from infer import open_model
 from infer.onnxruntime_runner import available_cores
-from preprocess.image import decode_label, normalise, prepare
+from pipeline import Recognition, Recognizer
+from preprocess.image import decode_label
 from preprocess.lmdb_reader import (count_samples, default_calibration_set, default_test_set,
                                    open_lmdb, read_sample)
 
 
-
-def _per_image(data: Path, spec: ModelSpec, forward, limit: int | None) -> tuple[list[str], list[str]]:
-    """Run ``forward`` ([1,1,32,W] float32 -> (T,1,C) logits) on each sample, one at a time,
-    at the fixed training width (the preprocessing nano-ocr and the ModelZoo use)."""
-    spec = spec.replace(width_policy="fixed")
+def _per_image(data: Path, recognizer: Recognizer, limit: int | None) -> tuple[list[str], list[str]]:
+    """Recognise each sample alone (batch 1), as the ModelZoo postprocess and nano-ocr do."""
     env = open_lmdb(data)
     count = min(count_samples(env, data), limit or 1 << 30)
     predictions, labels = [], []
     with env.begin() as txn:
         for index in range(1, count + 1):
             raw = read_sample(txn, index)
-            pixels, _ = prepare(raw.image, spec)
-            logits = forward(normalise(pixels, spec)[None, None])
-            predictions.append(greedy_decode(logits, spec.alphabet, spec.blank)[0].text)
+            (result,) = recognizer([raw.image])
+            predictions.append(result.text if isinstance(result, Recognition) else "")
             labels.append(decode_label(raw.label))
     env.close()
     return predictions, labels
 
 
-def reference(data: Path, onnx_model: Path, limit: int | None) -> dict:
-    """Path 1: batch-1 ONNX Runtime at the fixed width, default session options."""
+def _batch_one(model: Path, limit: int | None, data: Path, **options) -> dict:
+    """Open ``model``, warm it up, and recognise every sample alone at the fixed training width."""
     start = time.perf_counter()
-    spec = read_onnx_spec(onnx_model)
-    session = cpu_session(onnx_model)
-    session.run(None, {"imgs": np.zeros((1, 1, spec.height, spec.width), np.float32)})
-    preds, labels = _per_image(data, spec, lambda x: session.run(None, {"imgs": x})[0], limit)
+    runner, spec = open_model(model, **options)
+    spec = spec.replace(width_policy="fixed")
+    with Recognizer(runner, spec, batch_size=1) as recognizer:
+        recognizer.forward(np.zeros(spec.input_shape(1, spec.width), np.float32))
+        preds, labels = _per_image(data, recognizer, limit)
     return _row(preds, labels, time.perf_counter() - start)
+
+
+def reference(data: Path, onnx_model: Path, limit: int | None) -> dict:
+    """Path 1: batch-1 ONNX Runtime at the fixed width."""
+    return _batch_one(onnx_model, limit, data)
 
 
 def torch_eager(data: Path, weights: Path, limit: int | None) -> dict:
     """Path 2: eager PyTorch, one forward per image, as nano-ocr's read_batch."""
-    import torch
-
-    from convert.checkpoint import load_checkpoint
-
-    start = time.perf_counter()
-    spec = spec_for_arch("nano-ocr")
-    model = load_checkpoint(weights, spec)
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
-
-    forward(np.zeros((1, 1, spec.height, spec.width), np.float32))
-    preds, labels = _per_image(data, spec, forward, limit)
-    return _row(preds, labels, time.perf_counter() - start)
+    return _batch_one(weights, limit, data, arch="nano-ocr")
 
 
 def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] = ()) -> dict:
@@ -95,10 +82,10 @@ def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] 
 
     inputs, report = workdir / "inputs", workdir / "report.json"
     start = time.perf_counter()
-    if parse_testdata.main(["--test_dir", str(data), "--output_npy", str(inputs),
+    if parse_testdata.main(["--test-dir", str(data), "--output-npy", str(inputs),
                             "--model", str(onnx_model), *extra]):
         raise SystemExit("parse_testdata failed")
-    if postprocess.main(["--input_npy", str(inputs), "--onnx_path", str(onnx_model),
+    if postprocess.main(["--input-npy", str(inputs), "--onnx-path", str(onnx_model),
                          "--report", str(report)]):
         raise SystemExit("postprocess failed")
     seconds = time.perf_counter() - start

@@ -2,11 +2,13 @@
 
 For each policy (fixed width, and keep-ratio with several clamps and rounding steps) the
 set is preprocessed with ``preprocess.parse_testdata`` (bucketed, equal-width batches) and
-evaluated with ``eval`` through ONNX Runtime on one model, all in this process, so the
-rows are comparable. The table is printed as Markdown (paste it into the README).
+evaluated with ``eval`` through the model's runner, all in this process, so the rows are
+comparable. The policies measured depend on the model's input height (32 px: crnn and
+nano-ocr; 48 px: PP-OCR). The table is printed as Markdown (paste it into the README).
 
-Example (the README's table):
+Example (the README's tables):
     python -m bench.width_policy --model work/nano_fixed.onnx
+    python -m bench.width_policy --model "$(python -m convert.weights path ppocr-v4-rec)"
 """
 
 from __future__ import annotations
@@ -17,40 +19,44 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convert.cli import make_parser, run_main
-from convert.spec import read_onnx_spec
 from eval.evaluate import run_evaluation
 from eval.inputs import load_input_set
 from eval.metrics import recognition_metrics
-from infer import OnnxRuntimeRunner
+from infer import describe, open_model
 from infer.onnxruntime_runner import available_cores
+from pipeline import Recognizer
 from preprocess.lmdb_reader import default_test_set
 from preprocess.parse_testdata import write_inputs
 
 
-#: (label, spec overrides) of the policies measured.
-POLICIES: list[tuple[str, dict]] = [
-    ("fixed 128", {"width_policy": "fixed", "width": 128}),
-    ("fixed 100", {"width_policy": "fixed", "width": 100}),
-    ("keep-ratio [32, 320]", {"width_policy": "keep-ratio", "min_width": 32, "max_width": 320}),
-    ("keep-ratio [64, 192]", {"width_policy": "keep-ratio", "min_width": 64, "max_width": 192}),
-    ("keep-ratio [80, 160]", {"width_policy": "keep-ratio", "min_width": 80, "max_width": 160}),
-    ("keep-ratio [96, 160]", {"width_policy": "keep-ratio", "min_width": 96, "max_width": 160}),
-    ("keep-ratio [96, 192]", {"width_policy": "keep-ratio", "min_width": 96, "max_width": 192}),
-    ("keep-ratio [96, 192] step 8",
-     {"width_policy": "keep-ratio", "min_width": 96, "max_width": 192, "width_step": 8}),
-    ("keep-ratio [96, 192] step 16",
-     {"width_policy": "keep-ratio", "min_width": 96, "max_width": 192, "width_step": 16}),
-]
+def _keep(low: int, high: int, step: int = 1) -> tuple[str, dict]:
+    label = f"keep-ratio [{low}, {high}]" + (f" step {step}" if step > 1 else "")
+    return label, {"width_policy": "keep-ratio", "min_width": low, "max_width": high,
+                   "width_step": step}
+
+
+def _fixed(width: int) -> tuple[str, dict]:
+    return f"fixed {width}", {"width_policy": "fixed", "width": width}
+
+
+#: (label, description overrides) of the policies measured, by input height.
+POLICIES: dict[int, list[tuple[str, dict]]] = {
+    32: [_fixed(128), _fixed(100), _keep(32, 320), _keep(64, 192), _keep(80, 160),
+         _keep(96, 160), _keep(96, 192), _keep(96, 192, 8), _keep(96, 192, 16)],
+    48: [_fixed(320), _keep(48, 320), _keep(48, 480), _keep(96, 480), _keep(144, 480),
+         _keep(192, 480), _keep(96, 480, 16), _keep(96, 640)],
+}
 
 
 def measure(model: Path, data: Path, overrides: dict, workdir: Path) -> dict[str, float]:
     """Accuracy, mean width, batch count and engine seconds of one policy."""
-    spec = read_onnx_spec(model).replace(**overrides)
+    spec = describe(model).replace(**overrides)
     folder = workdir / "inputs"
     write_inputs(data, folder, spec, workers=os.cpu_count() or 1)
     inputs = load_input_set(folder)
-    with OnnxRuntimeRunner(model) as runner:
-        run = run_evaluation(runner, inputs, spec)
+    runner, _ = open_model(model)
+    with Recognizer(runner, spec) as recognizer:
+        run = run_evaluation(recognizer, inputs)
     metrics = recognition_metrics([p.prediction for p in run.predictions],
                                   [p.label for p in run.predictions])
     return {
@@ -65,26 +71,29 @@ def measure(model: Path, data: Path, overrides: dict, workdir: Path) -> dict[str
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--model", type=Path, required=True, help="ONNX model with metadata")
-    parser.add_argument("--data", type=Path,
-                        default=default_test_set(),
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model file carrying its description (.onnx)")
+    parser.add_argument("--data", type=Path, default=default_test_set(),
                         help="lmdb test set ($IIIT5K_LMDB)")
     return parser
 
 
 def _run(args) -> int:
+    spec = describe(args.model)
+    policies = POLICIES.get(spec.height, [_fixed(spec.width)])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, overrides in POLICIES:
+        for label, overrides in policies:
             result = measure(args.model, args.data, overrides, Path(tmp))
             rows.append((label, result))
             print(f"{label}: {result['accuracy']:.4f} ({result['correct']}/{result['scored']}), "
                   f"mean width {result['mean_width']:.1f}, {result['engine_seconds']:.2f} s engine",
                   flush=True)
-    base = rows[0][1]["engine_seconds"]
-    print(f"\n{args.data.name}, {read_onnx_spec(args.model).arch}, ONNX Runtime CPU, "
-          f"{available_cores()} cores, bucketed batches of 16 (equal widths)\n")
-    print("| policy | word accuracy | correct | mean width (px) | batches | engine s | engine vs fixed 128 |")
+    base_label, base = rows[0][0], rows[0][1]["engine_seconds"]
+    print(f"\n{args.data.name}, {spec.arch}, ONNX Runtime CPU, {available_cores()} cores, "
+          "bucketed batches of 16 (equal widths)\n")
+    print(f"| policy | word accuracy | correct | mean width (px) | batches | engine s | "
+          f"engine vs {base_label} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, r in rows:
         print(f"| {label} | {r['accuracy']:.4f} | {r['correct']}/{r['scored']} | "

@@ -6,11 +6,13 @@ Two ways to make the width dynamic:
     ``gears`` (Ascend 310, which has no range support): ``--input_shape=imgs:16,1,32,-1``
     with ``--dynamic_dims=32;64;...``: a fixed batch and a list of compiled widths; inputs
     are padded up to the next gear (ais_bench mode ``dymdims``).
-``--mode auto`` picks ``gears`` for SoCs without range support and says so. Defaults for
-the ranges come from the model description in the ONNX metadata. ATC appends
+``--mode auto`` picks ``gears`` for SoCs without range support and says so. The input's
+name, channels and height, and the default width range, come from the model description in
+the ONNX metadata; the plan is kept per input (:class:`ShapePlan`), so any
+``[batch, channels, height, width]`` model builds. ATC appends
 ``_linux_<arch>`` to dynamic-shape model names; the produced .om is found either way, and a
-sidecar JSON (same name, ``.json``) records input name, mode, ranges or gears, and the model
-description for ``eval.postprocess --om_path``. ``--input_shape_range`` is deprecated in
+sidecar JSON (same name, ``.json``) records the shape plan, the SoC, the ATC command and the
+model description for ``eval.postprocess --om-path``. ``--input_shape_range`` is deprecated in
 CANN; this tool uses ``--input_shape`` with ``~`` ranges.
 
 Example:
@@ -46,25 +48,72 @@ _SOC_PATTERN = re.compile(r"^Ascend\d{3}[A-Za-z0-9]*$")
 
 
 @dataclass(frozen=True)
-class DynamicShape:
-    """The dynamic-shape plan of one build.
+class InputPlan:
+    """The shape of one model input in an ATC build.
+
+    Attributes:
+        name: the input's name (from the model description).
+        dims: one entry per dimension: an int for a static dimension, ``(min, max)`` for a
+            dimension that varies in a range (range mode), or -1 for one that takes the gear
+            values (gears mode).
+    """
+
+    name: str
+    dims: tuple[int | tuple[int, int], ...]
+
+    def atc_dims(self) -> str:
+        """``--input_shape`` text for this input: ``1~16,1,32,96~192`` or ``16,1,32,-1``."""
+        return ",".join(f"{d[0]}~{d[1]}" if isinstance(d, tuple) else str(d) for d in self.dims)
+
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """``{axis: (min, max)}`` of the ranged dimensions."""
+        return {axis: d for axis, d in enumerate(self.dims) if isinstance(d, tuple)}
+
+    def gear_axes(self) -> list[int]:
+        """Axes whose value comes from the gears."""
+        return [axis for axis, d in enumerate(self.dims) if d == -1]
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """The dynamic-shape plan of one build: a plan per input, and the gears if any.
 
     Attributes:
         mode: ``"range"`` or ``"gears"``.
-        batch: ``(min, max)`` for range mode; ``(b, b)`` (the compiled batch) for gears.
-        width: ``(min, max)`` in pixels for range mode; ``(first, last)`` gear for gears.
-        gears: compiled widths in pixels, ascending (gears mode only).
+        inputs: one :class:`InputPlan` per model input.
+        gears: gears mode: each gear lists the values of every -1 dimension, inputs in
+            order, as ATC's ``--dynamic_dims`` takes them; ascending.
     """
 
     mode: str
-    batch: tuple[int, int]
-    width: tuple[int, int]
-    gears: tuple[int, ...] = field(default=())
+    inputs: tuple[InputPlan, ...]
+    gears: tuple[tuple[int, ...], ...] = field(default=())
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form used in the sidecar."""
-        return {"mode": self.mode, "batch": list(self.batch), "width": list(self.width),
-                "gears": list(self.gears)}
+        return {"mode": self.mode,
+                "inputs": [{"name": i.name, "dims": [list(d) if isinstance(d, tuple) else d
+                                                     for d in i.dims]} for i in self.inputs],
+                "gears": [list(g) for g in self.gears]}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> ShapePlan:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ToolchainError: the dict is not a plan written by :meth:`to_dict`.
+        """
+        try:
+            inputs = tuple(InputPlan(i["name"], tuple(tuple(d) if isinstance(d, list) else int(d)
+                                                      for d in i["dims"]))
+                           for i in data["inputs"])
+            plan = cls(data["mode"], inputs, tuple(tuple(int(v) for v in g)
+                                                   for g in data.get("gears", [])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ToolchainError(f"{source}: not a shape plan of convert.atc ({exc!r})") from None
+        if plan.mode not in ("range", "gears") or not plan.inputs:
+            raise ToolchainError(f"{source}: shape plan mode must be range or gears, with inputs")
+        return plan
 
 
 def supports_shape_range(soc_version: str) -> bool:
@@ -72,14 +121,17 @@ def supports_shape_range(soc_version: str) -> bool:
     return soc_version not in SOCS_WITHOUT_RANGE
 
 
-def plan_shape(soc_version: str, mode: str = "auto", min_batch: int = 1, max_batch: int = 16,
+def plan_shape(soc_version: str, input_name: str, channels: int, height: int,
+               mode: str = "auto", min_batch: int = 1, max_batch: int = 16,
                min_width: int = 32, max_width: int = 320,
                width_gears: Sequence[int] | None = None,
-               min_accepted_width: int = ModelSpec.MIN_INPUT_WIDTH) -> DynamicShape:
-    """Validate the requested ranges and choose range or gear mode.
+               min_accepted_width: int = 1) -> ShapePlan:
+    """Validate the requested ranges for a ``[batch, channels, height, width]`` input and
+    choose range or gear mode.
 
     Args:
         soc_version: e.g. ``"Ascend310P3"``.
+        input_name, channels, height: the input, from the model description.
         mode: ``"auto"`` (range where the SoC supports it, else gears), ``"range"``, ``"gears"``.
         min_batch, max_batch: batch range; gears mode compiles ``max_batch``.
         min_width, max_width: width range in pixels.
@@ -111,14 +163,16 @@ def plan_shape(soc_version: str, mode: str = "auto", min_batch: int = 1, max_bat
     elif mode == "range" and not supports_shape_range(soc_version):
         raise ToolchainError(f"{soc_version} has no shape-range support; use --mode gears")
     if mode == "range":
-        return DynamicShape("range", (min_batch, max_batch), (min_width, max_width))
+        dims = ((min_batch, max_batch), channels, height, (min_width, max_width))
+        return ShapePlan("range", (InputPlan(input_name, dims),))
     gears = sorted(set(width_gears)) if width_gears else _default_gears(min_width, max_width)
     if not MIN_GEARS <= len(gears) <= MAX_GEARS:
         raise ToolchainError(f"{len(gears)} width gears given; ATC needs {MIN_GEARS} to {MAX_GEARS}")
     if gears[0] < min_accepted_width:
         raise ToolchainError(f"gear {gears[0]} is below the network's minimum input width "
                              f"{min_accepted_width}")
-    return DynamicShape("gears", (max_batch, max_batch), (gears[0], gears[-1]), tuple(gears))
+    dims = (max_batch, channels, height, -1)
+    return ShapePlan("gears", (InputPlan(input_name, dims),), tuple((g,) for g in gears))
 
 
 def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
@@ -129,25 +183,21 @@ def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
 
 
 def build_atc_command(model: str | Path, output: str | Path, soc_version: str,
-                      shape: DynamicShape, input_name: str = "imgs", channels: int = 1,
-                      height: int = 32, log_level: str = "error",
+                      plan: ShapePlan, log_level: str = "error",
                       precision_mode: str | None = None, atc: str = "atc") -> list[str]:
     """The ATC argv for ``model`` (a pure function: nothing is checked on disk).
 
     Returns:
         ``[atc, --model=..., --framework=5, --output=..., --input_format=ND,
-        --input_shape=..., (--dynamic_dims=...), --log=..., --soc_version=...,
-        (--precision_mode=...)]``; ``--framework=5`` means ONNX.
+        --input_shape=name:dims[;name:dims], (--dynamic_dims=g1;g2;...), --log=...,
+        --soc_version=..., (--precision_mode=...)]``; ``--framework=5`` means ONNX, and a
+        gear's values are comma-separated when several dimensions take them.
     """
-    if shape.mode == "range":
-        dims = (f"{shape.batch[0]}~{shape.batch[1]},{channels},{height},"
-                f"{shape.width[0]}~{shape.width[1]}")
-    else:
-        dims = f"{shape.batch[0]},{channels},{height},-1"
+    shapes = ";".join(f"{i.name}:{i.atc_dims()}" for i in plan.inputs)
     argv = [atc, f"--model={model}", "--framework=5", f"--output={output}",
-            "--input_format=ND", f"--input_shape={input_name}:{dims}"]
-    if shape.mode == "gears":
-        argv.append("--dynamic_dims=" + ";".join(str(g) for g in shape.gears))
+            "--input_format=ND", f"--input_shape={shapes}"]
+    if plan.mode == "gears":
+        argv.append("--dynamic_dims=" + ";".join(",".join(map(str, g)) for g in plan.gears))
     argv += [f"--log={log_level}", f"--soc_version={soc_version}"]
     if precision_mode:
         argv.append(f"--precision_mode={precision_mode}")
@@ -190,29 +240,22 @@ def run_atc(argv: list[str], output: str | Path) -> Path:
     return find_om(output)
 
 
-def write_sidecar(om_path: Path, shape: DynamicShape, spec: ModelSpec | None, input_name: str,
-                  soc_version: str, argv: list[str], onnx_path: Path) -> Path:
-    """Write ``<om stem>.json`` with everything inference needs; return its path."""
+def write_sidecar(om_path: Path, plan: ShapePlan, spec: ModelSpec, soc_version: str,
+                  argv: list[str], onnx_path: Path) -> Path:
+    """Write ``<om stem>.json`` with everything inference needs; return its path.
+
+    Keys: ``mode``, ``inputs`` and ``gears`` (:meth:`ShapePlan.to_dict`), ``soc_version``,
+    ``onnx``, ``atc_command`` and ``model`` (the model description).
+    """
     sidecar = om_path.with_suffix(".json")
     sidecar.write_text(json.dumps({
-        "input_name": input_name,
-        "output_name": "output1",
-        **shape.to_dict(),
+        **plan.to_dict(),
         "soc_version": soc_version,
         "onnx": str(onnx_path),
         "atc_command": argv,
-        "model": spec.to_dict() if spec else None,
-    }, indent=2))
+        "model": spec.to_dict(),
+    }, indent=2, ensure_ascii=False))
     return sidecar
-
-
-def _onnx_input(model, path: Path) -> tuple[str, int, int]:
-    """(name, channels, height) of the model's one 4-D input."""
-    graph = model.graph
-    if len(graph.input) != 1 or len(graph.input[0].type.tensor_type.shape.dim) != 4:
-        raise ToolchainError(f"{path}: expected one 4-D input [batch, channels, height, width]")
-    dims = graph.input[0].type.tensor_type.shape.dim
-    return graph.input[0].name, dims[1].dim_value or 1, dims[2].dim_value or 32
 
 
 def _parser():
@@ -220,15 +263,17 @@ def _parser():
     parser.add_argument("--model", type=Path, required=True, help="rewritten ONNX (convert.fix)")
     parser.add_argument("--output", type=Path, required=True,
                         help="output path without .om (ATC may append _linux_<arch>)")
-    parser.add_argument("--soc_version", required=True, help="e.g. Ascend310P3 (npu-smi info)")
+    parser.add_argument("--soc-version", "--soc_version", dest="soc_version", required=True,
+                        help="e.g. Ascend310P3 (npu-smi info)")
     parser.add_argument("--mode", default="auto", choices=MODES, help="dynamic-shape mode")
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=16,
                         help="range maximum; the compiled batch in gears mode")
-    parser.add_argument("--min-width", type=int, help="default: from the model metadata")
-    parser.add_argument("--max-width", type=int, help="default: from the model metadata")
+    parser.add_argument("--min-width", type=int, help="default: from the model description")
+    parser.add_argument("--max-width", type=int, help="default: from the model description")
     parser.add_argument("--width-gears", help="comma-separated widths for gears mode")
-    parser.add_argument("--precision_mode", help="e.g. force_fp32 against fp16 LSTM accuracy loss")
+    parser.add_argument("--precision-mode", "--precision_mode", dest="precision_mode",
+                        help="e.g. force_fp32 against fp16 LSTM accuracy loss")
     parser.add_argument("--log", default="error", choices=("debug", "info", "warning", "error", "null"))
     parser.add_argument("--atc", default="atc", help="the ATC executable")
     parser.add_argument("--dry-run", action="store_true", help="print the command only")
@@ -240,29 +285,27 @@ def _run(args) -> int:
     if quantization_of(model) is not None:
         raise ToolchainError(f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
                              "give atc the fp32 model from convert.fix")
-    input_name, channels, height = _onnx_input(model, args.model)
-    try:
-        spec = ModelSpec.from_onnx(model, str(args.model))
-    except ToolchainError as exc:
-        log.warning("%s; width defaults fall back to 32~320", exc)
-        spec = None
-    min_width = args.min_width or (min(spec.min_width, spec.width) if spec else 32)
-    max_width = args.max_width or (max(spec.max_width, spec.width) if spec else 320)
+    spec = ModelSpec.from_onnx(model, str(args.model))
+    min_width = args.min_width or min(spec.min_width, spec.width)
+    max_width = args.max_width or max(spec.max_width, spec.width)
     try:
         gears = [int(g) for g in args.width_gears.split(",")] if args.width_gears else None
     except ValueError:
         raise ToolchainError(f"--width-gears must be comma-separated integers, got {args.width_gears!r}") from None
-    shape = plan_shape(args.soc_version, args.mode, args.min_batch, args.max_batch,
-                       min_width, max_width, gears)
-    argv = build_atc_command(args.model, args.output, args.soc_version, shape, input_name,
-                             channels, height, args.log, args.precision_mode, args.atc)
+    plan = plan_shape(args.soc_version, spec.input_name, spec.channels, spec.height, args.mode,
+                      args.min_batch, args.max_batch, min_width, max_width, gears,
+                      spec.min_input_width)
+    argv = build_atc_command(args.model, args.output, args.soc_version, plan, args.log,
+                             args.precision_mode, args.atc)
     print(shlex.join(argv))
     if args.dry_run:
         return 0
     om_path = run_atc(argv, args.output)
-    sidecar = write_sidecar(om_path, shape, spec, input_name, args.soc_version, argv, args.model)
-    print(f"built {om_path} ({shape.mode}: batch {shape.batch}, width "
-          f"{list(shape.gears) if shape.gears else shape.width}); sidecar {sidecar}")
+    sidecar = write_sidecar(om_path, plan, spec, args.soc_version, argv, args.model)
+    shape = plan.inputs[0]
+    print(f"built {om_path} ({plan.mode}: {shape.name} {shape.atc_dims()}"
+          + (f", gears {[g[0] if len(g) == 1 else list(g) for g in plan.gears]}" if plan.gears else "")
+          + f"); sidecar {sidecar}")
     return 0
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from convert.errors import ToolchainError
-from convert.models import CRNN_LAYOUTS, build_model
-from convert.spec import ARCHS, ModelSpec
+from convert.registry import ARCHS, arch_entry, build_model
+from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,15 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    """``"modelzoo"`` when the recurrent blocks are split into ``fw_rnn``/``bw_rnn``, else ``"meijieru"``."""
-    return "modelzoo" if any(".fw_rnn." in k for k in state) else "meijieru"
+def detect_layout(state: dict[str, torch.Tensor], layouts: tuple[str, ...]) -> str:
+    """The recurrent layout of ``state`` among ``layouts``.
+
+    ``"modelzoo"`` when the recurrent blocks are split into ``fw_rnn``/``bw_rnn`` (and the
+    architecture has that layout), else the architecture's first layout.
+    """
+    if "modelzoo" in layouts and any(".fw_rnn." in k for k in state):
+        return "modelzoo"
+    return layouts[0]
 
 
 def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
@@ -121,7 +127,7 @@ def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
 def load_checkpoint(
     path: str | Path,
     spec: ModelSpec,
-    layout: str = "auto",
+    rnn_layout: str = "auto",
     gate_order: str = "ifgo",
     trust: bool = False,
 ) -> nn.Module:
@@ -130,22 +136,21 @@ def load_checkpoint(
     Args:
         path: the .pth file.
         spec: model description (its ``arch`` chooses the network).
-        layout: ``crnn`` recurrent layout, ``"meijieru"``, ``"modelzoo"`` or ``"auto"``.
+        rnn_layout: recurrent layout, one of the architecture's ``rnn_layouts``
+            (``convert.registry``) or ``"auto"`` (detected from the keys).
         gate_order: gate order of the stored LSTM parameters (:data:`GATE_ORDERS`);
             ``"igfo"`` for ModelZoo NPU-trained checkpoints.
         trust: see :func:`read_state_dict`.
 
     Raises:
         ToolchainError: unreadable file, or keys/shapes that do not fit; the message names
-            the first few problems and suggests the ``--arch``/``--layout`` that would fit.
+            the first few problems and suggests the ``--arch``/``--rnn-layout`` that would fit.
     """
     if gate_order not in GATE_ORDERS:
         raise ToolchainError(f"gate order {gate_order!r} is unknown; use one of {GATE_ORDERS}")
+    layouts = arch_entry(spec.arch).rnn_layouts
     state = read_state_dict(path, trust=trust)
-    if layout == "auto":
-        layout = detect_layout(state) if spec.arch == "crnn" else "meijieru"
-    elif layout not in CRNN_LAYOUTS:
-        raise ToolchainError(f"layout {layout!r} is unknown; use auto or one of {CRNN_LAYOUTS}")
+    layout = detect_layout(state, layouts) if rnn_layout == "auto" else rnn_layout
     if gate_order != "ifgo":
         state = {
             k: reorder_gates(v, gate_order) if _LSTM_PARAM.search(k) else v
@@ -156,7 +161,7 @@ def load_checkpoint(
     if problems:
         raise ToolchainError(
             f"{path} does not fit --arch {spec.arch}"
-            + (f" --layout {layout}" if spec.arch == "crnn" else "")
+            + (f" --rnn-layout {layout}" if len(layouts) > 1 else "")
             + ": " + "; ".join(problems) + _suggest(state, spec.arch, layout)
         )
     model.load_state_dict(state, strict=False)  # strict keys were checked above
@@ -165,15 +170,16 @@ def load_checkpoint(
 
 
 def _suggest(state: dict[str, torch.Tensor], arch: str, layout: str) -> str:
-    """A hint naming an ``--arch``/``--layout`` whose parameters fit ``state`` exactly."""
-    for other in ARCHS.values():
-        layouts = CRNN_LAYOUTS if other.arch == "crnn" else ("meijieru",)
-        for other_layout in layouts:
-            if (other.arch, other_layout) == (arch, layout):
+    """A hint naming an ``--arch``/``--rnn-layout`` whose parameters fit ``state`` exactly."""
+    for entry in ARCHS.values():
+        if entry.build is None:
+            continue
+        for other_layout in entry.rnn_layouts:
+            if (entry.name, other_layout) == (arch, layout):
                 continue
-            if not _mismatch_report(build_model(other, other_layout), state):
-                hint = f"--arch {other.arch}"
-                if other.arch == "crnn":
-                    hint += f" --layout {other_layout}"
+            if not _mismatch_report(build_model(entry.spec, other_layout), state):
+                hint = f"--arch {entry.name}"
+                if len(entry.rnn_layouts) > 1:
+                    hint += f" --rnn-layout {other_layout}"
                 return f". The checkpoint fits {hint}"
-    return ". Check --arch and --layout"
+    return ". Check --arch and --rnn-layout"

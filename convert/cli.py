@@ -6,17 +6,37 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from convert.errors import ToolchainError
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's line breaks and shows each option's default."""
+    """Keeps the docstring's line breaks and shows each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _prog() -> str | None:
+    """``python -m folder.tool`` when this process runs one of the project's modules."""
+    path = Path(sys.argv[0]).resolve()
+    try:
+        relative = path.relative_to(REPO_ROOT)
+    except ValueError:
+        return None
+    if relative.suffix != ".py":
+        return None
+    return "python -m " + ".".join(relative.with_suffix("").parts)
 
 
 def make_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argparse parser whose help is the module docstring, with defaults shown."""
-    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    return argparse.ArgumentParser(prog=_prog(), description=doc, formatter_class=_HelpFormatter)
 
 
 def run_main(

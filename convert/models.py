@@ -1,7 +1,7 @@
 """PyTorch definitions of the CRNN architectures, named so their checkpoints load as saved.
 
-All models map ``imgs`` float32 ``[N, 1, 32, W]`` to raw logits float32 ``[T, N, C]`` with
-``T = W // 4 + 1`` (see :meth:`convert.spec.ModelSpec.frames`) and ``C = num_classes``;
+All models map an image batch float32 ``[N, 1, 32, W]`` to raw logits float32 ``[T, N, C]``
+with ``T = W // 4 + 1`` (see :meth:`convert.spec.ModelSpec.frames`) and ``C = num_classes``;
 softmax/log-softmax is left to the decoder (it does not change the greedy path, and
 ``softmax(log_softmax(x)) == softmax(x)``, so confidences are the same either way).
 
@@ -12,14 +12,14 @@ Architectures:
     ``modelzoo`` (Ascend ModelZoo NPU training: separate forward and backward LSTMs, the
     backward one reading the time-flipped sequence).
     ``nano-ocr``: the nano-ocr 0.1.0 package's CRNN (six convolutions, one BiLSTM).
+
+Models are built through :func:`convert.registry.build_model`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from convert.spec import ModelSpec
 
 CRNN_LAYOUTS = ("meijieru", "modelzoo")
 
@@ -93,8 +93,8 @@ class CRNN(nn.Module):
         block = BidirectionalLSTM if layout == "meijieru" else SplitBidirectionalLSTM
         self.rnn = nn.Sequential(block(512, hidden, hidden), block(hidden, hidden, num_classes))
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        features = self.cnn(imgs).squeeze(2).permute(2, 0, 1)  # [T, N, 512]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.cnn(images).squeeze(2).permute(2, 0, 1)  # [T, N, 512]
         return self.rnn(features)
 
 
@@ -120,18 +120,7 @@ class NanoOCR(nn.Module):
         self.rnn = nn.LSTM(512, 256, bidirectional=True, batch_first=True)
         self.fc = nn.Linear(512, num_classes)
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        features = self.cnn(imgs).squeeze(2).permute(0, 2, 1)  # [N, T, 512]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.cnn(images).squeeze(2).permute(0, 2, 1)  # [N, T, 512]
         recurrent, _ = self.rnn(features)
         return self.fc(recurrent).permute(1, 0, 2)  # [T, N, C]
-
-
-def build_model(spec: ModelSpec, layout: str = "meijieru") -> nn.Module:
-    """An untrained model for ``spec`` (``layout`` only matters for ``crnn``), in eval mode."""
-    if spec.arch == "crnn":
-        model = CRNN(spec.num_classes, layout=layout)
-    elif spec.arch == "nano-ocr":
-        model = NanoOCR(spec.num_classes)
-    else:
-        raise ValueError(f"no PyTorch definition for architecture {spec.arch!r}")
-    return model.eval()

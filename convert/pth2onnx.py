@@ -1,10 +1,12 @@
-"""Export a CRNN checkpoint (.pth) to a dynamic-shape ONNX model and check it against PyTorch.
+"""Export a CTC recogniser checkpoint (.pth) to a dynamic-shape ONNX model and check it against PyTorch.
 
-The graph is image in, logits out: input ``imgs`` float32 ``[batch, 1, 32, width]`` (batch and
-width dynamic), output ``output1`` float32 ``[T, batch, classes]`` of raw logits
-(pre-softmax), ``T = width // 4 + 1``; the names are those the Ascend ModelZoo tooling
-expects. The model description (architecture, alphabet, blank, normalisation, height,
-width policy) goes into the ONNX ``metadata_props`` so later steps need no repeated flags.
+The graph is image in, logits out, with the tensor names, shapes and frames rule of the
+architecture's description (``convert.registry``): for crnn and nano-ocr, input ``imgs``
+float32 ``[batch, 1, 32, width]`` (batch and width dynamic) and output ``output1`` float32
+``[T, batch, classes]`` of raw logits (pre-softmax), ``T = width // 4 + 1``, the names the
+Ascend ModelZoo tooling expects. The model description (architecture, alphabet, blank,
+tensor names, normalisation, height, width policy, output layout, frames rule) goes into the
+ONNX ``metadata_props`` so later steps need no repeated flags.
 After export: ``onnx.checker``, then ONNX Runtime against PyTorch on the same random inputs
 at several (batch, width) pairs; the export fails when the max absolute difference is
 above the tolerance.
@@ -28,14 +30,12 @@ from torch import nn
 from convert.checkpoint import GATE_ORDERS, load_checkpoint
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.models import CRNN_LAYOUTS
 from convert.onnx_io import cpu_session
-from convert.spec import ARCHS, ModelSpec, spec_for_arch
+from convert.registry import ARCHS, arch_entry, spec_for_arch
+from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "imgs"
-OUTPUT_NAME = "output1"
 DEFAULT_OPSET = 11
 DEFAULT_TOLERANCE = 1e-4
 
@@ -52,29 +52,33 @@ def export_onnx(model: nn.Module, spec: ModelSpec, output: str | Path,
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, spec.channels, spec.height, spec.width)
+    dummy = torch.zeros(*spec.input_shape(1, spec.width))
+    output_axes = {0: "frames", 1: "batch"} if spec.time_major else {0: "batch", 1: "frames"}
     with warnings.catch_warnings():
         # The exporter warns that batch-dependent LSTM states cannot be traced exactly;
         # the parity check below is what tells whether the export is right.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (dummy,), str(output),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 3: "width"},
-                          OUTPUT_NAME: {0: "frames", 1: "batch"}},
+            input_names=[spec.input_name], output_names=[spec.output_name],
+            dynamic_axes={spec.input_name: {0: "batch", 3: "width"},
+                          spec.output_name: output_axes},
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     proto = onnx.load(str(output))
     onnx.helper.set_model_props(proto, spec.to_metadata())
-    proto.doc_string = f"CRNN {spec.arch}: imgs [N,1,{spec.height},W] -> logits [W//4+1,N,C]"
+    frames = f"W//{spec.downsample}+{spec.frame_offset}"
+    proto.doc_string = (f"{spec.arch}: {spec.input_name} [N,{spec.channels},{spec.height},W] -> "
+                        f"{spec.output_kind} {spec.output_layout} ({frames} frames)")
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(output))
     return output
 
 
 def parity_pairs(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(batch, width) pairs checked after export: 32 px, the training width, and 320 px."""
-    return [(1, 32), (2, spec.width), (3, 320), (1, 57)]
+    """(batch, width) pairs checked after export: narrow, the training width, wide and odd."""
+    narrow = max(32, spec.min_input_width)
+    return [(1, narrow), (2, spec.width), (3, max(320, spec.max_width)), (1, narrow + 25)]
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, spec: ModelSpec,
@@ -92,10 +96,10 @@ def check_parity(model: nn.Module, onnx_path: str | Path, spec: ModelSpec,
     generator = torch.Generator().manual_seed(seed)
     results = []
     for batch, width in pairs:
-        imgs = torch.rand(batch, spec.channels, spec.height, width, generator=generator) * 2 - 1
+        images = torch.rand(*spec.input_shape(batch, width), generator=generator) * 2 - 1
         with torch.no_grad():
-            expected = model(imgs).numpy()
-        (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: imgs.numpy()})
+            expected = model(images).numpy()
+        (actual,) = session.run([spec.output_name], {spec.input_name: images.numpy()})
         if actual.shape != expected.shape:
             raise ToolchainError(
                 f"{onnx_path}: output shape {actual.shape} != PyTorch {expected.shape} "
@@ -115,9 +119,11 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("checkpoint", type=Path, help="the .pth file")
     parser.add_argument("output", type=Path, help="the .onnx file to write")
-    parser.add_argument("--arch", required=True, help=f"architecture: {', '.join(ARCHS)}")
-    parser.add_argument("--layout", default="auto", choices=("auto", *CRNN_LAYOUTS),
-                        help="crnn recurrent layout (auto: detected from the keys)")
+    parser.add_argument("--arch", required=True,
+                        help=f"architecture: {', '.join(n for n, e in ARCHS.items() if e.build)}")
+    layouts = sorted({layout for entry in ARCHS.values() for layout in entry.rnn_layouts})
+    parser.add_argument("--rnn-layout", default="auto", choices=("auto", *layouts),
+                        help="recurrent layout of the checkpoint (auto: detected from the keys)")
     parser.add_argument("--gate-order", default="ifgo", choices=GATE_ORDERS,
                         help="stored LSTM gate order; igfo for ModelZoo NPU-trained checkpoints")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
@@ -130,7 +136,10 @@ def _parser():
 
 def _run(args) -> int:
     spec = spec_for_arch(args.arch)
-    model = load_checkpoint(args.checkpoint, spec, layout=args.layout,
+    if arch_entry(args.arch).build is None:
+        raise ToolchainError(f"{args.arch} has no PyTorch definition here (it ships as ONNX: "
+                             f"python -m convert.weights fetch {args.arch})")
+    model = load_checkpoint(args.checkpoint, spec, rnn_layout=args.rnn_layout,
                             gate_order=args.gate_order, trust=args.trust_checkpoint)
     path = export_onnx(model, spec, args.output, opset=args.opset)
     results = check_parity(model, path, spec, parity_pairs(spec), tolerance=args.tolerance)

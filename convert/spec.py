@@ -1,8 +1,13 @@
-"""Model descriptions: what every later step needs to know about a CRNN, in one place.
+"""Model descriptions: what every later step needs to know about a CTC recogniser, in one place.
 
-A :class:`ModelSpec` travels with the model: ``convert.pth2onnx`` writes it into the ONNX
-``metadata_props`` and ``convert.atc`` into the sidecar JSON beside the .om, so that
-preprocessing, inference and decoding need no repeated flags. This module imports no torch.
+A :class:`ModelSpec` travels with the model: ``convert.pth2onnx`` and ``convert.weights``
+write it into the ONNX ``metadata_props`` and ``convert.atc`` into the sidecar JSON beside the
+.om, so that preprocessing, inference and decoding need no repeated flags. It names the
+input and output tensors, the input's channels, colour order, height and normalisation, the
+width policy, the output layout (``[T, N, C]`` or ``[N, T, C]``), whether the output holds
+logits or probabilities, and the frames rule ``T = W // downsample + frame_offset``. The
+architectures themselves are registered in :mod:`convert.registry`. This module imports no
+torch.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from convert.charset import Charset
 from convert.errors import ToolchainError
 
 #: Prefix of every key this project writes into ONNX ``metadata_props``.
@@ -20,68 +27,121 @@ METADATA_PREFIX = "crnn."
 #: ``metadata_props`` key that marks an int8 model written by ``infer.quantize`` (JSON settings).
 QUANTIZATION_METADATA_KEY = "crnn_toolchain.quantization"
 
+WIDTH_POLICIES = ("fixed", "keep-ratio")
+RESAMPLE_FILTERS = ("bilinear", "bicubic", "nearest", "lanczos")
+#: Colour order of the input's channel axis: one grey channel, or three in RGB or BGR order.
+CHANNEL_ORDERS = {"grey": 1, "rgb": 3, "bgr": 3}
+#: ``"TNC"``: ``[frames, batch, classes]`` (crnn.pytorch); ``"NTC"``: ``[batch, frames, classes]``.
+OUTPUT_LAYOUTS = ("TNC", "NTC")
+#: ``"logits"``: pre-softmax scores; ``"probabilities"``: a softmax already applied.
+OUTPUT_KINDS = ("logits", "probabilities")
+
 
 def quantization_of(model) -> dict | None:
     """The settings ``infer.quantize`` recorded in a loaded ``onnx.ModelProto``; None for fp32."""
     value = next((p.value for p in model.metadata_props if p.key == QUANTIZATION_METADATA_KEY), None)
     return None if value is None else json.loads(value)
 
-WIDTH_POLICIES = ("fixed", "keep-ratio")
-RESAMPLE_FILTERS = ("bilinear", "bicubic", "nearest", "lanczos")
-
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything downstream of the export needs to know about one CRNN.
+    """Everything downstream of the export needs to know about one CTC recogniser.
+
+    Defaults are the CRNN's (crnn.pytorch, the Ascend ModelZoo, nano-ocr), so descriptions
+    written before a field existed read back unchanged.
 
     Attributes:
-        arch: architecture name, a key of :data:`ARCHS`.
-        alphabet: the characters of classes ``1..len(alphabet)``; class ``blank`` is the
-            CTC blank, so ``num_classes == len(alphabet) + 1``.
-        blank: index of the CTC blank class in the logits' last axis.
-        height: input height in pixels (the network collapses it to 1).
-        channels: input channels (1: grey).
-        mean, std: normalisation ``(x / 255 - mean) / std`` applied to 8-bit grey pixels.
+        arch: architecture name, a key of :data:`convert.registry.ARCHS`.
+        alphabet: the characters of the non-blank classes, in class order (see
+            :class:`convert.charset.Charset`); ``num_classes == len(alphabet) + 1``.
+        blank: index of the CTC blank class in the output's class axis.
+        input_name, output_name: the engine's tensor names.
+        height: input height in pixels.
+        channels: input channels, ``CHANNEL_ORDERS[channel_order]``.
+        channel_order: ``"grey"``, ``"rgb"`` or ``"bgr"``.
+        mean, std: normalisation ``(x / 255 - mean) / std`` of 8-bit pixels; a float, or
+            one value per channel.
         resample: Pillow resampling filter used to resize to ``height``.
-        width_policy: ``"fixed"`` resizes every image to ``width``; ``"keep-ratio"`` resizes
-            to ``round(w * height / h)`` clamped to ``[min_width, max_width]``.
+        width_policy: ``"fixed"`` resizes every image to ``width``; ``"keep-ratio"`` to
+            ``round(w * height / h)`` clamped to ``[min_width, max_width]``.
         width: training width (used by the ``fixed`` policy).
         min_width, max_width: clamp of the ``keep-ratio`` policy, in pixels.
-        width_step: ``keep-ratio`` widths are rounded to a multiple of this many pixels
-            (1: no rounding); fewer distinct widths make fuller equal-width batches.
-        output_kind: what the exported ``output1`` holds: ``"logits"`` (pre-softmax).
+        width_step: ``keep-ratio`` widths are rounded to a multiple of this (1: none).
+        output_layout: ``"TNC"`` or ``"NTC"`` (:data:`OUTPUT_LAYOUTS`).
+        output_kind: ``"logits"`` or ``"probabilities"`` (:data:`OUTPUT_KINDS`).
+        downsample, frame_offset: the frames rule ``T = width // downsample + frame_offset``.
+        min_input_width: narrowest input width the network accepts, in pixels.
     """
 
     arch: str
     alphabet: str
     blank: int = 0
+    input_name: str = "imgs"
+    output_name: str = "output1"
     height: int = 32
     channels: int = 1
-    mean: float = 0.5
-    std: float = 0.5
+    channel_order: str = "grey"
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.5
     resample: str = "bilinear"
     width_policy: str = "fixed"
     width: int = 100
     min_width: int = 32
     max_width: int = 320
     width_step: int = 1
+    output_layout: str = "TNC"
     output_kind: str = "logits"
+    downsample: int = 4
+    frame_offset: int = 1
+    min_input_width: int = 4
 
-    #: Smallest input width the convolution/pooling stack accepts (two 2x2/2 pools).
-    MIN_INPUT_WIDTH = 4
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # JSON gives lists; keep the frozen value hashable
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @property
     def num_classes(self) -> int:
-        """Size of the logits' class axis: the alphabet plus the blank."""
+        """Size of the output's class axis: the alphabet plus the blank."""
         return len(self.alphabet) + 1
 
-    def frames(self, width: int) -> int:
-        """Number of CTC frames T the network produces for an input ``width`` in pixels.
+    @cached_property
+    def charset(self) -> Charset:
+        """The :class:`Charset` of :attr:`alphabet` and :attr:`blank`."""
+        return Charset(self.alphabet, self.blank)
 
-        Two 2x2/2 pools give ``w // 4``; two (2,2)/(2,1) pools with padding (0,1) add one
-        column each; the final 2x2 convolution without padding removes one: ``w // 4 + 1``.
+    @property
+    def time_major(self) -> bool:
+        """Whether the output is ``[T, N, C]``."""
+        return self.output_layout == "TNC"
+
+    def frames(self, width: int) -> int:
+        """Number of CTC frames T for an input ``width`` in pixels: ``width // downsample + frame_offset``.
+
+        crnn and nano-ocr: two 2x2/2 pools give ``w // 4``, two (2,2)/(2,1) pools with
+        padding (0,1) add one column each, the final 2x2 convolution removes one:
+        ``w // 4 + 1``. PP-OCRv4 (SVTR-LCNet): ``w // 8``.
         """
-        return width // 4 + 1
+        return width // self.downsample + self.frame_offset
+
+    def frame_centre_x(self, frame: int, width: int) -> float:
+        """x of frame ``frame``'s centre in an input ``width`` pixels wide, in pixels.
+
+        The frames tile the input evenly: frame t covers ``[t, t + 1) * width / T``.
+        """
+        return (frame + 0.5) * width / self.frames(width)
+
+    def input_shape(self, batch: int, width: int) -> tuple[int, int, int, int]:
+        """``(batch, channels, height, width)`` of an input batch."""
+        return (batch, self.channels, self.height, width)
+
+    def output_shape(self, batch: int, width: int) -> tuple[int, int, int]:
+        """Shape of the output for an input ``batch`` x ``width``, in :attr:`output_layout`."""
+        frames = self.frames(width)
+        if self.time_major:
+            return (frames, batch, self.num_classes)
+        return (batch, frames, self.num_classes)
 
     def resized_width(self, width: int, height: int) -> int:
         """Input width in pixels for an image of ``width`` x ``height`` under the width policy.
@@ -98,27 +158,38 @@ class ModelSpec:
 
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
-        if self.width_policy not in WIDTH_POLICIES:
-            raise ToolchainError(
-                f"width policy {self.width_policy!r} is unknown; use one of {WIDTH_POLICIES}"
-            )
-        if self.resample not in RESAMPLE_FILTERS:
-            raise ToolchainError(
-                f"resampling filter {self.resample!r} is unknown; use one of {RESAMPLE_FILTERS}"
-            )
-        if not self.MIN_INPUT_WIDTH <= self.min_width <= self.max_width:
+        def choice(name: str, allowed) -> None:
+            if getattr(self, name) not in allowed:
+                raise ToolchainError(f"{name} {getattr(self, name)!r} is unknown; use one of "
+                                     f"{tuple(allowed)}")
+
+        choice("width_policy", WIDTH_POLICIES)
+        choice("resample", RESAMPLE_FILTERS)
+        choice("channel_order", CHANNEL_ORDERS)
+        choice("output_layout", OUTPUT_LAYOUTS)
+        choice("output_kind", OUTPUT_KINDS)
+        if self.channels != CHANNEL_ORDERS[self.channel_order]:
+            raise ToolchainError(f"channel order {self.channel_order!r} has "
+                                 f"{CHANNEL_ORDERS[self.channel_order]} channels, not {self.channels}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != self.channels:
+                raise ToolchainError(f"{name} has {len(value)} values for {self.channels} channels")
+        if self.downsample < 1 or self.min_input_width < 1 or self.height < 1:
+            raise ToolchainError("downsample, min_input_width and height must be >= 1")
+        if self.frames(self.min_input_width) < 1:
+            raise ToolchainError(f"the frames rule gives no frame at the minimum input width "
+                                 f"{self.min_input_width}")
+        if not self.min_input_width <= self.min_width <= self.max_width:
             raise ToolchainError(
                 f"width range [{self.min_width}, {self.max_width}] is invalid: need "
-                f"{self.MIN_INPUT_WIDTH} <= min_width <= max_width"
-            )
+                f"{self.min_input_width} <= min_width <= max_width")
         if self.width_step < 1:
             raise ToolchainError(f"width step {self.width_step} must be >= 1")
-        if self.width < self.MIN_INPUT_WIDTH:
-            raise ToolchainError(
-                f"width {self.width} is below the network's minimum of {self.MIN_INPUT_WIDTH}"
-            )
-        if not 0 <= self.blank < self.num_classes:
-            raise ToolchainError(f"blank index {self.blank} is outside 0..{self.num_classes - 1}")
+        if self.width < self.min_input_width:
+            raise ToolchainError(f"width {self.width} is below the network's minimum of "
+                                 f"{self.min_input_width}")
+        Charset(self.alphabet, self.blank)  # repeats and the blank's range
 
     def replace(self, **changes) -> ModelSpec:
         """A copy with ``changes`` applied and validated."""
@@ -135,27 +206,34 @@ class ModelSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones default.
 
         Raises:
-            ToolchainError: ``arch`` or ``alphabet`` is missing, or a value is invalid.
+            ToolchainError: ``arch`` or ``alphabet`` is missing, or a value is invalid
+                (the message names ``source``).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ToolchainError(f"{source}: the model description is not a JSON object")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
         missing = {"arch", "alphabet"} - data.keys()
         if missing:
             raise ToolchainError(f"{source} lacks {sorted(missing)}")
-        spec = cls(**{k: v for k, v in data.items() if k in names})
-        spec.validate()
+        try:
+            spec = cls(**{k: v for k, v in data.items() if k in names})
+            spec.validate()
+        except ToolchainError as exc:
+            raise ToolchainError(f"{source}: {exc}") from None
         return spec
 
     def to_metadata(self) -> dict[str, str]:
         """Key/value strings for ONNX ``metadata_props`` (values JSON-encoded)."""
-        return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
+        return {METADATA_PREFIX + k: json.dumps(v, ensure_ascii=False)
+                for k, v in self.to_dict().items()}
 
     @classmethod
     def from_metadata(cls, props: dict[str, str], source: str) -> ModelSpec:
         """Inverse of :meth:`to_metadata`.
 
         Raises:
-            ToolchainError: ``props`` holds no description (a model not exported by
-                ``convert.pth2onnx``): pass ``--arch`` instead.
+            ToolchainError: ``props`` holds no description (a model neither exported by
+                ``convert.pth2onnx`` nor fetched by ``convert.weights``).
         """
         data = {
             k[len(METADATA_PREFIX):]: json.loads(v)
@@ -164,55 +242,14 @@ class ModelSpec:
         }
         if not data:
             raise ToolchainError(
-                f"{source} carries no model description in its metadata (not exported by "
-                "convert.pth2onnx?); pass --arch to say which model it is"
-            )
+                f"{source} carries no model description in its metadata (it was neither "
+                "exported by convert.pth2onnx nor fetched by convert.weights)")
         return cls.from_dict(data, source)
 
     @classmethod
     def from_onnx(cls, model, source: str) -> ModelSpec:
         """The description in a loaded ``onnx.ModelProto``'s metadata (see :meth:`from_metadata`)."""
         return cls.from_metadata({p.key: p.value for p in model.metadata_props}, source)
-
-
-#: The architectures this toolchain knows, by name.
-ARCHS: dict[str, ModelSpec] = {
-    # meijieru crnn.pytorch / Ascend ModelZoo CRNN: lower-case alphanumerics, trained at 32x100.
-    "crnn": ModelSpec(
-        arch="crnn",
-        alphabet="0123456789abcdefghijklmnopqrstuvwxyz",
-        width_policy="fixed",
-        width=100,
-        min_width=32,
-        max_width=320,
-    ),
-    # nano-ocr 0.1.0: 65 characters, trained at fixed 32x128 with bilinear resizing. The
-    # default policy, keep-ratio clamped to [96, 192], was chosen by measurement on IIIT5K
-    # (`python -m bench.width_policy`): 0.7927 against 0.7760 for fixed 128, with 0.87x
-    # the engine time; see the README's table.
-    "nano-ocr": ModelSpec(
-        arch="nano-ocr",
-        alphabet="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.- ",
-        width_policy="keep-ratio",
-        width=128,
-        min_width=96,
-        max_width=192,
-    ),
-}
-
-
-def spec_for_arch(arch: str) -> ModelSpec:
-    """The built-in description of ``arch``.
-
-    Raises:
-        ToolchainError: ``arch`` is unknown; the message lists the known ones.
-    """
-    try:
-        return ARCHS[arch]
-    except KeyError:
-        raise ToolchainError(
-            f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}"
-        ) from None
 
 
 def read_onnx_spec(path: str | Path) -> ModelSpec:

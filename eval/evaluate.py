@@ -1,26 +1,28 @@
-"""The evaluation loop: read inputs, run the engine, decode, score; timed per stage.
+"""The folder evaluation: read input batches, recognise them, keep per-sample results; timed.
 
-Reading runs ahead on a background thread and decoding on another, so both overlap the
-engine. ``e2e_seconds`` is the wall time from the first input read to the last decoded
-sample, warm-up excluded; ``stages`` are the seconds each stage spent (they overlap, so
-they can add up to more than ``e2e_seconds``). ``engine_seconds_sum`` is the ModelZoo
-postprocess's "E2E time" (the sum of engine calls), kept for comparison.
+Reading runs ahead on a background thread (``eval.inputs``); the engine and CTC decoding
+are the in-memory recogniser's loop (``pipeline.Recognizer.recognise_batches``), decoding
+on another thread, so both overlap the engine. ``e2e_seconds`` is the wall time from the
+first input read to the last decoded sample, warm-up excluded; ``stages`` are the seconds
+each stage spent (they overlap, so they can add up to more than ``e2e_seconds``).
+``engine_seconds_sum`` is the ModelZoo postprocess's "E2E time" (the sum of engine calls),
+kept for comparison. A batch the engine rejects (:class:`convert.errors.EngineError`) is
+recorded against each of its samples; any other error stops the run.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 from tqdm import tqdm
 
-from convert.spec import ModelSpec
-from eval.ctc import DECODERS, Decoded
-from eval.inputs import InputSet, Sample
-from infer.base import Runner
+from convert.errors import EngineError
+from eval.inputs import InputSet
+from pipeline.recognizer import Recognizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,27 +51,15 @@ class EvalRun:
         return float(sum(self.batch_latencies))
 
 
-def _decode(logits: np.ndarray, samples: list[Sample], spec: ModelSpec, decoder: str,
-            beam_width: int) -> tuple[list[Decoded], float]:
-    start = time.perf_counter()
-    lengths = [spec.frames(s.width) for s in samples]
-    kwargs = {"beam_width": beam_width} if decoder == "beam" else {}
-    decoded = DECODERS[decoder](logits, spec.alphabet, spec.blank, time_major=True,
-                                lengths=lengths, **kwargs)
-    return decoded, time.perf_counter() - start
-
-
-def run_evaluation(runner: Runner, inputs: InputSet, spec: ModelSpec, decoder: str = "greedy",
-                   beam_width: int = 10, warmup: int = 1, input_name: str = "imgs",
-                   output_name: str = "output1", progress: bool = False) -> EvalRun:
-    """Run every input batch of ``inputs`` through a loaded ``runner`` and decode it.
+def run_evaluation(recognizer: Recognizer, inputs: InputSet, warmup: int = 1,
+                   progress: bool = False) -> EvalRun:
+    """Run every input batch of ``inputs`` through a loaded ``recognizer``.
 
     Args:
-        runner: a loaded backend.
+        recognizer: loaded; its description gives the frames per width and the decoding.
         inputs: the input folder's contents.
-        spec: model description used for frames per width and decoding.
-        decoder: ``"greedy"`` or ``"beam"``.
-        warmup: untimed runs of the first batch before timing starts.
+        warmup: untimed runs of the first batch before timing starts; an engine failure
+            there is logged and left to the timed run to record.
 
     Returns:
         Predictions in index order, inference failures (each sample of a batch the engine
@@ -77,40 +67,40 @@ def run_evaluation(runner: Runner, inputs: InputSet, spec: ModelSpec, decoder: s
     """
     batches = inputs.batches()
     first = next(batches, None)
+    stages = {"read": 0.0, "engine": 0.0, "decode": 0.0}
     if first is None:
-        return EvalRun([], [], 0.0, {"read": 0.0, "engine": 0.0, "decode": 0.0})
+        return EvalRun([], [], 0.0, stages)
     for _ in range(warmup):
         try:
-            runner.infer({input_name: first[0]})
-        except Exception:  # noqa: BLE001 - the timed run below records the reason
+            recognizer.forward(first[0])
+        except EngineError as exc:
+            log.warning("warm-up failed (%s); the timed run records it", exc)
             break
-    stages = {"read": 0.0, "engine": 0.0, "decode": 0.0}
-    latencies: list[float] = []
-    failed: list[dict] = []
-    pending: list[tuple[Future, list[Sample]]] = []
     bar = tqdm(total=len(inputs.samples), unit="img", desc="infer",
                disable=None if progress else True)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode") as decode_pool:
-        for array, samples, read_seconds in itertools.chain([first], batches):
+    latencies: list[float] = []
+    failed: list[dict] = []
+    predictions: list[Prediction] = []
+
+    def feed():
+        stages["read"] += first[2]
+        yield first[1], first[0], [s.width for s in first[1]]
+        for array, samples, read_seconds in batches:
             stages["read"] += read_seconds
-            try:
-                outputs = runner.infer({input_name: array})
-            except Exception as exc:  # engines raise their own types; record, don't stop
-                reason = f"inference failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                failed += [{"index": s.index, "reason": reason, "stage": "infer"} for s in samples]
-                bar.update(len(samples))
-                continue
-            latencies.append(runner.last_engine_seconds)
-            pending.append((decode_pool.submit(_decode, outputs[output_name], samples, spec,
-                                               decoder, beam_width), samples))
-            bar.update(len(samples))
-        predictions = []
-        for future, samples in pending:
-            decoded, seconds = future.result()
-            stages["decode"] += seconds
-            predictions += [Prediction(s.index, s.label, d.text, d.confidence, s.width)
-                            for s, d in zip(samples, decoded)]
+            yield samples, array, [s.width for s in samples]
+
+    start = time.perf_counter()
+    for result in recognizer.recognise_batches(feed()):
+        samples = result.key
+        bar.update(len(samples))
+        if result.error is not None:
+            reason = f"inference failed: {result.error}"
+            failed += [{"index": s.index, "reason": reason, "stage": "infer"} for s in samples]
+            continue
+        latencies.append(result.engine_seconds)
+        stages["decode"] += result.decode_seconds
+        predictions += [Prediction(s.index, s.label, d.text, d.confidence, s.width)
+                        for s, d in zip(samples, result.decoded)]
     e2e = time.perf_counter() - start
     bar.close()
     stages["engine"] = float(sum(latencies))

@@ -1,9 +1,11 @@
 """Run model inputs through a backend, decode with CTC, and report accuracy and end-to-end time.
 
-Backends: ``--onnx_path`` (ONNX Runtime, CPU by default, ``--provider cuda``),
-``--om_path`` (ais_bench on an Ascend NPU; ranges or gears from the sidecar JSON that
-convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference path). Labels
-come from the input folder's manifest.json; ``--label`` takes a ModelZoo label.txt.
+Models: ``--onnx-path`` (ONNX Runtime, ``--device cpu`` by default or ``cuda``),
+``--om-path`` (ais_bench on an Ascend NPU, ``--device npu:N``; ranges or gears from the
+sidecar JSON that convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference
+path). The ModelZoo spellings ``--input_npy``, ``--onnx_path`` and ``--om_path`` are
+accepted too. Labels come from the input folder's manifest.json; ``--label`` takes a
+ModelZoo label.txt.
 
 Scoring: word accuracy under the field's protocol (lower-case both sides, keep only
 0-9a-z), case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
@@ -13,7 +15,7 @@ last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
 ``python3 postpossess_CRNN_pytorch.py --input_npy input_npy --label label.txt --om_path X.om``.
 
 Example:
-    python -m eval.postprocess --input_npy work/inputs --onnx_path nano_fixed.onnx \\
+    python -m eval.postprocess --input-npy work/inputs --onnx-path nano_fixed.onnx \\
         --report report.json --predictions predictions.csv
 """
 
@@ -30,19 +32,22 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.checkpoint import GATE_ORDERS
 from convert.cli import make_parser, run_main
+from convert.ctc import DECODERS
 from convert.errors import ToolchainError
-from convert.spec import ModelSpec, read_onnx_spec, spec_for_arch
+from convert.registry import ARCHS
+from convert.spec import ModelSpec
 from eval.evaluate import EvalRun, run_evaluation
 from eval.inputs import InputSet, load_input_set
 from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_metrics
-from infer import AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner
-from infer.ais_bench_runner import read_sidecar
+from infer import open_model
 from infer.onnxruntime_runner import available_cores
+from pipeline import Recognizer
 
 log = logging.getLogger(__name__)
 
-_CHECKED_FIELDS = ("alphabet", "blank", "height", "channels", "mean", "std")
+_CHECKED_FIELDS = ("alphabet", "blank", "height", "channels", "channel_order", "mean", "std")
 
 
 def check_compatible(model_spec: ModelSpec, input_model: dict | None, source: str) -> None:
@@ -55,25 +60,6 @@ def check_compatible(model_spec: ModelSpec, input_model: dict | None, source: st
             f"the inputs were preprocessed for {input_model.get('arch')!r} but {source} is "
             f"{model_spec.arch!r}; they differ in {', '.join(different)}: rerun parse_testdata "
             "with --model pointing at this model")
-
-
-def build_runner(args) -> tuple[Runner, ModelSpec | None, str]:
-    """The runner the arguments ask for, the model's own description if it has one, its path."""
-    if args.onnx_path:
-        try:
-            spec = read_onnx_spec(args.onnx_path)
-        except ToolchainError as exc:
-            log.warning("%s; using the description in the inputs' manifest", exc)
-            spec = None
-        return OnnxRuntimeRunner(args.onnx_path, args.provider, args.threads), spec, str(args.onnx_path)
-    if args.om_path:
-        sidecar = read_sidecar(Path(args.om_path), args.sidecar)
-        spec = ModelSpec.from_dict(sidecar["model"], f"sidecar of {args.om_path}")
-        return AisBenchRunner(args.om_path, args.device, args.sidecar), spec, str(args.om_path)
-    if not args.arch:
-        raise ToolchainError("--pth needs --arch (crnn or nano-ocr)")
-    spec = spec_for_arch(args.arch)
-    return TorchRunner(args.pth, spec, args.torch_device), spec, str(args.pth)
 
 
 def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, model: str,
@@ -145,19 +131,24 @@ def summary_line(report: dict) -> str:
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--input_npy", type=Path, required=True, help="parse_testdata output")
+    parser.add_argument("--input-npy", "--input_npy", dest="input_npy", type=Path, required=True,
+                        help="parse_testdata output")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--onnx_path", type=Path, help="ONNX model (ONNX Runtime)")
-    model.add_argument("--om_path", type=Path, help="Ascend .om model (ais_bench)")
+    model.add_argument("--onnx-path", "--onnx_path", dest="onnx_path", type=Path,
+                       help="ONNX model (ONNX Runtime)")
+    model.add_argument("--om-path", "--om_path", dest="om_path", type=Path,
+                       help="Ascend .om model (ais_bench)")
     model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch)")
-    parser.add_argument("--arch", help="architecture of --pth")
-    parser.add_argument("--device", type=int, default=0, help="NPU id (--om_path)")
-    parser.add_argument("--sidecar", type=Path, help="sidecar JSON (default: beside the .om)")
-    parser.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="ONNX Runtime device")
+    parser.add_argument("--arch", choices=list(ARCHS), help="architecture of --pth")
+    parser.add_argument("--rnn-layout", default="auto", help="recurrent layout of --pth")
+    parser.add_argument("--gate-order", default="ifgo", choices=GATE_ORDERS,
+                        help="stored LSTM gate order of --pth")
+    parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for --om-path, "
+                                         "else cpu)")
+    parser.add_argument("--sidecar", type=Path, help="sidecar JSON of --om-path (default: beside it)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores)")
-    parser.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--label", type=Path, help="ModelZoo label.txt instead of the manifest's labels")
-    parser.add_argument("--decoder", default="greedy", choices=("greedy", "beam"))
+    parser.add_argument("--decoder", default="greedy", choices=DECODERS)
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of the first batch")
     parser.add_argument("--report", type=Path, help="write report.json here")
@@ -167,18 +158,19 @@ def _parser():
 
 def evaluate_folder(args) -> dict[str, object]:
     """Everything the CLI does except printing; returns the report."""
+    model_path = args.onnx_path or args.om_path or args.pth
     inputs = load_input_set(args.input_npy, args.label)
-    runner, spec, model = build_runner(args)
-    if spec is None:
-        if inputs.model is None:
-            raise ToolchainError(f"{model} carries no model description and {args.input_npy} "
-                                 "has no manifest; export with convert.pth2onnx")
-        spec = ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
-    check_compatible(spec, inputs.model, model)
-    with runner:
-        run = run_evaluation(runner, inputs, spec, args.decoder, args.beam_width, args.warmup,
-                             progress=True)
-    report = make_report(run, inputs, spec, runner.name, model, args.decoder)
+    if args.pth and not args.arch:
+        raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
+    fallback = (ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
+                if inputs.model else None)
+    runner, spec = open_model(model_path, args.device, threads=args.threads,
+                              sidecar=args.sidecar, arch=args.arch, rnn_layout=args.rnn_layout,
+                              gate_order=args.gate_order, fallback=fallback)
+    check_compatible(spec, inputs.model, str(model_path))
+    with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
+        run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
+    report = make_report(run, inputs, spec, runner.name, str(model_path), args.decoder)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -4,28 +4,28 @@ ais_bench is not on PyPI: it comes as two wheels, ``aclruntime`` and ``ais_bench
 Ascend's ait/tools repository, and needs CANN and an NPU. PyPI's ``ais-bench-benchmark``
 is an unrelated LLM benchmark that installs a package of the same name and shadows it.
 
-The dynamic-shape plan is read from the sidecar JSON that ``convert.atc`` writes beside the
-.om (``<om stem>.json``):
+The dynamic-shape plan and the model description are read from the sidecar JSON that
+``convert.atc`` writes beside the .om (``<om stem>.json``); tensor names, shapes and output
+sizes come from them, so any model ``convert.atc`` builds runs here:
     ``range`` models run with ``mode="dymshape"``; ``custom_sizes`` (bytes reserved for the
-    output) is the size of the largest output this batch can produce:
-    ``frames(width) * batch * classes * 4``.
-    ``gears`` models run with ``mode="dymdims"``: the width is padded on the right up to
-    the next compiled gear and the batch up to the compiled batch (with ``PAD_VALUE``, 0.0),
-    larger batches are split, and the padded rows and the frames past ``frames(width)`` are
-    dropped from the output, so outputs have the shape other backends return. Padding the
-    width can change what the backward LSTM reads at the right edge; prefer range models.
+    output) is the size of the output this batch produces, ``spec.output_shape(batch,
+    width)`` float32 values.
+    ``gears`` models run with ``mode="dymdims"``: each gear axis is padded on the right up to
+    the smallest gear that holds the input (with ``PAD_VALUE``, 0.0), the batch is padded
+    up to the compiled batch and larger batches are split; the padded rows and the frames
+    past ``frames(width)`` are dropped from the output, so outputs have the shape other
+    backends return. Padding the width can change what a backward LSTM reads at the right
+    edge; prefer range models.
 """
 
 from __future__ import annotations
 
-import bisect
-import json
 from pathlib import Path
 
 import numpy as np
 
 from convert.errors import ToolchainError
-from convert.spec import ModelSpec
+from convert.model_file import read_sidecar
 from infer.base import InputSpec, Runner
 from preprocess.batching import PAD_VALUE
 
@@ -34,26 +34,6 @@ INSTALL_HINT = (
     "CANN and Python) on the NPU machine; note that PyPI's `ais-bench-benchmark` is an "
     "unrelated tool that shadows the `ais_bench` name"
 )
-OUTPUT_NAME = "output1"
-
-
-def read_sidecar(om_path: Path, sidecar: Path | None = None) -> dict:
-    """The sidecar JSON of an .om (default ``<om stem>.json``).
-
-    Raises:
-        ToolchainError: missing or unreadable sidecar, or one without a model description.
-    """
-    path = sidecar or om_path.with_suffix(".json")
-    if not path.is_file():
-        raise ToolchainError(f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
-                             "`python -m convert.atc` (it writes one) or pass its path")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ToolchainError(f"{path}: unreadable sidecar ({exc})") from exc
-    if data.get("mode") not in ("range", "gears") or not data.get("model"):
-        raise ToolchainError(f"{path}: sidecar lacks 'mode' (range|gears) or 'model'")
-    return data
 
 
 class AisBenchRunner(Runner):
@@ -67,6 +47,7 @@ class AisBenchRunner(Runner):
 
     name = "ais_bench"
     requires = "ais_bench"
+    engine_errors = (RuntimeError,)  # aclruntime reports failed executions as RuntimeError
 
     def __init__(self, om_path: str | Path, device_id: int = 0, sidecar: str | Path | None = None):
         super().__init__()
@@ -77,8 +58,7 @@ class AisBenchRunner(Runner):
     def _load(self) -> None:
         if not self.om_path.is_file():
             raise ToolchainError(f"{self.om_path}: no such .om model")
-        self.plan = read_sidecar(self.om_path, self.sidecar_path)
-        self.spec = ModelSpec.from_dict(self.plan["model"], f"sidecar of {self.om_path}")
+        self.plan, self.spec = read_sidecar(self.om_path, self.sidecar_path)
         if not self.is_available():
             raise ToolchainError(f"the ais_bench backend needs ais_bench, which is not installed: "
                                  f"{INSTALL_HINT}")
@@ -89,55 +69,69 @@ class AisBenchRunner(Runner):
                                  f"({exc}): {INSTALL_HINT}") from exc
         self.session = InferSession(self.device_id, str(self.om_path))
 
-    @property
-    def input_name(self) -> str:
-        return self.plan.get("input_name", "imgs")
-
     def input_specs(self) -> list[InputSpec]:
-        spec = self.spec
-        if self.plan["mode"] == "range":
-            ranges = {0: tuple(self.plan["batch"]), 3: tuple(self.plan["width"])}
-        else:  # gears: any batch (split/padded), widths up to the largest gear
-            ranges = {3: (spec.MIN_INPUT_WIDTH, max(self.plan["gears"]))}
-        return [InputSpec(self.input_name, np.dtype(np.float32),
-                          (None, spec.channels, spec.height, None), ranges)]
+        specs = []
+        for plan in self.plan.inputs:
+            # Axis 0 is the batch: split (and padded) to what the model takes, so any size runs.
+            shape = tuple(None if axis == 0 or not isinstance(d, int) or d == -1 else d
+                          for axis, d in enumerate(plan.dims))
+            if self.plan.mode == "range":
+                ranges = plan.ranges()
+            else:  # gears: each gear axis takes anything up to its largest gear (padded up)
+                top = self._gear_tops(plan)
+                ranges = {axis: (self.spec.min_input_width if axis == 3 else 1, top[axis])
+                          for axis in plan.gear_axes()}
+            specs.append(InputSpec(plan.name, np.dtype(np.float32), shape, ranges))
+        return specs
 
-    def output_bytes(self, batch: int, width: int) -> int:
-        """Bytes of the largest output a ``[batch, 1, 32, width]`` input can produce."""
-        return self.spec.frames(width) * batch * self.spec.num_classes * 4
+    def _gear_tops(self, plan) -> dict[int, int]:
+        axes = plan.gear_axes()
+        return {axis: max(g[k] for g in self.plan.gears) for k, axis in enumerate(axes)}
+
+    def _as_output(self, scores: np.ndarray, batch: int, width: int) -> np.ndarray:
+        """The engine output in the description's shape (ais_bench may return it flat)."""
+        shape = self.spec.output_shape(batch, width)
+        if scores.size != int(np.prod(shape)):
+            raise ToolchainError(f"{self.om_path}: output of {scores.size} values for input "
+                                 f"{self.spec.input_shape(batch, width)}, expected {shape}")
+        return scores.reshape(shape)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        imgs = feed[self.input_name]
-        if self.plan["mode"] == "range":
-            size = self.output_bytes(imgs.shape[0], imgs.shape[3])
-            (logits,) = self._timed(self.session.infer, [imgs], mode="dymshape",
+        images = feed[self.spec.input_name]
+        batch, width = images.shape[0], images.shape[3]
+        if self.plan.mode == "range":
+            size = int(np.prod(self.spec.output_shape(batch, width))) * 4  # float32
+            (scores,) = self._timed(self.session.infer, [images], mode="dymshape",
                                     custom_sizes=size)
-            return {OUTPUT_NAME: self._as_tnc(logits, imgs.shape[0], imgs.shape[3])}
-        return {OUTPUT_NAME: self._infer_gears(imgs)}
+            return {self.spec.output_name: self._as_output(scores, batch, width)}
+        return {self.spec.output_name: self._infer_gears(images)}
 
-    def _as_tnc(self, logits: np.ndarray, batch: int, width: int) -> np.ndarray:
-        """The engine output as ``[T, batch, C]`` (ais_bench may return it flat)."""
-        shape = (self.spec.frames(width), batch, self.spec.num_classes)
-        if logits.size != int(np.prod(shape)):
-            raise ToolchainError(f"{self.om_path}: output of {logits.size} values for input "
-                                 f"[{batch}, 1, 32, {width}], expected {shape}")
-        return logits.reshape(shape)
-
-    def _infer_gears(self, imgs: np.ndarray) -> np.ndarray:
-        gears, compiled = sorted(self.plan["gears"]), self.plan["batch"][0]
-        width = imgs.shape[3]
-        gear = gears[bisect.bisect_left(gears, width)]
+    def _infer_gears(self, images: np.ndarray) -> np.ndarray:
+        (plan,) = self.plan.inputs
+        axes = plan.gear_axes()
+        fitting = [g for g in self.plan.gears
+                   if all(images.shape[axis] <= g[k] for k, axis in enumerate(axes))]
+        gear = min(fitting, key=lambda g: int(np.prod(g)))  # input_specs bounds every axis
+        compiled = plan.dims[0]
+        padded_shape = list(images.shape)
+        padded_shape[0] = compiled
+        for k, axis in enumerate(axes):
+            padded_shape[axis] = gear[k]
+        width = images.shape[3]
+        batch_axis = 1 if self.spec.time_major else 0
         total, pieces = 0.0, []
-        for start in range(0, imgs.shape[0], compiled):
-            chunk = imgs[start:start + compiled]
-            padded = np.full((compiled, *imgs.shape[1:3], gear), PAD_VALUE, np.float32)
-            padded[: len(chunk), :, :, :width] = chunk
-            (logits,) = self._timed(self.session.infer, [padded], mode="dymdims")
+        for start in range(0, images.shape[0], compiled):
+            chunk = images[start:start + compiled]
+            padded = np.full(padded_shape, PAD_VALUE, np.float32)
+            padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
+            (scores,) = self._timed(self.session.infer, [padded], mode="dymdims")
             total += self.last_engine_seconds
-            full = self._as_tnc(logits, compiled, gear)
-            pieces.append(full[: self.spec.frames(width), : len(chunk)])
+            full = self._as_output(scores, compiled, padded_shape[3])
+            frames = self.spec.frames(width)
+            kept = full[:frames, : len(chunk)] if batch_axis == 1 else full[: len(chunk), :frames]
+            pieces.append(kept)
         self.last_engine_seconds = total
-        return np.concatenate(pieces, axis=1)
+        return np.concatenate(pieces, axis=batch_axis)
 
     def _close(self) -> None:
         if self.session is not None:

@@ -3,8 +3,10 @@
 A runner has a cheap constructor, ``load()``, ``infer(feed) -> outputs`` on dicts of named
 numpy arrays, and ``close()``, and is a context manager. The base class checks the feed
 against the engine's input metadata (names, dtypes, ranks, static dimensions, and any
-shape range) and times only the engine call; each backend implements ``_load``,
-``_infer``, ``_close`` and ``input_specs``.
+shape range), times only the engine call, and turns the engine's own exceptions (the
+backend's :attr:`Runner.engine_errors`) into :class:`convert.errors.EngineError`; each
+backend implements ``_load``, ``_infer``, ``_close`` and ``input_specs``. Backends take
+tensor names and shapes from the model description, never from literals.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convert.errors import ToolchainError
+from convert.errors import EngineError, ToolchainError
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class InputSpec:
     """One engine input.
 
     Attributes:
-        name: input name, e.g. ``"imgs"``.
+        name: input name, from the model.
         dtype: numpy dtype the engine takes.
         shape: one entry per dimension: an int for a static dimension, ``None`` for a
             dynamic one.
@@ -43,6 +45,8 @@ class Runner:
     name = "base"
     #: Top-level module whose presence makes the backend usable, or None.
     requires: str | None = None
+    #: Exception types the engine raises for a batch it cannot run; set by ``_load``.
+    engine_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
         self.loaded = False
@@ -84,11 +88,16 @@ class Runner:
 
         Raises:
             ToolchainError: the runner is not loaded, or the feed does not fit the engine.
+            EngineError: the engine failed on this batch (its message, first line).
         """
         if not self.loaded:
             raise ToolchainError(f"{self.name} runner: call load() before infer()")
         self.check_feed(feed)
-        return self._infer(feed)
+        try:
+            return self._infer(feed)
+        except self.engine_errors as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EngineError(f"{self.name}: {type(exc).__name__}: {first}") from exc
 
     def check_feed(self, feed: dict[str, np.ndarray]) -> None:
         """Raise :class:`ToolchainError` naming what in ``feed`` does not fit the engine."""

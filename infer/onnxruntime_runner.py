@@ -1,4 +1,7 @@
 """ONNX Runtime backend: the default engine here (CPU), CUDA where installed and asked for."""
+# The engine's exceptions are the classes pybind11 registers in
+# ``onnxruntime.capi.onnxruntime_pybind11_state`` (Fail, InvalidArgument, ...); they derive
+# from Exception directly, so they are listed rather than caught by a base class.
 
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """The exception classes ONNX Runtime's Python binding raises (Fail, InvalidArgument, ...)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(value for value in vars(state).values()
+                 if isinstance(value, type) and issubclass(value, Exception))
 
 
 class OnnxRuntimeRunner(Runner):
@@ -59,9 +70,10 @@ class OnnxRuntimeRunner(Runner):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.engine_errors = ort_errors()
         try:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=[provider])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        except self.engine_errors as exc:
             raise ToolchainError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
         self._outputs = [o.name for o in self.session.get_outputs()]
 

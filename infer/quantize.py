@@ -51,8 +51,7 @@ from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session, load_onnx
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
-from preprocess.batching import pad_to_batch, plan_batches
-from preprocess.image import normalise
+from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
 from preprocess.parse_testdata import decode_all
 
@@ -68,7 +67,7 @@ class CalibrationSet:
 
     Attributes:
         source: the lmdb folder.
-        batches: float32 ``[B, 1, height, W]`` normalised inputs, one width per batch.
+        batches: float32 ``[B, C, height, W]`` normalised inputs, one width per batch.
         used: number of images in ``batches``.
         failed: ``{"index", "reason"}`` for every sample read that could not be used.
     """
@@ -121,14 +120,13 @@ def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | 
         if index > wanted:
             break
         if reason is None:
-            images.append(normalise(pixels, spec))
+            images.append(pixels)
         else:
             failed.append({"index": index, "reason": reason})
     if not images:
         raise ToolchainError(f"{lmdb_path}: none of the first {wanted} samples could be used "
                              f"for calibration (first failure: {failed[0]['reason'] if failed else 'none read'})")
-    plan = plan_batches([image.shape[-1] for image in images], batch_size)
-    batches = [pad_to_batch([images[i] for i in positions]) for positions in plan]
+    batches = [batch for _, batch in batch_inputs(images, spec, batch_size)]
     return CalibrationSet(lmdb_path, batches, len(images), failed)
 
 
@@ -152,13 +150,15 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(frame-wise arg-max agreement, max absolute logit difference) of two models.
+def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray],
+               input_name: str) -> tuple[float, float]:
+    """(frame-wise arg-max agreement, max absolute output difference) of two models.
 
-    Both models take ``[B, 1, H, W]`` float32 and return ``[T, B, C]`` logits.
+    Both models take the batches (float32 ``[B, C, H, W]``) as ``input_name`` and return
+    one output whose last axis is the classes.
     """
     reference, quantised = cpu_session(fp32_path), cpu_session(int8_path)
-    name = reference.get_inputs()[0].name
+    name = input_name
     same = frames = 0
     worst = 0.0
     for batch in batches:
@@ -185,7 +185,7 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
 
     source, output = Path(source), Path(output)
     model = load_onnx(source)
-    ModelSpec.from_onnx(model, str(source))  # fails early without the crnn.* metadata
+    spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
         raise ToolchainError(f"{source} is already an int8 model (infer.quantize); "
                              "quantise the fp32 model from convert.fix")
@@ -197,7 +197,7 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
         from onnx import version_converter
 
         model = version_converter.convert_version(model, MIN_OPSET)
-    input_name = model.graph.input[0].name
+    input_name = spec.input_name
     with tempfile.TemporaryDirectory(prefix="crnn-quantize-") as tmp:
         fp32, prepared, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(fp32))
@@ -210,7 +210,7 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
                 calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:  # the quantiser raises plain ValueError/RuntimeError/ORT errors
             raise ToolchainError(f"{source}: ONNX Runtime quantisation failed ({exc})") from exc
-        agreement, worst = compare_on(fp32, int8, calibration.batches)
+        agreement, worst = compare_on(fp32, int8, calibration.batches, input_name)
         if agreement < min_agreement:
             raise ToolchainError(
                 f"{source}: int8 model agrees with fp32 on only {agreement:.2%} of output frames "

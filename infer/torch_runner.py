@@ -16,19 +16,23 @@ class TorchRunner(Runner):
 
     Args:
         checkpoint: the .pth file.
-        spec: model description (``convert.spec.spec_for_arch``).
+        spec: model description (``convert.registry.spec_for_arch``); names the input and
+            output tensors and gives the input's channels and height.
         device: ``"cpu"`` or ``"cuda"``.
-        layout, gate_order: see ``convert.checkpoint.load_checkpoint``.
+        rnn_layout, gate_order, trust: see ``convert.checkpoint.load_checkpoint``.
     """
 
     name = "torch"
     requires = "torch"
+    engine_errors = (RuntimeError,)  # torch raises RuntimeError for shape and kernel failures
 
     def __init__(self, checkpoint: str | Path, spec: ModelSpec, device: str = "cpu",
-                 layout: str = "auto", gate_order: str = "ifgo"):
+                 rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False):
         super().__init__()
+        if device not in ("cpu", "cuda"):
+            raise ToolchainError(f"device {device!r} is unknown for PyTorch; use cpu or cuda")
         self.checkpoint, self.spec, self.device = Path(checkpoint), spec, device
-        self.layout, self.gate_order = layout, gate_order
+        self.rnn_layout, self.gate_order, self.trust = rnn_layout, gate_order, trust
         self.model = None
 
     def _load(self) -> None:
@@ -37,26 +41,28 @@ class TorchRunner(Runner):
         from convert.checkpoint import load_checkpoint
 
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ToolchainError("--torch-device cuda asked for, but torch sees no CUDA device")
-        model = load_checkpoint(self.checkpoint, self.spec, self.layout, self.gate_order)
+            raise ToolchainError("device cuda asked for, but torch sees no CUDA device")
+        model = load_checkpoint(self.checkpoint, self.spec, self.rnn_layout, self.gate_order,
+                                self.trust)
         self.model = model.to(self.device)
         self._torch = torch
 
     def input_specs(self) -> list[InputSpec]:
-        return [InputSpec("imgs", np.dtype(np.float32),
-                          (None, self.spec.channels, self.spec.height, None),
-                          {3: (self.spec.MIN_INPUT_WIDTH, 1 << 20)})]
+        spec = self.spec
+        return [InputSpec(spec.input_name, np.dtype(np.float32),
+                          (None, spec.channels, spec.height, None),
+                          {3: (spec.min_input_width, 1 << 20)})]
 
-    def _run(self, imgs: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(imgs).to(self.device))
+            scores = self.model(torch.from_numpy(images).to(self.device))
             if self.device == "cuda":
                 torch.cuda.synchronize()
-        return logits.cpu().numpy()
+        return scores.cpu().numpy()
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"output1": self._timed(self._run, feed["imgs"])}
+        return {self.spec.output_name: self._timed(self._run, feed[self.spec.input_name])}
 
     def _close(self) -> None:
         self.model = None

@@ -6,6 +6,9 @@ wider than the batch's narrowest one. With ``max_pad=0`` (the default) a batch h
 width only: nothing is padded, so batched inference computes exactly what batch-1
 inference computes. PaddleOCR's users found that right padding changes predictions (the
 backward LSTM reads the padding first); equal-width buckets avoid that by construction.
+
+:func:`batch_inputs` is the one place that turns resized pixels into model input batches
+(normalise, plan, pad); preprocessing, calibration and the in-memory recogniser call it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from convert.spec import ModelSpec
+from preprocess.image import normalise
 
 #: Value written into padded columns: normalised 0.0, i.e. the value the first
 #: convolution's own zero padding puts beside the image in batch-1 inference.
@@ -49,10 +55,27 @@ def plan_batches(widths: Sequence[int], batch_size: int, max_pad: int = 0) -> li
 
 
 def pad_to_batch(images: Sequence[np.ndarray], pad_value: float = PAD_VALUE) -> np.ndarray:
-    """Stack ``[H, W_i]`` float32 images into ``[N, 1, H, max W_i]``, right-padded with ``pad_value``."""
-    height = images[0].shape[0]
-    width = max(image.shape[1] for image in images)
-    batch = np.full((len(images), 1, height, width), pad_value, dtype=np.float32)
+    """Stack ``[C, H, W_i]`` float32 images into ``[N, C, H, max W_i]``, right-padded with ``pad_value``."""
+    channels, height = images[0].shape[:2]
+    width = max(image.shape[-1] for image in images)
+    batch = np.full((len(images), channels, height, width), pad_value, dtype=np.float32)
     for row, image in enumerate(images):
-        batch[row, 0, :, : image.shape[1]] = image
+        batch[row, :, :, : image.shape[-1]] = image
     return batch
+
+
+def batch_inputs(pixels: Sequence[np.ndarray], spec: ModelSpec, batch_size: int,
+                 max_pad: int = 0) -> list[tuple[list[int], np.ndarray]]:
+    """Model input batches of resized images.
+
+    Args:
+        pixels: uint8 resized images (``preprocess.image.resize``), ``[H, W]`` or ``[H, W, C]``.
+        spec: the model description (normalisation).
+        batch_size, max_pad: see :func:`plan_batches`.
+
+    Returns:
+        ``(positions into pixels, float32 [B, C, H, W])`` per batch, ordered by width.
+    """
+    widths = [image.shape[1] for image in pixels]
+    return [(positions, pad_to_batch([normalise(pixels[p], spec) for p in positions]))
+            for positions in plan_batches(widths, batch_size, max_pad)]

@@ -1,9 +1,12 @@
-"""Decode, convert to grey, resize and normalise one word image for a CRNN.
+"""Decode, convert to the model's colours, resize and normalise one word image.
 
 The steps match torchvision's ``Grayscale(1) -> Resize((32, W)) -> ToTensor() ->
 Normalize((mean,), (std,))`` on a PIL image (what nano-ocr and crnn.pytorch do), without
 torchvision: Pillow's ``convert("L")`` (ITU-R 601-2 luma) and ``Image.resize`` with the
-model's filter, then ``(x / 255 - mean) / std`` in float32.
+model's filter, then ``(x / 255 - mean) / std`` in float32. Three-channel models
+(``channel_order`` ``"rgb"`` or ``"bgr"``, e.g. PP-OCR, which reads images with OpenCV in
+BGR order) get the same steps on RGB pixels, reordered to BGR where the model asks.
+Everything the steps need comes from the model description.
 """
 
 from __future__ import annotations
@@ -67,8 +70,30 @@ def to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def decode_image(raw: bytes | None) -> Image.Image:
-    """Decode encoded image bytes (any format Pillow reads) into an 8-bit grey image.
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any Pillow image (grey and 16-bit via :func:`to_grey`; alpha over white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F", "L", "1"):
+        return to_grey(image).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def to_model_colours(image: Image.Image, spec: ModelSpec) -> Image.Image:
+    """``image`` as 'L' for a grey model, else as 'RGB' (reordered later by :func:`pixels_of`)."""
+    return to_grey(image) if spec.channels == 1 else to_rgb(image)
+
+
+def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Image:
+    """Decode encoded image bytes (any format Pillow reads) into the model's colours.
+
+    Args:
+        raw: the encoded bytes.
+        spec: the model description; None (or a grey model) gives an 8-bit grey image,
+            a three-channel model an RGB one.
 
     Raises:
         SampleError: missing key, undecodable bytes, or a zero-sized image.
@@ -82,7 +107,7 @@ def decode_image(raw: bytes | None) -> Image.Image:
             image.load()
             if image.width == 0 or image.height == 0:
                 raise SampleError(f"zero-sized image ({image.width}x{image.height})")
-            return to_grey(image)
+            return to_grey(image) if spec is None else to_model_colours(image, spec)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as exc:
         if isinstance(exc, SampleError):
@@ -90,31 +115,67 @@ def decode_image(raw: bytes | None) -> Image.Image:
         raise SampleError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
 
 
-def resize_grey(image: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """Resize an 'L' image to ``spec.height`` x the policy's width.
+def resize(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """Resize an image in the model's colours to ``spec.height`` x the policy's width.
 
     Returns:
-        uint8 ``[height, width]``.
+        uint8 ``[height, width]`` (grey) or ``[height, width, 3]`` in the model's channel
+        order (``rgb`` or ``bgr``).
     """
+    if image.mode != ("L" if spec.channels == 1 else "RGB"):
+        image = to_model_colours(image, spec)
     width = spec.resized_width(image.width, image.height)
-    resized = image.resize((width, spec.height), _FILTERS[spec.resample])
-    return np.asarray(resized, dtype=np.uint8)
+    pixels = np.asarray(image.resize((width, spec.height), _FILTERS[spec.resample]), np.uint8)
+    return pixels[..., ::-1] if spec.channel_order == "bgr" else pixels
 
 
 def normalise(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """``(x / 255 - mean) / std`` in float32, any shape (same op order as torchvision)."""
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    return (scaled - np.float32(spec.mean)) / np.float32(spec.std)
+    """``(x / 255 - mean) / std`` in float32 (same op order as torchvision), channels first.
 
-
-def prepare(raw_image: bytes | None, spec: ModelSpec) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode and resize one image.
+    Args:
+        pixels: uint8 ``[H, W]`` (grey) or ``[H, W, C]``, as :func:`resize` returns them.
 
     Returns:
-        uint8 ``[height, width]`` resized pixels and the original ``(width, height)``.
+        float32 ``[C, H, W]``.
+    """
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    scaled = scaled[None] if scaled.ndim == 2 else np.moveaxis(scaled, -1, 0)
+    mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
+    return (scaled - mean) / std
+
+
+def as_image(image: Image.Image | np.ndarray) -> Image.Image:
+    """A Pillow image from a Pillow image or uint8 pixels (``[H, W]`` grey or ``[H, W, 3]`` RGB).
+
+    Raises:
+        SampleError: a zero-sized image, or an array of another shape or dtype.
+    """
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise SampleError(f"zero-sized image ({image.width}x{image.height})")
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+                image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
+            raise SampleError(f"pixels must be uint8 [H, W] or [H, W, 3], got {image.dtype} "
+                              f"{list(image.shape)}")
+        return Image.fromarray(image)
+    raise SampleError(f"cannot read an image from a {type(image).__name__}")
+
+
+def prepare(raw_image: bytes | Image.Image | np.ndarray | None,
+            spec: ModelSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode (if needed) and resize one image for the model.
+
+    Returns:
+        The resized uint8 pixels (see :func:`resize`) and the original ``(width, height)``.
 
     Raises:
         SampleError: with the reason the sample cannot be used.
     """
-    image = decode_image(raw_image)
-    return resize_grey(image, spec), (image.width, image.height)
+    if raw_image is None or isinstance(raw_image, (bytes, bytearray, memoryview)):
+        image = decode_image(None if raw_image is None else bytes(raw_image), spec)
+    else:
+        image = as_image(raw_image)
+    return resize(image, spec), (image.width, image.height)

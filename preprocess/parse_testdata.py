@@ -1,26 +1,28 @@
 """Turn an IIIT5K-style lmdb test set into model inputs (.npy), a manifest and label.txt.
 
-Every index 1..num-samples is accounted for: decoded (any Pillow format, converted to grey),
-resized to height 32 with the model's filter and width policy, normalised as the model
-expects, and written; or recorded in ``failed`` with its reason. Nothing is dropped silently
-or replaced. The model description comes from ``--model`` (ONNX metadata written by
-convert.pth2onnx) or ``--arch``; width options override it.
+Every index 1..num-samples is accounted for: decoded (any Pillow format, converted to the
+model's colours: grey, RGB or BGR), resized to the model's height with its filter and width
+policy, normalised as the model expects, and written; or recorded in ``failed`` with its
+reason. Nothing is dropped silently or replaced. The model description comes from
+``--model`` (an .onnx from convert.pth2onnx or convert.weights, an .om with its sidecar, or
+the sidecar .json) or ``--arch``; width options override it.
 
 Layouts:
-    bucketed (default): ``batch_00000.npy``... float32 ``[B, 1, 32, W]``, samples sorted by
+    bucketed (default): ``batch_00000.npy``... float32 ``[B, C, H, W]``, samples sorted by
         width; with ``--max-pad 0`` each batch holds one width (no padding, so batched
         results equal batch-1 results); a larger ``--max-pad`` allows mixed widths, right-
         padded with normalised 0.0, the value the first convolution pads with.
-    per-image: ``test_{index}.npy`` float32 ``[1, 1, 32, W]`` (the ModelZoo layout).
+    per-image: ``test_{index}.npy`` float32 ``[1, C, H, W]`` (the ModelZoo layout).
 
 Also written: ``manifest.json`` (model description, policy, ``samples`` and ``failed``) and
 the ModelZoo ``label.txt`` (``test_{index}.npy:label``). Output goes to a temporary folder
 beside the target and is renamed into place at the end. The ModelZoo guide's equivalent is
-``python3 parse_testdata.py --test_dir ./IIIT5K_lmdb --output_npy input_npy``.
+``python3 parse_testdata.py --test_dir ./IIIT5K_lmdb --output_npy input_npy``; those
+spellings are accepted beside ``--test-dir`` and ``--output-npy``.
 
 Example:
-    python -m preprocess.parse_testdata --test_dir ../shared/data/IIIT5K_3000 \\
-        --output_npy work/inputs --model nano.onnx
+    python -m preprocess.parse_testdata --test-dir ../shared/data/IIIT5K_3000 \\
+        --output-npy work/inputs --model nano.onnx
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from tqdm import tqdm
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.spec import WIDTH_POLICIES, ModelSpec, read_onnx_spec, spec_for_arch
-from preprocess.batching import PAD_VALUE, pad_to_batch, plan_batches
+from convert.model_file import describe
+from convert.registry import ARCHS, spec_for_arch
+from convert.spec import WIDTH_POLICIES, ModelSpec
+from preprocess.batching import PAD_VALUE, batch_inputs
 from preprocess.image import SampleError, decode_label, normalise, prepare
 from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
 
@@ -63,7 +67,7 @@ def _init_worker(test_dir: str, spec: ModelSpec) -> None:
 def _process(indices: Sequence[int]) -> list[tuple]:
     """Decode and resize a chunk of indices in a worker; one result tuple per index.
 
-    Each tuple is ``(index, label, uint8 [32, W] | None, (w, h) | None, reason | None)``.
+    Each tuple is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``.
     """
     spec = _worker["spec"]
     results = []
@@ -153,14 +157,13 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
         if layout == "per-image":
             for index in indices:
                 name = f"test_{index}.npy"
-                np.save(staging / name, normalise(pixels[index], spec)[None, None])
+                np.save(staging / name, normalise(pixels[index], spec)[None])
                 samples[index].update(file=name, row=0)
         else:
-            plan = plan_batches([samples[i]["width"] for i in indices], batch_size, max_pad)
-            for number, positions in enumerate(plan):
+            planned = batch_inputs([pixels[i] for i in indices], spec, batch_size, max_pad)
+            for number, (positions, batch) in enumerate(planned):
                 name = f"batch_{number:05d}.npy"
                 members = [indices[p] for p in positions]
-                batch = pad_to_batch([normalise(pixels[i], spec) for i in members])
                 np.save(staging / name, batch)
                 for row, index in enumerate(members):
                     samples[index].update(file=name, row=row)
@@ -195,23 +198,30 @@ def _replace(staging: Path, output: Path) -> None:
 
 
 def resolve_spec(model: Path | None, arch: str | None, **overrides) -> ModelSpec:
-    """The model description from an ONNX file or an architecture name, with overrides applied.
+    """The model description from a model file or an architecture name, overrides applied.
+
+    ``model`` is an .onnx, an .om (its sidecar beside it) or a sidecar .json; with ``arch``
+    too, ``arch`` describes a checkpoint or an ONNX file that carries no description.
 
     Raises:
-        ToolchainError: neither or both of ``model``/``arch`` given, or invalid overrides.
+        ToolchainError: neither given, or invalid overrides.
     """
-    if (model is None) == (arch is None):
-        raise ToolchainError("give exactly one of --model (ONNX from convert.pth2onnx) or --arch")
-    spec = read_onnx_spec(model) if model is not None else spec_for_arch(arch)
+    if model is None and arch is None:
+        raise ToolchainError("give --model (.onnx, .om or its sidecar .json) or --arch")
+    spec = describe(model, arch) if model is not None else spec_for_arch(arch)
     return spec.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--test_dir", type=Path, required=True, help="lmdb folder")
-    parser.add_argument("--output_npy", type=Path, required=True, help="output folder")
-    parser.add_argument("--model", type=Path, help="ONNX model carrying the model description")
-    parser.add_argument("--arch", help="architecture name instead of --model")
+    parser.add_argument("--test-dir", "--test_dir", dest="test_dir", type=Path, required=True,
+                        help="lmdb folder")
+    parser.add_argument("--output-npy", "--output_npy", dest="output_npy", type=Path,
+                        required=True, help="output folder")
+    parser.add_argument("--model", type=Path,
+                        help="model file carrying the description (.onnx, .om, sidecar .json)")
+    parser.add_argument("--arch", choices=list(ARCHS),
+                        help="architecture, instead of --model or for a model without a description")
     parser.add_argument("--layout", default="bucketed", choices=LAYOUTS)
     parser.add_argument("--batch-size", type=int, default=16,
                         help="samples per batch file (bucketed); 16 is the ModelZoo range maximum")

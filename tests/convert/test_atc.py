@@ -47,6 +47,21 @@ def fake_atc(tmp_path, monkeypatch):
     return log
 
 
+def _plan(soc, mode, **kwargs):
+    """A CRNN input plan: imgs [N, 1, 32, W], narrowest accepted width 4."""
+    return atc.plan_shape(soc, "imgs", 1, 32, mode, min_accepted_width=4, **kwargs)
+
+
+def test_a_three_channel_height_48_input():
+    plan = atc.plan_shape("Ascend310P3", "x", 3, 48, min_width=48, max_width=480)
+    argv = atc.build_atc_command("rec.onnx", "om/rec", "Ascend310P3", plan)
+    assert "--input_shape=x:1~16,3,48,48~480" in argv
+    gears = atc.plan_shape("Ascend310", "x", 3, 48, width_gears=[320, 160])
+    argv = atc.build_atc_command("rec.onnx", "om/rec", "Ascend310", gears)
+    assert "--input_shape=x:16,3,48,-1" in argv and "--dynamic_dims=160;320" in argv
+    assert atc.ShapePlan.from_dict(gears.to_dict(), "here") == gears
+
+
 @pytest.mark.parametrize(
     ("soc", "mode", "kwargs", "expected"),
     [
@@ -60,7 +75,7 @@ def fake_atc(tmp_path, monkeypatch):
     ],
 )
 def test_argv_table(soc, mode, kwargs, expected):
-    shape = atc.plan_shape(soc, mode, **kwargs)
+    shape = _plan(soc, mode, **kwargs)
     argv = atc.build_atc_command("m.onnx", "om/m", soc, shape, precision_mode="force_fp32")
     assert argv[:5] == ["atc", "--model=m.onnx", "--framework=5", "--output=om/m",
                         "--input_format=ND"]
@@ -84,7 +99,7 @@ def test_argv_table(soc, mode, kwargs, expected):
 )
 def test_bad_arguments(soc, mode, kwargs, message):
     with pytest.raises(ToolchainError, match=message):
-        atc.plan_shape(soc, mode, **kwargs)
+        _plan(soc, mode, **kwargs)
 
 
 def test_runs_fake_atc_finds_suffix_and_writes_sidecar(tmp_path, fake_atc, fixed_models, capsys):
@@ -97,8 +112,9 @@ def test_runs_fake_atc_finds_suffix_and_writes_sidecar(tmp_path, fake_atc, fixed
     om = tmp_path / "om" / "nano_linux_x86_64.om"
     assert om.is_file()
     sidecar = json.loads(om.with_suffix(".json").read_text())
-    assert sidecar["mode"] == "range" and sidecar["width"] == [96, 192]
-    assert sidecar["input_name"] == "imgs" and sidecar["model"]["arch"] == "nano-ocr"
+    assert sidecar["mode"] == "range"
+    assert sidecar["inputs"] == [{"name": "imgs", "dims": [[1, 16], 1, 32, [96, 192]]}]
+    assert sidecar["model"]["arch"] == "nano-ocr"
     assert f"sidecar {om.with_suffix('.json')}" in capsys.readouterr().out
 
 
@@ -111,7 +127,8 @@ def test_gears_chosen_for_ascend310(tmp_path, fake_atc, fixed_models, monkeypatc
     assert "has no shape-range support" in caplog.text
     assert "--dynamic_dims=32;100;320" in json.loads(fake_atc.read_text())
     sidecar = json.loads((tmp_path / "crnn.json").read_text())
-    assert sidecar["gears"] == [32, 100, 320] and sidecar["batch"] == [16, 16]
+    assert sidecar["gears"] == [[32], [100], [320]]
+    assert sidecar["inputs"] == [{"name": "imgs", "dims": [16, 1, 32, -1]}]
 
 
 def test_failure_reports_code_and_stderr_tail(tmp_path, fake_atc, fixed_models, monkeypatch, capsys):

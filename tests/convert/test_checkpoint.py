@@ -7,7 +7,7 @@ import torch
 
 from convert.checkpoint import detect_layout, load_checkpoint, read_state_dict, reorder_gates
 from convert.errors import ToolchainError
-from convert.spec import spec_for_arch
+from convert.registry import spec_for_arch
 
 CRNN = spec_for_arch("crnn")
 
@@ -47,8 +47,9 @@ def test_modelzoo_layout_with_gate_reorder_equals_meijieru(crnn_checkpoints):
 def test_wrappers_and_prefixes_are_removed(crnn_checkpoints):
     state = read_state_dict(crnn_checkpoints["modelzoo"])
     assert all(not k.startswith("module.") for k in state)
-    assert detect_layout(state) == "modelzoo"
-    assert detect_layout(read_state_dict(crnn_checkpoints["meijieru"])) == "meijieru"
+    assert detect_layout(state, ("meijieru", "modelzoo")) == "modelzoo"
+    assert detect_layout(state, ("meijieru",)) == "meijieru"
+    assert detect_layout(read_state_dict(crnn_checkpoints["meijieru"]), ("meijieru", "modelzoo")) == "meijieru"
 
 
 def test_real_nano_weights_load_on_cpu(nano_weights):
@@ -85,8 +86,8 @@ def test_wrong_arch_names_keys_and_suggests_the_fit(nano_weights):
 
 
 def test_wrong_layout_suggests_the_other_layout(crnn_checkpoints):
-    with pytest.raises(ToolchainError, match="fits --arch crnn --layout modelzoo"):
-        load_checkpoint(crnn_checkpoints["modelzoo"], CRNN, layout="meijieru")
+    with pytest.raises(ToolchainError, match="fits --arch crnn --rnn-layout modelzoo"):
+        load_checkpoint(crnn_checkpoints["modelzoo"], CRNN, rnn_layout="meijieru")
 
 
 def test_shape_mismatch_is_named(tmp_path, crnn_checkpoints):

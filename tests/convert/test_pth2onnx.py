@@ -9,7 +9,9 @@ import pytest
 
 from convert import pth2onnx
 from convert.checkpoint import load_checkpoint
-from convert.spec import read_onnx_spec, spec_for_arch
+from convert.errors import ToolchainError
+from convert.registry import spec_for_arch
+from convert.spec import read_onnx_spec
 
 
 def _input_dims(path):
@@ -47,7 +49,7 @@ def test_parity_failure_is_reported(tmp_path, crnn_checkpoints):
     spec = spec_for_arch("crnn")
     model = load_checkpoint(crnn_checkpoints["meijieru"], spec)
     path = pth2onnx.export_onnx(model, spec, tmp_path / "crnn.onnx")
-    with pytest.raises(Exception, match="differs from PyTorch"):
+    with pytest.raises(ToolchainError, match="differs from PyTorch"):
         pth2onnx.check_parity(model, path, spec, [(1, 64)], tolerance=0.0)
 
 
@@ -62,8 +64,8 @@ def test_opset_option(tmp_path, crnn_checkpoints):
     ("args", "message"),
     [
         (["missing.pth", "o.onnx", "--arch", "crnn"], "no such checkpoint file"),
-        (["{ckpt}", "o.onnx", "--arch", "vgg"], "unknown architecture 'vgg'; known: crnn, nano-ocr"),
-        (["{ckpt}", "o.onnx", "--arch", "nano-ocr"], "suggest|fits --arch crnn --layout meijieru"),
+        (["{ckpt}", "o.onnx", "--arch", "vgg"], "unknown architecture 'vgg'; known: crnn, nano-ocr, ppocr-v4-rec"),
+        (["{ckpt}", "o.onnx", "--arch", "nano-ocr"], "fits --arch crnn --rnn-layout meijieru"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, crnn_checkpoints, capsys, args, message):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.ctc import beam_search_decode, greedy_decode
+from convert.charset import Charset
+from convert.ctc import beam_search_decode, greedy_decode
 
-ALPHABET = "ab"  # classes: 0 blank, 1 'a', 2 'b'
+ALPHABET = Charset("ab")  # classes: 0 blank, 1 'a', 2 'b'
 
 
 def peaked(path: list[int], classes: int = 3, high: float = 10.0) -> np.ndarray:
@@ -51,7 +52,7 @@ def test_batch_major_and_blank_elsewhere():
     (decoded,) = greedy_decode(np.swapaxes(logits, 0, 1), ALPHABET, time_major=False)
     assert decoded.text == "ab"
     # blank as the last class: class 0 -> 'a', 1 -> 'b', 2 -> blank
-    (decoded,) = greedy_decode(peaked([0, 2, 1]), ALPHABET, blank=2)
+    (decoded,) = greedy_decode(peaked([0, 2, 1]), Charset("ab", blank=2))
     assert decoded.text == "ab"
 
 
@@ -82,3 +83,38 @@ def test_bad_shapes():
         greedy_decode(np.zeros((2, 1, 5), np.float32), ALPHABET)
     with pytest.raises(ValueError, match="lengths"):
         greedy_decode(np.zeros((2, 1, 3), np.float32), ALPHABET, lengths=[3])
+
+
+def test_probabilities_are_used_as_they_are():
+    probs = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.1, 0.7]], np.float32)[:, None, :]
+    (decoded,) = greedy_decode(probs, ALPHABET, probabilities=True)
+    assert decoded.text == "ab" and decoded.char_frames == (0, 2) and decoded.frames == 3
+    assert decoded.confidence == pytest.approx(0.7)  # softmax again would flatten it
+
+
+def test_char_frames_mark_where_each_character_starts():
+    (decoded,) = greedy_decode(peaked([0, 1, 1, 0, 2, 0, 1]), ALPHABET)
+    assert decoded.text == "aba" and decoded.char_frames == (1, 4, 6)
+
+
+@pytest.mark.parametrize(
+    ("text", "classes"), [("", []), ("a", [1]), ("ba", [2, 1]), ("aab", [1, 1, 2])])
+def test_charset_round_trip(text, classes):
+    assert ALPHABET.encode(text) == classes
+    assert ALPHABET.decode(classes) == text
+    blank_last = Charset("ab", blank=2)
+    assert blank_last.decode(blank_last.encode(text)) == text
+
+
+def test_charset_errors():
+    from convert.errors import ToolchainError
+
+    with pytest.raises(ToolchainError, match="character 'c' is not in the charset"):
+        ALPHABET.encode("abc")
+    assert ALPHABET.unknown("cabd") == ["c", "d"]
+    with pytest.raises(ValueError, match="blank"):
+        ALPHABET.decode([0])
+    with pytest.raises(ToolchainError, match="repeats the character 'a'"):
+        Charset("aba")
+    with pytest.raises(ToolchainError, match="blank index 5"):
+        Charset("ab", blank=5)

@@ -7,7 +7,12 @@ import json
 
 import pytest
 
+from convert.spec import read_onnx_spec
 from eval import compare, postprocess
+from eval.evaluate import run_evaluation
+from eval.inputs import load_input_set
+from infer import OnnxRuntimeRunner
+from pipeline import Recognizer
 from preprocess import parse_testdata
 from tests.conftest import IIIT5K
 
@@ -37,12 +42,24 @@ def test_report_end_to_end(tmp_path, tiny_inputs, fixed_models, capsys):
     assert (report["samples"], report["scored"], report["failed"]) == (10, 7, 3)
     assert {f["index"] for f in report["failures"]} == {7, 8, 10}
     assert set(report["stages"]) == {"read", "engine", "decode", "score"}
-    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    batch_files = len({p.name for p in tiny_inputs.glob("batch_*.npy")})
+    assert report["latency_ms"]["batches"] == batch_files
+    assert 0 < report["latency_ms"]["p50"] and report["engine_seconds_sum"] > 0
     assert "0-9a-z" in report["protocol"] and report["backend"] == "onnxruntime"
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["index"]) for r in rows] == [1, 2, 3, 4, 5, 6, 9]
     assert set(rows[0]) == {"index", "label", "prediction", "confidence", "correct", "width"}
     assert sum(int(r["correct"]) for r in rows) == report["correct"]
+
+
+def ctc_nll(logits, text, spec) -> float:
+    """-log P(text | logits) under CTC (torch's ctc_loss), logits (T, 1, C)."""
+    import torch
+
+    log_probs = torch.from_numpy(logits).log_softmax(-1)
+    target = torch.tensor([spec.charset.encode(text)], dtype=torch.long)
+    return float(torch.nn.functional.ctc_loss(
+        log_probs, target, [logits.shape[0]], [len(text)], blank=spec.blank, reduction="sum"))
 
 
 def test_torch_backend_and_beam_decoder_agree_with_onnx(tmp_path, tiny_inputs, nano_weights,
@@ -55,9 +72,20 @@ def test_torch_backend_and_beam_decoder_agree_with_onnx(tmp_path, tiny_inputs, n
 
     onnx = predictions("--onnx_path", str(fixed_models["nano-ocr"]))
     torch = predictions("--pth", str(nano_weights), "--arch", "nano-ocr")
-    beam = predictions("--onnx_path", str(fixed_models["nano-ocr"]), "--decoder", "beam")
-    assert compare.compare(onnx, torch)["differ"] == 0
-    assert compare.compare(onnx, beam)["common"] == 7
+    beam = predictions("--onnx-path", str(fixed_models["nano-ocr"]), "--decoder", "beam",
+                       "--beam-width", "5")
+    assert compare.compare(onnx, torch) == {"common": 7, "differ": 0, "only_first": 0,
+                                            "only_second": 0, "examples": []}
+    # The beam's label must be at least as probable under CTC as the best path's label.
+    spec = read_onnx_spec(fixed_models["nano-ocr"])
+    with OnnxRuntimeRunner(fixed_models["nano-ocr"]) as runner:
+        for array, samples, _ in load_input_set(tiny_inputs).batches():
+            logits = runner.infer({"imgs": array})["output1"]
+            for row, sample in enumerate(samples):
+                frames = spec.frames(sample.width)
+                scores = logits[:frames, row:row + 1]
+                assert ctc_nll(scores, beam[sample.index], spec) <= \
+                    ctc_nll(scores, onnx[sample.index], spec) + 1e-4
 
 
 def test_modelzoo_folder_with_label_txt(tmp_path, tiny_lmdb, fixed_models, capsys):
@@ -79,29 +107,45 @@ def test_inputs_for_another_model_are_refused(tiny_inputs, fixed_models, capsys)
     assert "preprocessed for 'nano-ocr'" in capsys.readouterr().err
 
 
-def test_engine_failures_are_recorded_per_sample(tmp_path, tiny_lmdb, exported, fixed_models):
-    from eval.evaluate import run_evaluation
-    from eval.inputs import load_input_set
-    from convert.spec import read_onnx_spec
-    from infer import OnnxRuntimeRunner
-
+def _narrow_inputs(tmp_path, tiny_lmdb, exported):
     out = tmp_path / "narrow"
-    parse_testdata.main(["--test_dir", str(tiny_lmdb), "--output_npy", str(out), "--model",
+    parse_testdata.main(["--test-dir", str(tiny_lmdb), "--output-npy", str(out), "--model",
                          str(exported["nano-ocr"]), "--width-policy", "keep-ratio",
                          "--min-width", "4", "--max-width", "400", "--workers", "1"])
-    inputs = load_input_set(out)
+    return load_input_set(out)
 
-    class RejectsWide(OnnxRuntimeRunner):  # an engine with a compiled maximum width
-        def _infer(self, feed):
-            if feed["imgs"].shape[3] > 200:
-                raise RuntimeError("width above the compiled range")
-            return super()._infer(feed)
 
-    with RejectsWide(fixed_models["nano-ocr"]) as runner:
-        run = run_evaluation(runner, inputs, read_onnx_spec(exported["nano-ocr"]))
+class RejectsWide(OnnxRuntimeRunner):
+    """An engine with a compiled maximum width: ONNX Runtime's own failure above 200 px."""
+
+    def _infer(self, feed):
+        if feed["imgs"].shape[3] > 200:
+            from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+            raise Fail("width above the compiled range")
+        return super()._infer(feed)
+
+
+def test_engine_failures_are_recorded_per_sample(tmp_path, tiny_lmdb, exported, fixed_models):
+    inputs = _narrow_inputs(tmp_path, tiny_lmdb, exported)
+    spec = read_onnx_spec(exported["nano-ocr"])
+    with Recognizer(RejectsWide(fixed_models["nano-ocr"]), spec) as recognizer:
+        run = run_evaluation(recognizer, inputs)
     assert [f["index"] for f in run.failed] == [9]  # the very wide image
-    assert "width above the compiled range" in run.failed[0]["reason"]
+    assert "Fail: width above the compiled range" in run.failed[0]["reason"]
     assert len(run.predictions) == 6
+
+
+def test_a_bug_in_the_runner_is_not_recorded_as_a_failure(tmp_path, tiny_lmdb, exported,
+                                                         fixed_models):
+    class Buggy(OnnxRuntimeRunner):
+        def _infer(self, feed):
+            return {"output1": feed["imgs"][:, 0, 0, :].T}  # a wrong shape: a bug, not the engine
+
+    inputs = _narrow_inputs(tmp_path, tiny_lmdb, exported)
+    with Recognizer(Buggy(fixed_models["nano-ocr"]), read_onnx_spec(exported["nano-ocr"])) as rec:
+        with pytest.raises(ValueError, match="expected a \\(T, N, C\\)"):
+            run_evaluation(rec, inputs, warmup=0)
 
 
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")

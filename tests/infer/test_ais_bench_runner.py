@@ -31,8 +31,12 @@ def _om(tmp_path, onnx_path, shape):
     """A stand-in .om (the ONNX bytes, which the double loads) with convert.atc's sidecar."""
     om = tmp_path / "nano_linux_x86_64.om"
     shutil.copy(onnx_path, om)
-    write_sidecar(om, shape, read_onnx_spec(onnx_path), "imgs", "Ascend310P3", ["atc"], onnx_path)
+    write_sidecar(om, shape, read_onnx_spec(onnx_path), "Ascend310P3", ["atc"], onnx_path)
     return om
+
+
+def _plan(soc, **kwargs):
+    return plan_shape(soc, "imgs", 1, 32, min_accepted_width=4, **kwargs)
 
 
 def _reference(onnx_path, imgs):
@@ -42,7 +46,7 @@ def _reference(onnx_path, imgs):
 
 def test_dymshape_with_custom_sizes_from_output(tmp_path, fake_ais_bench, fixed_models):
     onnx_path = fixed_models["nano-ocr"]
-    om = _om(tmp_path, onnx_path, plan_shape("Ascend310P3", min_width=96, max_width=192))
+    om = _om(tmp_path, onnx_path, _plan("Ascend310P3", min_width=96, max_width=192))
     imgs = np.random.default_rng(0).uniform(-1, 1, (5, 1, 32, 150)).astype(np.float32)
     with AisBenchRunner(om, device_id=3) as runner:
         logits = runner.infer({"imgs": imgs})["output1"]
@@ -60,7 +64,7 @@ def test_dymshape_with_custom_sizes_from_output(tmp_path, fake_ais_bench, fixed_
 
 def test_dymdims_pads_to_gear_and_batch_then_crops(tmp_path, fake_ais_bench, fixed_models):
     onnx_path = fixed_models["nano-ocr"]
-    shape = plan_shape("Ascend310", max_batch=4, width_gears=[96, 128, 192])
+    shape = _plan("Ascend310", max_batch=4, width_gears=[96, 128, 192])
     om = _om(tmp_path, onnx_path, shape)
     imgs = np.random.default_rng(1).uniform(-1, 1, (6, 1, 32, 128)).astype(np.float32)
     with AisBenchRunner(om) as runner:
@@ -80,7 +84,7 @@ def test_missing_ais_bench_is_explained(tmp_path, fixed_models, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "ais_bench" else real(name, *a))
-    om = _om(tmp_path, fixed_models["nano-ocr"], plan_shape("Ascend310P3"))
+    om = _om(tmp_path, fixed_models["nano-ocr"], _plan("Ascend310P3"))
     with pytest.raises(ToolchainError, match="ais-bench-benchmark"):
         AisBenchRunner(om).load()
 
@@ -91,5 +95,9 @@ def test_missing_sidecar_is_explained(tmp_path, fake_ais_bench, fixed_models):
     with pytest.raises(ToolchainError, match="no sidecar JSON beside x.om"):
         AisBenchRunner(om).load()
     om.with_suffix(".json").write_text(json.dumps({"mode": "cone"}))
-    with pytest.raises(ToolchainError, match="lacks 'mode'"):
+    with pytest.raises(ToolchainError, match="lacks the model description"):
+        AisBenchRunner(om).load()
+    sidecar = {"mode": "cone", "inputs": [], "model": read_onnx_spec(fixed_models["nano-ocr"]).to_dict()}
+    om.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(ToolchainError, match="mode must be range or gears"):
         AisBenchRunner(om).load()

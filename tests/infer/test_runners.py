@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert.errors import ToolchainError
-from convert.spec import spec_for_arch
+from convert.registry import spec_for_arch
 from infer import BACKENDS, OnnxRuntimeRunner, TorchRunner
 
 

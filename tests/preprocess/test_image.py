@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.spec import spec_for_arch
+from convert.registry import spec_for_arch
 from preprocess.image import (SampleError, decode_image, decode_label, normalise, prepare,
                               to_grey)
 from tests.conftest import encode
@@ -20,7 +20,24 @@ def test_identity_resize_matches_independent_normalisation():
     assert size == (128, 32)
     np.testing.assert_array_equal(resized, pixels)
     expected = (pixels.astype(np.float64) / 255.0 - 0.5) / 0.5
-    np.testing.assert_allclose(normalise(resized, NANO), expected, atol=1e-6)
+    np.testing.assert_allclose(normalise(resized, NANO), expected[None], atol=1e-6)
+
+
+def test_three_channel_models_get_bgr_channels_first():
+    bgr = NANO.replace(channels=3, channel_order="bgr", height=48, min_width=48, max_width=480)
+    image = Image.new("RGB", (96, 48), (200, 100, 50))
+    resized, _ = prepare(encode(image), bgr)
+    assert resized.shape == (48, 96, 3) and resized[0, 0].tolist() == [50, 100, 200]
+    chw = normalise(resized, bgr)
+    assert chw.shape == (3, 48, 96)
+    np.testing.assert_allclose(chw[:, 0, 0], (np.array([50, 100, 200]) / 255 - 0.5) / 0.5,
+                               atol=1e-6)
+    grey, _ = prepare(encode(Image.new("L", (96, 48), 77)), bgr)  # grey in, three channels out
+    assert grey.shape == (48, 96, 3) and np.all(grey == 77)
+    per_channel = bgr.replace(mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 2.0))
+    np.testing.assert_allclose(normalise(resized, per_channel)[:, 0, 0],
+                               (np.array([50, 100, 200]) / 255 - [0.1, 0.2, 0.3]) / [1, 1, 2],
+                               atol=1e-6)
 
 
 def test_rgb_uses_itu_601_luma():

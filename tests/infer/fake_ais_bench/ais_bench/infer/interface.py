@@ -3,11 +3,12 @@
 It exists only so the tests can check our side of the ais_bench contract on a machine
 without an NPU. The "om" it loads is an ONNX model's bytes written under a .om name; the
 compiled dynamic-shape plan, which a real .om carries inside, is read from the sidecar JSON
-beside it. Like the real session it:
+beside it (``convert.atc``'s shape plan: ``mode``, ``inputs`` with ``dims``, ``gears``).
+Like the real session it:
     * takes ``InferSession(device_id, model_path)`` and ``infer(feeds: list, mode, custom_sizes)``;
     * in ``dymshape`` mode (range models) rejects shapes outside the compiled ranges and a
       ``custom_sizes`` smaller than the output needs;
-    * in ``dymdims`` mode (gear models) accepts only the compiled batch and gear widths;
+    * in ``dymdims`` mode (gear models) accepts only the compiled static dims and gears;
     * frees its resources with ``free_resource()``.
 Every call is appended to ``InferSession.calls`` for the tests to inspect.
 """
@@ -34,21 +35,26 @@ class InferSession:
 
     def infer(self, feeds, mode="static", custom_sizes=100000):
         (array,) = feeds
-        batch, width = array.shape[0], array.shape[3]
+        (plan,) = self.plan["inputs"]
         InferSession.calls.append({"call": "infer", "mode": mode, "shape": array.shape,
                                    "custom_sizes": custom_sizes})
+        if len(array.shape) != len(plan["dims"]):
+            raise RuntimeError(f"rank of {array.shape} is not the compiled rank")
         if self.plan["mode"] == "range":
             if mode != "dymshape":
                 raise RuntimeError(f"range model run with mode {mode}")
-            (b_lo, b_hi), (w_lo, w_hi) = self.plan["batch"], self.plan["width"]
-            if not (b_lo <= batch <= b_hi and w_lo <= width <= w_hi):
-                raise RuntimeError(f"shape {array.shape} outside the compiled range")
+            for got, dim in zip(array.shape, plan["dims"]):
+                low, high = dim if isinstance(dim, list) else (dim, dim)
+                if not low <= got <= high:
+                    raise RuntimeError(f"shape {array.shape} outside the compiled range")
         else:
             if mode != "dymdims":
                 raise RuntimeError(f"gear model run with mode {mode}")
-            if batch != self.plan["batch"][0] or width not in self.plan["gears"]:
+            gear = tuple(got for got, dim in zip(array.shape, plan["dims"]) if dim == -1)
+            static = [(got, dim) for got, dim in zip(array.shape, plan["dims"]) if dim != -1]
+            if any(got != dim for got, dim in static) or list(gear) not in self.plan["gears"]:
                 raise RuntimeError(f"shape {array.shape} is not a compiled gear")
-        (output,) = self.session.run(None, {self.plan["input_name"]: array})
+        (output,) = self.session.run(None, {plan["name"]: array})
         if mode == "dymshape" and output.nbytes > custom_sizes:
             raise RuntimeError(f"custom_sizes {custom_sizes} < output {output.nbytes} bytes")
         return [np.ascontiguousarray(output)]

@@ -1,0 +1,101 @@
+"""What a model file is: its backend (by suffix) and its model description, without an engine.
+
+Reading a description needs only the files ``convert`` writes (ONNX metadata, the .om's
+sidecar JSON), so preprocessing can size its inputs for a model without importing any
+inference engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from convert.atc import ShapePlan
+from convert.errors import ToolchainError
+from convert.registry import spec_for_arch
+from convert.spec import METADATA_PREFIX, ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: Model file suffix -> backend name (a key of ``infer.BACKENDS``).
+SUFFIXES = {".onnx": "onnxruntime", ".om": "ais_bench", ".pth": "torch", ".pt": "torch"}
+
+
+def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan, ModelSpec]:
+    """The shape plan and model description in the sidecar JSON of an .om
+    (default ``<om stem>.json``).
+
+    Raises:
+        ToolchainError: missing or unreadable sidecar, or one without a plan or a model
+            description.
+    """
+    path = sidecar or om_path.with_suffix(".json")
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
+                             "`python -m convert.atc` (it writes one) or pass its path with --sidecar")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ToolchainError(f"{path}: unreadable sidecar ({exc})") from exc
+    if not isinstance(data, dict) or not data.get("model"):
+        raise ToolchainError(f"{path}: sidecar lacks the model description ('model')")
+    return ShapePlan.from_dict(data, str(path)), ModelSpec.from_dict(data["model"], str(path))
+
+
+def backend_of(path: str | Path) -> str:
+    """The backend name for a model file, by suffix.
+
+    Raises:
+        ToolchainError: an unknown suffix (the known ones are listed).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ToolchainError(f"{path}: unknown model file type {suffix or '(none)'!r}; known: "
+                             f"{', '.join(SUFFIXES)}")
+    return SUFFIXES[suffix]
+
+
+def describe(path: str | Path, arch: str | None = None, sidecar: str | Path | None = None,
+             fallback: ModelSpec | None = None) -> ModelSpec:
+    """The model description of a model file, without loading an engine.
+
+    Args:
+        path: ``.onnx``, ``.om`` (with its sidecar), ``.json`` (an .om's sidecar), or
+            ``.pth``/``.pt`` (needs ``arch``).
+        arch: the architecture, for checkpoints (and ONNX files exported elsewhere, which
+            carry no description).
+        sidecar: the .om's sidecar JSON (default: beside the .om).
+        fallback: the description to use for an ONNX file that carries none (e.g. the one
+            its inputs were preprocessed with), when no ``arch`` is given.
+
+    Raises:
+        ToolchainError: the file is missing or unreadable, or carries no description and
+            neither ``arch`` nor ``fallback`` was given.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ToolchainError(f"{path}: no such model file")
+    if path.suffix.lower() == ".json":
+        return read_sidecar(path.with_suffix(".om"), path)[1]
+    backend = backend_of(path)
+    if backend == "ais_bench":
+        return read_sidecar(path, Path(sidecar) if sidecar else None)[1]
+    if backend == "onnxruntime":
+        from convert.onnx_io import load_onnx
+
+        model = load_onnx(path, load_external_data=False)
+        if arch is None and fallback is not None and not any(
+                p.key.startswith(METADATA_PREFIX) for p in model.metadata_props):
+            log.warning("%s carries no model description; using %s's", path, fallback.arch)
+            return fallback
+        if arch is not None and not any(p.key.startswith(METADATA_PREFIX)
+                                        for p in model.metadata_props):
+            return spec_for_arch(arch)
+        return ModelSpec.from_onnx(model, str(path))
+    if arch is None:
+        raise ToolchainError(f"{path}: a checkpoint does not say which model it is; give its "
+                             "architecture (--arch)")
+    return spec_for_arch(arch)
+
+

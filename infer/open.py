@@ -1,0 +1,97 @@
+"""Open a model by its file: the runner for its backend and its model description.
+
+The suffix chooses the backend (ultralytics' one table):
+
+| suffix | backend | description from |
+| --- | --- | --- |
+| ``.onnx`` | ONNX Runtime (``cpu``, ``cuda``) | the ONNX metadata (``convert.pth2onnx``, ``convert.weights``) |
+| ``.om`` | ais_bench (``npu:N``) | the sidecar JSON ``convert.atc`` writes |
+| ``.pth``, ``.pt`` | PyTorch (``cpu``, ``cuda``) | the architecture's registry entry (``arch``) |
+
+Devices are spelled the same in every tool: ``cpu``, ``cuda`` (``cuda:N`` is not
+supported: one GPU per process) and ``npu:N``; a bare ``N`` means ``npu:N`` (ais_bench's
+``--device`` habit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from convert.errors import ToolchainError
+from convert.model_file import SUFFIXES, backend_of, describe
+from convert.spec import ModelSpec
+from infer.ais_bench_runner import AisBenchRunner
+from infer.base import Runner
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from infer.torch_runner import TorchRunner
+
+__all__ = ["SUFFIXES", "Device", "backend_of", "describe", "open_model", "parse_device"]
+#: Devices each backend runs on.
+BACKEND_DEVICES = {"onnxruntime": ("cpu", "cuda"), "torch": ("cpu", "cuda"), "ais_bench": ("npu",)}
+_DEVICE = re.compile(r"^(cpu|cuda|npu:(\d+)|(\d+))$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a model runs: ``kind`` is ``"cpu"``, ``"cuda"`` or ``"npu"``; ``index`` the NPU."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"npu:{self.index}" if self.kind == "npu" else self.kind
+
+
+def parse_device(text: str) -> Device:
+    """``"cpu"``, ``"cuda"``, ``"npu:N"`` or ``"N"`` (= ``npu:N``) as a :class:`Device`.
+
+    Raises:
+        ToolchainError: any other spelling.
+    """
+    match = _DEVICE.match(text.strip())
+    if match is None:
+        raise ToolchainError(f"device {text!r} is unknown; use cpu, cuda or npu:N")
+    if match.group(1) in ("cpu", "cuda"):
+        return Device(match.group(1))
+    return Device("npu", int(match.group(2) or match.group(3)))
+
+
+def open_model(path: str | Path, device: str | Device | None = None, *, threads: int | None = None,
+               sidecar: str | Path | None = None, arch: str | None = None,
+               rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False,
+               fallback: ModelSpec | None = None) -> tuple[Runner, ModelSpec]:
+    """The runner (not yet loaded) for a model file and the model's description.
+
+    Args:
+        path: the model file; its suffix chooses the backend (see the module docstring).
+        device: ``cpu``, ``cuda`` or ``npu:N``; default: ``npu:0`` for an .om, else ``cpu``.
+        threads: ONNX Runtime intra-op threads (default: the available cores).
+        sidecar: an .om's sidecar JSON (default: beside it).
+        arch: architecture of a checkpoint (see :func:`describe`).
+        rnn_layout, gate_order, trust: checkpoint loading (``convert.checkpoint``).
+        fallback: see :func:`describe`.
+
+    Raises:
+        ToolchainError: an unknown suffix or device, a device the backend cannot use, or
+            no description (see :func:`describe`).
+    """
+    path = Path(path)
+    backend = backend_of(path)
+    if device is None:
+        device = Device("npu") if backend == "ais_bench" else Device("cpu")
+    elif isinstance(device, str):
+        device = parse_device(device)
+    if device.kind not in BACKEND_DEVICES[backend]:
+        raise ToolchainError(
+            f"{path.name} runs on {backend}, which takes device "
+            f"{' or '.join(d if d != 'npu' else 'npu:N' for d in BACKEND_DEVICES[backend])}, "
+            f"not {device}" + ("; build an .om with convert.atc for the NPU"
+                               if device.kind == "npu" else ""))
+    spec = describe(path, arch, sidecar, fallback)
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(path, device.kind, threads), spec
+    if backend == "ais_bench":
+        return AisBenchRunner(path, device.index, sidecar), spec
+    return TorchRunner(path, spec, device.kind, rnn_layout, gate_order, trust), spec

@@ -1,0 +1,233 @@
+"""The in-memory recogniser: images in, decoded text out, in input order.
+
+``Recognizer(runner, spec)`` is what every caller that recognises crops uses: the folder
+evaluation (``eval.evaluate``), the benches, and later the service and the pipeline. It
+holds the one recognition loop, :meth:`Recognizer.recognise_batches`: run a batch through
+the engine, decode the previous batch on a worker thread meanwhile (CTC decoding overlaps
+the engine), and hand results back in order. Batches are split to sizes the engine accepts
+(an .om's batch range). ``Recognizer(images)`` prepares each image with the model's
+description (``preprocess.image``), groups equal widths (``preprocess.batching``, no
+padding, so a result equals the batch-1 result), and scatters results back through the
+plan, so output order is input order (PaddleOCR ``predict_rec``'s argsort, without its
+padding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from convert.ctc import DECODERS, Decoded, decode_output
+from convert.errors import EngineError, ToolchainError
+from convert.spec import ModelSpec
+from infer.base import Runner
+from preprocess.batching import batch_inputs
+from preprocess.image import SampleError, prepare
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """One recognised image.
+
+    Attributes:
+        text: the decoded string (the model's charset, case kept).
+        confidence: see :class:`convert.ctc.Decoded`.
+        char_frames: CTC frame of each character (greedy decoding; empty for beam).
+        frames: frames the model produced for this image.
+        width: the model input's width in pixels (after the width policy).
+        size: the original image's ``(width, height)`` in pixels.
+    """
+
+    text: str
+    confidence: float
+    char_frames: tuple[int, ...]
+    frames: int
+    width: int
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that produced no text: ``stage`` is ``"decode"`` (the image) or ``"infer"``."""
+
+    reason: str
+    stage: str
+
+
+@dataclass
+class BatchResult:
+    """What :meth:`Recognizer.recognise_batches` yields for one batch.
+
+    Attributes:
+        key: the caller's key for the batch, passed through.
+        decoded: one :class:`convert.ctc.Decoded` per row, or None when the engine failed.
+        error: the engine's failure (then ``decoded`` is None).
+        engine_seconds: time in the engine call(s) alone.
+        decode_seconds: time spent in CTC decoding (on the worker thread).
+    """
+
+    key: Any
+    decoded: list[Decoded] | None
+    error: EngineError | None = None
+    engine_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class Recognizer:
+    """Recognise word images with a runner and its model description.
+
+    Args:
+        runner: the backend (``infer.open_model``); loaded by :meth:`load` or ``with``.
+        spec: the model description (names, preprocessing, frames rule, charset).
+        batch_size: images per batch for :meth:`__call__`.
+        decoder: ``"greedy"`` or ``"beam"``.
+        beam_width: prefixes kept per frame by beam search (>= 1).
+
+    Raises:
+        ToolchainError: an unknown decoder, ``beam_width < 1`` or ``batch_size < 1``.
+    """
+
+    runner: Runner
+    spec: ModelSpec
+    batch_size: int = 16
+    decoder: str = "greedy"
+    beam_width: int = 10
+    _engine_batch: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ToolchainError(f"decoder {self.decoder!r} is unknown; use one of {DECODERS}")
+        if self.beam_width < 1:
+            raise ToolchainError(f"beam width must be >= 1, got {self.beam_width}")
+        if self.batch_size < 1:
+            raise ToolchainError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def load(self) -> Recognizer:
+        """Load the runner and read the largest batch its engine accepts."""
+        self.runner.load()
+        specs = {s.name: s for s in self.runner.input_specs()}
+        if self.spec.input_name not in specs:
+            raise ToolchainError(f"the model's input is not {self.spec.input_name!r} as its "
+                                 f"description says; inputs are: {', '.join(specs)}")
+        batch_range = (specs[self.spec.input_name].ranges or {}).get(0)
+        self._engine_batch = batch_range[1] if batch_range else None
+        return self
+
+    def close(self) -> None:
+        """Release the runner."""
+        self.runner.close()
+
+    def __enter__(self) -> Recognizer:
+        return self.load()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def _batch_axis(self) -> int:
+        return 1 if self.spec.time_major else 0
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """The model's output for an input batch, split to sizes the engine accepts.
+
+        Args:
+            batch: float32 ``spec.input_shape(N, W)``.
+
+        Returns:
+            The output ``spec.output_shape(N, W)`` and the seconds spent in the engine.
+
+        Raises:
+            EngineError: the engine failed.
+            ToolchainError: the batch does not fit the model (shape, dtype, width range).
+        """
+        step = self._engine_batch or batch.shape[0]
+        pieces, seconds = [], 0.0
+        for start in range(0, batch.shape[0], step):
+            outputs = self.runner.infer({self.spec.input_name: batch[start:start + step]})
+            seconds += self.runner.last_engine_seconds
+            pieces.append(outputs[self.spec.output_name])
+        scores = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=self._batch_axis)
+        return scores, seconds
+
+    def _decode(self, scores: np.ndarray, widths: Sequence[int]) -> tuple[list[Decoded], float]:
+        start = time.perf_counter()
+        decoded = decode_output(self.spec, scores, widths, self.decoder, self.beam_width)
+        return decoded, time.perf_counter() - start
+
+    def recognise_batches(
+        self, batches: Iterable[tuple[Any, np.ndarray, Sequence[int]]],
+    ) -> Iterator[BatchResult]:
+        """The recognition loop: engine on this thread, CTC decoding on a worker thread.
+
+        Args:
+            batches: ``(key, float32 input batch, unpadded width of each row)``.
+
+        Yields:
+            One :class:`BatchResult` per batch, in the order given. A batch the engine
+            rejects (:class:`EngineError`) yields its error; any other exception is a bug
+            and propagates.
+        """
+        def finish(entry: tuple[Any, Future | EngineError, float]) -> BatchResult:
+            key, work, engine_seconds = entry
+            if isinstance(work, EngineError):
+                return BatchResult(key, None, work, engine_seconds)
+            decoded, seconds = work.result()
+            return BatchResult(key, decoded, None, engine_seconds, seconds)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode") as pool:
+            pending: deque = deque()
+            for key, batch, widths in batches:
+                try:
+                    scores, engine_seconds = self.forward(batch)
+                except EngineError as exc:
+                    pending.append((key, exc, 0.0))
+                else:
+                    pending.append((key, pool.submit(self._decode, scores, list(widths)),
+                                    engine_seconds))
+                while len(pending) > 1:  # one decode in flight beside the next engine call
+                    yield finish(pending.popleft())
+            while pending:
+                yield finish(pending.popleft())
+
+    def __call__(self, images: Sequence[bytes | Image.Image | np.ndarray]) -> list[Recognition | Failure]:
+        """Recognise images.
+
+        Args:
+            images: encoded image bytes (any format Pillow reads), Pillow images, or uint8
+                pixels (``[H, W]`` grey or ``[H, W, 3]`` RGB).
+
+        Returns:
+            One :class:`Recognition` or :class:`Failure` per image, in input order.
+        """
+        results: list[Recognition | Failure | None] = [None] * len(images)
+        pixels, sizes, origin = [], [], []
+        for position, image in enumerate(images):
+            try:
+                resized, size = prepare(image, self.spec)
+            except SampleError as exc:
+                results[position] = Failure(str(exc), "decode")
+                continue
+            pixels.append(resized)
+            sizes.append(size)
+            origin.append(position)
+        planned = batch_inputs(pixels, self.spec, self.batch_size)
+        batches = ((members, batch, [pixels[m].shape[1] for m in members])
+                   for members, batch in planned)
+        for result in self.recognise_batches(batches):
+            for row, member in enumerate(result.key):
+                if result.error is not None:
+                    results[origin[member]] = Failure(str(result.error), "infer")
+                    continue
+                d = result.decoded[row]
+                results[origin[member]] = Recognition(d.text, d.confidence, d.char_frames,
+                                                      d.frames, pixels[member].shape[1],
+                                                      sizes[member])
+        return results
