@@ -35,11 +35,18 @@ from infer import open_model
 from infer.onnxruntime_runner import available_cores
 from pipeline import Recognition, Recognizer
 from preprocess.image import decode_label
-from preprocess.lmdb_reader import (count_samples, default_calibration_set, default_test_set,
-                                   open_lmdb, read_sample)
+from preprocess.lmdb_reader import (
+    count_samples,
+    default_calibration_set,
+    default_test_set,
+    open_lmdb,
+    read_sample,
+)
 
 
-def _per_image(data: Path, recognizer: Recognizer, limit: int | None) -> tuple[list[str], list[str]]:
+def _per_image(
+    data: Path, recognizer: Recognizer, limit: int | None
+) -> tuple[list[str], list[str]]:
     """Recognise each sample alone (batch 1), as the ModelZoo postprocess and nano-ocr do."""
     env = open_lmdb(data)
     count = min(count_samples(env, data), limit or 1 << 30)
@@ -82,31 +89,46 @@ def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] 
 
     inputs, report = workdir / "inputs", workdir / "report.json"
     start = time.perf_counter()
-    if parse_testdata.main(["--test-dir", str(data), "--output-npy", str(inputs),
-                            "--model", str(onnx_model), *extra]):
+    if parse_testdata.main(
+        ["--test-dir", str(data), "--output-npy", str(inputs), "--model", str(onnx_model), *extra]
+    ):
         raise SystemExit("parse_testdata failed")
-    if postprocess.main(["--input-npy", str(inputs), "--onnx-path", str(onnx_model),
-                         "--report", str(report)]):
+    if postprocess.main(
+        ["--input-npy", str(inputs), "--onnx-path", str(onnx_model), "--report", str(report)]
+    ):
         raise SystemExit("postprocess failed")
     seconds = time.perf_counter() - start
     result = json.loads(report.read_text())
-    return {"seconds": seconds, "samples": result["scored"], "accuracy": result["accuracy"],
-            "correct": result["correct"], "policy": result["policy"]}
+    return {
+        "seconds": seconds,
+        "samples": result["scored"],
+        "accuracy": result["accuracy"],
+        "correct": result["correct"],
+        "policy": result["policy"],
+    }
 
 
 def _row(predictions: list[str], labels: list[str], seconds: float) -> dict:
     metrics = recognition_metrics(predictions, labels)
-    return {"seconds": seconds, "samples": metrics["samples"], "accuracy": metrics["accuracy"],
-            "correct": metrics["correct"]}
+    return {
+        "seconds": seconds,
+        "samples": metrics["samples"],
+        "accuracy": metrics["accuracy"],
+        "correct": metrics["correct"],
+    }
 
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--data", type=Path,
-                        default=default_test_set(),
-                        help="lmdb test set ($IIIT5K_LMDB)")
-    parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
-                        help="lmdb for int8 calibration ($IIIT5K_CALIB_LMDB)")
+    parser.add_argument(
+        "--data", type=Path, default=default_test_set(), help="lmdb test set ($IIIT5K_LMDB)"
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=default_calibration_set(),
+        help="lmdb for int8 calibration ($IIIT5K_CALIB_LMDB)",
+    )
     parser.add_argument("--limit", type=int, help="only the first N samples (paths 1 and 2)")
     return parser
 
@@ -125,9 +147,11 @@ def _prepare(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]
     start = time.perf_counter()
     exported, fixed = workdir / "nano.onnx", workdir / "nano_fixed.onnx"
     int8 = workdir / "nano_int8.onnx"
-    if pth2onnx.main([str(weights), str(exported), "--arch", "nano-ocr"]) or \
-            fix.main([str(exported), str(fixed)]) or \
-            quantize.main([str(fixed), str(int8), "--calibration", str(calibration)]):
+    if (
+        pth2onnx.main([str(weights), str(exported), "--arch", "nano-ocr"])
+        or fix.main([str(exported), str(fixed)])
+        or quantize.main([str(fixed), str(int8), "--calibration", str(calibration)])
+    ):
         raise SystemExit("model build failed")
     return weights, fixed, int8, time.perf_counter() - start
 
@@ -137,27 +161,39 @@ def _run(args) -> int:
         workdir = Path(tmp)
         weights, model, int8, build_seconds = _prepare(workdir, args.calibration)
         results = {
-            "reference (ModelZoo-style, ORT batch 1, fixed width)": reference(args.data, model, args.limit),
-            "torch eager per image (nano-ocr read_batch)": torch_eager(args.data, weights, args.limit),
+            "reference (ModelZoo-style, ORT batch 1, fixed width)": reference(
+                args.data, model, args.limit
+            ),
+            "torch eager per image (nano-ocr read_batch)": torch_eager(
+                args.data, weights, args.limit
+            ),
         }
         ours = toolchain(args.data, int8, workdir)
         fp32 = toolchain(args.data, model, workdir)
     for label, result in (("toolchain default, int8", ours), ("toolchain fp32", fp32)):
         policy = result.pop("policy")
-        results[f"{label} (bucketed, {policy['width_policy']} "
-                f"[{policy['min_width']}, {policy['max_width']}])"] = result
-    print(f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
-          f"`python -m bench.e2e`; model build (export, rewrite, int8 calibration on "
-          f"{args.calibration.name}) {build_seconds:.1f} s, not in the table\n")
+        results[
+            f"{label} (bucketed, {policy['width_policy']} "
+            f"[{policy['min_width']}, {policy['max_width']}])"
+        ] = result
+    print(
+        f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
+        f"`python -m bench.e2e`; model build (export, rewrite, int8 calibration on "
+        f"{args.calibration.name}) {build_seconds:.1f} s, not in the table\n"
+    )
     per_image = {label: r["seconds"] / r["samples"] for label, r in results.items()}
     ref_label, torch_label = list(results)[:2]
-    print("| path | samples | seconds | images/s | word accuracy | speed-up over reference "
-          "| speed-up over torch eager |")
+    print(
+        "| path | samples | seconds | images/s | word accuracy | speed-up over reference "
+        "| speed-up over torch eager |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
-        print(f"| {label} | {r['samples']} | {r['seconds']:.2f} | {r['samples'] / r['seconds']:.0f} "
-              f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
-              f"| {per_image[torch_label] / per_image[label]:.2f}x |")
+        print(
+            f"| {label} | {r['samples']} | {r['seconds']:.2f} | {r['samples'] / r['seconds']:.0f} "
+            f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
+            f"| {per_image[torch_label] / per_image[label]:.2f}x |"
+        )
     return 0
 
 

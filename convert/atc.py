@@ -42,8 +42,10 @@ MODES = ("auto", "range", "gears")
 #: SoC versions whose ATC has no shape-range support (dynamic dims/gears only).
 SOCS_WITHOUT_RANGE = frozenset({"Ascend310"})
 MIN_GEARS, MAX_GEARS = 2, 100
-SET_ENV_HINT = ("install the CANN toolkit and run `source /usr/local/Ascend/ascend-toolkit/set_env.sh` "
-                "(or your CANN install's set_env.sh) so that `atc` is on PATH")
+SET_ENV_HINT = (
+    "install the CANN toolkit and run `source /usr/local/Ascend/ascend-toolkit/set_env.sh` "
+    "(or your CANN install's set_env.sh) so that `atc` is on PATH"
+)
 _SOC_PATTERN = re.compile(r"^Ascend\d{3}[A-Za-z0-9]*$")
 
 
@@ -91,10 +93,14 @@ class ShapePlan:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form used in the sidecar."""
-        return {"mode": self.mode,
-                "inputs": [{"name": i.name, "dims": [list(d) if isinstance(d, tuple) else d
-                                                     for d in i.dims]} for i in self.inputs],
-                "gears": [list(g) for g in self.gears]}
+        return {
+            "mode": self.mode,
+            "inputs": [
+                {"name": i.name, "dims": [list(d) if isinstance(d, tuple) else d for d in i.dims]}
+                for i in self.inputs
+            ],
+            "gears": [list(g) for g in self.gears],
+        }
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> ShapePlan:
@@ -104,11 +110,15 @@ class ShapePlan:
             ToolchainError: the dict is not a plan written by :meth:`to_dict`.
         """
         try:
-            inputs = tuple(InputPlan(i["name"], tuple(tuple(d) if isinstance(d, list) else int(d)
-                                                      for d in i["dims"]))
-                           for i in data["inputs"])
-            plan = cls(data["mode"], inputs, tuple(tuple(int(v) for v in g)
-                                                   for g in data.get("gears", [])))
+            inputs = tuple(
+                InputPlan(
+                    i["name"], tuple(tuple(d) if isinstance(d, list) else int(d) for d in i["dims"])
+                )
+                for i in data["inputs"]
+            )
+            plan = cls(
+                data["mode"], inputs, tuple(tuple(int(v) for v in g) for g in data.get("gears", []))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ToolchainError(f"{source}: not a shape plan of convert.atc ({exc!r})") from None
         if plan.mode not in ("range", "gears") or not plan.inputs:
@@ -121,11 +131,19 @@ def supports_shape_range(soc_version: str) -> bool:
     return soc_version not in SOCS_WITHOUT_RANGE
 
 
-def plan_shape(soc_version: str, input_name: str, channels: int, height: int,
-               mode: str = "auto", min_batch: int = 1, max_batch: int = 16,
-               min_width: int = 32, max_width: int = 320,
-               width_gears: Sequence[int] | None = None,
-               min_accepted_width: int = 1) -> ShapePlan:
+def plan_shape(
+    soc_version: str,
+    input_name: str,
+    channels: int,
+    height: int,
+    mode: str = "auto",
+    min_batch: int = 1,
+    max_batch: int = 16,
+    min_width: int = 32,
+    max_width: int = 320,
+    width_gears: Sequence[int] | None = None,
+    min_accepted_width: int = 1,
+) -> ShapePlan:
     """Validate the requested ranges for a ``[batch, channels, height, width]`` input and
     choose range or gear mode.
 
@@ -145,17 +163,22 @@ def plan_shape(soc_version: str, input_name: str, channels: int, height: int,
             outside 2..100.
     """
     if not _SOC_PATTERN.match(soc_version):
-        raise ToolchainError(f"SoC version {soc_version!r} does not look like Ascend<NNN>[suffix], "
-                             "e.g. Ascend310P3 (see `npu-smi info`)")
+        raise ToolchainError(
+            f"SoC version {soc_version!r} does not look like Ascend<NNN>[suffix], "
+            "e.g. Ascend310P3 (see `npu-smi info`)"
+        )
     if mode not in MODES:
         raise ToolchainError(f"mode {mode!r} is unknown; use one of {MODES}")
     if not 1 <= min_batch <= max_batch:
-        raise ToolchainError(f"batch range {min_batch}~{max_batch} is invalid: need 1 <= min <= max")
+        raise ToolchainError(
+            f"batch range {min_batch}~{max_batch} is invalid: need 1 <= min <= max"
+        )
     if min_width > max_width:
         raise ToolchainError(f"width range {min_width}~{max_width} is invalid: min > max")
     if min_width < min_accepted_width:
-        raise ToolchainError(f"min width {min_width} is below the network's minimum input width "
-                             f"{min_accepted_width}")
+        raise ToolchainError(
+            f"min width {min_width} is below the network's minimum input width {min_accepted_width}"
+        )
     if mode == "auto":
         mode = "range" if supports_shape_range(soc_version) else "gears"
         if mode == "gears":
@@ -167,10 +190,13 @@ def plan_shape(soc_version: str, input_name: str, channels: int, height: int,
         return ShapePlan("range", (InputPlan(input_name, dims),))
     gears = sorted(set(width_gears)) if width_gears else _default_gears(min_width, max_width)
     if not MIN_GEARS <= len(gears) <= MAX_GEARS:
-        raise ToolchainError(f"{len(gears)} width gears given; ATC needs {MIN_GEARS} to {MAX_GEARS}")
+        raise ToolchainError(
+            f"{len(gears)} width gears given; ATC needs {MIN_GEARS} to {MAX_GEARS}"
+        )
     if gears[0] < min_accepted_width:
-        raise ToolchainError(f"gear {gears[0]} is below the network's minimum input width "
-                             f"{min_accepted_width}")
+        raise ToolchainError(
+            f"gear {gears[0]} is below the network's minimum input width {min_accepted_width}"
+        )
     dims = (max_batch, channels, height, -1)
     return ShapePlan("gears", (InputPlan(input_name, dims),), tuple((g,) for g in gears))
 
@@ -182,9 +208,15 @@ def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
     return gears
 
 
-def build_atc_command(model: str | Path, output: str | Path, soc_version: str,
-                      plan: ShapePlan, log_level: str = "error",
-                      precision_mode: str | None = None, atc: str = "atc") -> list[str]:
+def build_atc_command(
+    model: str | Path,
+    output: str | Path,
+    soc_version: str,
+    plan: ShapePlan,
+    log_level: str = "error",
+    precision_mode: str | None = None,
+    atc: str = "atc",
+) -> list[str]:
     """The ATC argv for ``model`` (a pure function: nothing is checked on disk).
 
     Returns:
@@ -194,8 +226,14 @@ def build_atc_command(model: str | Path, output: str | Path, soc_version: str,
         gear's values are comma-separated when several dimensions take them.
     """
     shapes = ";".join(f"{i.name}:{i.atc_dims()}" for i in plan.inputs)
-    argv = [atc, f"--model={model}", "--framework=5", f"--output={output}",
-            "--input_format=ND", f"--input_shape={shapes}"]
+    argv = [
+        atc,
+        f"--model={model}",
+        "--framework=5",
+        f"--output={output}",
+        "--input_format=ND",
+        f"--input_shape={shapes}",
+    ]
     if plan.mode == "gears":
         argv.append("--dynamic_dims=" + ";".join(",".join(map(str, g)) for g in plan.gears))
     argv += [f"--log={log_level}", f"--soc_version={soc_version}"]
@@ -218,8 +256,10 @@ def find_om(output: str | Path) -> Path:
     if suffixed:
         return suffixed[0]
     present = sorted(p.name for p in output.parent.glob("*.om")) if output.parent.is_dir() else []
-    raise ToolchainError(f"ATC reported success but wrote neither {exact.name} nor "
-                         f"{output.name}_linux_<arch>.om in {output.parent}; present: {present}")
+    raise ToolchainError(
+        f"ATC reported success but wrote neither {exact.name} nor "
+        f"{output.name}_linux_<arch>.om in {output.parent}; present: {present}"
+    )
 
 
 def run_atc(argv: list[str], output: str | Path) -> Path:
@@ -240,41 +280,69 @@ def run_atc(argv: list[str], output: str | Path) -> Path:
     return find_om(output)
 
 
-def write_sidecar(om_path: Path, plan: ShapePlan, spec: ModelSpec, soc_version: str,
-                  argv: list[str], onnx_path: Path) -> Path:
+def write_sidecar(
+    om_path: Path,
+    plan: ShapePlan,
+    spec: ModelSpec,
+    soc_version: str,
+    argv: list[str],
+    onnx_path: Path,
+) -> Path:
     """Write ``<om stem>.json`` with everything inference needs; return its path.
 
     Keys: ``mode``, ``inputs`` and ``gears`` (:meth:`ShapePlan.to_dict`), ``soc_version``,
     ``onnx``, ``atc_command`` and ``model`` (the model description).
     """
     sidecar = om_path.with_suffix(".json")
-    sidecar.write_text(json.dumps({
-        **plan.to_dict(),
-        "soc_version": soc_version,
-        "onnx": str(onnx_path),
-        "atc_command": argv,
-        "model": spec.to_dict(),
-    }, indent=2, ensure_ascii=False))
+    sidecar.write_text(
+        json.dumps(
+            {
+                **plan.to_dict(),
+                "soc_version": soc_version,
+                "onnx": str(onnx_path),
+                "atc_command": argv,
+                "model": spec.to_dict(),
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     return sidecar
 
 
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path, required=True, help="rewritten ONNX (convert.fix)")
-    parser.add_argument("--output", type=Path, required=True,
-                        help="output path without .om (ATC may append _linux_<arch>)")
-    parser.add_argument("--soc-version", "--soc_version", dest="soc_version", required=True,
-                        help="e.g. Ascend310P3 (npu-smi info)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="output path without .om (ATC may append _linux_<arch>)",
+    )
+    parser.add_argument(
+        "--soc-version",
+        "--soc_version",
+        dest="soc_version",
+        required=True,
+        help="e.g. Ascend310P3 (npu-smi info)",
+    )
     parser.add_argument("--mode", default="auto", choices=MODES, help="dynamic-shape mode")
     parser.add_argument("--min-batch", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=16,
-                        help="range maximum; the compiled batch in gears mode")
+    parser.add_argument(
+        "--max-batch", type=int, default=16, help="range maximum; the compiled batch in gears mode"
+    )
     parser.add_argument("--min-width", type=int, help="default: from the model description")
     parser.add_argument("--max-width", type=int, help="default: from the model description")
     parser.add_argument("--width-gears", help="comma-separated widths for gears mode")
-    parser.add_argument("--precision-mode", "--precision_mode", dest="precision_mode",
-                        help="e.g. force_fp32 against fp16 LSTM accuracy loss")
-    parser.add_argument("--log", default="error", choices=("debug", "info", "warning", "error", "null"))
+    parser.add_argument(
+        "--precision-mode",
+        "--precision_mode",
+        dest="precision_mode",
+        help="e.g. force_fp32 against fp16 LSTM accuracy loss",
+    )
+    parser.add_argument(
+        "--log", default="error", choices=("debug", "info", "warning", "error", "null")
+    )
     parser.add_argument("--atc", default="atc", help="the ATC executable")
     parser.add_argument("--dry-run", action="store_true", help="print the command only")
     return parser
@@ -283,29 +351,50 @@ def _parser():
 def _run(args) -> int:
     model = load_onnx(args.model)
     if quantization_of(model) is not None:
-        raise ToolchainError(f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
-                             "give atc the fp32 model from convert.fix")
+        raise ToolchainError(
+            f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
+            "give atc the fp32 model from convert.fix"
+        )
     spec = ModelSpec.from_onnx(model, str(args.model))
     min_width = args.min_width or min(spec.min_width, spec.width)
     max_width = args.max_width or max(spec.max_width, spec.width)
     try:
         gears = [int(g) for g in args.width_gears.split(",")] if args.width_gears else None
     except ValueError:
-        raise ToolchainError(f"--width-gears must be comma-separated integers, got {args.width_gears!r}") from None
-    plan = plan_shape(args.soc_version, spec.input_name, spec.channels, spec.height, args.mode,
-                      args.min_batch, args.max_batch, min_width, max_width, gears,
-                      spec.min_input_width)
-    argv = build_atc_command(args.model, args.output, args.soc_version, plan, args.log,
-                             args.precision_mode, args.atc)
+        raise ToolchainError(
+            f"--width-gears must be comma-separated integers, got {args.width_gears!r}"
+        ) from None
+    plan = plan_shape(
+        args.soc_version,
+        spec.input_name,
+        spec.channels,
+        spec.height,
+        args.mode,
+        args.min_batch,
+        args.max_batch,
+        min_width,
+        max_width,
+        gears,
+        spec.min_input_width,
+    )
+    argv = build_atc_command(
+        args.model, args.output, args.soc_version, plan, args.log, args.precision_mode, args.atc
+    )
     print(shlex.join(argv))
     if args.dry_run:
         return 0
     om_path = run_atc(argv, args.output)
     sidecar = write_sidecar(om_path, plan, spec, args.soc_version, argv, args.model)
     shape = plan.inputs[0]
-    print(f"built {om_path} ({plan.mode}: {shape.name} {shape.atc_dims()}"
-          + (f", gears {[g[0] if len(g) == 1 else list(g) for g in plan.gears]}" if plan.gears else "")
-          + f"); sidecar {sidecar}")
+    print(
+        f"built {om_path} ({plan.mode}: {shape.name} {shape.atc_dims()}"
+        + (
+            f", gears {[g[0] if len(g) == 1 else list(g) for g in plan.gears]}"
+            if plan.gears
+            else ""
+        )
+        + f"); sidecar {sidecar}"
+    )
     return 0
 
 

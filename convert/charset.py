@@ -47,9 +47,9 @@ class Charset:
         return len(self.characters) + 1
 
     def class_table(self) -> np.ndarray:
-        """``<U1`` array of length :attr:`num_classes`: the character of each class, ``"\\0"`` at the blank."""
+        """``<U1`` array, one entry a class: its character, ``"\\0"`` at the blank."""
         chars = self.characters
-        return np.array(list(chars[: self.blank] + "\0" + chars[self.blank:]))
+        return np.array(list(chars[: self.blank] + "\0" + chars[self.blank :]))
 
     def decode(self, classes: Iterable[int]) -> str:
         """Text of a sequence of non-blank class indices (already collapsed by CTC decoding).
@@ -75,8 +75,10 @@ class Charset:
         try:
             return [self._index[c] for c in text]
         except KeyError as exc:
-            raise ToolchainError(f"{text!r}: character {exc.args[0]!r} is not in the charset "
-                                 f"({len(self.characters)} characters)") from None
+            raise ToolchainError(
+                f"{text!r}: character {exc.args[0]!r} is not in the charset "
+                f"({len(self.characters)} characters)"
+            ) from None
 
     def unknown(self, text: str) -> list[str]:
         """The characters of ``text`` that are not in the charset, in order of appearance."""

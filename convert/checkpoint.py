@@ -105,7 +105,7 @@ def detect_layout(state: dict[str, torch.Tensor], layouts: tuple[str, ...]) -> s
 
 
 def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Human-readable differences between ``model``'s parameters and ``state`` (first few of each)."""
+    """Readable differences between ``model``'s parameters and ``state`` (the first few of each)."""
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in state and k not in optional]
@@ -116,8 +116,11 @@ def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
         if k in state and state[k].shape != v.shape
     ]
     problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches (checkpoint vs model)", shapes)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint vs model)", shapes),
+    ):
         if items:
             more = f" and {len(items) - 4} more" if len(items) > 4 else ""
             problems.append(f"{title}: {', '.join(items[:4])}{more}")
@@ -162,7 +165,9 @@ def load_checkpoint(
         raise ToolchainError(
             f"{path} does not fit --arch {spec.arch}"
             + (f" --rnn-layout {layout}" if len(layouts) > 1 else "")
-            + ": " + "; ".join(problems) + _suggest(state, spec.arch, layout)
+            + ": "
+            + "; ".join(problems)
+            + _suggest(state, spec.arch, layout)
         )
     model.load_state_dict(state, strict=False)  # strict keys were checked above
     log.info("loaded %s as %s (layout %s, gate order %s)", path, spec.arch, layout, gate_order)

@@ -32,8 +32,10 @@ def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan,
     """
     path = sidecar or om_path.with_suffix(".json")
     if not path.is_file():
-        raise ToolchainError(f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
-                             "`python -m convert.atc` (it writes one) or pass its path with --sidecar")
+        raise ToolchainError(
+            f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
+            "`python -m convert.atc` (it writes one) or pass its path with --sidecar"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -51,13 +53,18 @@ def backend_of(path: str | Path) -> str:
     """
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ToolchainError(f"{path}: unknown model file type {suffix or '(none)'!r}; known: "
-                             f"{', '.join(SUFFIXES)}")
+        raise ToolchainError(
+            f"{path}: unknown model file type {suffix or '(none)'!r}; known: {', '.join(SUFFIXES)}"
+        )
     return SUFFIXES[suffix]
 
 
-def describe(path: str | Path, arch: str | None = None, sidecar: str | Path | None = None,
-             fallback: ModelSpec | None = None) -> ModelSpec:
+def describe(
+    path: str | Path,
+    arch: str | None = None,
+    sidecar: str | Path | None = None,
+    fallback: ModelSpec | None = None,
+) -> ModelSpec:
     """The model description of a model file, without loading an engine.
 
     Args:
@@ -85,17 +92,20 @@ def describe(path: str | Path, arch: str | None = None, sidecar: str | Path | No
         from convert.onnx_io import load_onnx
 
         model = load_onnx(path, load_external_data=False)
-        if arch is None and fallback is not None and not any(
-                p.key.startswith(METADATA_PREFIX) for p in model.metadata_props):
+        if (
+            arch is None
+            and fallback is not None
+            and not any(p.key.startswith(METADATA_PREFIX) for p in model.metadata_props)
+        ):
             log.warning("%s carries no model description; using %s's", path, fallback.arch)
             return fallback
-        if arch is not None and not any(p.key.startswith(METADATA_PREFIX)
-                                        for p in model.metadata_props):
+        if arch is not None and not any(
+            p.key.startswith(METADATA_PREFIX) for p in model.metadata_props
+        ):
             return spec_for_arch(arch)
         return ModelSpec.from_onnx(model, str(path))
     if arch is None:
-        raise ToolchainError(f"{path}: a checkpoint does not say which model it is; give its "
-                             "architecture (--arch)")
+        raise ToolchainError(
+            f"{path}: a checkpoint does not say which model it is; give its architecture (--arch)"
+        )
     return spec_for_arch(arch)
-
-

@@ -1,4 +1,4 @@
-"""Export a CTC recogniser checkpoint (.pth) to a dynamic-shape ONNX model and check it against PyTorch.
+"""Export a CTC recogniser checkpoint (.pth) to dynamic-shape ONNX and check it against PyTorch.
 
 The graph is image in, logits out, with the tensor names, shapes and frames rule of the
 architecture's description (``convert.registry``): for crnn and nano-ocr, input ``imgs``
@@ -40,8 +40,9 @@ DEFAULT_OPSET = 11
 DEFAULT_TOLERANCE = 1e-4
 
 
-def export_onnx(model: nn.Module, spec: ModelSpec, output: str | Path,
-                opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(
+    model: nn.Module, spec: ModelSpec, output: str | Path, opset: int = DEFAULT_OPSET
+) -> Path:
     """Export ``model`` with dynamic batch and width and embed ``spec`` in the metadata.
 
     Uses the TorchScript exporter (``dynamo=False``): its opset-11 LSTM export is what ATC
@@ -59,17 +60,23 @@ def export_onnx(model: nn.Module, spec: ModelSpec, output: str | Path,
         # the parity check below is what tells whether the export is right.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (dummy,), str(output),
-            input_names=[spec.input_name], output_names=[spec.output_name],
-            dynamic_axes={spec.input_name: {0: "batch", 3: "width"},
-                          spec.output_name: output_axes},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
+            model,
+            (dummy,),
+            str(output),
+            input_names=[spec.input_name],
+            output_names=[spec.output_name],
+            dynamic_axes={spec.input_name: {0: "batch", 3: "width"}, spec.output_name: output_axes},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
     proto = onnx.load(str(output))
     onnx.helper.set_model_props(proto, spec.to_metadata())
     frames = f"W//{spec.downsample}+{spec.frame_offset}"
-    proto.doc_string = (f"{spec.arch}: {spec.input_name} [N,{spec.channels},{spec.height},W] -> "
-                        f"{spec.output_kind} {spec.output_layout} ({frames} frames)")
+    proto.doc_string = (
+        f"{spec.arch}: {spec.input_name} [N,{spec.channels},{spec.height},W] -> "
+        f"{spec.output_kind} {spec.output_layout} ({frames} frames)"
+    )
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(output))
     return output
@@ -81,9 +88,14 @@ def parity_pairs(spec: ModelSpec) -> list[tuple[int, int]]:
     return [(1, narrow), (2, spec.width), (3, max(320, spec.max_width)), (1, narrow + 25)]
 
 
-def check_parity(model: nn.Module, onnx_path: str | Path, spec: ModelSpec,
-                 pairs: Sequence[tuple[int, int]], tolerance: float = DEFAULT_TOLERANCE,
-                 seed: int = 0) -> list[tuple[int, int, float]]:
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    spec: ModelSpec,
+    pairs: Sequence[tuple[int, int]],
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> list[tuple[int, int, float]]:
     """Compare ONNX Runtime with PyTorch on the same random inputs.
 
     Returns:
@@ -119,35 +131,62 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("checkpoint", type=Path, help="the .pth file")
     parser.add_argument("output", type=Path, help="the .onnx file to write")
-    parser.add_argument("--arch", required=True,
-                        help=f"architecture: {', '.join(n for n, e in ARCHS.items() if e.build)}")
+    parser.add_argument(
+        "--arch",
+        required=True,
+        help=f"architecture: {', '.join(n for n, e in ARCHS.items() if e.build)}",
+    )
     layouts = sorted({layout for entry in ARCHS.values() for layout in entry.rnn_layouts})
-    parser.add_argument("--rnn-layout", default="auto", choices=("auto", *layouts),
-                        help="recurrent layout of the checkpoint (auto: detected from the keys)")
-    parser.add_argument("--gate-order", default="ifgo", choices=GATE_ORDERS,
-                        help="stored LSTM gate order; igfo for ModelZoo NPU-trained checkpoints")
+    parser.add_argument(
+        "--rnn-layout",
+        default="auto",
+        choices=("auto", *layouts),
+        help="recurrent layout of the checkpoint (auto: detected from the keys)",
+    )
+    parser.add_argument(
+        "--gate-order",
+        default="ifgo",
+        choices=GATE_ORDERS,
+        help="stored LSTM gate order; igfo for ModelZoo NPU-trained checkpoints",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="max absolute logit difference allowed against PyTorch")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow pickled Python objects in the checkpoint (trusted files only)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="max absolute logit difference allowed against PyTorch",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled Python objects in the checkpoint (trusted files only)",
+    )
     return parser
 
 
 def _run(args) -> int:
     spec = spec_for_arch(args.arch)
     if arch_entry(args.arch).build is None:
-        raise ToolchainError(f"{args.arch} has no PyTorch definition here (it ships as ONNX: "
-                             f"python -m convert.weights fetch {args.arch})")
-    model = load_checkpoint(args.checkpoint, spec, rnn_layout=args.rnn_layout,
-                            gate_order=args.gate_order, trust=args.trust_checkpoint)
+        raise ToolchainError(
+            f"{args.arch} has no PyTorch definition here (it ships as ONNX: "
+            f"python -m convert.weights fetch {args.arch})"
+        )
+    model = load_checkpoint(
+        args.checkpoint,
+        spec,
+        rnn_layout=args.rnn_layout,
+        gate_order=args.gate_order,
+        trust=args.trust_checkpoint,
+    )
     path = export_onnx(model, spec, args.output, opset=args.opset)
     results = check_parity(model, path, spec, parity_pairs(spec), tolerance=args.tolerance)
     for batch, width, diff in results:
         print(f"parity batch={batch} width={width}: max |onnxruntime - torch| = {diff:.2e}")
     worst = max(d for _, _, d in results)
-    print(f"exported {args.checkpoint} -> {path} (arch {spec.arch}, opset {args.opset}, "
-          f"{spec.num_classes} classes, logits); worst difference {worst:.2e} <= {args.tolerance:g}")
+    print(
+        f"exported {args.checkpoint} -> {path} (arch {spec.arch}, opset {args.opset}, "
+        f"{spec.num_classes} classes, logits); worst difference {worst:.2e} <= {args.tolerance:g}"
+    )
     return 0
 
 

@@ -69,51 +69,84 @@ def _build_nano(spec: ModelSpec, rnn_layout: str):
     return NanoOCR(spec.num_classes).eval()
 
 
-ARCHS: dict[str, ArchEntry] = {entry.name: entry for entry in (
-    ArchEntry(
-        name="crnn",
-        summary="reference CRNN (Shi et al. 2017; meijieru crnn.pytorch, Ascend ModelZoo), 0-9a-z",
-        # Trained at 32x100 on lower-case alphanumerics.
-        spec=ModelSpec(arch="crnn", alphabet="0123456789abcdefghijklmnopqrstuvwxyz",
-                       width_policy="fixed", width=100, min_width=32, max_width=320),
-        build=_build_crnn,
-        rnn_layouts=("meijieru", "modelzoo"),
-    ),
-    ArchEntry(
-        name="nano-ocr",
-        summary="nano-ocr 0.1.0 CRNN (MIT), 65 characters",
-        # Trained at fixed 32x128 with bilinear resizing. The default policy, keep-ratio
-        # clamped to [96, 192], was chosen by measurement on IIIT5K (`python -m
-        # bench.width_policy`): 0.7927 against 0.7760 for fixed 128; see the README.
-        spec=ModelSpec(arch="nano-ocr",
-                       alphabet="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.- ",
-                       width_policy="keep-ratio", width=128, min_width=96, max_width=192),
-        build=_build_nano,
-        weights=WeightSource(
-            package="nano-ocr", version="0.1.0", member="nano_ocr/model/nano_ocr_ftr.pth",
-            sha256="2d105c6901b4afe816fe8f85aa32ef85a6336f2e4d96c04692bb08b7de9758ba",
-            license="MIT", filename="nano_ocr_ftr.pth"),
-    ),
-    ArchEntry(
-        name="ppocr-v4-rec",
-        summary="PP-OCRv4 recogniser (SVTR-LCNet + CTC, Apache-2.0) from RapidOCR 1.4.4, 6624 characters",
-        # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels (RapidOCR and
-        # PaddleOCR read images with cv2.imread); output softmax probabilities [N, W//8, 6625];
-        # blank 0, the charset in the ONNX metadata key `character` plus a space, appended
-        # last. The width policy was chosen with `python -m bench.width_policy`: see the README.
-        spec=ModelSpec(arch="ppocr-v4-rec", alphabet="", input_name="x",
-                       output_name="softmax_11.tmp_0", height=48, channels=3,
-                       channel_order="bgr", width_policy="keep-ratio", width=320,
-                       min_width=48, max_width=480, output_layout="NTC",
-                       output_kind="probabilities", downsample=8, frame_offset=0,
-                       min_input_width=8),
-        weights=WeightSource(
-            package="rapidocr-onnxruntime", version="1.4.4",
-            member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-            sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
-            license="Apache-2.0", filename="ppocr_v4_rec.onnx"),
-    ),
-)}
+ARCHS: dict[str, ArchEntry] = {
+    entry.name: entry
+    for entry in (
+        ArchEntry(
+            name="crnn",
+            summary="reference CRNN (Shi et al. 2017; crnn.pytorch, Ascend ModelZoo), 0-9a-z",
+            # Trained at 32x100 on lower-case alphanumerics.
+            spec=ModelSpec(
+                arch="crnn",
+                alphabet="0123456789abcdefghijklmnopqrstuvwxyz",
+                width_policy="fixed",
+                width=100,
+                min_width=32,
+                max_width=320,
+            ),
+            build=_build_crnn,
+            rnn_layouts=("meijieru", "modelzoo"),
+        ),
+        ArchEntry(
+            name="nano-ocr",
+            summary="nano-ocr 0.1.0 CRNN (MIT), 65 characters",
+            # Trained at fixed 32x128 with bilinear resizing. The default policy, keep-ratio
+            # clamped to [96, 192], was chosen by measurement on IIIT5K (`python -m
+            # bench.width_policy`): 0.7927 against 0.7760 for fixed 128; see the README.
+            spec=ModelSpec(
+                arch="nano-ocr",
+                alphabet="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.- ",
+                width_policy="keep-ratio",
+                width=128,
+                min_width=96,
+                max_width=192,
+            ),
+            build=_build_nano,
+            weights=WeightSource(
+                package="nano-ocr",
+                version="0.1.0",
+                member="nano_ocr/model/nano_ocr_ftr.pth",
+                sha256="2d105c6901b4afe816fe8f85aa32ef85a6336f2e4d96c04692bb08b7de9758ba",
+                license="MIT",
+                filename="nano_ocr_ftr.pth",
+            ),
+        ),
+        ArchEntry(
+            name="ppocr-v4-rec",
+            summary="PP-OCRv4 recogniser (SVTR-LCNet, CTC; Apache-2.0), RapidOCR 1.4.4, 6624 chars",
+            # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels (RapidOCR and
+            # PaddleOCR read images with cv2.imread); output softmax probabilities [N, W//8, 6625];
+            # blank 0, the charset in the ONNX metadata key `character` plus a space, appended
+            # last. The width policy was chosen with `python -m bench.width_policy`: see the README.
+            spec=ModelSpec(
+                arch="ppocr-v4-rec",
+                alphabet="",
+                input_name="x",
+                output_name="softmax_11.tmp_0",
+                height=48,
+                channels=3,
+                channel_order="bgr",
+                width_policy="keep-ratio",
+                width=320,
+                min_width=48,
+                max_width=480,
+                output_layout="NTC",
+                output_kind="probabilities",
+                downsample=8,
+                frame_offset=0,
+                min_input_width=8,
+            ),
+            weights=WeightSource(
+                package="rapidocr-onnxruntime",
+                version="1.4.4",
+                member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+                license="Apache-2.0",
+                filename="ppocr_v4_rec.onnx",
+            ),
+        ),
+    )
+}
 
 
 def arch_entry(name: str) -> ArchEntry:
@@ -137,8 +170,10 @@ def spec_for_arch(name: str) -> ModelSpec:
     """
     entry = arch_entry(name)
     if not entry.spec.alphabet:
-        raise ToolchainError(f"{name}'s charset ships with its weights: run `python -m "
-                             f"convert.weights fetch {name}` and use the file it prints")
+        raise ToolchainError(
+            f"{name}'s charset ships with its weights: run `python -m "
+            f"convert.weights fetch {name}` and use the file it prints"
+        )
     return entry.spec
 
 
@@ -157,6 +192,8 @@ def build_model(spec: ModelSpec, rnn_layout: str | None = None):
         raise ToolchainError(f"{spec.arch} has no PyTorch definition here (it ships as ONNX)")
     layout = rnn_layout or entry.rnn_layouts[0]
     if layout not in entry.rnn_layouts:
-        raise ToolchainError(f"{spec.arch} has no recurrent layout {layout!r}; its layouts: "
-                             f"{', '.join(entry.rnn_layouts)}")
+        raise ToolchainError(
+            f"{spec.arch} has no recurrent layout {layout!r}; its layouts: "
+            f"{', '.join(entry.rnn_layouts)}"
+        )
     return entry.build(spec, layout)

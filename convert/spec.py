@@ -39,7 +39,9 @@ OUTPUT_KINDS = ("logits", "probabilities")
 
 def quantization_of(model) -> dict | None:
     """The settings ``infer.quantize`` recorded in a loaded ``onnx.ModelProto``; None for fp32."""
-    value = next((p.value for p in model.metadata_props if p.key == QUANTIZATION_METADATA_KEY), None)
+    value = next(
+        (p.value for p in model.metadata_props if p.key == QUANTIZATION_METADATA_KEY), None
+    )
     return None if value is None else json.loads(value)
 
 
@@ -117,7 +119,7 @@ class ModelSpec:
         return self.output_layout == "TNC"
 
     def frames(self, width: int) -> int:
-        """Number of CTC frames T for an input ``width`` in pixels: ``width // downsample + frame_offset``.
+        """CTC frames T for an input ``width`` in pixels: ``width // downsample + frame_offset``.
 
         crnn and nano-ocr: two 2x2/2 pools give ``w // 4``, two (2,2)/(2,1) pools with
         padding (0,1) add one column each, the final 2x2 convolution removes one:
@@ -158,10 +160,12 @@ class ModelSpec:
 
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
+
         def choice(name: str, allowed) -> None:
             if getattr(self, name) not in allowed:
-                raise ToolchainError(f"{name} {getattr(self, name)!r} is unknown; use one of "
-                                     f"{tuple(allowed)}")
+                raise ToolchainError(
+                    f"{name} {getattr(self, name)!r} is unknown; use one of {tuple(allowed)}"
+                )
 
         choice("width_policy", WIDTH_POLICIES)
         choice("resample", RESAMPLE_FILTERS)
@@ -169,8 +173,10 @@ class ModelSpec:
         choice("output_layout", OUTPUT_LAYOUTS)
         choice("output_kind", OUTPUT_KINDS)
         if self.channels != CHANNEL_ORDERS[self.channel_order]:
-            raise ToolchainError(f"channel order {self.channel_order!r} has "
-                                 f"{CHANNEL_ORDERS[self.channel_order]} channels, not {self.channels}")
+            raise ToolchainError(
+                f"channel order {self.channel_order!r} has "
+                f"{CHANNEL_ORDERS[self.channel_order]} channels, not {self.channels}"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != self.channels:
@@ -178,17 +184,20 @@ class ModelSpec:
         if self.downsample < 1 or self.min_input_width < 1 or self.height < 1:
             raise ToolchainError("downsample, min_input_width and height must be >= 1")
         if self.frames(self.min_input_width) < 1:
-            raise ToolchainError(f"the frames rule gives no frame at the minimum input width "
-                                 f"{self.min_input_width}")
+            raise ToolchainError(
+                f"the frames rule gives no frame at the minimum input width {self.min_input_width}"
+            )
         if not self.min_input_width <= self.min_width <= self.max_width:
             raise ToolchainError(
                 f"width range [{self.min_width}, {self.max_width}] is invalid: need "
-                f"{self.min_input_width} <= min_width <= max_width")
+                f"{self.min_input_width} <= min_width <= max_width"
+            )
         if self.width_step < 1:
             raise ToolchainError(f"width step {self.width_step} must be >= 1")
         if self.width < self.min_input_width:
-            raise ToolchainError(f"width {self.width} is below the network's minimum of "
-                                 f"{self.min_input_width}")
+            raise ToolchainError(
+                f"width {self.width} is below the network's minimum of {self.min_input_width}"
+            )
         Charset(self.alphabet, self.blank)  # repeats and the blank's range
 
     def replace(self, **changes) -> ModelSpec:
@@ -224,8 +233,10 @@ class ModelSpec:
 
     def to_metadata(self) -> dict[str, str]:
         """Key/value strings for ONNX ``metadata_props`` (values JSON-encoded)."""
-        return {METADATA_PREFIX + k: json.dumps(v, ensure_ascii=False)
-                for k, v in self.to_dict().items()}
+        return {
+            METADATA_PREFIX + k: json.dumps(v, ensure_ascii=False)
+            for k, v in self.to_dict().items()
+        }
 
     @classmethod
     def from_metadata(cls, props: dict[str, str], source: str) -> ModelSpec:
@@ -236,19 +247,20 @@ class ModelSpec:
                 ``convert.pth2onnx`` nor fetched by ``convert.weights``).
         """
         data = {
-            k[len(METADATA_PREFIX):]: json.loads(v)
+            k[len(METADATA_PREFIX) :]: json.loads(v)
             for k, v in props.items()
             if k.startswith(METADATA_PREFIX)
         }
         if not data:
             raise ToolchainError(
                 f"{source} carries no model description in its metadata (it was neither "
-                "exported by convert.pth2onnx nor fetched by convert.weights)")
+                "exported by convert.pth2onnx nor fetched by convert.weights)"
+            )
         return cls.from_dict(data, source)
 
     @classmethod
     def from_onnx(cls, model, source: str) -> ModelSpec:
-        """The description in a loaded ``onnx.ModelProto``'s metadata (see :meth:`from_metadata`)."""
+        """The description in a loaded ``onnx.ModelProto``'s metadata (:meth:`from_metadata`)."""
         return cls.from_metadata({p.key: p.value for p in model.metadata_props}, source)
 
 

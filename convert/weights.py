@@ -81,7 +81,9 @@ def _download_member(source: WeightSource, target: Path) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             tail = proc.stderr.strip().splitlines()[-3:]
-            raise ToolchainError(f"pip download {spec} failed ({proc.returncode}): {' | '.join(tail)}")
+            raise ToolchainError(
+                f"pip download {spec} failed ({proc.returncode}): {' | '.join(tail)}"
+            )
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ToolchainError(f"pip download {spec} produced no wheel in {tmp}")
@@ -92,8 +94,9 @@ def _download_member(source: WeightSource, target: Path) -> None:
     digest = sha256_of(target)
     if digest != source.sha256:
         target.unlink()
-        raise ToolchainError(f"{source.member} from {spec} has sha256 {digest}, "
-                             f"expected {source.sha256}")
+        raise ToolchainError(
+            f"{source.member} from {spec} has sha256 {digest}, expected {source.sha256}"
+        )
 
 
 def describe_ppocr_rec(model_path: Path, output: Path) -> None:
@@ -119,8 +122,10 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
     spec = arch_entry("ppocr-v4-rec").spec.replace(alphabet=charset.characters)
     classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     if classes != spec.num_classes:
-        raise ToolchainError(f"{model_path}: {classes} output classes for a charset of "
-                             f"{spec.num_classes - 1} characters + blank")
+        raise ToolchainError(
+            f"{model_path}: {classes} output classes for a charset of "
+            f"{spec.num_classes - 1} characters + blank"
+        )
     props.update(spec.to_metadata())
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(output))
@@ -152,8 +157,14 @@ def fetch(name: str) -> Path:
         else:
             member.replace(partial)
         partial.replace(target)  # appears whole or not at all
-    log.info("fetched %s (%s==%s, %s licence) -> %s", source.member, source.package,
-             source.version, source.license, target)
+    log.info(
+        "fetched %s (%s==%s, %s licence) -> %s",
+        source.member,
+        source.package,
+        source.version,
+        source.license,
+        target,
+    )
     return target
 
 

@@ -56,8 +56,11 @@ def _run(args) -> int:
     result = compare(read_predictions(args.first), read_predictions(args.second))
     for index, a, b in result["examples"]:
         print(f"  sample {index}: {a!r} vs {b!r}")
-    print(f"{result['differ']} of {result['common']} common samples decode differently "
-          f"({result['only_first']} only in the first file, {result['only_second']} only in the second)")
+    print(
+        f"{result['differ']} of {result['common']} common samples decode differently "
+        f"({result['only_first']} only in the first file, "
+        f"{result['only_second']} only in the second)"
+    )
     return 0
 
 

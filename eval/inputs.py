@@ -99,7 +99,9 @@ def read_label_file(path: Path) -> dict[int, str]:
             continue
         match = _LABEL_LINE.match(line)
         if match is None:
-            raise ToolchainError(f"{path}:{number}: expected 'test_<index>.npy:<label>', got {line!r}")
+            raise ToolchainError(
+                f"{path}:{number}: expected 'test_<index>.npy:<label>', got {line!r}"
+            )
         labels[int(match.group(1))] = match.group(2)
     return labels
 
@@ -119,17 +121,29 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            samples = [Sample(s["index"], s["label"], s["file"], s["row"], s["width"])
-                       for s in manifest["samples"]]
+            samples = [
+                Sample(s["index"], s["label"], s["file"], s["row"], s["width"])
+                for s in manifest["samples"]
+            ]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ToolchainError(f"{manifest_path}: not a parse_testdata manifest ({exc!r})") from exc
+            raise ToolchainError(
+                f"{manifest_path}: not a parse_testdata manifest ({exc!r})"
+            ) from exc
         failed = [{**f, "stage": "preprocess"} for f in manifest.get("failed", [])]
-        result = InputSet(folder, samples, failed, manifest.get("model"), manifest.get("policy"),
-                          manifest.get("num_samples", len(samples) + len(failed)))
+        result = InputSet(
+            folder,
+            samples,
+            failed,
+            manifest.get("model"),
+            manifest.get("policy"),
+            manifest.get("num_samples", len(samples) + len(failed)),
+        )
     else:
         if labels is None:
-            raise ToolchainError(f"{folder}: no manifest.json; pass --label label.txt for a "
-                                 "ModelZoo-style folder of test_<index>.npy files")
+            raise ToolchainError(
+                f"{folder}: no manifest.json; pass --label label.txt for a "
+                "ModelZoo-style folder of test_<index>.npy files"
+            )
         samples = []
         for path in sorted(folder.glob("test_*.npy")):
             index = int(path.stem.split("_", 1)[1])
@@ -144,8 +158,9 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
     if labels is not None:
         missing = [s.index for s in result.samples if s.index not in labels]
         if missing:
-            raise ToolchainError(f"{label_file}: no label for {len(missing)} samples, e.g. "
-                                 f"test_{missing[0]}.npy")
+            raise ToolchainError(
+                f"{label_file}: no label for {len(missing)} samples, e.g. test_{missing[0]}.npy"
+            )
         for sample in result.samples:
             sample.label = labels[sample.index]
     return result

@@ -9,7 +9,8 @@ Metrics:
     word accuracy: exact matches / samples.
     1 - NED: ICDAR 2019 (ArT, ReCTS, LSVT) normalised edit distance,
         ``1 - mean(lev(p, g) / max(|p|, |g|))``, a pair of empty strings counting 0.
-    CER: character error rate, ``sum(lev(p, g)) / sum(|g|)``.
+    CER: character error rate, ``sum(lev(p, g)) / sum(|g|)``; None where the labels hold
+        no character but the predictions do (undefined: errors over nothing).
 Edit distances come from rapidfuzz (uniform Levenshtein weights).
 """
 
@@ -20,7 +21,9 @@ from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
 
-PROTOCOL = "lower-case both sides, keep only 0-9a-z (deep-text-recognition-benchmark/MMOCR/PaddleOCR)"
+PROTOCOL = (
+    "lower-case both sides, keep only 0-9a-z (deep-text-recognition-benchmark/MMOCR/PaddleOCR)"
+)
 _OUTSIDE_ALNUM = re.compile(r"[^0-9a-z]")
 
 
@@ -34,7 +37,9 @@ def is_correct(prediction: str, label: str) -> bool:
     return field_protocol(prediction) == field_protocol(label)
 
 
-def recognition_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:
+def recognition_metrics(
+    predictions: Sequence[str], labels: Sequence[str]
+) -> dict[str, float | int | None]:
     """Scores of ``predictions`` against ``labels`` (same length, same order).
 
     Returns:
@@ -60,12 +65,13 @@ def recognition_metrics(predictions: Sequence[str], labels: Sequence[str]) -> di
         "correct_case_sensitive": correct_cs,
         "accuracy_case_sensitive": correct_cs / count if count else 0.0,
         "one_minus_ned": 1.0 - ned / count if count else 0.0,
-        "cer": edits / chars if chars else 0.0,
+        "cer": edits / chars if chars else (None if edits else 0.0),
     }
 
 
-def accuracy_by_width(widths: Sequence[int], correct: Sequence[bool],
-                      bucket: int = 32) -> dict[str, dict[str, float | int]]:
+def accuracy_by_width(
+    widths: Sequence[int], correct: Sequence[bool], bucket: int = 32
+) -> dict[str, dict[str, float | int]]:
     """Word accuracy per resized-width bucket of ``bucket`` pixels (``"96-127"``: 96..127 px)."""
     groups: dict[int, list[bool]] = {}
     for width, ok in zip(widths, correct):

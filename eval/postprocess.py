@@ -120,34 +120,53 @@ def write_predictions(path: Path, run: EvalRun) -> None:
 
 def summary_line(report: dict) -> str:
     """One line a person can paste into an issue."""
-    return (f"{report['backend']} {Path(report['model']).name}: word accuracy "
-            f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, lower-case 0-9a-z), "
-            f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
-            f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
-            f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "
-            f"{report['images_per_second']:.0f} img/s (engine sum {report['engine_seconds_sum']:.2f} s, "
-            f"{report['machine']['cores']} cores)")
+    return (
+        f"{report['backend']} {Path(report['model']).name}: word accuracy "
+        f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, lower-case 0-9a-z), "
+        f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
+        f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
+        f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "
+        f"{report['images_per_second']:.0f} img/s "
+        f"(engine sum {report['engine_seconds_sum']:.2f} s, "
+        f"{report['machine']['cores']} cores)"
+    )
 
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--input-npy", "--input_npy", dest="input_npy", type=Path, required=True,
-                        help="parse_testdata output")
+    parser.add_argument(
+        "--input-npy",
+        "--input_npy",
+        dest="input_npy",
+        type=Path,
+        required=True,
+        help="parse_testdata output",
+    )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--onnx-path", "--onnx_path", dest="onnx_path", type=Path,
-                       help="ONNX model (ONNX Runtime)")
-    model.add_argument("--om-path", "--om_path", dest="om_path", type=Path,
-                       help="Ascend .om model (ais_bench)")
+    model.add_argument(
+        "--onnx-path", "--onnx_path", dest="onnx_path", type=Path, help="ONNX model (ONNX Runtime)"
+    )
+    model.add_argument(
+        "--om-path", "--om_path", dest="om_path", type=Path, help="Ascend .om model (ais_bench)"
+    )
     model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch)")
     parser.add_argument("--arch", choices=list(ARCHS), help="architecture of --pth")
     parser.add_argument("--rnn-layout", default="auto", help="recurrent layout of --pth")
-    parser.add_argument("--gate-order", default="ifgo", choices=GATE_ORDERS,
-                        help="stored LSTM gate order of --pth")
-    parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for --om-path, "
-                                         "else cpu)")
-    parser.add_argument("--sidecar", type=Path, help="sidecar JSON of --om-path (default: beside it)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores)")
-    parser.add_argument("--label", type=Path, help="ModelZoo label.txt instead of the manifest's labels")
+    parser.add_argument(
+        "--gate-order", default="ifgo", choices=GATE_ORDERS, help="stored LSTM gate order of --pth"
+    )
+    parser.add_argument(
+        "--device", help="cpu, cuda or npu:N (default: npu:0 for --om-path, else cpu)"
+    )
+    parser.add_argument(
+        "--sidecar", type=Path, help="sidecar JSON of --om-path (default: beside it)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="ONNX Runtime intra-op threads (default: cores)"
+    )
+    parser.add_argument(
+        "--label", type=Path, help="ModelZoo label.txt instead of the manifest's labels"
+    )
     parser.add_argument("--decoder", default="greedy", choices=DECODERS)
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of the first batch")
@@ -162,11 +181,21 @@ def evaluate_folder(args) -> dict[str, object]:
     inputs = load_input_set(args.input_npy, args.label)
     if args.pth and not args.arch:
         raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
-    fallback = (ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
-                if inputs.model else None)
-    runner, spec = open_model(model_path, args.device, threads=args.threads,
-                              sidecar=args.sidecar, arch=args.arch, rnn_layout=args.rnn_layout,
-                              gate_order=args.gate_order, fallback=fallback)
+    fallback = (
+        ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
+        if inputs.model
+        else None
+    )
+    runner, spec = open_model(
+        model_path,
+        args.device,
+        threads=args.threads,
+        sidecar=args.sidecar,
+        arch=args.arch,
+        rnn_layout=args.rnn_layout,
+        gate_order=args.gate_order,
+        fallback=fallback,
+    )
     check_compatible(spec, inputs.model, str(model_path))
     with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
         run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
@@ -182,8 +211,9 @@ def evaluate_folder(args) -> dict[str, object]:
 def _run(args) -> int:
     report = evaluate_folder(args)
     for failure in report["failures"][:5]:
-        log.warning("sample %d failed (%s): %s", failure["index"], failure.get("stage"),
-                    failure["reason"])
+        log.warning(
+            "sample %d failed (%s): %s", failure["index"], failure.get("stage"), failure["reason"]
+        )
     print(summary_line(report))
     return 0 if report["scored"] else 1
 

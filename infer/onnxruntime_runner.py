@@ -64,8 +64,10 @@ class OnnxRuntimeRunner(Runner):
         provider = PROVIDERS[self.device]
         if provider not in ort.get_available_providers():
             raise ToolchainError(
-                f"{provider} is not available in this onnxruntime ({ort.get_available_providers()});"
-                " install onnxruntime-gpu matching your CUDA for --device cuda")
+                f"{provider} is not available in this onnxruntime "
+                f"({ort.get_available_providers()});"
+                " install onnxruntime-gpu matching your CUDA for --device cuda"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -79,8 +81,11 @@ class OnnxRuntimeRunner(Runner):
 
     def input_specs(self) -> list[InputSpec]:
         return [
-            InputSpec(i.name, np.dtype(_DTYPES.get(i.type, np.float32)),
-                      tuple(d if isinstance(d, int) else None for d in i.shape))
+            InputSpec(
+                i.name,
+                np.dtype(_DTYPES.get(i.type, np.float32)),
+                tuple(d if isinstance(d, int) else None for d in i.shape),
+            )
             for i in self.session.get_inputs()
         ]
 

@@ -4,7 +4,7 @@ The suffix chooses the backend (ultralytics' one table):
 
 | suffix | backend | description from |
 | --- | --- | --- |
-| ``.onnx`` | ONNX Runtime (``cpu``, ``cuda``) | the ONNX metadata (``convert.pth2onnx``, ``convert.weights``) |
+| ``.onnx`` | ONNX Runtime (``cpu``, ``cuda``) | ONNX metadata (convert.pth2onnx, convert.weights) |
 | ``.om`` | ais_bench (``npu:N``) | the sidecar JSON ``convert.atc`` writes |
 | ``.pth``, ``.pt`` | PyTorch (``cpu``, ``cuda``) | the architecture's registry entry (``arch``) |
 
@@ -58,10 +58,18 @@ def parse_device(text: str) -> Device:
     return Device("npu", int(match.group(2) or match.group(3)))
 
 
-def open_model(path: str | Path, device: str | Device | None = None, *, threads: int | None = None,
-               sidecar: str | Path | None = None, arch: str | None = None,
-               rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False,
-               fallback: ModelSpec | None = None) -> tuple[Runner, ModelSpec]:
+def open_model(
+    path: str | Path,
+    device: str | Device | None = None,
+    *,
+    threads: int | None = None,
+    sidecar: str | Path | None = None,
+    arch: str | None = None,
+    rnn_layout: str = "auto",
+    gate_order: str = "ifgo",
+    trust: bool = False,
+    fallback: ModelSpec | None = None,
+) -> tuple[Runner, ModelSpec]:
     """The runner (not yet loaded) for a model file and the model's description.
 
     Args:
@@ -87,8 +95,9 @@ def open_model(path: str | Path, device: str | Device | None = None, *, threads:
         raise ToolchainError(
             f"{path.name} runs on {backend}, which takes device "
             f"{' or '.join(d if d != 'npu' else 'npu:N' for d in BACKEND_DEVICES[backend])}, "
-            f"not {device}" + ("; build an .om with convert.atc for the NPU"
-                               if device.kind == "npu" else ""))
+            f"not {device}"
+            + ("; build an .om with convert.atc for the NPU" if device.kind == "npu" else "")
+        )
     spec = describe(path, arch, sidecar, fallback)
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(path, device.kind, threads), spec

@@ -125,7 +125,8 @@ def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | 
             failed.append({"index": index, "reason": reason})
     if not images:
         raise ToolchainError(f"{lmdb_path}: none of the first {wanted} samples could be used "
-                             f"for calibration (first failure: {failed[0]['reason'] if failed else 'none read'})")
+                             "for calibration (first failure: "
+                             f"{failed[0]['reason'] if failed else 'none read'})")
     batches = [batch for _, batch in batch_inputs(images, spec, batch_size)]
     return CalibrationSet(lmdb_path, batches, len(images), failed)
 
@@ -150,8 +151,9 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray],
-               input_name: str) -> tuple[float, float]:
+def compare_on(
+    fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray], input_name: str
+) -> tuple[float, float]:
     """(frame-wise arg-max agreement, max absolute output difference) of two models.
 
     Both models take the batches (float32 ``[B, C, H, W]``) as ``input_name`` and return
@@ -170,9 +172,14 @@ def compare_on(fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray],
     return same / frames, worst
 
 
-def quantize_model(source: str | Path, output: str | Path, calibration: CalibrationSet,
-                   per_channel: bool = True, reduce_range: bool = True,
-                   min_agreement: float = 0.95) -> QuantizationResult:
+def quantize_model(
+    source: str | Path,
+    output: str | Path,
+    calibration: CalibrationSet,
+    per_channel: bool = True,
+    reduce_range: bool = True,
+    min_agreement: float = 0.95,
+) -> QuantizationResult:
     """Quantise ``source`` (fp32 ONNX from convert.pth2onnx/convert.fix) into ``output``.
 
     Raises:
@@ -187,27 +194,43 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
     model = load_onnx(source)
     spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
-        raise ToolchainError(f"{source} is already an int8 model (infer.quantize); "
-                             "quantise the fp32 model from convert.fix")
+        raise ToolchainError(
+            f"{source} is already an int8 model (infer.quantize); "
+            "quantise the fp32 model from convert.fix"
+        )
     metadata = {p.key: p.value for p in model.metadata_props}
     source_opset = _opset(model)
     if source_opset < MIN_OPSET:
-        log.info("converting %s from opset %d to %d for quantisation", source.name,
-                 source_opset, MIN_OPSET)
+        log.info(
+            "converting %s from opset %d to %d for quantisation",
+            source.name,
+            source_opset,
+            MIN_OPSET,
+        )
         from onnx import version_converter
 
         model = version_converter.convert_version(model, MIN_OPSET)
     input_name = spec.input_name
     with tempfile.TemporaryDirectory(prefix="crnn-quantize-") as tmp:
-        fp32, prepared, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        fp32, prepared, int8 = (
+            Path(tmp) / "fp32.onnx",
+            Path(tmp) / "pre.onnx",
+            Path(tmp) / "int8.onnx",
+        )
         onnx.save(model, str(fp32))
         try:
             quant_pre_process(str(fp32), str(prepared))
             quantize_static(
-                str(prepared), str(int8), _Reader(input_name, calibration.batches),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax)
+                str(prepared),
+                str(int8),
+                _Reader(input_name, calibration.batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         except Exception as exc:  # the quantiser raises plain ValueError/RuntimeError/ORT errors
             raise ToolchainError(f"{source}: ONNX Runtime quantisation failed ({exc})") from exc
         agreement, worst = compare_on(fp32, int8, calibration.batches, input_name)
@@ -215,17 +238,26 @@ def quantize_model(source: str | Path, output: str | Path, calibration: Calibrat
             raise ToolchainError(
                 f"{source}: int8 model agrees with fp32 on only {agreement:.2%} of output frames "
                 f"on {calibration.source} (minimum {min_agreement:.2%}); {output} not written. "
-                "Try --per-tensor or --no-reduce-range, or calibrate on data closer to the test set")
+                "Try --per-tensor or --no-reduce-range, or calibrate on data closer to the test set"
+            )
         result = QuantizationResult(
-            output=str(output), source_opset=source_opset, opset=max(source_opset, MIN_OPSET),
-            per_channel=per_channel, reduce_range=reduce_range,
-            calibration=str(calibration.source), calibration_samples=calibration.used,
-            calibration_failed=len(calibration.failed), frame_agreement=agreement,
-            max_abs_logit_diff=worst)
+            output=str(output),
+            source_opset=source_opset,
+            opset=max(source_opset, MIN_OPSET),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            calibration=str(calibration.source),
+            calibration_samples=calibration.used,
+            calibration_failed=len(calibration.failed),
+            frame_agreement=agreement,
+            max_abs_logit_diff=worst,
+        )
         quantised = onnx.load(str(int8))
         kept = {p.key: p.value for p in quantised.metadata_props}
         kept.update(metadata)
-        kept[QUANTIZATION_METADATA_KEY] = json.dumps({k: v for k, v in asdict(result).items() if k != "output"})
+        kept[QUANTIZATION_METADATA_KEY] = json.dumps(
+            {k: v for k, v in asdict(result).items() if k != "output"}
+        )
         onnx.helper.set_model_props(quantised, kept)
         output.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(quantised, str(output))
@@ -236,17 +268,31 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("input", type=Path, help="fp32 ONNX model (convert.fix output)")
     parser.add_argument("output", type=Path, help="int8 ONNX model to write")
-    parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
-                        help="IIIT5K-style lmdb of calibration images ($IIIT5K_CALIB_LMDB); "
-                             "not the test set")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=default_calibration_set(),
+        help="IIIT5K-style lmdb of calibration images ($IIIT5K_CALIB_LMDB); not the test set",
+    )
     parser.add_argument("--samples", type=int, help="use only the first N images (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
-    parser.add_argument("--per-tensor", action="store_true",
-                        help="one scale per weight tensor instead of per output channel")
-    parser.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
-                        default=True, help="7-bit weights (safe on x86 without VNNI)")
-    parser.add_argument("--min-agreement", type=float, default=0.95,
-                        help="least frame-wise arg-max agreement with fp32 on the calibration images")
+    parser.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="one scale per weight tensor instead of per output channel",
+    )
+    parser.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="7-bit weights (safe on x86 without VNNI)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="least frame-wise arg-max agreement with fp32 on the calibration images",
+    )
     return parser
 
 
@@ -256,14 +302,22 @@ def _run(args) -> int:
     calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
     for failure in calibration.failed[:10]:
         log.warning("calibration sample %d skipped: %s", failure["index"], failure["reason"])
-    result = quantize_model(args.input, args.output, calibration, per_channel=not args.per_tensor,
-                            reduce_range=args.reduce_range, min_agreement=args.min_agreement)
-    print(f"quantised {args.input} -> {args.output} (int8 QDQ, "
-          f"{'per-channel' if result.per_channel else 'per-tensor'} weights, opset {result.opset}); "
-          f"calibration {result.calibration_samples} images from {calibration.source}, "
-          f"{result.calibration_failed} skipped; int8 vs fp32 there: frame agreement "
-          f"{result.frame_agreement:.2%}, max |logit diff| {result.max_abs_logit_diff:.3f}; "
-          f"{time.perf_counter() - start:.1f} s")
+    result = quantize_model(
+        args.input,
+        args.output,
+        calibration,
+        per_channel=not args.per_tensor,
+        reduce_range=args.reduce_range,
+        min_agreement=args.min_agreement,
+    )
+    print(
+        f"quantised {args.input} -> {args.output} (int8 QDQ, "
+        f"{'per-channel' if result.per_channel else 'per-tensor'} weights, opset {result.opset}); "
+        f"calibration {result.calibration_samples} images from {calibration.source}, "
+        f"{result.calibration_failed} skipped; int8 vs fp32 there: frame agreement "
+        f"{result.frame_agreement:.2%}, max |logit diff| {result.max_abs_logit_diff:.3f}; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

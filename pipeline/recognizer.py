@@ -197,7 +197,9 @@ class Recognizer:
             while pending:
                 yield finish(pending.popleft())
 
-    def __call__(self, images: Sequence[bytes | Image.Image | np.ndarray]) -> list[Recognition | Failure]:
+    def __call__(
+        self, images: Sequence[bytes | Image.Image | np.ndarray],
+    ) -> list[Recognition | Failure]:
         """Recognise images.
 
         Args:
@@ -219,15 +221,21 @@ class Recognizer:
             sizes.append(size)
             origin.append(position)
         planned = batch_inputs(pixels, self.spec, self.batch_size)
-        batches = ((members, batch, [pixels[m].shape[1] for m in members])
-                   for members, batch in planned)
+        batches = (
+            (members, batch, [pixels[m].shape[1] for m in members]) for members, batch in planned
+        )
         for result in self.recognise_batches(batches):
             for row, member in enumerate(result.key):
                 if result.error is not None:
                     results[origin[member]] = Failure(str(result.error), "infer")
                     continue
                 d = result.decoded[row]
-                results[origin[member]] = Recognition(d.text, d.confidence, d.char_frames,
-                                                      d.frames, pixels[member].shape[1],
-                                                      sizes[member])
+                results[origin[member]] = Recognition(
+                    d.text,
+                    d.confidence,
+                    d.char_frames,
+                    d.frames,
+                    pixels[member].shape[1],
+                    sizes[member],
+                )
         return results

@@ -55,7 +55,7 @@ def plan_batches(widths: Sequence[int], batch_size: int, max_pad: int = 0) -> li
 
 
 def pad_to_batch(images: Sequence[np.ndarray], pad_value: float = PAD_VALUE) -> np.ndarray:
-    """Stack ``[C, H, W_i]`` float32 images into ``[N, C, H, max W_i]``, right-padded with ``pad_value``."""
+    """Stack ``[C, H, W_i]`` float32 images into ``[N, C, H, max W_i]``, right-padded."""
     channels, height = images[0].shape[:2]
     width = max(image.shape[-1] for image in images)
     batch = np.full((len(images), channels, height, width), pad_value, dtype=np.float32)
@@ -64,8 +64,9 @@ def pad_to_batch(images: Sequence[np.ndarray], pad_value: float = PAD_VALUE) -> 
     return batch
 
 
-def batch_inputs(pixels: Sequence[np.ndarray], spec: ModelSpec, batch_size: int,
-                 max_pad: int = 0) -> list[tuple[list[int], np.ndarray]]:
+def batch_inputs(
+    pixels: Sequence[np.ndarray], spec: ModelSpec, batch_size: int, max_pad: int = 0
+) -> list[tuple[list[int], np.ndarray]]:
     """Model input batches of resized images.
 
     Args:
@@ -77,5 +78,7 @@ def batch_inputs(pixels: Sequence[np.ndarray], spec: ModelSpec, batch_size: int,
         ``(positions into pixels, float32 [B, C, H, W])`` per batch, ordered by width.
     """
     widths = [image.shape[1] for image in pixels]
-    return [(positions, pad_to_batch([normalise(pixels[p], spec) for p in positions]))
-            for positions in plan_batches(widths, batch_size, max_pad)]
+    return [
+        (positions, pad_to_batch([normalise(pixels[p], spec) for p in positions]))
+        for positions in plan_batches(widths, batch_size, max_pad)
+    ]

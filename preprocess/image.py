@@ -71,7 +71,7 @@ def to_grey(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of any Pillow image (grey and 16-bit via :func:`to_grey`; alpha over white)."""
+    """An 8-bit RGB copy of any Pillow image (grey, 16-bit: :func:`to_grey`; alpha over white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F", "L", "1"):
         return to_grey(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -108,8 +108,13 @@ def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Imag
             if image.width == 0 or image.height == 0:
                 raise SampleError(f"zero-sized image ({image.width}x{image.height})")
             return to_grey(image) if spec is None else to_model_colours(image, spec)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as exc:
         if isinstance(exc, SampleError):
             raise
         raise SampleError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
@@ -156,16 +161,22 @@ def as_image(image: Image.Image | np.ndarray) -> Image.Image:
             raise SampleError(f"zero-sized image ({image.width}x{image.height})")
         return image
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
-                image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
-            raise SampleError(f"pixels must be uint8 [H, W] or [H, W, 3], got {image.dtype} "
-                              f"{list(image.shape)}")
+        if (
+            image.dtype != np.uint8
+            or image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] != 3)
+            or 0 in image.shape
+        ):
+            raise SampleError(
+                f"pixels must be uint8 [H, W] or [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
         return Image.fromarray(image)
     raise SampleError(f"cannot read an image from a {type(image).__name__}")
 
 
-def prepare(raw_image: bytes | Image.Image | np.ndarray | None,
-            spec: ModelSpec) -> tuple[np.ndarray, tuple[int, int]]:
+def prepare(
+    raw_image: bytes | Image.Image | np.ndarray | None, spec: ModelSpec
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode (if needed) and resize one image for the model.
 
     Returns:

@@ -81,7 +81,9 @@ def count_samples(env: lmdb.Environment, path: str | Path) -> int:
             try:
                 return int(raw.decode("ascii").strip())
             except (UnicodeDecodeError, ValueError):
-                raise ToolchainError(f"{path}: num-samples is {raw[:20]!r}, not an integer") from None
+                raise ToolchainError(
+                    f"{path}: num-samples is {raw[:20]!r}, not an integer"
+                ) from None
         largest = 0
         for key in txn.cursor().iternext(keys=True, values=False):
             match = _INDEXED_KEY.match(key)

@@ -143,12 +143,17 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
     pixels: dict[int, np.ndarray] = {}
     failed: list[dict] = []
     for index, label, image, size, reason in tqdm(results, total=count, unit="img",
-                                                   desc="decode", disable=None if progress else True):
+                                                   desc="decode",
+                                                   disable=None if progress else True):
         if reason is not None:
             failed.append({"index": index, "reason": reason})
             continue
-        samples[index] = {"index": index, "label": label, "width": int(image.shape[1]),
-                          "size": list(size)}
+        samples[index] = {
+            "index": index,
+            "label": label,
+            "width": int(image.shape[1]),
+            "size": list(size),
+        }
         pixels[index] = image
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -178,7 +183,8 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         (staging / "label.txt").write_text(
-            "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices), encoding="utf-8")
+            "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices), encoding="utf-8"
+        )
         _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -187,7 +193,7 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
 
 
 def _replace(staging: Path, output: Path) -> None:
-    """Move ``staging`` to ``output``, replacing an earlier output only once the new one is whole."""
+    """Move ``staging`` to ``output``, replacing an earlier output once the new one is whole."""
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
@@ -214,26 +220,49 @@ def resolve_spec(model: Path | None, arch: str | None, **overrides) -> ModelSpec
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--test-dir", "--test_dir", dest="test_dir", type=Path, required=True,
-                        help="lmdb folder")
-    parser.add_argument("--output-npy", "--output_npy", dest="output_npy", type=Path,
-                        required=True, help="output folder")
-    parser.add_argument("--model", type=Path,
-                        help="model file carrying the description (.onnx, .om, sidecar .json)")
-    parser.add_argument("--arch", choices=list(ARCHS),
-                        help="architecture, instead of --model or for a model without a description")
+    parser.add_argument(
+        "--test-dir", "--test_dir", dest="test_dir", type=Path, required=True, help="lmdb folder"
+    )
+    parser.add_argument(
+        "--output-npy",
+        "--output_npy",
+        dest="output_npy",
+        type=Path,
+        required=True,
+        help="output folder",
+    )
+    parser.add_argument(
+        "--model", type=Path, help="model file carrying the description (.onnx, .om, sidecar .json)"
+    )
+    parser.add_argument(
+        "--arch",
+        choices=list(ARCHS),
+        help="architecture, instead of --model or for a model without a description",
+    )
     parser.add_argument("--layout", default="bucketed", choices=LAYOUTS)
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="samples per batch file (bucketed); 16 is the ModelZoo range maximum")
-    parser.add_argument("--max-pad", type=int, default=0,
-                        help="most pixels of right padding per sample in a batch (0: equal widths only)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="samples per batch file (bucketed); 16 is the ModelZoo range maximum",
+    )
+    parser.add_argument(
+        "--max-pad",
+        type=int,
+        default=0,
+        help="most pixels of right padding per sample in a batch (0: equal widths only)",
+    )
     parser.add_argument("--width-policy", choices=WIDTH_POLICIES, help="default: the model's")
     parser.add_argument("--width", type=int, help="fixed-policy width (default: the model's)")
     parser.add_argument("--min-width", type=int, help="keep-ratio clamp (default: the model's)")
     parser.add_argument("--max-width", type=int, help="keep-ratio clamp (default: the model's)")
     parser.add_argument("--width-step", type=int, help="keep-ratio rounding (default: the model's)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="decode processes (1: in this process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decode processes (1: in this process)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any sample fails")
     return parser
 
@@ -241,20 +270,36 @@ def _parser():
 def _run(args) -> int:
     if args.batch_size < 1 or args.max_pad < 0:
         raise ToolchainError("--batch-size must be >= 1 and --max-pad >= 0")
-    spec = resolve_spec(args.model, args.arch, width_policy=args.width_policy, width=args.width,
-                        min_width=args.min_width, max_width=args.max_width,
-                        width_step=args.width_step)
+    spec = resolve_spec(
+        args.model,
+        args.arch,
+        width_policy=args.width_policy,
+        width=args.width,
+        min_width=args.min_width,
+        max_width=args.max_width,
+        width_step=args.width_step,
+    )
     start = time.perf_counter()
-    manifest = write_inputs(args.test_dir, args.output_npy, spec, args.layout, args.batch_size,
-                            args.max_pad, args.workers, progress=True)
+    manifest = write_inputs(
+        args.test_dir,
+        args.output_npy,
+        spec,
+        args.layout,
+        args.batch_size,
+        args.max_pad,
+        args.workers,
+        progress=True,
+    )
     elapsed = time.perf_counter() - start
     written, failed = len(manifest["samples"]), manifest["failed"]
     for failure in failed[:10]:
         log.warning("sample %d failed: %s", failure["index"], failure["reason"])
     files = len({s["file"] for s in manifest["samples"]})
-    print(f"read {manifest['num_samples']}, written {written}, failed {len(failed)} "
-          f"({args.layout}, {files} files, {spec.width_policy} width) in {elapsed:.2f} s "
-          f"-> {args.output_npy}")
+    print(
+        f"read {manifest['num_samples']}, written {written}, failed {len(failed)} "
+        f"({args.layout}, {files} files, {spec.width_policy} width) in {elapsed:.2f} s "
+        f"-> {args.output_npy}"
+    )
     if written == 0 or (args.strict and failed):
         return 1
     return 0

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from convert.checkpoint import reorder_gates
-from convert.registry import build_model
-from convert.registry import spec_for_arch
+from convert.registry import build_model, spec_for_arch
 from preprocess.lmdb_reader import default_test_set
 
 IIIT5K = default_test_set()

@@ -131,25 +131,60 @@ def test_gears_chosen_for_ascend310(tmp_path, fake_atc, fixed_models, monkeypatc
     assert sidecar["inputs"] == [{"name": "imgs", "dims": [16, 1, 32, -1]}]
 
 
-def test_failure_reports_code_and_stderr_tail(tmp_path, fake_atc, fixed_models, monkeypatch, capsys):
+def test_failure_reports_code_and_stderr_tail(tmp_path, fake_atc, fixed_models, monkeypatch,
+                                              capsys):
     monkeypatch.setenv("FAKE_ATC_FAIL", "1")
-    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", str(tmp_path / "x"),
-                     "--soc_version", "Ascend310P3"]) == 1
+    assert (
+        atc.main(
+            [
+                "--model",
+                str(fixed_models["nano-ocr"]),
+                "--output",
+                str(tmp_path / "x"),
+                "--soc_version",
+                "Ascend310P3",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "atc failed with return code 3" in err and "E10001" in err
 
 
 def test_missing_atc_names_set_env(tmp_path, fixed_models, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", str(tmp_path / "x"),
-                     "--soc_version", "Ascend310P3"]) == 1
+    assert (
+        atc.main(
+            [
+                "--model",
+                str(fixed_models["nano-ocr"]),
+                "--output",
+                str(tmp_path / "x"),
+                "--soc_version",
+                "Ascend310P3",
+            ]
+        )
+        == 1
+    )
     assert "set_env.sh" in capsys.readouterr().err
 
 
 def test_dry_run_prints_without_running(tmp_path, fixed_models, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no atc: dry run must not need it
-    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", "om/nano",
-                     "--soc_version", "Ascend310P3", "--dry-run"]) == 0
+    assert (
+        atc.main(
+            [
+                "--model",
+                str(fixed_models["nano-ocr"]),
+                "--output",
+                "om/nano",
+                "--soc_version",
+                "Ascend310P3",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("atc --model=")
 
 

@@ -49,7 +49,10 @@ def test_wrappers_and_prefixes_are_removed(crnn_checkpoints):
     assert all(not k.startswith("module.") for k in state)
     assert detect_layout(state, ("meijieru", "modelzoo")) == "modelzoo"
     assert detect_layout(state, ("meijieru",)) == "meijieru"
-    assert detect_layout(read_state_dict(crnn_checkpoints["meijieru"]), ("meijieru", "modelzoo")) == "meijieru"
+    assert (
+        detect_layout(read_state_dict(crnn_checkpoints["meijieru"]), ("meijieru", "modelzoo"))
+        == "meijieru"
+    )
 
 
 def test_real_nano_weights_load_on_cpu(nano_weights):

@@ -144,7 +144,8 @@ def test_flip_on_batch_axis_is_not_a_time_flip(tmp_path):
     _assert_same_function(model, fixed)
 
 
-@pytest.mark.parametrize(("target", "is_flatten"), [([-1, 8], True), ([0, 8], False), ([-1, 5], False)])
+@pytest.mark.parametrize(("target", "is_flatten"),
+                         [([-1, 8], True), ([0, 8], False), ([-1, 5], False)])
 def test_constant_flatten_targets(target, is_flatten):
     """``[0, H]`` keeps d0 (ONNX Reshape's 0 copies a dim), so it is not a row-wise flatten."""
     shape = gs.Constant("shape", np.array(target, dtype=np.int64))

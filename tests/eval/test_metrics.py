@@ -25,7 +25,9 @@ def test_case_and_symbols():
 
 def test_perfect_score_is_exactly_one():
     metrics = recognition_metrics(["a", "Bc"], ["a", "Bc"])
-    assert metrics["accuracy"] == metrics["accuracy_case_sensitive"] == metrics["one_minus_ned"] == 1.0
+    assert (
+        metrics["accuracy"] == metrics["accuracy_case_sensitive"] == metrics["one_minus_ned"] == 1.0
+    )
     assert metrics["cer"] == 0.0
 
 
@@ -33,7 +35,9 @@ def test_empty_strings():
     metrics = recognition_metrics(["", "abc"], ["", ""])
     assert metrics["correct"] == 1
     assert metrics["one_minus_ned"] == pytest.approx(0.5)  # ("", "") is 0, ("abc", "") is 1
-    assert metrics["cer"] == 0.0  # no label characters
+    assert metrics["cer"] is None  # 3 errors over 0 label characters: undefined, not 0
+    assert recognition_metrics([""], [""])["cer"] == 0.0  # nothing to get wrong, nothing wrong
+    assert recognition_metrics(["ab"], ["abc"])["cer"] == pytest.approx(1 / 3)
     assert recognition_metrics([], [])["accuracy"] == 0.0
 
 
@@ -44,6 +48,8 @@ def test_length_mismatch():
 
 def test_accuracy_by_width():
     table = accuracy_by_width([96, 100, 130, 191], [True, False, True, True])
-    assert table == {"96-127": {"samples": 2, "accuracy": 0.5},
-                     "128-159": {"samples": 1, "accuracy": 1.0},
-                     "160-191": {"samples": 1, "accuracy": 1.0}}
+    assert table == {
+        "96-127": {"samples": 2, "accuracy": 0.5},
+        "128-159": {"samples": 1, "accuracy": 1.0},
+        "160-191": {"samples": 1, "accuracy": 1.0},
+    }

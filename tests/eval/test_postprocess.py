@@ -44,7 +44,7 @@ def test_report_end_to_end(tmp_path, tiny_inputs, fixed_models, capsys):
     assert set(report["stages"]) == {"read", "engine", "decode", "score"}
     batch_files = len({p.name for p in tiny_inputs.glob("batch_*.npy")})
     assert report["latency_ms"]["batches"] == batch_files
-    assert 0 < report["latency_ms"]["p50"] and report["engine_seconds_sum"] > 0
+    assert report["latency_ms"]["p50"] > 0 and report["engine_seconds_sum"] > 0
     assert "0-9a-z" in report["protocol"] and report["backend"] == "onnxruntime"
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["index"]) for r in rows] == [1, 2, 3, 4, 5, 6, 9]
@@ -143,9 +143,10 @@ def test_a_bug_in_the_runner_is_not_recorded_as_a_failure(tmp_path, tiny_lmdb, e
             return {"output1": feed["imgs"][:, 0, 0, :].T}  # a wrong shape: a bug, not the engine
 
     inputs = _narrow_inputs(tmp_path, tiny_lmdb, exported)
-    with Recognizer(Buggy(fixed_models["nano-ocr"]), read_onnx_spec(exported["nano-ocr"])) as rec:
-        with pytest.raises(ValueError, match="expected a \\(T, N, C\\)"):
-            run_evaluation(rec, inputs, warmup=0)
+    spec = read_onnx_spec(exported["nano-ocr"])
+    with (Recognizer(Buggy(fixed_models["nano-ocr"]), spec) as rec,
+          pytest.raises(ValueError, match="expected a \\(T, N, C\\)")):
+        run_evaluation(rec, inputs, warmup=0)
 
 
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
@@ -166,3 +167,23 @@ def test_iiit5k_nano_fixed_128_and_batched_equals_batch1(tmp_path, exported, fix
     result = compare.compare(compare.read_predictions(preds["bucketed"]),
                              compare.read_predictions(preds["per-image"]))
     assert result["common"] == 3000 and result["differ"] == 0
+
+
+def test_tiny_lmdb_bucketed_equals_per_image(tmp_path, tiny_lmdb, exported, fixed_models):
+    """Batched = batch-1 on a small lmdb of mixed formats, not only on the real data."""
+    preds = {}
+    for layout in ("bucketed", "per-image"):
+        inputs = tmp_path / layout
+        assert parse_testdata.main(["--test-dir", str(tiny_lmdb), "--output-npy", str(inputs),
+                                    "--model", str(exported["nano-ocr"]), "--layout", layout,
+                                    "--batch-size", "4", "--workers", "1"]) == 0
+        preds[layout] = tmp_path / f"{layout}.csv"
+        assert postprocess.main(["--input-npy", str(inputs), "--onnx-path",
+                                 str(fixed_models["nano-ocr"]), "--predictions",
+                                 str(preds[layout])]) == 0
+    rows = {layout: list(csv.DictReader(path.open())) for layout, path in preds.items()}
+    assert len(rows["bucketed"]) == 7
+    assert [(r["index"], r["prediction"]) for r in rows["bucketed"]] == \
+        [(r["index"], r["prediction"]) for r in rows["per-image"]]
+    assert [float(r["confidence"]) for r in rows["bucketed"]] == \
+        pytest.approx([float(r["confidence"]) for r in rows["per-image"]], abs=1e-4)

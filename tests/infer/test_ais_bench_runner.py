@@ -97,7 +97,11 @@ def test_missing_sidecar_is_explained(tmp_path, fake_ais_bench, fixed_models):
     om.with_suffix(".json").write_text(json.dumps({"mode": "cone"}))
     with pytest.raises(ToolchainError, match="lacks the model description"):
         AisBenchRunner(om).load()
-    sidecar = {"mode": "cone", "inputs": [], "model": read_onnx_spec(fixed_models["nano-ocr"]).to_dict()}
+    sidecar = {
+        "mode": "cone",
+        "inputs": [],
+        "model": read_onnx_spec(fixed_models["nano-ocr"]).to_dict(),
+    }
     om.with_suffix(".json").write_text(json.dumps(sidecar))
     with pytest.raises(ToolchainError, match="mode must be range or gears"):
         AisBenchRunner(om).load()

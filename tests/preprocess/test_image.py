@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from convert.registry import spec_for_arch
-from preprocess.image import (SampleError, decode_image, decode_label, normalise, prepare,
-                              to_grey)
+from preprocess.image import SampleError, decode_image, decode_label, normalise, prepare, to_grey
 from tests.conftest import encode
 
 NANO = spec_for_arch("nano-ocr")

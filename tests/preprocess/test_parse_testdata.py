@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from convert.errors import ToolchainError
 from preprocess import parse_testdata
 from tests.conftest import IIIT5K, write_lmdb
 
@@ -114,7 +115,7 @@ def test_rerun_replaces_output_and_refuses_foreign_folder(tmp_path, tiny_lmdb):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(Exception, match="not an earlier parse_testdata output"):
+    with pytest.raises(ToolchainError, match="not an earlier parse_testdata output"):
         parse_testdata.write_inputs(tiny_lmdb, foreign, spec)
 
 

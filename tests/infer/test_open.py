@@ -1,0 +1,86 @@
+"""Opening a model by its file: suffix -> backend, description, devices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from convert.atc import plan_shape, write_sidecar
+from convert.errors import ToolchainError
+from convert.spec import read_onnx_spec
+from infer import AisBenchRunner, OnnxRuntimeRunner, TorchRunner, describe, open_model, parse_device
+from infer.open import Device
+
+
+@pytest.mark.parametrize(
+    ("text", "device"),
+    [("cpu", Device("cpu")), ("cuda", Device("cuda")), ("npu:3", Device("npu", 3)),
+     ("2", Device("npu", 2)), (" cpu ", Device("cpu"))],
+)
+def test_device_spellings(text, device):
+    assert parse_device(text) == device
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:1", "npu", "npu:x", "-1", ""])
+def test_bad_device_spellings(text):
+    with pytest.raises(ToolchainError, match="use cpu, cuda or npu:N"):
+        parse_device(text)
+
+
+def test_onnx_opens_on_onnxruntime_with_its_description(fixed_models):
+    runner, spec = open_model(fixed_models["nano-ocr"], threads=1)
+    assert isinstance(runner, OnnxRuntimeRunner) and runner.threads == 1 and runner.device == "cpu"
+    assert spec == read_onnx_spec(fixed_models["nano-ocr"]) and not runner.loaded
+    with pytest.raises(ToolchainError, match="takes device cpu or cuda, not npu:0; build an .om"):
+        open_model(fixed_models["nano-ocr"], "npu:0")
+
+
+def test_checkpoint_needs_its_architecture(crnn_checkpoints):
+    with pytest.raises(ToolchainError, match=r"give its architecture \(--arch\)"):
+        open_model(crnn_checkpoints["meijieru"])
+    runner, spec = open_model(crnn_checkpoints["modelzoo"], arch="crnn", gate_order="igfo")
+    assert isinstance(runner, TorchRunner) and spec.arch == "crnn"
+    with runner:
+        assert runner.model.layout == "modelzoo"  # detected from the keys
+
+
+def test_om_opens_on_ais_bench_from_its_sidecar(tmp_path, fixed_models):
+    source = fixed_models["nano-ocr"]
+    spec = read_onnx_spec(source)
+    om = tmp_path / "nano.om"
+    shutil.copy(source, om)
+    plan = plan_shape("Ascend310P3", spec.input_name, spec.channels, spec.height)
+    sidecar = write_sidecar(om, plan, spec, "Ascend310P3", ["atc"], source)
+    runner, described = open_model(om, "npu:5")
+    assert isinstance(runner, AisBenchRunner) and runner.device_id == 5 and described == spec
+    assert open_model(om)[0].device_id == 0  # an .om defaults to npu:0
+    assert describe(sidecar) == spec  # parse_testdata --model takes the sidecar too
+    with pytest.raises(ToolchainError, match="takes device npu:N, not cpu"):
+        open_model(om, "cpu")
+    json.loads(sidecar.read_text())  # still a plain JSON file
+
+
+def test_unknown_files(tmp_path):
+    with pytest.raises(ToolchainError, match="no such model file"):
+        describe(tmp_path / "missing.onnx")
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    with pytest.raises(
+        ToolchainError, match="unknown model file type '.tflite'; known: .onnx, .om"
+    ):
+        open_model(tmp_path / "model.tflite")
+
+
+def test_onnx_without_description_uses_arch_or_fallback(tmp_path, fixed_models):
+    import onnx
+
+    bare = onnx.load(str(fixed_models["crnn-meijieru"]))
+    del bare.metadata_props[:]
+    path = tmp_path / "bare.onnx"
+    onnx.save(bare, str(path))
+    with pytest.raises(ToolchainError, match="carries no model description"):
+        describe(path)
+    assert describe(path, arch="crnn").arch == "crnn"
+    fallback = read_onnx_spec(fixed_models["crnn-meijieru"]).replace(width=120)
+    assert describe(path, fallback=fallback) == fallback
