@@ -34,7 +34,7 @@ def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan,
     if not path.is_file():
         raise ToolchainError(
             f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
-            "`python -m convert.atc` (it writes one) or pass its path with --sidecar"
+            "`python -m convert.atc` (it writes one) or give the sidecar's path"
         )
     try:
         data = json.loads(path.read_text())

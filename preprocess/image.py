@@ -62,28 +62,28 @@ def to_grey(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
         return Image.fromarray(np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
+    return _over_white(image).convert("L")
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """``image`` composited over white where it has transparency, else unchanged."""
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("L")
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of any Pillow image (grey, 16-bit: :func:`to_grey`; alpha over white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F", "L", "1"):
         return to_grey(image).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    return _over_white(image).convert("RGB")
 
 
 def to_model_colours(image: Image.Image, spec: ModelSpec) -> Image.Image:
-    """``image`` as 'L' for a grey model, else as 'RGB' (reordered later by :func:`pixels_of`)."""
+    """``image`` as 'L' for a grey model, else as 'RGB' (reordered later by :func:`resize`)."""
     return to_grey(image) if spec.channels == 1 else to_rgb(image)
 
 

@@ -57,10 +57,10 @@ echo "== export (convert.pth2onnx) and rewrite for ATC (convert.fix)"
 echo "== ATC (convert.atc)"
 om_args=()
 if command -v atc >/dev/null 2>&1; then
-  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc_version "$soc"
-  om_args=(--om_path "$(ls "$work"/om/nano*.om | head -n 1)" --device "$device")
+  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc"
+  om_args=(--om-path "$(ls "$work"/om/nano*.om | head -n 1)" --device "$device")
 else
-  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc_version "$soc" --dry-run
+  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc" --dry-run
   echo "atc is not on PATH (no CANN here): the command above is what would build the .om;"
   if [ "$backend" = onnxruntime ]; then
     if [ "$precision" = int8 ]; then
@@ -99,16 +99,16 @@ fi
 echo "== preprocess (preprocess.parse_testdata) $data"
 policy_args=()
 [ -n "$policy" ] && policy_args=(--width-policy "$policy")
-"$py" -m preprocess.parse_testdata --test_dir "$data" --output_npy "$work/inputs" \
+"$py" -m preprocess.parse_testdata --test-dir "$data" --output-npy "$work/inputs" \
   --model "$work/nano.onnx" "${policy_args[@]}"
 
 echo "== inference and scoring (eval.postprocess, backend $backend)"
 case "$backend" in
-  onnxruntime) model_args=(--onnx_path "$onnx_model") ;;
+  onnxruntime) model_args=(--onnx-path "$onnx_model") ;;
   torch) model_args=(--pth "$weights" --arch nano-ocr) ;;
   ais_bench) model_args=("${om_args[@]}") ;;
 esac
-"$py" -m eval.postprocess --input_npy "$work/inputs" "${model_args[@]}" \
+"$py" -m eval.postprocess --input-npy "$work/inputs" "${model_args[@]}" \
   --report "$output/report.json" --predictions "$output/predictions.csv" | tee "$output/summary.txt"
 
 echo "== results in $output (report.json, predictions.csv)"

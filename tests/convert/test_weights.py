@@ -45,7 +45,7 @@ def test_a_recogniser_without_a_charset_is_refused(tmp_path, fixed_models):
 def test_atc_builds_the_ppocr_argv(ppocr_rec, capsys):
     assert atc.main(["--model", str(ppocr_rec), "--output", "om/ppocr", "--soc-version",
                      "Ascend310P3", "--dry-run"]) == 0
-    assert "--input_shape=x:1~16,3,48,48~480" in capsys.readouterr().out
+    assert "--input_shape=x:1~16,3,48,96~480" in capsys.readouterr().out
 
 
 def test_weights_without_a_source(capsys):
