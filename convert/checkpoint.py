@@ -20,13 +20,11 @@ import torch
 from torch import nn
 
 from convert.errors import ToolchainError
-from convert.registry import ARCHS, arch_entry, build_model
+from convert.registry import ARCHS, GATE_ORDERS, arch_entry, build_model
 from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-#: Gate orders of stored LSTM weights; PyTorch's is "ifgo".
-GATE_ORDERS = ("ifgo", "igfo")
 _LSTM_PARAM = re.compile(r"(^|\.)(weight_ih|weight_hh|bias_ih|bias_hh)_l\d+(_reverse)?$")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 

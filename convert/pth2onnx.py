@@ -27,11 +27,11 @@ import onnx
 import torch
 from torch import nn
 
-from convert.checkpoint import GATE_ORDERS, load_checkpoint
+from convert.checkpoint import load_checkpoint
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session
-from convert.registry import ARCHS, arch_entry, spec_for_arch
+from convert.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
 from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)

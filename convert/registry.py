@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from convert.errors import ToolchainError
 from convert.spec import ModelSpec
 
+#: Gate orders of stored LSTM weights (``convert.checkpoint``); PyTorch's is "ifgo", Ascend's
+#: NPU-trained ModelZoo checkpoints store "igfo".
+GATE_ORDERS = ("ifgo", "igfo")
+
 
 @dataclass(frozen=True)
 class WeightSource:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from convert.errors import EngineError
@@ -53,19 +55,31 @@ class EvalRun:
 
 def run_evaluation(recognizer: Recognizer, inputs: InputSet, warmup: int = 1,
                    progress: bool = False) -> EvalRun:
-    """Run every input batch of ``inputs`` through a loaded ``recognizer``.
+    """Run every input batch of an input folder through a loaded ``recognizer``.
+
+    See :func:`run_batches`; the batches are the folder's files, read ahead.
+    """
+    return run_batches(recognizer, inputs.batches(), len(inputs.samples), warmup, progress)
+
+
+def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list, float]],
+                total: int, warmup: int = 1, progress: bool = False) -> EvalRun:
+    """Run input batches through a loaded ``recognizer`` and keep per-sample results.
 
     Args:
         recognizer: loaded; its description gives the frames per width and the decoding.
-        inputs: the input folder's contents.
+        batches: ``(float32 input batch, samples, seconds spent reading it)``; each sample
+            has ``index``, ``label`` and ``width`` (``eval.inputs.Sample``,
+            ``preprocess.stream.StreamedSample``).
+        total: number of samples expected (for the progress bar).
         warmup: untimed runs of the first batch before timing starts; an engine failure
             there is logged and left to the timed run to record.
+        progress: show a tqdm bar.
 
     Returns:
         Predictions in index order, inference failures (each sample of a batch the engine
         rejected, with the reason), and timings.
     """
-    batches = inputs.batches()
     first = next(batches, None)
     stages = {"read": 0.0, "engine": 0.0, "decode": 0.0}
     if first is None:
@@ -76,7 +90,7 @@ def run_evaluation(recognizer: Recognizer, inputs: InputSet, warmup: int = 1,
         except EngineError as exc:
             log.warning("warm-up failed (%s); the timed run records it", exc)
             break
-    bar = tqdm(total=len(inputs.samples), unit="img", desc="infer",
+    bar = tqdm(total=total, unit="img", desc="infer",
                disable=None if progress else True)
     latencies: list[float] = []
     failed: list[dict] = []

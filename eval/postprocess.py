@@ -1,5 +1,10 @@
 """Run model inputs through a backend, decode with CTC, and report accuracy and end-to-end time.
 
+Inputs: ``--test-dir LMDB`` reads the lmdb in this process (decoding in worker
+processes, equal-width batches, inference and CTC decoding overlapping; no .npy files), or
+``--input-npy DIR`` takes what ``preprocess.parse_testdata`` wrote (the ModelZoo two-step
+flow). Both give the same predictions.
+
 Models: ``--onnx-path`` (ONNX Runtime, ``--device cpu`` by default or ``cuda``),
 ``--om-path`` (ais_bench on an Ascend NPU, ``--device npu:N``; ranges or gears from the
 sidecar JSON that convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference
@@ -14,7 +19,8 @@ accuracy by resized width. Every sample of the source set is either scored or li
 last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
 ``python3 postpossess_CRNN_pytorch.py --input_npy input_npy --label label.txt --om_path X.om``.
 
-Example:
+Examples:
+    python -m eval.postprocess --test-dir ../shared/data/IIIT5K_3000 --onnx-path nano_int8.onnx
     python -m eval.postprocess --input-npy work/inputs --onnx-path nano_fixed.onnx \\
         --report report.json --predictions predictions.csv
 """
@@ -32,18 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.checkpoint import GATE_ORDERS
 from convert.cli import make_parser, run_main
 from convert.ctc import DECODERS
 from convert.errors import ToolchainError
-from convert.registry import ARCHS
+from convert.registry import ARCHS, GATE_ORDERS
 from convert.spec import ModelSpec
-from eval.evaluate import EvalRun, run_evaluation
+from eval.evaluate import EvalRun, run_batches, run_evaluation
 from eval.inputs import InputSet, load_input_set
 from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_metrics
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
 from pipeline import Recognizer
+from preprocess.parse_testdata import add_width_arguments, width_overrides
+from preprocess.stream import Stream, stream_batches
+
+#: Samples per batch of the one-process path (``--test-dir``); see the README's measurements.
+DEFAULT_BATCH_SIZE = 16
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +144,11 @@ def summary_line(report: dict) -> str:
 
 def _parser():
     parser = make_parser(__doc__)
-    parser.add_argument(
-        "--input-npy",
-        "--input_npy",
-        dest="input_npy",
-        type=Path,
-        required=True,
-        help="parse_testdata output",
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--test-dir", "--test_dir", dest="test_dir", type=Path,
+                        help="lmdb test set, read, decoded and batched in this process (one step)")
+    source.add_argument("--input-npy", "--input_npy", dest="input_npy", type=Path,
+                        help="parse_testdata output (the two-step ModelZoo flow)")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument(
         "--onnx-path", "--onnx_path", dest="onnx_path", type=Path, help="ONNX model (ONNX Runtime)"
@@ -170,35 +177,65 @@ def _parser():
     parser.add_argument("--decoder", default="greedy", choices=DECODERS)
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of the first batch")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="samples per batch with --test-dir (equal widths)")
+    add_width_arguments(parser)
+    parser.add_argument("--workers", type=int, default=available_cores(),
+                        help="decoding processes with --test-dir (1: in this process)")
     parser.add_argument("--report", type=Path, help="write report.json here")
     parser.add_argument("--predictions", type=Path, help="write predictions.csv here")
     return parser
 
 
+def _stream_inputs(args, spec: ModelSpec) -> tuple[InputSet, Stream, ModelSpec]:
+    """The one-process source: the lmdb streamed into equal-width batches, and the
+    description with the width options applied."""
+    if args.label:
+        raise ToolchainError("--label goes with --input-npy; --test-dir reads the lmdb's labels")
+    if args.input_npy and any(v is not None for v in width_overrides(args).values()):
+        raise ToolchainError("width options go with --test-dir; --input-npy was preprocessed "
+                             "already (give them to parse_testdata)")
+    if args.batch_size < 1 or args.workers < 1:
+        raise ToolchainError("--batch-size and --workers must be >= 1")
+    spec = spec.replace(**{k: v for k, v in width_overrides(args).items() if v is not None})
+    stream = stream_batches(args.test_dir, spec, args.batch_size, args.workers)
+    policy = {"width_policy": spec.width_policy, "width": spec.width,
+              "min_width": spec.min_width, "max_width": spec.max_width,
+              "width_step": spec.width_step, "resample": spec.resample, "layout": "stream",
+              "batch_size": args.batch_size, "max_pad": 0}
+    inputs = InputSet(args.test_dir, [], [], spec.to_dict(), policy, stream.count)
+    return inputs, stream, spec
+
+
 def evaluate_folder(args) -> dict[str, object]:
-    """Everything the CLI does except printing; returns the report."""
+    """Everything the CLI does except printing; returns the report.
+
+    Raises:
+        ToolchainError: bad arguments, unreadable inputs or model, or inputs made for
+            another model.
+    """
     model_path = args.onnx_path or args.om_path or args.pth
-    inputs = load_input_set(args.input_npy, args.label)
     if args.pth and not args.arch:
         raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
-    fallback = (
-        ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
-        if inputs.model
-        else None
-    )
-    runner, spec = open_model(
-        model_path,
-        args.device,
-        threads=args.threads,
-        sidecar=args.sidecar,
-        arch=args.arch,
-        rnn_layout=args.rnn_layout,
-        gate_order=args.gate_order,
-        fallback=fallback,
-    )
-    check_compatible(spec, inputs.model, str(model_path))
+    if args.beam_width < 1:
+        raise ToolchainError(f"--beam-width must be >= 1, got {args.beam_width}")
+    options = {"threads": args.threads, "sidecar": args.sidecar, "arch": args.arch,
+               "rnn_layout": args.rnn_layout, "gate_order": args.gate_order}
+    if args.test_dir:
+        runner, spec = open_model(model_path, args.device, **options)
+        inputs, stream, spec = _stream_inputs(args, spec)
+    else:
+        inputs = load_input_set(args.input_npy, args.label)
+        fallback = (ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
+                    if inputs.model else None)
+        runner, spec = open_model(model_path, args.device, fallback=fallback, **options)
+        check_compatible(spec, inputs.model, str(model_path))
     with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
-        run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
+        if args.test_dir:
+            run = run_batches(recognizer, stream.batches, stream.count, args.warmup, progress=True)
+            inputs.failed = [{**f, "stage": "preprocess"} for f in stream.failed]
+        else:
+            run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
     report = make_report(run, inputs, spec, runner.name, str(model_path), args.decoder)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,7 @@ class Recognizer:
     decoder: str = "greedy"
     beam_width: int = 10
     _engine_batch: int | None = field(default=None, init=False, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -111,8 +112,10 @@ class Recognizer:
             raise ToolchainError(f"batch size must be >= 1, got {self.batch_size}")
 
     def load(self) -> Recognizer:
-        """Load the runner and read the largest batch its engine accepts."""
+        """Load the runner, read the largest batch its engine accepts, start the decode thread."""
         self.runner.load()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode")
         specs = {s.name: s for s in self.runner.input_specs()}
         if self.spec.input_name not in specs:
             raise ToolchainError(f"the model's input is not {self.spec.input_name!r} as its "
@@ -122,7 +125,10 @@ class Recognizer:
         return self
 
     def close(self) -> None:
-        """Release the runner."""
+        """Release the runner and the decode thread."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.runner.close()
 
     def __enter__(self) -> Recognizer:
@@ -182,20 +188,21 @@ class Recognizer:
             decoded, seconds = work.result()
             return BatchResult(key, decoded, None, engine_seconds, seconds)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode") as pool:
-            pending: deque = deque()
-            for key, batch, widths in batches:
-                try:
-                    scores, engine_seconds = self.forward(batch)
-                except EngineError as exc:
-                    pending.append((key, exc, 0.0))
-                else:
-                    pending.append((key, pool.submit(self._decode, scores, list(widths)),
-                                    engine_seconds))
-                while len(pending) > 1:  # one decode in flight beside the next engine call
-                    yield finish(pending.popleft())
-            while pending:
+        if self._pool is None:
+            raise ToolchainError("Recognizer: call load() (or use `with`) before recognising")
+        pending: deque = deque()
+        for key, batch, widths in batches:
+            try:
+                scores, engine_seconds = self.forward(batch)
+            except EngineError as exc:
+                pending.append((key, exc, 0.0))
+            else:
+                pending.append((key, self._pool.submit(self._decode, scores, list(widths)),
+                                engine_seconds))
+            while len(pending) > 1:  # one decode in flight beside the next engine call
                 yield finish(pending.popleft())
+        while pending:
+            yield finish(pending.popleft())
 
     def __call__(
         self, images: Sequence[bytes | Image.Image | np.ndarray],

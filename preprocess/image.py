@@ -12,6 +12,7 @@ Everything the steps need comes from the model description.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +25,9 @@ _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+_OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class SampleError(ValueError):
@@ -117,7 +121,9 @@ def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Imag
     ) as exc:
         if isinstance(exc, SampleError):
             raise
-        raise SampleError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+        # Pillow names the in-memory file by its address; keep reasons equal between runs.
+        message = _OBJECT_ADDRESS.sub("", str(exc))
+        raise SampleError(f"not a decodable image ({type(exc).__name__}: {message})") from None
 
 
 def resize(image: Image.Image, spec: ModelSpec) -> np.ndarray:

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,73 +45,14 @@ from convert.model_file import describe
 from convert.registry import ARCHS, spec_for_arch
 from convert.spec import WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
-from preprocess.image import SampleError, decode_label, normalise, prepare
-from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
+from preprocess.image import normalise
+from preprocess.stream import decode_all
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("bucketed", "per-image")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-
-# Per-process state of the decode workers (set by _init_worker).
-_worker: dict[str, object] = {}
-
-
-def _init_worker(test_dir: str, spec: ModelSpec) -> None:
-    _worker["env"] = open_lmdb(test_dir)
-    _worker["spec"] = spec
-
-
-def _process(indices: Sequence[int]) -> list[tuple]:
-    """Decode and resize a chunk of indices in a worker; one result tuple per index.
-
-    Each tuple is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``.
-    """
-    spec = _worker["spec"]
-    results = []
-    with _worker["env"].begin() as txn:
-        for index in indices:
-            raw = read_sample(txn, index)
-            try:
-                label = decode_label(raw.label)
-                pixels, size = prepare(raw.image, spec)
-            except SampleError as exc:
-                results.append((index, None, None, None, str(exc)))
-                continue
-            results.append((index, label, pixels, size, None))
-    return results
-
-
-def _chunks(count: int, size: int) -> Iterator[list[int]]:
-    for start in range(1, count + 1, size):
-        yield list(range(start, min(start + size, count + 1)))
-
-
-def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[int, Iterator[tuple]]:
-    """(N, iterator of per-sample results) over indices 1..N, decoded by ``workers`` processes."""
-    env = open_lmdb(test_dir)
-    count = count_samples(env, test_dir)
-    env.close()
-    chunks = _chunks(count, 64)
-
-    def results() -> Iterator[tuple]:
-        if workers <= 1:
-            _init_worker(str(test_dir), spec)
-            try:
-                for chunk in chunks:
-                    yield from _process(chunk)
-            finally:
-                _worker.pop("env").close()
-            return
-        with multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(str(test_dir), spec)
-        ) as pool:
-            for chunk_results in pool.imap_unordered(_process, chunks):
-                yield from chunk_results
-
-    return count, results()
-
 
 def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict[str, object]:
     return {"width_policy": spec.width_policy, "width": spec.width, "min_width": spec.min_width,
@@ -218,6 +158,21 @@ def resolve_spec(model: Path | None, arch: str | None, **overrides) -> ModelSpec
     return spec.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def add_width_arguments(parser) -> None:
+    """The width-policy options that override a model description (shared with eval.postprocess)."""
+    parser.add_argument("--width-policy", choices=WIDTH_POLICIES, help="default: the model's")
+    parser.add_argument("--width", type=int, help="fixed-policy width (default: the model's)")
+    parser.add_argument("--min-width", type=int, help="keep-ratio clamp (default: the model's)")
+    parser.add_argument("--max-width", type=int, help="keep-ratio clamp (default: the model's)")
+    parser.add_argument("--width-step", type=int, help="keep-ratio rounding (default: the model's)")
+
+
+def width_overrides(args) -> dict[str, object]:
+    """The description fields :func:`add_width_arguments`'s options set (None: not given)."""
+    return {name: getattr(args, name)
+            for name in ("width_policy", "width", "min_width", "max_width", "width_step")}
+
+
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument(
@@ -252,11 +207,7 @@ def _parser():
         default=0,
         help="most pixels of right padding per sample in a batch (0: equal widths only)",
     )
-    parser.add_argument("--width-policy", choices=WIDTH_POLICIES, help="default: the model's")
-    parser.add_argument("--width", type=int, help="fixed-policy width (default: the model's)")
-    parser.add_argument("--min-width", type=int, help="keep-ratio clamp (default: the model's)")
-    parser.add_argument("--max-width", type=int, help="keep-ratio clamp (default: the model's)")
-    parser.add_argument("--width-step", type=int, help="keep-ratio rounding (default: the model's)")
+    add_width_arguments(parser)
     parser.add_argument(
         "--workers",
         type=int,
@@ -270,15 +221,7 @@ def _parser():
 def _run(args) -> int:
     if args.batch_size < 1 or args.max_pad < 0:
         raise ToolchainError("--batch-size must be >= 1 and --max-pad >= 0")
-    spec = resolve_spec(
-        args.model,
-        args.arch,
-        width_policy=args.width_policy,
-        width=args.width,
-        min_width=args.min_width,
-        max_width=args.max_width,
-        width_step=args.width_step,
-    )
+    spec = resolve_spec(args.model, args.arch, **width_overrides(args))
     start = time.perf_counter()
     manifest = write_inputs(
         args.test_dir,

@@ -167,6 +167,13 @@ def test_iiit5k_nano_fixed_128_and_batched_equals_batch1(tmp_path, exported, fix
     result = compare.compare(compare.read_predictions(preds["bucketed"]),
                              compare.read_predictions(preds["per-image"]))
     assert result["common"] == 3000 and result["differ"] == 0
+    streamed = tmp_path / "stream.csv"
+    assert postprocess.main(["--test-dir", str(IIIT5K), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--width-policy", "fixed",
+                             "--predictions", str(streamed)]) == 0
+    result = compare.compare(compare.read_predictions(preds["bucketed"]),
+                             compare.read_predictions(streamed))
+    assert result["common"] == 3000 and result["differ"] == 0
 
 
 def test_tiny_lmdb_bucketed_equals_per_image(tmp_path, tiny_lmdb, exported, fixed_models):
@@ -187,3 +194,27 @@ def test_tiny_lmdb_bucketed_equals_per_image(tmp_path, tiny_lmdb, exported, fixe
         [(r["index"], r["prediction"]) for r in rows["per-image"]]
     assert [float(r["confidence"]) for r in rows["bucketed"]] == \
         pytest.approx([float(r["confidence"]) for r in rows["per-image"]], abs=1e-4)
+
+
+def test_one_process_path_equals_the_two_step_path(tmp_path, tiny_lmdb, tiny_inputs, fixed_models):
+    """``--test-dir`` (decoding workers, streamed equal-width batches) = the two-step path."""
+    reports, preds = {}, {}
+    for name, source in (("two-step", ["--input-npy", str(tiny_inputs)]),
+                         ("one-process", ["--test-dir", str(tiny_lmdb), "--workers", "2",
+                                          "--batch-size", "2"])):
+        reports[name], preds[name] = tmp_path / f"{name}.json", tmp_path / f"{name}.csv"
+        assert postprocess.main([*source, "--onnx-path", str(fixed_models["nano-ocr"]),
+                                 "--report", str(reports[name]),
+                                 "--predictions", str(preds[name])]) == 0
+    assert preds["one-process"].read_text() == preds["two-step"].read_text()
+    two, one = (json.loads(reports[n].read_text()) for n in ("two-step", "one-process"))
+    for key in ("samples", "scored", "failed", "accuracy", "one_minus_ned", "cer", "failures"):
+        assert one[key] == two[key], key
+    assert one["policy"]["layout"] == "stream" and one["failed"] == 3
+
+
+def test_one_process_path_refuses_a_label_file(tmp_path, tiny_lmdb, fixed_models, capsys):
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--label",
+                             str(tmp_path / "l.txt")]) == 1
+    assert "--label goes with --input-npy" in capsys.readouterr().err

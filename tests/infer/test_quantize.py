@@ -52,6 +52,7 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
     recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
     assert recorded["calibration_samples"] == 7 and recorded["calibration_failed"] == 3
     assert recorded["per_channel"] is True and recorded["reduce_range"] is True
+    assert recorded["lstm"] == "fp32"
     ops = _ops(tmp_path / "int8.onnx")
     # Every convolution and the classifier MatMul read dequantised int8 weights; LSTMs stay fp32.
     assert ops["QuantizeLinear"] >= 7 and ops["DequantizeLinear"] >= 14
@@ -61,6 +62,21 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
         for batch, width in ((1, 40), (3, 257)):
             logits = runner.infer({"imgs": np.zeros((batch, 1, 32, width), np.float32)})["output1"]
             assert logits.shape == (width // 4 + 1, batch, 66)
+
+
+def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, capsys):
+    source = fixed_models["nano-ocr"]
+    output = tmp_path / "int8_lstm.onnx"
+    assert quantize.main([str(source), str(output), "--calibration", str(tiny_lmdb),
+                          "--lstm", "int8", "--min-agreement", "0.9"]) == 0
+    assert "int8 LSTM" in capsys.readouterr().out
+    ops = _ops(output)
+    assert ops["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops
+    model = onnx.load(str(output))
+    recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
+    assert recorded["lstm"].startswith("int8") and recorded["frame_agreement"] >= 0.9
+    with pytest.raises(ToolchainError, match="LSTM precision 'int4' is unknown"):
+        quantize.quantize_model(source, tmp_path / "x.onnx", None, lstm="int4")
 
 
 def test_int8_models_are_refused_by_quantize_and_atc(tmp_path, tiny_lmdb, fixed_models, capsys):
