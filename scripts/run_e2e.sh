@@ -4,11 +4,13 @@
 #
 # Usage: scripts/run_e2e.sh [--backend onnxruntime|torch|ais_bench] [--width-policy fixed|keep-ratio]
 #                           [--precision int8|fp32] [--data LMDB] [--calibration LMDB]
-#                           [--output DIR] [--soc-version Ascend310P3] [--device N]
+#                           [--output DIR] [--soc-version Ascend310P3] [--device N] [--two-step]
 # Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; if none exists, a small
 # synthetic lmdb is generated and the figures are labelled SYNTHETIC. ONNX Runtime runs the
 # int8 model (infer.quantize) by default, calibrated on --calibration, else $IIIT5K_CALIB_LMDB,
 # else ../shared/data/IIIT5K_train_500 (synthetic words if none exists); --precision fp32 skips it.
+# Scoring runs in one process from the lmdb (eval.postprocess --test-dir); --two-step runs the
+# ModelZoo flow instead (preprocess.parse_testdata to .npy files, then eval.postprocess).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,6 +23,7 @@ data="${IIIT5K_LMDB:-$root/../shared/data/IIIT5K_3000}"
 output="$root/results/$(date +%Y%m%d-%H%M%S)"
 soc="${SOC_VERSION:-Ascend310P3}"
 device=0
+two_step=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend="$2"; shift 2 ;;
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
     --output) output="$2"; shift 2 ;;
     --soc-version) soc="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --two-step) two_step=1; shift ;;
+    -h|--help) sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,20 +100,26 @@ if [ "$backend" = onnxruntime ] && [ "$precision" = int8 ]; then
   onnx_model="$work/nano_int8.onnx"
 fi
 
-echo "== preprocess (preprocess.parse_testdata) $data"
 policy_args=()
 [ -n "$policy" ] && policy_args=(--width-policy "$policy")
-"$py" -m preprocess.parse_testdata --test-dir "$data" --output-npy "$work/inputs" \
-  --model "$work/nano.onnx" "${policy_args[@]}"
-
-echo "== inference and scoring (eval.postprocess, backend $backend)"
 case "$backend" in
   onnxruntime) model_args=(--onnx-path "$onnx_model") ;;
   torch) model_args=(--pth "$weights" --arch nano-ocr) ;;
   ais_bench) model_args=("${om_args[@]}") ;;
 esac
-"$py" -m eval.postprocess --input-npy "$work/inputs" "${model_args[@]}" \
-  --report "$output/report.json" --predictions "$output/predictions.csv" | tee "$output/summary.txt"
+outputs=(--report "$output/report.json" --predictions "$output/predictions.csv")
+if [ -n "$two_step" ]; then
+  echo "== preprocess (preprocess.parse_testdata) $data"
+  "$py" -m preprocess.parse_testdata --test-dir "$data" --output-npy "$work/inputs" \
+    --model "$work/nano.onnx" "${policy_args[@]}"
+  echo "== inference and scoring (eval.postprocess, backend $backend)"
+  "$py" -m eval.postprocess --input-npy "$work/inputs" "${model_args[@]}" "${outputs[@]}" \
+    | tee "$output/summary.txt"
+else
+  echo "== read, infer and score in one process (eval.postprocess --test-dir, backend $backend) $data"
+  "$py" -m eval.postprocess --test-dir "$data" "${model_args[@]}" "${policy_args[@]}" \
+    "${outputs[@]}" | tee "$output/summary.txt"
+fi
 
 echo "== results in $output (report.json, predictions.csv)"
 if [ -n "$synthetic" ]; then

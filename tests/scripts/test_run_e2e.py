@@ -36,14 +36,18 @@ def test_run_e2e_on_synthetic_data_int8_by_default(tmp_path):
     assert "the int8 model was calibrated on SYNTHETIC words" in proc.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"].endswith("nano_int8.onnx")
+    assert report["policy"]["layout"] == "stream"  # one process from the lmdb by default
+    assert "preprocess.parse_testdata" not in proc.stdout
 
 
-def test_run_e2e_fp32_skips_quantisation(tmp_path):
-    proc = _run_e2e(tmp_path, "--precision", "fp32", "--width-policy", "fixed")
+def test_run_e2e_fp32_skips_quantisation_two_step(tmp_path):
+    proc = _run_e2e(tmp_path, "--precision", "fp32", "--width-policy", "fixed", "--two-step")
     assert "infer.quantize" not in proc.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"].endswith("nano_fixed.onnx")
     assert report["policy"]["width_policy"] == "fixed"
+    assert report["policy"]["layout"] == "bucketed"  # the ModelZoo flow through .npy files
+    assert "preprocess.parse_testdata" in proc.stdout
 
 
 def test_run_e2e_rejects_unknown_options():
