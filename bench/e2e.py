@@ -1,19 +1,24 @@
-"""Time the whole path from the lmdb to scored predictions, four ways, in one process.
+"""Time the whole path from the lmdb to scored predictions, five ways, in one run.
 
 1. reference: what the ModelZoo postprocess does, on ONNX Runtime: one image at a time,
    decoded and resized to the fixed training width, batch-1 inference, decode, score.
 2. torch-eager: what nano-ocr's ``read_batch`` does: PIL decode, grey, resize, one eager
    PyTorch forward per image, CTC decode.
-3. toolchain: this project's default path: ``python -m preprocess.parse_testdata`` then
-   ``python -m eval.postprocess`` on the int8 copy (``infer.quantize``) of the rewritten
-   ONNX model (the CLIs' ``main``).
-4. toolchain fp32: the same on the fp32 rewritten model, to show what int8 adds.
+3. toolchain default: ``python -m eval.postprocess --test-dir`` on the int8 copy
+   (``infer.quantize``) of the rewritten ONNX model: one process, decoding workers,
+   streamed equal-width batches.
+4. toolchain two-step: ``preprocess.parse_testdata`` then ``eval.postprocess --input-npy``
+   (the ModelZoo flow) on the same int8 model.
+5. toolchain fp32: the one-process path on the fp32 rewritten model, to show what int8 adds.
 
-Every path is timed from loading its model to the last scored sample (model loading and
-warm-up included for all four), on the same machine, in the same run, and scored with the
-same protocol. Building the models (export, rewrite, quantisation with its calibration) is
-a one-off step outside the timings, like ATC on the NPU; its time is printed separately.
-Speed-ups are per-image time ratios: reference / row and torch-eager / row.
+Every path runs in a fresh child process of its own, so each one's peak memory is its own
+(``VmHWM`` of the child; for its decoding workers ``ru_maxrss``, an upper bound that includes
+what the child held when it started them), with its imports done before the clock starts.
+Each is timed from loading its model to the last scored sample (loading and warm-up
+included), on the same machine, in the same run, scored with the same protocol.
+Building the models (export, rewrite, quantisation with its calibration) is a one-off step
+outside the timings, like ATC on the NPU; its time is printed separately. Speed-ups are
+per-image time ratios: reference / row and torch-eager / row.
 
 Example (the README's table):
     python -m bench.e2e
@@ -22,6 +27,7 @@ Example (the README's table):
 from __future__ import annotations
 
 import json
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Sequence
@@ -82,8 +88,23 @@ def torch_eager(data: Path, weights: Path, limit: int | None) -> dict:
     return _batch_one(weights, limit, data, arch="nano-ocr")
 
 
+def one_process(data: Path, onnx_model: Path, workdir: Path) -> dict:
+    """Paths 3 and 5: ``eval.postprocess --test-dir`` with its defaults (the CLI's ``main``)."""
+    from eval import postprocess
+
+    report = workdir / "report_stream.json"
+    start = time.perf_counter()
+    if postprocess.main(["--test-dir", str(data), "--onnx-path", str(onnx_model),
+                         "--report", str(report)]):
+        raise SystemExit("postprocess failed")
+    seconds = time.perf_counter() - start
+    result = json.loads(report.read_text())
+    return {"seconds": seconds, "samples": result["scored"], "accuracy": result["accuracy"],
+            "correct": result["correct"]}
+
+
 def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] = ()) -> dict:
-    """Path 3: the project's two CLIs with their defaults (``extra``: parse_testdata options)."""
+    """Path 4: the project's two CLIs with their defaults (``extra``: parse_testdata options)."""
     from eval import postprocess
     from preprocess import parse_testdata
 
@@ -156,26 +177,71 @@ def _prepare(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]
     return weights, fixed, int8, time.perf_counter() - start
 
 
+_PATHS = {"reference": reference, "torch": torch_eager, "one-process": one_process,
+          "two-step": toolchain}
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` would also count what the
+    parent held when it forked this process, since Linux keeps it across ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _in_child(path: str, args: tuple) -> dict:
+    """Run one path in this (fresh) process after its imports; add its peak memory."""
+    import resource
+
+    if path == "torch":
+        import torch  # noqa: F401 - imported before the clock starts
+    else:
+        from eval import postprocess  # noqa: F401 - imported before the clock starts
+        from preprocess import parse_testdata  # noqa: F401
+
+    result = _PATHS[path](*args)
+    result["peak_rss_mib"] = _peak_rss_kib() / 1024
+    result["workers_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def _child_main(path: str, args: tuple, results) -> None:
+    results.put(_in_child(path, args))
+
+
+def _measure(path: str, *args) -> dict:
+    """Run a path in a fresh (spawned, non-daemonic: it may start decoding workers) process."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_child_main, args=(path, args, results))
+    child.start()
+    result = results.get()
+    child.join()
+    if child.exitcode:
+        raise SystemExit(f"bench path {path} failed with exit code {child.exitcode}")
+    return result
+
+
 def _run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         weights, model, int8, build_seconds = _prepare(workdir, args.calibration)
         results = {
-            "reference (ModelZoo-style, ORT batch 1, fixed width)": reference(
-                args.data, model, args.limit
-            ),
-            "torch eager per image (nano-ocr read_batch)": torch_eager(
-                args.data, weights, args.limit
-            ),
+            "reference (ModelZoo-style, ORT batch 1, fixed width)":
+                _measure("reference", args.data, model, args.limit),
+            "torch eager per image (nano-ocr read_batch)":
+                _measure("torch", args.data, weights, args.limit),
+            "toolchain default: one process, int8":
+                _measure("one-process", args.data, int8, workdir),
+            "toolchain two-step (parse_testdata + postprocess), int8":
+                _measure("two-step", args.data, int8, workdir),
+            "toolchain one process, fp32": _measure("one-process", args.data, model, workdir),
         }
-        ours = toolchain(args.data, int8, workdir)
-        fp32 = toolchain(args.data, model, workdir)
-    for label, result in (("toolchain default, int8", ours), ("toolchain fp32", fp32)):
-        policy = result.pop("policy")
-        results[
-            f"{label} (bucketed, {policy['width_policy']} "
-            f"[{policy['min_width']}, {policy['max_width']}])"
-        ] = result
+    for result in results.values():
+        result.pop("policy", None)
     print(
         f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
         f"`python -m bench.e2e`; model build (export, rewrite, int8 calibration on "
@@ -183,16 +249,16 @@ def _run(args) -> int:
     )
     per_image = {label: r["seconds"] / r["samples"] for label, r in results.items()}
     ref_label, torch_label = list(results)[:2]
-    print(
-        "| path | samples | seconds | images/s | word accuracy | speed-up over reference "
-        "| speed-up over torch eager |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| path | samples | seconds | images/s | word accuracy | speed-up over reference "
+          "| speed-up over torch eager | peak RSS MiB (process / decoding workers) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
+        workers = f"{r['workers_peak_rss_mib']:.0f}" if r["workers_peak_rss_mib"] else "-"
         print(
             f"| {label} | {r['samples']} | {r['seconds']:.2f} | {r['samples'] / r['seconds']:.0f} "
             f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
-            f"| {per_image[torch_label] / per_image[label]:.2f}x |"
+            f"| {per_image[torch_label] / per_image[label]:.2f}x "
+            f"| {r['peak_rss_mib']:.0f} / {workers} |"
         )
     return 0
 
