@@ -52,7 +52,7 @@ def measure(model: Path, data: Path, overrides: dict, workdir: Path) -> dict[str
     """Accuracy, mean width, batch count and engine seconds of one policy."""
     spec = describe(model).replace(**overrides)
     folder = workdir / "inputs"
-    write_inputs(data, folder, spec, workers=os.cpu_count() or 1)
+    write_inputs(data, folder, spec, workers=os.cpu_count() or 1, overwrite=True)
     inputs = load_input_set(folder)
     runner, _ = open_model(model)
     with Recognizer(runner, spec) as recognizer:

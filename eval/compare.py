@@ -2,6 +2,8 @@
 
 Used to check that batched inference equals batch-1 inference: run eval.postprocess on the
 bucketed and on the per-image inputs of the same set with the same model, then compare.
+Exit status: 0 when every common sample decodes the same and both files hold the same
+samples, 1 otherwise (so it can gate CI), 1 with one line on bad input.
 
 Example:
     python -m eval.compare work/bucketed/predictions.csv work/per_image/predictions.csv
@@ -54,14 +56,15 @@ def _parser():
 
 def _run(args) -> int:
     result = compare(read_predictions(args.first), read_predictions(args.second))
+    if result["examples"]:
+        print(f"  sample: first ({args.first}) vs second ({args.second})")
     for index, a, b in result["examples"]:
-        print(f"  sample {index}: {a!r} vs {b!r}")
-    print(
-        f"{result['differ']} of {result['common']} common samples decode differently "
-        f"({result['only_first']} only in the first file, "
-        f"{result['only_second']} only in the second)"
-    )
-    return 0
+        print(f"  {index}: {a!r} vs {b!r}")
+    print(f"{result['differ']} of {result['common']} common samples decode differently "
+          f"({result['only_first']} only in the first file, "
+          f"{result['only_second']} only in the second)")
+    same = not (result["differ"] or result["only_first"] or result["only_second"])
+    return 0 if same else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

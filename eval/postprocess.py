@@ -49,7 +49,7 @@ from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_me
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
 from pipeline import Recognizer
-from preprocess.parse_testdata import add_width_arguments, width_overrides
+from preprocess.parse_testdata import add_width_arguments, failed_count, width_overrides
 from preprocess.stream import Stream, stream_batches
 
 #: Samples per batch of the one-process path (``--test-dir``); see the README's measurements.
@@ -86,7 +86,7 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
     return {
         "samples": inputs.num_samples,
         "scored": len(preds),
-        "failed": len(failed),
+        "failed": failed_count(failed),
         "accuracy": metrics["accuracy"],
         "correct": metrics["correct"],
         "accuracy_case_sensitive": metrics["accuracy_case_sensitive"],

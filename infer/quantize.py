@@ -53,7 +53,7 @@ from convert.onnx_io import cpu_session, load_onnx
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
 from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
-from preprocess.stream import decode_all
+from preprocess.stream import decode_all, missing_range
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,12 @@ def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | 
     if batch_size < 1:
         raise ToolchainError(f"--batch-size must be >= 1, got {batch_size}")
     lmdb_path = Path(lmdb_path)
-    count, results = decode_all(lmdb_path, spec, workers=1)
-    wanted = min(count, samples or count)
+    found, results = decode_all(lmdb_path, spec, workers=1)
+    wanted = min(found.num_samples, samples or found.num_samples)
     images, failed = [], []
+    missing = missing_range(found)
+    if missing and missing["index"] <= wanted:
+        failed.append({**missing, "last": wanted, "count": wanted - missing["index"] + 1})
     for index, _label, pixels, _size, reason in results:
         if index > wanted:
             break
@@ -131,6 +134,7 @@ def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | 
                              "for calibration (first failure: "
                              f"{failed[0]['reason'] if failed else 'none read'})")
     batches = [batch for _, batch in batch_inputs(images, spec, batch_size)]
+    failed.sort(key=lambda f: f["index"])
     return CalibrationSet(lmdb_path, batches, len(images), failed)
 
 

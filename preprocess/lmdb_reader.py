@@ -63,36 +63,81 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     if not path.is_dir() or not (path / "data.mdb").is_file():
         raise ToolchainError(f"{path}: not an lmdb folder (expected {path / 'data.mdb'})")
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
-                         max_readers=256)
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=256)
     except lmdb.Error as exc:
         raise ToolchainError(f"{path}: cannot open as lmdb ({exc})") from exc
+    # A truncated data.mdb opens (its meta pages come first) but reading a page past the end
+    # of the file is a bus error: check lmdb's own page count against the file first.
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (path / "data.mdb").stat().st_size
+    if size < needed:
+        env.close()
+        raise ToolchainError(f"{path / 'data.mdb'}: truncated: {size} bytes, but lmdb's page "
+                             f"count needs {needed}; copy the file again")
+    return env
 
 
-def count_samples(env: lmdb.Environment, path: str | Path) -> int:
-    """N from ``num-samples``; if that key is missing, the largest indexed key found.
+@dataclass(frozen=True)
+class Survey:
+    """What the keys of an lmdb test set say, read without reading a value but ``num-samples``.
+
+    Attributes:
+        num_samples: N from ``num-samples`` (the largest index present if the key is missing).
+        largest: the largest index with an ``image-``/``label-`` key (0: none).
+        beyond: indices above ``num_samples`` that have keys (they are not read).
+    """
+
+    num_samples: int
+    largest: int
+    beyond: int
+
+    @property
+    def readable(self) -> int:
+        """Indices worth reading: ``1..min(num_samples, largest)``; above, no key exists."""
+        return min(self.num_samples, self.largest)
+
+
+def survey(env: lmdb.Environment, path: str | Path) -> Survey:
+    """Read ``num-samples`` and scan the keys (in time linear in the entries lmdb holds).
 
     Raises:
-        ToolchainError: ``num-samples`` is not an integer, or the lmdb holds no samples.
+        ToolchainError: ``num-samples`` is not a positive integer, or the lmdb holds no
+            samples.
     """
+    indices: set[int] = set()
     with env.begin() as txn:
         raw = txn.get(b"num-samples")
-        if raw is not None:
-            try:
-                return int(raw.decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                raise ToolchainError(
-                    f"{path}: num-samples is {raw[:20]!r}, not an integer"
-                ) from None
-        largest = 0
         for key in txn.cursor().iternext(keys=True, values=False):
             match = _INDEXED_KEY.match(key)
             if match:
-                largest = max(largest, int(match.group(1)))
-    if largest == 0:
-        raise ToolchainError(f"{path}: no num-samples key and no image-/label- keys")
-    log.warning("%s: num-samples is missing; using the largest index found, %d", path, largest)
-    return largest
+                indices.add(int(match.group(1)))
+    largest = max(indices, default=0)
+    if raw is None:
+        if largest == 0:
+            raise ToolchainError(f"{path}: no num-samples key and no image-/label- keys")
+        log.warning("%s: num-samples is missing; using the largest index found, %d", path, largest)
+        return Survey(largest, largest, 0)
+    try:
+        count = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ToolchainError(f"{path}: num-samples is {raw[:20]!r}, not an integer") from None
+    if count < 1:
+        raise ToolchainError(f"{path}: num-samples is {count}; it must be at least 1")
+    result = Survey(count, largest, sum(1 for i in indices if i > count))
+    if result.beyond:
+        log.warning("%s: %d indices above num-samples %d have keys and are NOT read",
+                    path, result.beyond, count)
+    if count > largest:
+        log.warning("%s: num-samples is %d but the largest index present is %d: indices %d..%d "
+                    "have no keys and are counted as failed", path, count, largest,
+                    largest + 1, count)
+    return result
+
+
+def count_samples(env: lmdb.Environment, path: str | Path) -> int:
+    """N from ``num-samples`` (see :func:`survey`)."""
+    return survey(env, path).num_samples
 
 
 def read_sample(txn: lmdb.Transaction, index: int) -> RawSample:

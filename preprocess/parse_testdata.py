@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,13 +47,16 @@ from convert.registry import ARCHS, spec_for_arch
 from convert.spec import WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
 from preprocess.image import normalise
-from preprocess.stream import decode_all
+from preprocess.stream import decode_all, missing_range
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("bucketed", "per-image")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+#: The file that marks a folder as this tool's output (with the manifest's ``output_id``).
+MARKER = ".parse_testdata-output.json"
+TOOL = "preprocess.parse_testdata"
 
 def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict[str, object]:
     return {"width_policy": spec.width_policy, "width": spec.width, "min_width": spec.min_width,
@@ -61,28 +65,73 @@ def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict
             "pad_value": PAD_VALUE}
 
 
+def failed_count(failed: Sequence[dict]) -> int:
+    """Samples a failure list accounts for (a range record counts its ``count``)."""
+    return sum(int(f.get("count", 1)) for f in failed)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def owns(output: Path) -> bool:
+    """Whether ``output`` is a folder this tool wrote: its marker and its manifest carry the
+    same output id (a file name alone, which anyone can have, is not enough)."""
+    try:
+        marker = json.loads((output / MARKER).read_text())
+        manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and isinstance(manifest, dict) and marker.get("tool") == TOOL
+            and marker.get("output_id") is not None
+            and marker.get("output_id") == manifest.get("output_id"))
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output that would replace what this tool did not write.
+
+    Raises:
+        ToolchainError: ``output`` is a file, a non-empty folder this tool did not write,
+            or an earlier output of this tool without ``overwrite``.
+    """
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ToolchainError(f"{output}: exists and is not a folder; choose another --output-npy")
+    if not any(output.iterdir()):
+        return
+    if not owns(output):
+        raise ToolchainError(f"{output}: not empty and not written by parse_testdata; nothing "
+                             "was changed; choose another --output-npy")
+    if not overwrite:
+        raise ToolchainError(f"{output}: holds an earlier parse_testdata output; pass "
+                             "--overwrite to replace it")
+
+
 def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "bucketed",
                  batch_size: int = 16, max_pad: int = 0, workers: int = 1,
-                 progress: bool = False) -> dict[str, object]:
+                 progress: bool = False, overwrite: bool = False) -> dict[str, object]:
     """Read every sample of ``test_dir`` and write the model inputs into ``output``.
 
     Returns:
         The manifest (also written as ``output/manifest.json``).
 
     Raises:
-        ToolchainError: ``test_dir`` is not an lmdb, or ``output`` exists and is not an
-            earlier output of this tool.
+        ToolchainError: ``test_dir`` is not an lmdb, or ``output`` may not be written
+            (:func:`check_output`).
     """
     if layout not in LAYOUTS:
         raise ToolchainError(f"layout {layout!r} is unknown; use one of {LAYOUTS}")
-    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
-        raise ToolchainError(f"{output} exists and is not an earlier parse_testdata output; "
-                             "choose another --output_npy")
-    count, results = decode_all(test_dir, spec, workers)
+    check_output(output, overwrite)
+    found, results = decode_all(test_dir, spec, workers)
+    count = found.num_samples
     samples: dict[int, dict] = {}
     pixels: dict[int, np.ndarray] = {}
-    failed: list[dict] = []
-    for index, label, image, size, reason in tqdm(results, total=count, unit="img",
+    missing = missing_range(found)
+    failed: list[dict] = [missing] if missing else []
+    for index, label, image, size, reason in tqdm(results, total=found.readable, unit="img",
                                                    desc="decode",
                                                    disable=None if progress else True):
         if reason is not None:
@@ -97,7 +146,10 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
         pixels[index] = image
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    output_id = uuid.uuid4().hex
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output follows the umask
+        (staging / MARKER).write_text(json.dumps({"tool": TOOL, "output_id": output_id}))
         indices = sorted(samples)
         if layout == "per-image":
             for index in indices:
@@ -116,6 +168,8 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
             "version": MANIFEST_VERSION,
             "source": str(test_dir),
             "num_samples": count,
+            "output_id": output_id,
+            "entries_beyond_num_samples": found.beyond,
             "model": spec.to_dict(),
             "policy": _policy(spec, layout, batch_size, max_pad),
             "samples": [samples[i] for i in indices],
@@ -215,6 +269,8 @@ def _parser():
         help="decode processes (1: in this process)",
     )
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any sample fails")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier output of this tool (never anything else)")
     return parser
 
 
@@ -232,14 +288,17 @@ def _run(args) -> int:
         args.max_pad,
         args.workers,
         progress=True,
+        overwrite=args.overwrite,
     )
     elapsed = time.perf_counter() - start
     written, failed = len(manifest["samples"]), manifest["failed"]
     for failure in failed[:10]:
-        log.warning("sample %d failed: %s", failure["index"], failure["reason"])
+        where = (f"samples {failure['index']}..{failure['last']}" if "last" in failure
+                 else f"sample {failure['index']}")
+        log.warning("%s failed: %s", where, failure["reason"])
     files = len({s["file"] for s in manifest["samples"]})
     print(
-        f"read {manifest['num_samples']}, written {written}, failed {len(failed)} "
+        f"read {manifest['num_samples']}, written {written}, failed {failed_count(failed)} "
         f"({args.layout}, {files} files, {spec.width_policy} width) in {elapsed:.2f} s "
         f"-> {args.output_npy}"
     )

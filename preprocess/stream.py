@@ -22,7 +22,7 @@ import numpy as np
 from convert.spec import ModelSpec
 from preprocess.batching import batch_inputs
 from preprocess.image import SampleError, decode_label, prepare
-from preprocess.lmdb_reader import count_samples, open_lmdb, read_sample
+from preprocess.lmdb_reader import Survey, open_lmdb, read_sample, survey
 
 CHUNK = 64  # indices per task sent to a worker
 
@@ -60,12 +60,31 @@ def _chunks(count: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(start + size, count + 1)))
 
 
-def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[int, Iterator[tuple]]:
-    """(N, iterator of per-sample results) over indices 1..N, decoded by ``workers`` processes."""
+def missing_range(found: Survey) -> dict | None:
+    """One failure record for the indices above the largest key present, or None.
+
+    ``{"index": first, "last": last, "count": n, "reason": ...}``: a ``num-samples`` far
+    beyond the keys is accounted for in constant time and memory, not one record each.
+    """
+    if found.num_samples <= found.largest:
+        return None
+    first, last = found.largest + 1, found.num_samples
+    return {"index": first, "last": last, "count": last - first + 1,
+            "reason": f"no image or label key (num-samples is {found.num_samples}, the largest "
+                      f"index present is {found.largest})"}
+
+
+def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, Iterator[tuple]]:
+    """The lmdb's :class:`Survey` and an iterator of per-sample results over the indices
+    worth reading (``Survey.readable``), decoded by ``workers`` processes.
+
+    Each result is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``;
+    the indices above them are :func:`missing_range`.
+    """
     env = open_lmdb(test_dir)
-    count = count_samples(env, test_dir)
+    found = survey(env, test_dir)
     env.close()
-    chunks = _chunks(count, CHUNK)
+    chunks = _chunks(found.readable, CHUNK)
 
     def results() -> Iterator[tuple]:
         if workers <= 1:
@@ -82,8 +101,7 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[int, Iter
             for chunk_results in pool.imap_unordered(_process, chunks):
                 yield from chunk_results
 
-    return count, results()
-
+    return found, results()
 
 
 @dataclass(frozen=True)
@@ -128,8 +146,11 @@ def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    count, results = decode_all(test_dir, spec, workers)
-    stream = Stream(count, iter(()))
+    found, results = decode_all(test_dir, spec, workers)
+    stream = Stream(found.num_samples, iter(()))
+    missing = missing_range(found)
+    if missing:
+        stream.failed.append(missing)
 
     def make(members: list[tuple[int, str, np.ndarray]]) -> tuple[np.ndarray, list]:
         ((_, batch),) = batch_inputs([pixels for _, _, pixels in members], spec, len(members))

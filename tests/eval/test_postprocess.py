@@ -218,3 +218,15 @@ def test_one_process_path_refuses_a_label_file(tmp_path, tiny_lmdb, fixed_models
                              str(fixed_models["nano-ocr"]), "--label",
                              str(tmp_path / "l.txt")]) == 1
     assert "--label goes with --input-npy" in capsys.readouterr().err
+
+
+def test_compare_exit_status_gates_on_differences(tmp_path, capsys):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("index,prediction\n1,cat\n2,dog\n")
+    second.write_text("index,prediction\n1,cat\n2,dot\n")
+    assert compare.main([str(first), str(first)]) == 0
+    assert compare.main([str(first), str(second)]) == 1
+    out = capsys.readouterr().out
+    assert f"first ({first}) vs second ({second})" in out and "2: 'dog' vs 'dot'" in out
+    second.write_text("index,prediction\n1,cat\n")
+    assert compare.main([str(first), str(second)]) == 1  # a sample missing from one file

@@ -14,7 +14,7 @@ from tests.conftest import IIIT5K, write_lmdb
 EXPECTED_FAILED = [
     {"index": 7, "reason": "not a decodable image"},
     {"index": 8, "reason": "missing label key"},
-    {"index": 10, "reason": "missing label key"},
+    {"index": 10, "reason": "no image or label key (num-samples is 10, the largest index present"},
 ]
 
 
@@ -109,14 +109,17 @@ def test_rerun_replaces_output_and_refuses_foreign_folder(tmp_path, tiny_lmdb):
     spec = parse_testdata.resolve_spec(None, "crnn")
     out = tmp_path / "o"
     parse_testdata.write_inputs(tiny_lmdb, out, spec, layout="per-image")
-    parse_testdata.write_inputs(tiny_lmdb, out, spec)
+    with pytest.raises(ToolchainError, match="pass --overwrite"):
+        parse_testdata.write_inputs(tiny_lmdb, out, spec)
+    parse_testdata.write_inputs(tiny_lmdb, out, spec, overwrite=True)
     assert not list(out.glob("test_*.npy")) and list(out.glob("batch_*.npy"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "tiny_lmdb"]  # no staging left
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(ToolchainError, match="not an earlier parse_testdata output"):
-        parse_testdata.write_inputs(tiny_lmdb, foreign, spec)
+    with pytest.raises(ToolchainError, match="not written by parse_testdata"):
+        parse_testdata.write_inputs(tiny_lmdb, foreign, spec, overwrite=True)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
