@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session, load_onnx
+from convert.outputs import atomic_path, check_output_file
 from convert.rewrite_rules import RULES, tidy
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,24 @@ def compare_outputs(original: onnx.ModelProto, fixed: onnx.ModelProto,
     return worst
 
 
+def check_fixable(model: onnx.ModelProto, source: str | Path) -> None:
+    """Raise :class:`ToolchainError` unless ``model`` is a recogniser graph this tool can
+    verify: nodes, and one float32 ``[batch, channels, height, width]`` input."""
+    graph = model.graph
+    if not graph.node or not graph.input:
+        raise ToolchainError(f"{source}: holds no graph (an empty file, or not an ONNX model)")
+    if len(graph.input) != 1:
+        names = ", ".join(i.name for i in graph.input)
+        raise ToolchainError(f"{source}: has {len(graph.input)} inputs ({names}); convert.fix "
+                             "takes a recogniser with one image input")
+    tensor = graph.input[0].type.tensor_type
+    if tensor.elem_type != onnx.TensorProto.FLOAT or len(tensor.shape.dim) != 4:
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        raise ToolchainError(f"{source}: input {graph.input[0].name!r} is {kind} of rank "
+                             f"{len(tensor.shape.dim)}; convert.fix takes float32 "
+                             "[batch, channels, height, width]")
+
+
 def fix_model(source: str | Path, target: str | Path,
               tolerance: float = DEFAULT_TOLERANCE) -> dict[str, object]:
     """Rewrite ``source`` into ``target`` and verify it.
@@ -112,15 +131,17 @@ def fix_model(source: str | Path, target: str | Path,
     Raises:
         ToolchainError: unreadable input, lost dynamic axes, or outputs that disagree.
     """
+    check_output_file(target, "the output")
     original = load_onnx(source)
+    check_fixable(original, source)
     fixed, applied = rewrite(original)
     onnx.checker.check_model(fixed)
     if dynamic_axes(fixed) != dynamic_axes(original):
         raise ToolchainError(f"rewriting {source} changed the dynamic axes: "
                              f"{dynamic_axes(original)} -> {dynamic_axes(fixed)}")
     worst = compare_outputs(original, fixed, tolerance=tolerance)
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(fixed, str(target))
+    with atomic_path(target) as partial:
+        onnx.save(fixed, str(partial))
     return {"before": op_counts(original), "after": op_counts(fixed),
             "applied": applied, "max_abs_diff": worst}
 

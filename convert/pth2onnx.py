@@ -31,12 +31,15 @@ from convert.checkpoint import load_checkpoint
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session
+from convert.outputs import atomic_path, check_output_file
 from convert.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
 from convert.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 11
+#: Opsets the TorchScript exporter writes an LSTM CRNN at (torch.onnx's documented range).
+MIN_OPSET, MAX_OPSET = 9, 20
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -165,6 +168,10 @@ def _parser():
 
 
 def _run(args) -> int:
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise ToolchainError(f"--opset {args.opset} is outside what the exporter writes "
+                             f"({MIN_OPSET} to {MAX_OPSET}; ATC takes 11)")
+    check_output_file(args.output, "the output")
     spec = spec_for_arch(args.arch)
     if arch_entry(args.arch).build is None:
         raise ToolchainError(
@@ -178,8 +185,15 @@ def _run(args) -> int:
         gate_order=args.gate_order,
         trust=args.trust_checkpoint,
     )
-    path = export_onnx(model, spec, args.output, opset=args.opset)
-    results = check_parity(model, path, spec, parity_pairs(spec), tolerance=args.tolerance)
+    with atomic_path(args.output) as partial:  # nothing is left at the output if a check fails
+        export_onnx(model, spec, partial, opset=args.opset)
+        try:
+            results = check_parity(model, partial, spec, parity_pairs(spec),
+                                   tolerance=args.tolerance)
+        except ToolchainError as exc:
+            raise ToolchainError(str(exc).replace(str(partial), str(args.output), 1)
+                                 + "; nothing written") from None
+    path = args.output
     for batch, width, diff in results:
         print(f"parity batch={batch} width={width}: max |onnxruntime - torch| = {diff:.2e}")
     worst = max(d for _, _, d in results)

@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import platform
@@ -41,6 +42,7 @@ import numpy as np
 from convert.cli import make_parser, run_main
 from convert.ctc import DECODERS
 from convert.errors import ToolchainError
+from convert.outputs import check_output_file, write_texts
 from convert.registry import ARCHS, GATE_ORDERS
 from convert.spec import ModelSpec
 from eval.evaluate import EvalRun, run_batches, run_evaluation
@@ -117,15 +119,15 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
     }
 
 
-def write_predictions(path: Path, run: EvalRun) -> None:
+def predictions_csv(run: EvalRun) -> str:
     """predictions.csv: index, label, prediction, confidence, correct (field protocol), width."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "label", "prediction", "confidence", "correct", "width"])
-        for p in run.predictions:
-            writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}",
-                             int(is_correct(p.prediction, p.label)), p.width])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["index", "label", "prediction", "confidence", "correct", "width"])
+    for p in run.predictions:
+        writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}",
+                         int(is_correct(p.prediction, p.label)), p.width])
+    return handle.getvalue()
 
 
 def summary_line(report: dict) -> str:
@@ -215,6 +217,9 @@ def evaluate_folder(args) -> dict[str, object]:
             another model.
     """
     model_path = args.onnx_path or args.om_path or args.pth
+    for flag, path in (("--report", args.report), ("--predictions", args.predictions)):
+        if path:
+            check_output_file(path, flag)
     if args.pth and not args.arch:
         raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
     if args.beam_width < 1:
@@ -237,11 +242,12 @@ def evaluate_folder(args) -> dict[str, object]:
         else:
             run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
     report = make_report(run, inputs, spec, runner.name, str(model_path), args.decoder)
+    outputs = {}
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        outputs[args.report] = json.dumps(report, indent=2, ensure_ascii=False)
     if args.predictions:
-        write_predictions(args.predictions, run)
+        outputs[args.predictions] = predictions_csv(run)
+    write_texts(outputs)  # both appear, or neither
     return report
 
 

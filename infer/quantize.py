@@ -50,6 +50,7 @@ import onnx
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session, load_onnx
+from convert.outputs import atomic_path, check_output_file
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
 from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
@@ -215,7 +216,7 @@ def quantize_model(
 
     if lstm not in LSTM_PRECISIONS:
         raise ToolchainError(f"LSTM precision {lstm!r} is unknown; use one of {LSTM_PRECISIONS}")
-    source, output = Path(source), Path(output)
+    source, output = Path(source), check_output_file(output, "the output")
     model = load_onnx(source)
     spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
@@ -289,8 +290,8 @@ def quantize_model(
             {k: v for k, v in asdict(result).items() if k != "output"}
         )
         onnx.helper.set_model_props(quantised, kept)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(quantised, str(output))
+        with atomic_path(output) as partial:
+            onnx.save(quantised, str(partial))
     return result
 
 
@@ -336,6 +337,7 @@ def _parser():
 
 def _run(args) -> int:
     start = time.perf_counter()
+    check_output_file(args.output, "the output")  # before the calibration's long work
     spec = read_onnx_spec(args.input)
     calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
     for failure in calibration.failed[:10]:

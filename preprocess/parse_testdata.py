@@ -43,6 +43,7 @@ from tqdm import tqdm
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.model_file import describe
+from convert.outputs import check_output_file
 from convert.registry import ARCHS, spec_for_arch
 from convert.spec import WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
@@ -97,6 +98,7 @@ def check_output(output: Path, overwrite: bool) -> None:
             or an earlier output of this tool without ``overwrite``.
     """
     if not output.exists():
+        check_output_file(output, "--output-npy")  # its parent can be made and written in
         return
     if not output.is_dir():
         raise ToolchainError(f"{output}: exists and is not a folder; choose another --output-npy")

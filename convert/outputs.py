@@ -1,0 +1,94 @@
+"""Write outputs whole or not at all, and refuse output paths that cannot be written.
+
+Every file a tool writes goes to a temporary name in the target's folder and is renamed into
+place only once it is complete (``os.replace`` is atomic within a file system), so an
+interrupt or a write error never leaves a cut-short file, nor a new file beside a stale one
+of the same run. Paths are checked before any long work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from convert.errors import ToolchainError
+
+
+def check_output_file(path: str | Path, flag: str = "output") -> Path:
+    """Check that ``path`` can be written as a file, creating its folder if needed.
+
+    Args:
+        path: the file to write.
+        flag: how the tool names this output in its message (e.g. ``--report``).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        ToolchainError: ``path`` is a folder, its folder cannot be created or is not a
+            folder, or it cannot be written there (one line naming the path).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ToolchainError(f"{path}: is a folder; {flag} must name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check-"):
+            pass
+    except OSError as exc:
+        raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed to ``path`` when the block ends cleanly,
+    removed when it raises.
+
+    Raises:
+        ToolchainError: the temporary file cannot be created or renamed (names ``path``).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-",
+                                        suffix=path.suffix)
+    except OSError as exc:
+        raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_texts(texts: dict[Path, str]) -> None:
+    """Write several text files so that they appear together: all are written aside first,
+    then renamed one after another; a failure before the renames leaves none of them.
+
+    Raises:
+        ToolchainError: a file cannot be written (names it).
+    """
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for path, text in texts.items():
+            temporary = stack.enter_context(atomic_path(path))
+            try:
+                temporary.write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+            staged.append(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

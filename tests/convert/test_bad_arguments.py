@@ -1,0 +1,125 @@
+"""Bad arguments and unwritable outputs: one line naming the path, checked before long work,
+and nothing written on failure (the hardening issue's rows 10-13)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from convert import fix, pth2onnx
+from eval import postprocess
+from infer import quantize
+from preprocess import parse_testdata
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def bad_outputs(tmp_path):
+    """An existing folder, a path under a file, a path under /proc (unwritable even by root)."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's")  # parse_testdata takes only empty or own folders
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {"folder": folder, "under a file": a_file / "out.onnx",
+            "under /proc": Path("/proc/crnn_toolchain_test/out.onnx")}
+
+
+@pytest.mark.parametrize("case", ["folder", "under a file", "under /proc"])
+def test_unwritable_outputs_are_one_line(case, bad_outputs, tmp_path, capsys, exported,
+                                         fixed_models, nano_weights, tiny_lmdb):
+    out = bad_outputs[case]
+    calls = [
+        lambda: pth2onnx.main([str(nano_weights), str(out), "--arch", "nano-ocr"]),
+        lambda: fix.main([str(exported["nano-ocr"]), str(out)]),
+        lambda: quantize.main([str(fixed_models["nano-ocr"]), str(out), "--calibration",
+                               str(tiny_lmdb)]),
+        lambda: parse_testdata.main(["--test-dir", str(tiny_lmdb), "--output-npy", str(out),
+                                     "--arch", "nano-ocr", "--workers", "1"]),
+        lambda: postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                                  str(fixed_models["nano-ocr"]), "--report", str(out)]),
+    ]
+    for call in calls:
+        assert call() == 1
+        _one_line_error(capsys, str(out))
+
+
+def test_failed_parity_writes_nothing(tmp_path, nano_weights, capsys):
+    out = tmp_path / "nano.onnx"
+    assert pth2onnx.main([str(nano_weights), str(out), "--arch", "nano-ocr",
+                          "--tolerance", "0"]) == 1
+    _one_line_error(capsys, f"{out}: ONNX Runtime differs from PyTorch", "nothing written")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opset", ["99", "3"])
+def test_an_unsupported_opset_is_refused_before_loading(tmp_path, opset, capsys):
+    assert pth2onnx.main(["missing.pth", str(tmp_path / "o.onnx"), "--arch", "crnn",
+                          "--opset", opset]) == 1
+    _one_line_error(capsys, f"--opset {opset} is outside")
+
+
+def _save(tmp_path, name, graph) -> str:
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph), str(path))
+    return str(path)
+
+
+def test_fix_refuses_graphs_it_cannot_verify(tmp_path, capsys):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    add = _save(tmp_path, "add.onnx", helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "add",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 32, 8]) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, 32, 8])]))
+    ints = _save(tmp_path, "int.onnx", helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "id",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 1, 32, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 1, 32, 8])]))
+    for source, message in ((empty, "holds no graph"), (add, "has 2 inputs (a, b)"),
+                            (ints, "input 'x' is int64 of rank 4")):
+        assert fix.main([str(source), str(tmp_path / "out.onnx")]) == 1
+        _one_line_error(capsys, message)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_and_predictions_appear_together(tmp_path, tiny_lmdb, fixed_models, capsys,
+                                                 monkeypatch):
+    """A write error on the second file leaves neither: no new report beside old predictions."""
+    out = tmp_path / "out"
+    out.mkdir()
+    report, predictions = out / "report.json", out / "predictions.csv"
+    report.write_text("old report")
+    predictions.write_text("old predictions")
+    real = type(report).write_text
+
+    def failing(self, text, *args, **kwargs):
+        if self.name.startswith(".predictions.csv.partial-"):
+            raise OSError(28, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(report), "write_text", failing)
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--report", str(report),
+                             "--predictions", str(predictions)]) == 1
+    _one_line_error(capsys, f"{predictions}: cannot be written (No space left on device)")
+    assert report.read_text() == "old report" and predictions.read_text() == "old predictions"
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "report.json"]
+    monkeypatch.undo()
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--report", str(report),
+                             "--predictions", str(predictions)]) == 0
+    assert json.loads(report.read_text())["scored"] == 7
+    assert predictions.read_text().count("\n") == 8
+    assert np.isfinite(json.loads(report.read_text())["accuracy"])
