@@ -48,7 +48,8 @@ def run_main(
 
     Returns:
         ``body``'s exit code, or 1 after printing ``error: <message>`` on stderr when it
-        raises :class:`ToolchainError` (no traceback).
+        raises :class:`ToolchainError` (no traceback), or 130 on Ctrl-C (every output is
+        written aside and renamed whole, so none is left half-written).
     """
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -61,3 +62,6 @@ def run_main(
     except ToolchainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; outputs not yet complete were not written", file=sys.stderr)
+        return 130

@@ -45,6 +45,8 @@ class InputSet:
         model: the model description used by preprocessing (None for ModelZoo folders).
         policy: the preprocessing policy (None for ModelZoo folders).
         num_samples: size of the source set (inputs + failures).
+        source: the lmdb the inputs come from (None for ModelZoo folders).
+        synthetic: the lmdb was generated (``preprocess.make_synthetic_lmdb``).
     """
 
     folder: Path
@@ -53,6 +55,8 @@ class InputSet:
     model: dict | None = None
     policy: dict | None = None
     num_samples: int = 0
+    source: str | None = None
+    synthetic: bool = False
 
     def files(self) -> list[tuple[str, list[Sample]]]:
         """Input files in name order, each with its samples in row order."""
@@ -137,6 +141,8 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
             manifest.get("model"),
             manifest.get("policy"),
             manifest.get("num_samples", len(samples) + len(failed)),
+            manifest.get("source"),
+            bool(manifest.get("synthetic", False)),
         )
     else:
         if labels is None:

@@ -102,6 +102,8 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
         "model": model,
         "arch": spec.arch,
         "policy": inputs.policy,
+        "data": {"path": inputs.source or str(inputs.folder), "num_samples": inputs.num_samples,
+                 "synthetic": inputs.synthetic},
         "e2e_seconds": run.e2e_seconds,
         "images_per_second": len(preds) / run.e2e_seconds if run.e2e_seconds else 0.0,
         "stages": {**run.stages, "score": score_seconds},
@@ -133,7 +135,8 @@ def predictions_csv(run: EvalRun) -> str:
 def summary_line(report: dict) -> str:
     """One line a person can paste into an issue."""
     return (
-        f"{report['backend']} {Path(report['model']).name}: word accuracy "
+        f"{report['backend']} {Path(report['model']).name} on {Path(report['data']['path']).name}"
+        f"{' (SYNTHETIC data)' if report['data']['synthetic'] else ''}: word accuracy "
         f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, lower-case 0-9a-z), "
         f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
         f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
@@ -205,7 +208,8 @@ def _stream_inputs(args, spec: ModelSpec) -> tuple[InputSet, Stream, ModelSpec]:
               "min_width": spec.min_width, "max_width": spec.max_width,
               "width_step": spec.width_step, "resample": spec.resample, "layout": "stream",
               "batch_size": args.batch_size, "max_pad": 0}
-    inputs = InputSet(args.test_dir, [], [], spec.to_dict(), policy, stream.count)
+    inputs = InputSet(args.test_dir, [], [], spec.to_dict(), policy, stream.count,
+                      str(args.test_dir.resolve()), stream.synthetic)
     return inputs, stream, spec
 
 

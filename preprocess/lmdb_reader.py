@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 _INDEXED_KEY = re.compile(rb"^(?:image|label)-(\d{9})$")
 
+#: Key that marks a generated (synthetic) lmdb; its figures say nothing about real text.
+SYNTHETIC_KEY = b"synthetic"
 #: Environment variable naming the IIIT5K test lmdb.
 TEST_SET_ENV = "IIIT5K_LMDB"
 #: Environment variable naming the calibration lmdb (int8 quantisation; not the test set).
@@ -86,11 +88,13 @@ class Survey:
         num_samples: N from ``num-samples`` (the largest index present if the key is missing).
         largest: the largest index with an ``image-``/``label-`` key (0: none).
         beyond: indices above ``num_samples`` that have keys (they are not read).
+        synthetic: the lmdb carries :data:`SYNTHETIC_KEY` (``preprocess.make_synthetic_lmdb``).
     """
 
     num_samples: int
     largest: int
     beyond: int
+    synthetic: bool = False
 
     @property
     def readable(self) -> int:
@@ -108,6 +112,7 @@ def survey(env: lmdb.Environment, path: str | Path) -> Survey:
     indices: set[int] = set()
     with env.begin() as txn:
         raw = txn.get(b"num-samples")
+        synthetic = txn.get(SYNTHETIC_KEY) is not None
         for key in txn.cursor().iternext(keys=True, values=False):
             match = _INDEXED_KEY.match(key)
             if match:
@@ -117,14 +122,14 @@ def survey(env: lmdb.Environment, path: str | Path) -> Survey:
         if largest == 0:
             raise ToolchainError(f"{path}: no num-samples key and no image-/label- keys")
         log.warning("%s: num-samples is missing; using the largest index found, %d", path, largest)
-        return Survey(largest, largest, 0)
+        return Survey(largest, largest, 0, synthetic)
     try:
         count = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise ToolchainError(f"{path}: num-samples is {raw[:20]!r}, not an integer") from None
     if count < 1:
         raise ToolchainError(f"{path}: num-samples is {count}; it must be at least 1")
-    result = Survey(count, largest, sum(1 for i in indices if i > count))
+    result = Survey(count, largest, sum(1 for i in indices if i > count), synthetic)
     if result.beyond:
         log.warning("%s: %d indices above num-samples %d have keys and are NOT read",
                     path, result.beyond, count)

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
+from preprocess.lmdb_reader import SYNTHETIC_KEY
 
 WORDS = [
     "PARKING",
@@ -100,6 +101,7 @@ def write_synthetic_lmdb(path: Path, samples: int, seed: int = 0) -> Path:
             txn.put(b"image-%09d" % index, buffer.getvalue())
             txn.put(b"label-%09d" % index, word.encode("utf-8"))
         txn.put(b"num-samples", str(samples).encode())
+        txn.put(SYNTHETIC_KEY, b"preprocess.make_synthetic_lmdb")
     env.close()
     return path
 

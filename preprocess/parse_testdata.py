@@ -168,10 +168,11 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
                     samples[index].update(file=name, row=row)
         manifest = {
             "version": MANIFEST_VERSION,
-            "source": str(test_dir),
+            "source": str(Path(test_dir).resolve()),
             "num_samples": count,
             "output_id": output_id,
             "entries_beyond_num_samples": found.beyond,
+            "synthetic": found.synthetic,
             "model": spec.to_dict(),
             "policy": _policy(spec, layout, batch_size, max_pad),
             "samples": [samples[i] for i in indices],

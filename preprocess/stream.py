@@ -12,6 +12,7 @@ reasons, never dropped.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ CHUNK = 64  # indices per task sent to a worker
 
 # Per-process state of the decode workers (set by _init_worker).
 _worker: dict[str, object] = {}
+
+
+def _init_pool_worker(test_dir: str, spec: ModelSpec) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates
+    # the pool); a worker interrupted inside imap can deadlock Pool.terminate.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(test_dir, spec)
 
 
 def _init_worker(test_dir: str, spec: ModelSpec) -> None:
@@ -96,7 +104,7 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
                 _worker.pop("env").close()
             return
         with multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(str(test_dir), spec)
+            workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec)
         ) as pool:
             for chunk_results in pool.imap_unordered(_process, chunks):
                 yield from chunk_results
@@ -128,6 +136,7 @@ class Stream:
     count: int
     batches: Iterator[tuple[np.ndarray, list[StreamedSample], float]]
     failed: list[dict] = field(default_factory=list)
+    synthetic: bool = False
 
 
 def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
@@ -147,7 +156,7 @@ def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     found, results = decode_all(test_dir, spec, workers)
-    stream = Stream(found.num_samples, iter(()))
+    stream = Stream(found.num_samples, iter(()), synthetic=found.synthetic)
     missing = missing_range(found)
     if missing:
         stream.failed.append(missing)

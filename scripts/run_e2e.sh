@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a fresh clone: environment, weights, export, rewrite, ATC
-# command, preprocessing, inference, scoring. Chains the project's CLIs; holds no logic.
+# command, int8 quantisation, inference and scoring. Chains the project's CLIs; holds no logic.
 #
 # Usage: scripts/run_e2e.sh [--backend onnxruntime|torch|ais_bench] [--width-policy fixed|keep-ratio]
-#                           [--precision int8|fp32] [--data LMDB] [--calibration LMDB]
+#                           [--precision int8|fp32] [--data LMDB] [--calibration LMDB] [--synthetic]
 #                           [--output DIR] [--soc-version Ascend310P3] [--device N] [--two-step]
-# Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; if none exists, a small
-# synthetic lmdb is generated and the figures are labelled SYNTHETIC. ONNX Runtime runs the
-# int8 model (infer.quantize) by default, calibrated on --calibration, else $IIIT5K_CALIB_LMDB,
-# else ../shared/data/IIIT5K_train_500 (synthetic words if none exists); --precision fp32 skips it.
+# Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; a path that does not exist
+# is an error. --synthetic scores (and calibrates on) generated words instead, labelled SYNTHETIC.
+# ONNX Runtime runs the int8 model (infer.quantize) by default, calibrated on --calibration,
+# else $IIIT5K_CALIB_LMDB, else ../shared/data/IIIT5K_train_500; --precision fp32 skips it.
 # Scoring runs in one process from the lmdb (eval.postprocess --test-dir); --two-step runs the
 # ModelZoo flow instead (preprocess.parse_testdata to .npy files, then eval.postprocess).
+# Relative paths are taken from the folder you run the script in.
 set -euo pipefail
+caller="$PWD"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
 
 backend=onnxruntime
 policy=""
@@ -24,8 +25,13 @@ output="$root/results/$(date +%Y%m%d-%H%M%S)"
 soc="${SOC_VERSION:-Ascend310P3}"
 device=0
 two_step=""
+synthetic=""
+usage() { echo "$1 (see --help)" >&2; exit 2; }
+value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || usage "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --backend|--width-policy|--data|--precision|--calibration|--output|--soc-version|--device)
+      value "$@" ;;&
     --backend) backend="$2"; shift 2 ;;
     --width-policy) policy="$2"; shift 2 ;;
     --data) data="$2"; shift 2 ;;
@@ -35,15 +41,31 @@ while [ $# -gt 0 ]; do
     --soc-version) soc="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --two-step) two_step=1; shift ;;
-    -h|--help) sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    --synthetic) synthetic=1; shift ;;
+    -h|--help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) usage "unknown option: $1" ;;
   esac
 done
-case "$backend" in onnxruntime|torch|ais_bench) ;; *) echo "unknown backend: $backend" >&2; exit 2 ;; esac
-case "$precision" in int8|fp32) ;; *) echo "unknown precision: $precision (int8 or fp32)" >&2; exit 2 ;; esac
-data="$(realpath -m "$data")"
-calibration="$(realpath -m "$calibration")"
-output="$(realpath -m "$output")"
+case "$backend" in onnxruntime|torch|ais_bench) ;; *) usage "unknown backend: $backend" ;; esac
+case "$precision" in int8|fp32) ;; *) usage "unknown precision: $precision (int8 or fp32)" ;; esac
+absolute() { case "$1" in /*) realpath -m "$1" ;; *) realpath -m "$caller/$1" ;; esac; }
+data="$(absolute "$data")"
+calibration="$(absolute "$calibration")"
+output="$(absolute "$output")"
+quantise=""
+[ "$backend" = onnxruntime ] && [ "$precision" = int8 ] && quantise=1
+if [ -z "$synthetic" ]; then
+  [ -f "$data/data.mdb" ] || { echo "error: $data: no lmdb there (data.mdb); give --data LMDB or --synthetic" >&2; exit 1; }
+  if [ -n "$quantise" ] && [ ! -f "$calibration/data.mdb" ]; then
+    echo "error: $calibration: no calibration lmdb there; give --calibration LMDB, --precision fp32 or --synthetic" >&2
+    exit 1
+  fi
+fi
+if [ "$backend" = ais_bench ] && ! command -v atc >/dev/null 2>&1; then
+  echo "error: --backend ais_bench needs atc (CANN) and an NPU; atc is not on PATH" >&2
+  exit 1
+fi
+cd "$root"
 
 echo "== environment"
 bash scripts/setup_env.sh
@@ -54,48 +76,34 @@ mkdir -p "$work"
 echo "== weights"
 weights="$("$py" -m convert.weights fetch nano-ocr)"
 
-echo "== export (convert.pth2onnx) and rewrite for ATC (convert.fix)"
-"$py" -m convert.pth2onnx "$weights" "$work/nano.onnx" --arch nano-ocr
-"$py" -m convert.fix "$work/nano.onnx" "$work/nano_fixed.onnx"
-
-echo "== ATC (convert.atc)"
 om_args=()
-if command -v atc >/dev/null 2>&1; then
-  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc"
-  om_args=(--om-path "$(ls "$work"/om/nano*.om | head -n 1)" --device "$device")
-else
-  "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc" --dry-run
-  echo "atc is not on PATH (no CANN here): the command above is what would build the .om;"
-  if [ "$backend" = onnxruntime ]; then
-    if [ "$precision" = int8 ]; then
-      echo "inference continues on ONNX Runtime with an int8 copy of the rewritten model."
-    else
-      echo "inference continues on ONNX Runtime with the rewritten model."
-    fi
+if [ "$backend" != torch ]; then
+  echo "== export (convert.pth2onnx) and rewrite for ATC (convert.fix)"
+  "$py" -m convert.pth2onnx "$weights" "$work/nano.onnx" --arch nano-ocr
+  "$py" -m convert.fix "$work/nano.onnx" "$work/nano_fixed.onnx"
+
+  echo "== ATC (convert.atc)"
+  if command -v atc >/dev/null 2>&1; then
+    "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc"
+    om_args=(--om-path "$(ls "$work"/om/nano*.om | head -n 1)" --device "$device")
+  else
+    "$py" -m convert.atc --model "$work/nano_fixed.onnx" --output "$work/om/nano" --soc-version "$soc" --dry-run
+    echo "atc is not on PATH (no CANN here): the command above is what would build the .om;"
+    echo "inference continues on ONNX Runtime with ${quantise:+an int8 copy of }the rewritten model."
   fi
-  [ "$backend" = ais_bench ] && { echo "--backend ais_bench needs atc and an NPU" >&2; exit 1; }
 fi
 
-synthetic=""
-if [ ! -f "$data/data.mdb" ]; then
-  echo "== no lmdb at $data: generating a SYNTHETIC one"
+if [ -n "$synthetic" ]; then
+  echo "== --synthetic: generating SYNTHETIC word lmdbs"
   data="$work/synthetic_lmdb"
-  rm -rf "$data"
   "$py" -m preprocess.make_synthetic_lmdb "$data" --samples 200
-  synthetic=1
+  calibration="$work/synthetic_calibration"
+  [ -n "$quantise" ] && "$py" -m preprocess.make_synthetic_lmdb "$calibration" --samples 200 --seed 1
 fi
 
-synthetic_calibration=""
 onnx_model="$work/nano_fixed.onnx"
-if [ "$backend" = onnxruntime ] && [ "$precision" = int8 ]; then
-  echo "== int8 for ONNX Runtime CPU (infer.quantize)"
-  if [ ! -f "$calibration/data.mdb" ]; then
-    echo "no calibration lmdb at $calibration: calibrating on SYNTHETIC words instead"
-    calibration="$work/synthetic_calibration"
-    synthetic_calibration=1
-    rm -rf "$calibration"
-    "$py" -m preprocess.make_synthetic_lmdb "$calibration" --samples 200 --seed 1
-  fi
+if [ -n "$quantise" ]; then
+  echo "== int8 for ONNX Runtime CPU (infer.quantize), calibrated on $calibration"
   "$py" -m infer.quantize "$work/nano_fixed.onnx" "$work/nano_int8.onnx" --calibration "$calibration"
   onnx_model="$work/nano_int8.onnx"
 fi
@@ -111,7 +119,7 @@ outputs=(--report "$output/report.json" --predictions "$output/predictions.csv")
 if [ -n "$two_step" ]; then
   echo "== preprocess (preprocess.parse_testdata) $data"
   "$py" -m preprocess.parse_testdata --test-dir "$data" --output-npy "$work/inputs" \
-    --model "$work/nano.onnx" "${policy_args[@]}"
+    --arch nano-ocr "${policy_args[@]}"
   echo "== inference and scoring (eval.postprocess, backend $backend)"
   "$py" -m eval.postprocess --input-npy "$work/inputs" "${model_args[@]}" "${outputs[@]}" \
     | tee "$output/summary.txt"
@@ -123,8 +131,5 @@ fi
 
 echo "== results in $output (report.json, predictions.csv)"
 if [ -n "$synthetic" ]; then
-  echo "NOTE: these figures are SYNTHETIC (rendered words), not IIIT5K; set IIIT5K_LMDB or --data for real ones."
-fi
-if [ -n "$synthetic_calibration" ]; then
-  echo "NOTE: the int8 model was calibrated on SYNTHETIC words; set IIIT5K_CALIB_LMDB or --calibration to real crops (not the test set)."
+  echo "NOTE: these figures are SYNTHETIC (rendered words), not IIIT5K; drop --synthetic for real ones."
 fi

@@ -18,7 +18,7 @@ from convert.errors import ToolchainError
 from convert.registry import spec_for_arch
 from infer import quantize
 from preprocess import parse_testdata
-from tests.conftest import encode, word_image, write_lmdb
+from tests.conftest import IIIT5K, encode, word_image, write_lmdb
 
 NANO = spec_for_arch("nano-ocr")
 
@@ -136,3 +136,30 @@ def test_rare_formats_are_sample_failures_and_the_run_goes_on(tmp_path):
     assert all("0x" not in r for r in reasons.values())  # no memory addresses
     calibration = quantize.load_calibration_set(lmdb, NANO)
     assert calibration.used == 2 and [f["index"] for f in calibration.failed] == [2, 3]
+
+
+@pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
+def test_ctrl_c_to_the_process_group_exits_promptly_and_leaves_nothing(tmp_path):
+    """SIGINT to the whole group (what Ctrl-C sends) about 1 s into decoding, three times."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "preprocess.parse_testdata", "--test-dir", str(IIIT5K),
+             "--output-npy", str(out), "--arch", "nano-ocr", "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        time.sleep(0.8 + 0.2 * attempt)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"attempt {attempt}: still running 30 s after Ctrl-C")
+        assert proc.returncode in (0, 130)  # interrupted, or it had already finished
+        if proc.returncode == 130:
+            assert not out.exists() and b"Traceback" not in proc.stderr.read()
+        assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
