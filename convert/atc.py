@@ -34,6 +34,7 @@ from pathlib import Path
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
+from convert.outputs import write_texts
 from convert.spec import ModelSpec, quantization_of
 
 log = logging.getLogger(__name__)
@@ -291,22 +292,16 @@ def write_sidecar(
     """Write ``<om stem>.json`` with everything inference needs; return its path.
 
     Keys: ``mode``, ``inputs`` and ``gears`` (:meth:`ShapePlan.to_dict`), ``soc_version``,
-    ``onnx``, ``atc_command`` and ``model`` (the model description).
+    ``onnx``, ``atc_command`` and ``model`` (the model description). In gears mode the
+    description's ``width_gears`` are the compiled widths, so preprocessing for this model
+    (``parse_testdata --model X.om``) resizes to exactly those widths and nothing is padded.
     """
+    if plan.mode == "gears" and len(plan.inputs) == 1 and plan.inputs[0].gear_axes() == [3]:
+        spec = spec.replace(width_gears=tuple(g[0] for g in plan.gears))
     sidecar = om_path.with_suffix(".json")
-    sidecar.write_text(
-        json.dumps(
-            {
-                **plan.to_dict(),
-                "soc_version": soc_version,
-                "onnx": str(onnx_path),
-                "atc_command": argv,
-                "model": spec.to_dict(),
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    content = {**plan.to_dict(), "soc_version": soc_version, "onnx": str(onnx_path),
+               "atc_command": argv, "model": spec.to_dict()}
+    write_texts({sidecar: json.dumps(content, indent=2, ensure_ascii=False)})
     return sidecar
 
 
@@ -382,6 +377,10 @@ def _run(args) -> int:
     )
     print(shlex.join(argv))
     if args.dry_run:
+        # The plan and description, so parse_testdata (and a later .om) can be prepared now.
+        sidecar = write_sidecar(args.output.with_name(args.output.name + ".om"), plan, spec,
+                                args.soc_version, argv, args.model)
+        print(f"dry run: atc not run; sidecar {sidecar}")
         return 0
     om_path = run_atc(argv, args.output)
     sidecar = write_sidecar(om_path, plan, spec, args.soc_version, argv, args.model)

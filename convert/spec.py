@@ -73,6 +73,9 @@ class ModelSpec:
         output_kind: ``"logits"`` or ``"probabilities"`` (:data:`OUTPUT_KINDS`).
         downsample, frame_offset: the frames rule ``T = width // downsample + frame_offset``.
         min_input_width: narrowest input width the network accepts, in pixels.
+        width_gears: the widths an .om was compiled for (``convert.atc`` gears mode), ascending;
+            when set, every width the policy gives is snapped to the nearest gear, so inputs
+            match the compiled widths exactly and nothing is padded. Empty: any width.
     """
 
     arch: str
@@ -96,12 +99,15 @@ class ModelSpec:
     downsample: int = 4
     frame_offset: int = 1
     min_input_width: int = 4
+    width_gears: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):  # JSON gives lists; keep the frozen value hashable
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
+        if isinstance(self.width_gears, list):
+            object.__setattr__(self, "width_gears", tuple(int(g) for g in self.width_gears))
 
     @property
     def num_classes(self) -> int:
@@ -149,14 +155,19 @@ class ModelSpec:
         """Input width in pixels for an image of ``width`` x ``height`` under the width policy.
 
         ``fixed``: :attr:`width`. ``keep-ratio``: ``w * height_model / h`` rounded half up to a
-        multiple of :attr:`width_step`, then clamped to ``[min_width, max_width]``.
+        multiple of :attr:`width_step`, then clamped to ``[min_width, max_width]``. With
+        :attr:`width_gears`, the result is then snapped to the nearest gear (ties go up).
         """
         if self.width_policy == "fixed":
-            return self.width
-        step = self.width_step
-        scaled = width * self.height / height
-        rounded = int(math.floor(scaled / step + 0.5)) * step
-        return min(max(rounded, self.min_width), self.max_width)
+            chosen = self.width
+        else:
+            step = self.width_step
+            scaled = width * self.height / height
+            rounded = int(math.floor(scaled / step + 0.5)) * step
+            chosen = min(max(rounded, self.min_width), self.max_width)
+        if self.width_gears:
+            return min(self.width_gears, key=lambda gear: (abs(gear - chosen), -gear))
+        return chosen
 
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
@@ -192,6 +203,10 @@ class ModelSpec:
                 f"width range [{self.min_width}, {self.max_width}] is invalid: need "
                 f"{self.min_input_width} <= min_width <= max_width"
             )
+        if list(self.width_gears) != sorted(set(self.width_gears)) or any(
+                g < self.min_input_width for g in self.width_gears):
+            raise ToolchainError(f"width gears {list(self.width_gears)} must be ascending, "
+                                 f"distinct and >= {self.min_input_width}")
         if self.width_step < 1:
             raise ToolchainError(f"width step {self.width_step} must be >= 1")
         if self.width < self.min_input_width:

@@ -57,8 +57,10 @@ def run_evaluation(recognizer: Recognizer, inputs: InputSet, warmup: int = 1,
                    progress: bool = False) -> EvalRun:
     """Run every input batch of an input folder through a loaded ``recognizer``.
 
-    See :func:`run_batches`; the batches are the folder's files, read ahead.
+    See :func:`run_batches`; the batches are the folder's files, read ahead. Widths the
+    engine cannot take are refused first (:meth:`Recognizer.check_widths`).
     """
+    recognizer.check_widths([s.width for s in inputs.samples])
     return run_batches(recognizer, inputs.batches(), len(inputs.samples), warmup, progress)
 
 

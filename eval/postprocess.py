@@ -241,6 +241,9 @@ def evaluate_folder(args) -> dict[str, object]:
         check_compatible(spec, inputs.model, str(model_path))
     with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
         if args.test_dir:
+            policy_widths = ([spec.width] if spec.width_policy == "fixed"
+                             else [spec.min_width, spec.max_width])
+            recognizer.check_widths(list(spec.width_gears) or policy_widths)
             run = run_batches(recognizer, stream.batches, stream.count, args.warmup, progress=True)
             inputs.failed = [{**f, "stage": "preprocess"} for f in stream.failed]
         else:

@@ -137,6 +137,24 @@ class Recognizer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def check_widths(self, widths: Sequence[int]) -> None:
+        """Refuse input widths the loaded engine cannot take, before any inference.
+
+        Raises:
+            ToolchainError: some widths fall outside the engine's width range; the message
+                names how many, the range, and the fixes.
+        """
+        spec = {s.name: s for s in self.runner.input_specs()}[self.spec.input_name]
+        low, high = (spec.ranges or {}).get(3, (self.spec.min_input_width, 1 << 30))
+        outside = sorted({w for w in widths if not low <= w <= high})
+        if outside:
+            count = sum(1 for w in widths if not low <= w <= high)
+            raise ToolchainError(
+                f"{count} inputs have widths ({outside[0]}..{outside[-1]} px) outside the "
+                f"model's width range {low}~{high}; preprocess with --min-width/--max-width "
+                f"inside it (or give parse_testdata the model file: --model), or rebuild the "
+                f"model for a wider range (convert.atc --min-width/--max-width)")
+
     @property
     def _batch_axis(self) -> int:
         return 1 if self.spec.time_major else 0

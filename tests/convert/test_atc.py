@@ -171,21 +171,13 @@ def test_missing_atc_names_set_env(tmp_path, fixed_models, monkeypatch, capsys):
 
 def test_dry_run_prints_without_running(tmp_path, fixed_models, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no atc: dry run must not need it
-    assert (
-        atc.main(
-            [
-                "--model",
-                str(fixed_models["nano-ocr"]),
-                "--output",
-                "om/nano",
-                "--soc_version",
-                "Ascend310P3",
-                "--dry-run",
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.startswith("atc --model=")
+    output = tmp_path / "om" / "nano"
+    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", str(output),
+                     "--soc_version", "Ascend310P3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("atc --model=") and f"sidecar {output}.json" in out
+    assert json.loads((tmp_path / "om" / "nano.json").read_text())["model"]["arch"] == "nano-ocr"
+    assert not list((tmp_path / "om").glob("*.om"))  # nothing was built
 
 
 def test_success_without_output_file_is_an_error(tmp_path):

@@ -42,9 +42,9 @@ def test_a_recogniser_without_a_charset_is_refused(tmp_path, fixed_models):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_atc_builds_the_ppocr_argv(ppocr_rec, capsys):
-    assert atc.main(["--model", str(ppocr_rec), "--output", "om/ppocr", "--soc-version",
-                     "Ascend310P3", "--dry-run"]) == 0
+def test_atc_builds_the_ppocr_argv(ppocr_rec, tmp_path, capsys):
+    assert atc.main(["--model", str(ppocr_rec), "--output", str(tmp_path / "om" / "ppocr"),
+                     "--soc-version", "Ascend310P3", "--dry-run"]) == 0
     assert "--input_shape=x:1~16,3,48,96~480" in capsys.readouterr().out
 
 
