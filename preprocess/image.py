@@ -50,6 +50,8 @@ def decode_label(raw: bytes | None) -> str:
         raise SampleError(f"label is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not label.strip():
         raise SampleError("empty label")
+    if "\n" in label or "\r" in label:
+        raise SampleError("label contains a line break (a word label is one line)")
     return label
 
 

@@ -179,9 +179,10 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
             "failed": sorted(failed, key=lambda f: f["index"]),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        (staging / "label.txt").write_text(
-            "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices), encoding="utf-8"
-        )
+        if layout == "per-image":  # ModelZoo's label.txt names the test_<index>.npy files
+            (staging / "label.txt").write_text(
+                "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices),
+                encoding="utf-8")
         _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -87,7 +87,7 @@ def test_bad_images(raw, reason):
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [(None, "missing label key"), (b"\xff\xfe", "not UTF-8"), (b"", "empty label"),
-     (b"  ", "empty label")],
+     (b"  ", "empty label"), (b"two\nlines", "line break"), (b"cr\r", "line break")],
 )
 def test_bad_labels(raw, reason):
     with pytest.raises(SampleError, match=reason):

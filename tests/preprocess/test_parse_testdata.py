@@ -45,7 +45,7 @@ def test_bucketed_keep_ratio(tmp_path, tiny_lmdb, workers, capsys):
         assert batch.shape[3] == sample["width"]
     grey = np.load(out / samples[3]["file"])[samples[3]["row"], 0]
     assert grey.min() >= -1.0 and grey.max() <= 1.0
-    assert (out / "label.txt").read_text().splitlines()[0] == "test_1.npy:png"
+    assert not (out / "label.txt").exists()  # it would name test_<i>.npy files never written
     assert manifest["policy"]["width_policy"] == "keep-ratio"
 
 
