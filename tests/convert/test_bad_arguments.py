@@ -123,3 +123,11 @@ def test_report_and_predictions_appear_together(tmp_path, tiny_lmdb, fixed_model
     assert json.loads(report.read_text())["scored"] == 7
     assert predictions.read_text().count("\n") == 8
     assert np.isfinite(json.loads(report.read_text())["accuracy"])
+
+
+def test_a_bad_beam_width_is_refused_before_inference(tmp_path, tiny_lmdb, fixed_models, capsys):
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--decoder", "beam",
+                             "--beam-width", "0", "--report", str(tmp_path / "r.json")]) == 1
+    _one_line_error(capsys, "--beam-width must be >= 1, got 0")
+    assert not (tmp_path / "r.json").exists()
