@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,22 @@ CHUNK = 64  # indices per task sent to a worker
 
 # Per-process state of the decode workers (set by _init_worker).
 _worker: dict[str, object] = {}
+
+
+def _start_pool(workers: int, test_dir: Path, spec: ModelSpec):
+    """A spawn pool whose workers start with SIGINT ignored.
+
+    An ignored signal stays ignored across ``exec``, so a Ctrl-C that arrives while a
+    worker is still starting (before its initializer runs) cannot raise in it either.
+    """
+    context = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        return context.Pool(workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return context.Pool(workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _init_pool_worker(test_dir: str, spec: ModelSpec) -> None:
@@ -103,9 +120,7 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
             finally:
                 _worker.pop("env").close()
             return
-        with multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec)
-        ) as pool:
+        with _start_pool(workers, test_dir, spec) as pool:
             for chunk_results in pool.imap_unordered(_process, chunks):
                 yield from chunk_results
 

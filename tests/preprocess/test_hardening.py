@@ -140,26 +140,30 @@ def test_rare_formats_are_sample_failures_and_the_run_goes_on(tmp_path):
 
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
 def test_ctrl_c_to_the_process_group_exits_promptly_and_leaves_nothing(tmp_path):
-    """SIGINT to the whole group (what Ctrl-C sends) about 1 s into decoding, three times."""
+    """SIGINT to the whole group (what Ctrl-C sends) from start-up to mid-decoding, five times."""
     import signal
     import subprocess
     import sys
     import time
 
-    for attempt in range(3):
+    for attempt in range(5):
         out = tmp_path / f"out{attempt}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "preprocess.parse_testdata", "--test-dir", str(IIIT5K),
              "--output-npy", str(out), "--arch", "nano-ocr", "--workers", "2"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        time.sleep(0.8 + 0.2 * attempt)
+        time.sleep(0.3 + 0.3 * attempt)
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"attempt {attempt}: still running 30 s after Ctrl-C")
-        assert proc.returncode in (0, 130)  # interrupted, or it had already finished
+        # 130: interrupted in the tool (one line, no traceback); -SIGINT: interrupted while
+        # Python was still starting or importing, before the tool ran; 0: it had finished.
+        assert proc.returncode in (0, 130, -signal.SIGINT), proc.returncode
+        if proc.returncode:
+            assert not out.exists()
         if proc.returncode == 130:
-            assert not out.exists() and b"Traceback" not in proc.stderr.read()
+            assert b"Traceback" not in proc.stderr.read()
         assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
