@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -244,7 +245,9 @@ def evaluate_folder(args) -> dict[str, object]:
             policy_widths = ([spec.width] if spec.width_policy == "fixed"
                              else [spec.min_width, spec.max_width])
             recognizer.check_widths(list(spec.width_gears) or policy_widths)
-            run = run_batches(recognizer, stream.batches, stream.count, args.warmup, progress=True)
+            with contextlib.closing(stream.batches):  # decoding workers stop here on any exit
+                run = run_batches(recognizer, stream.batches, stream.count, args.warmup,
+                                  progress=True)
             inputs.failed = [{**f, "stage": "preprocess"} for f in stream.failed]
         else:
             run = run_evaluation(recognizer, inputs, args.warmup, progress=True)

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -133,9 +134,10 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
     pixels: dict[int, np.ndarray] = {}
     missing = missing_range(found)
     failed: list[dict] = [missing] if missing else []
-    for index, label, image, size, reason in tqdm(results, total=found.readable, unit="img",
-                                                   desc="decode",
-                                                   disable=None if progress else True):
+    with contextlib.closing(results):  # the decoding workers stop here, whatever happens
+        decoded = list(tqdm(results, total=found.readable, unit="img", desc="decode",
+                            disable=None if progress else True))
+    for index, label, image, size, reason in decoded:
         if reason is not None:
             failed.append({"index": index, "reason": reason})
             continue

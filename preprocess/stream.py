@@ -120,9 +120,13 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
             finally:
                 _worker.pop("env").close()
             return
-        with _start_pool(workers, test_dir, spec) as pool:
+        pool = _start_pool(workers, test_dir, spec)
+        try:
             for chunk_results in pool.imap_unordered(_process, chunks):
                 yield from chunk_results
+        finally:  # also on Ctrl-C or an early close: stop the workers and wait for them here,
+            pool.terminate()  # not during interpreter shutdown
+            pool.join()
 
     return found, results()
 
