@@ -69,8 +69,7 @@ def _is_restore_leading_dims(shape: gs.Tensor, source: gs.Tensor) -> bool:
     return (
         _dim_of(concat.inputs[0]) == (source, 0)
         and _dim_of(concat.inputs[1]) == (source, 1)
-        and last is not None
-        and last.reshape(-1).tolist() == [-1]
+        and last is not None and last.reshape(-1).tolist() == [-1]
     )
 
 
@@ -92,10 +91,8 @@ def _is_flatten_keeping_last(shape: gs.Tensor, source: gs.Tensor, last_dim: int)
     if mul is None:
         return False
     factors = [_shape_index(factor) for factor in mul.inputs]
-    return all(f is not None and f[0] is source for f in factors) and {f[1] for f in factors} == {
-        0,
-        1,
-    }
+    return (all(f is not None and f[0] is source for f in factors)
+            and {f[1] for f in factors} == {0, 1})
 
 
 def gemm_to_matmul(graph: gs.Graph) -> int:
@@ -121,35 +118,23 @@ def gemm_to_matmul(graph: gs.Graph) -> int:
         source = flatten.inputs[0]
         if gemm.attrs.get("transB", 0):
             weight = weight.T
-        if not (
-            _is_flatten_keeping_last(flatten.inputs[1], source, weight.shape[0])
-            and _is_restore_leading_dims(restore.inputs[1], source)
-        ):
+        if not (_is_flatten_keeping_last(flatten.inputs[1], source, weight.shape[0])
+                and _is_restore_leading_dims(restore.inputs[1], source)):
             continue
         name = gemm.name or f"gemm{count}"
         weight = (float(gemm.attrs.get("alpha", 1.0)) * weight).astype(np.float32)
         product = gs.Variable(f"{name}/matmul_out", dtype=np.float32)
-        graph.nodes.append(
-            gs.Node(
-                "MatMul",
-                f"{name}/MatMul",
-                inputs=[source, gs.Constant(f"{name}/weight_t", weight)],
-                outputs=[product],
-            )
-        )
+        graph.nodes.append(gs.Node("MatMul", f"{name}/MatMul",
+                                   inputs=[source, gs.Constant(f"{name}/weight_t", weight)],
+                                   outputs=[product]))
         result = restore.outputs[0]
         restore.outputs.clear()
         if bias is None:
             bias = np.zeros(weight.shape[1], np.float32)
         bias = (float(gemm.attrs.get("beta", 1.0)) * bias).astype(np.float32)
-        graph.nodes.append(
-            gs.Node(
-                "Add",
-                f"{name}/Add",
-                inputs=[product, gs.Constant(f"{name}/bias", bias)],
-                outputs=[result],
-            )
-        )
+        graph.nodes.append(gs.Node("Add", f"{name}/Add",
+                                   inputs=[product, gs.Constant(f"{name}/bias", bias)],
+                                   outputs=[result]))
         gemm.outputs.clear()
         count += 1
     return count
@@ -190,9 +175,8 @@ def _is_time_flip(node: gs.Node | None) -> bool:
     starts, ends, axes, steps = (const_value(t) for t in node.inputs[1:])
     if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)):
         return False
-    return (int(starts.item()), int(axes.item()), int(steps.item())) == (-1, 0, -1) and int(
-        ends.item()
-    ) <= -(2**31)
+    return (int(starts.item()), int(axes.item()), int(steps.item())) == (-1, 0, -1) \
+        and int(ends.item()) <= -(2**31)
 
 
 def flip_lstm_to_reverse(graph: gs.Graph) -> int:

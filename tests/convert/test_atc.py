@@ -134,38 +134,16 @@ def test_gears_chosen_for_ascend310(tmp_path, fake_atc, fixed_models, monkeypatc
 def test_failure_reports_code_and_stderr_tail(tmp_path, fake_atc, fixed_models, monkeypatch,
                                               capsys):
     monkeypatch.setenv("FAKE_ATC_FAIL", "1")
-    assert (
-        atc.main(
-            [
-                "--model",
-                str(fixed_models["nano-ocr"]),
-                "--output",
-                str(tmp_path / "x"),
-                "--soc_version",
-                "Ascend310P3",
-            ]
-        )
-        == 1
-    )
+    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", str(tmp_path / "x"),
+                     "--soc_version", "Ascend310P3"]) == 1
     err = capsys.readouterr().err
     assert "atc failed with return code 3" in err and "E10001" in err
 
 
 def test_missing_atc_names_set_env(tmp_path, fixed_models, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert (
-        atc.main(
-            [
-                "--model",
-                str(fixed_models["nano-ocr"]),
-                "--output",
-                str(tmp_path / "x"),
-                "--soc_version",
-                "Ascend310P3",
-            ]
-        )
-        == 1
-    )
+    assert atc.main(["--model", str(fixed_models["nano-ocr"]), "--output", str(tmp_path / "x"),
+                     "--soc_version", "Ascend310P3"]) == 1
     assert "set_env.sh" in capsys.readouterr().err
 
 
