@@ -62,7 +62,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask
         os.replace(temporary, path)
     except OSError as exc:
         raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
@@ -88,7 +88,8 @@ def write_texts(texts: dict[Path, str]) -> None:
             staged.append(temporary)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (``os.umask`` can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

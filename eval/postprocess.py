@@ -52,7 +52,12 @@ from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_me
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
 from pipeline import Recognizer
-from preprocess.parse_testdata import add_width_arguments, failed_count, width_overrides
+from preprocess.parse_testdata import (
+    add_width_arguments,
+    failed_count,
+    preprocessing_policy,
+    width_overrides,
+)
 from preprocess.stream import Stream, stream_batches
 
 #: Samples per batch of the one-process path (``--test-dir``); see the README's measurements.
@@ -198,17 +203,11 @@ def _stream_inputs(args, spec: ModelSpec) -> tuple[InputSet, Stream, ModelSpec]:
     description with the width options applied."""
     if args.label:
         raise ToolchainError("--label goes with --input-npy; --test-dir reads the lmdb's labels")
-    if args.input_npy and any(v is not None for v in width_overrides(args).values()):
-        raise ToolchainError("width options go with --test-dir; --input-npy was preprocessed "
-                             "already (give them to parse_testdata)")
     if args.batch_size < 1 or args.workers < 1:
         raise ToolchainError("--batch-size and --workers must be >= 1")
     spec = spec.replace(**{k: v for k, v in width_overrides(args).items() if v is not None})
     stream = stream_batches(args.test_dir, spec, args.batch_size, args.workers)
-    policy = {"width_policy": spec.width_policy, "width": spec.width,
-              "min_width": spec.min_width, "max_width": spec.max_width,
-              "width_step": spec.width_step, "resample": spec.resample, "layout": "stream",
-              "batch_size": args.batch_size, "max_pad": 0}
+    policy = preprocessing_policy(spec, "stream", args.batch_size, 0)
     inputs = InputSet(args.test_dir, [], [], spec.to_dict(), policy, stream.count,
                       str(args.test_dir.resolve()), stream.synthetic)
     return inputs, stream, spec
@@ -235,6 +234,9 @@ def evaluate_folder(args) -> dict[str, object]:
         runner, spec = open_model(model_path, args.device, **options)
         inputs, stream, spec = _stream_inputs(args, spec)
     else:
+        if any(v is not None for v in width_overrides(args).values()):
+            raise ToolchainError("width options go with --test-dir; --input-npy was "
+                                 "preprocessed already (give them to parse_testdata)")
         inputs = load_input_set(args.input_npy, args.label)
         fallback = (ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
                     if inputs.model else None)

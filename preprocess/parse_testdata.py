@@ -44,7 +44,7 @@ from tqdm import tqdm
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.model_file import describe
-from convert.outputs import check_output_file
+from convert.outputs import check_output_file, current_umask
 from convert.registry import ARCHS, spec_for_arch
 from convert.spec import WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
@@ -60,7 +60,9 @@ MANIFEST_VERSION = 1
 MARKER = ".parse_testdata-output.json"
 TOOL = "preprocess.parse_testdata"
 
-def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict[str, object]:
+def preprocessing_policy(spec: ModelSpec, layout: str, batch_size: int,
+                         max_pad: int) -> dict[str, object]:
+    """The preprocessing settings a manifest or report records (also ``eval.postprocess``)."""
     return {"width_policy": spec.width_policy, "width": spec.width, "min_width": spec.min_width,
             "max_width": spec.max_width, "width_step": spec.width_step, "resample": spec.resample,
             "layout": layout, "batch_size": batch_size, "max_pad": max_pad,
@@ -70,12 +72,6 @@ def _policy(spec: ModelSpec, layout: str, batch_size: int, max_pad: int) -> dict
 def failed_count(failed: Sequence[dict]) -> int:
     """Samples a failure list accounts for (a range record counts its ``count``)."""
     return sum(int(f.get("count", 1)) for f in failed)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def owns(output: Path) -> bool:
@@ -152,7 +148,7 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     output_id = uuid.uuid4().hex
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output follows the umask
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the output follows the umask
         (staging / MARKER).write_text(json.dumps({"tool": TOOL, "output_id": output_id}))
         indices = sorted(samples)
         if layout == "per-image":
@@ -176,7 +172,7 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
             "entries_beyond_num_samples": found.beyond,
             "synthetic": found.synthetic,
             "model": spec.to_dict(),
-            "policy": _policy(spec, layout, batch_size, max_pad),
+            "policy": preprocessing_policy(spec, layout, batch_size, max_pad),
             "samples": [samples[i] for i in indices],
             "failed": sorted(failed, key=lambda f: f["index"]),
         }

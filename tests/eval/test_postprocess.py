@@ -230,3 +230,10 @@ def test_compare_exit_status_gates_on_differences(tmp_path, capsys):
     assert f"first ({first}) vs second ({second})" in out and "2: 'dog' vs 'dot'" in out
     second.write_text("index,prediction\n1,cat\n")
     assert compare.main([str(first), str(second)]) == 1  # a sample missing from one file
+
+
+def test_width_options_with_input_npy_are_refused(tiny_inputs, fixed_models, capsys):
+    """Inputs already preprocessed cannot change width: say so instead of ignoring the flag."""
+    assert postprocess.main(["--input-npy", str(tiny_inputs), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--max-width", "160"]) == 1
+    assert "width options go with --test-dir" in capsys.readouterr().err
