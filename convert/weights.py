@@ -34,6 +34,7 @@ from pathlib import Path
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
+from convert.outputs import check_output_file
 from convert.registry import ARCHS, WeightSource, arch_entry
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def fetch(name: str) -> Path:
     if target.is_file() and (describer is not None or sha256_of(target) == source.sha256):
         log.info("cached: %s", target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         member, partial = Path(tmp) / "member", Path(tmp) / target.name
         _download_member(source, member)

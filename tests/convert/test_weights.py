@@ -52,3 +52,11 @@ def test_weights_without_a_source(capsys):
     with pytest.raises(SystemExit):
         weights.main(["fetch", "crnn"])  # argparse: crnn has no public weights
     assert "invalid choice: 'crnn'" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("CRNN_WEIGHTS_DIR", "/proc/crnn_toolchain_cache")
+    assert weights.main(["fetch", "ppocr-v4-rec"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: /proc/crnn_toolchain_cache/ppocr_v4_rec.onnx: cannot be written")
+    assert "\n" not in err
