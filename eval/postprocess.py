@@ -127,11 +127,45 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
     }
 
 
+#: Header of predictions.csv.
+PREDICTION_COLUMNS = ["index", "label", "prediction", "confidence", "correct", "width"]
+#: Keys every report.json of this tool has.
+_REPORT_KEYS = {"protocol", "backend", "scored", "failures"}
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether an existing file is a report.json or predictions.csv this tool wrote."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            if path.suffix == ".json":
+                report = json.load(handle)
+                return isinstance(report, dict) and report.keys() >= _REPORT_KEYS
+            return next(csv.reader(handle), None) == PREDICTION_COLUMNS
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return False
+
+
+def check_outputs(args) -> None:
+    """Refuse report and predictions paths that cannot be written, or that hold a file this
+    tool did not write (it replaces only its own earlier outputs).
+
+    Raises:
+        ToolchainError: one line naming the path.
+    """
+    for flag, path in (("--report", args.report), ("--predictions", args.predictions)):
+        if not path:
+            continue
+        check_output_file(path, flag)
+        if path.is_file() and path.stat().st_size and not _written_by_us(path):
+            raise ToolchainError(f"{path}: exists and is not a {flag[2:]} written by "
+                                 "eval.postprocess; nothing was changed; choose another path")
+
+
 def predictions_csv(run: EvalRun) -> str:
     """predictions.csv: index, label, prediction, confidence, correct (field protocol), width."""
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
-    writer.writerow(["index", "label", "prediction", "confidence", "correct", "width"])
+    writer.writerow(PREDICTION_COLUMNS)
     for p in run.predictions:
         writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}",
                          int(is_correct(p.prediction, p.label)), p.width])
@@ -221,9 +255,7 @@ def evaluate_folder(args) -> dict[str, object]:
             another model.
     """
     model_path = args.onnx_path or args.om_path or args.pth
-    for flag, path in (("--report", args.report), ("--predictions", args.predictions)):
-        if path:
-            check_output_file(path, flag)
+    check_outputs(args)
     if args.pth and not args.arch:
         raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
     if args.beam_width < 1:

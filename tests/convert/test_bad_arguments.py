@@ -100,8 +100,14 @@ def test_report_and_predictions_appear_together(tmp_path, tiny_lmdb, fixed_model
     out = tmp_path / "out"
     out.mkdir()
     report, predictions = out / "report.json", out / "predictions.csv"
-    report.write_text("old report")
-    predictions.write_text("old predictions")
+    # Earlier outputs of the tool (it replaces only its own), marked so a change shows.
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--report", str(report),
+                             "--predictions", str(predictions)]) == 0
+    report.write_text(json.dumps({**json.loads(report.read_text()), "old": True}))
+    predictions.write_text(predictions.read_text() + "0,old,old,1.0,1,100\n")
+    old_report, old_predictions = report.read_text(), predictions.read_text()
+    capsys.readouterr()
     real = type(report).write_text
 
     def failing(self, text, *args, **kwargs):
@@ -114,7 +120,7 @@ def test_report_and_predictions_appear_together(tmp_path, tiny_lmdb, fixed_model
                              str(fixed_models["nano-ocr"]), "--report", str(report),
                              "--predictions", str(predictions)]) == 1
     _one_line_error(capsys, f"{predictions}: cannot be written (No space left on device)")
-    assert report.read_text() == "old report" and predictions.read_text() == "old predictions"
+    assert report.read_text() == old_report and predictions.read_text() == old_predictions
     assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "report.json"]
     monkeypatch.undo()
     assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
@@ -131,3 +137,19 @@ def test_a_bad_beam_width_is_refused_before_inference(tmp_path, tiny_lmdb, fixed
                              "--beam-width", "0", "--report", str(tmp_path / "r.json")]) == 1
     _one_line_error(capsys, "--beam-width must be >= 1, got 0")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_files_the_tool_did_not_write_are_not_overwritten(tmp_path, tiny_lmdb, fixed_models,
+                                                          capsys):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my own notes\n")
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--predictions", str(notes)]) == 1
+    _one_line_error(capsys, f"{notes}: exists and is not a predictions written by")
+    assert notes.read_text() == "my own notes\n"
+    config = tmp_path / "config.json"
+    config.write_text('{"keep": 1}')
+    assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
+                             str(fixed_models["nano-ocr"]), "--report", str(config)]) == 1
+    _one_line_error(capsys, f"{config}: exists and is not a report written by")
+    assert config.read_text() == '{"keep": 1}'
