@@ -5,5 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
 py="${CRNN_VENV:-$root/.venv}/bin/python"
+echo "== lint (ruff check)"
 "$py" -m ruff check .
+echo "== tests (pytest)"
 exec "$py" -m pytest "$@"
