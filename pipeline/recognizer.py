@@ -181,10 +181,40 @@ class Recognizer:
         scores = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=self._batch_axis)
         return scores, seconds
 
-    def _decode(self, scores: np.ndarray, widths: Sequence[int]) -> tuple[list[Decoded], float]:
+    def _decode(self, key: Any, scores: np.ndarray, widths: list[int],
+                engine_seconds: float) -> BatchResult:
         start = time.perf_counter()
         decoded = decode_output(self.spec, scores, widths, self.decoder, self.beam_width)
-        return decoded, time.perf_counter() - start
+        return BatchResult(key, decoded, None, engine_seconds, time.perf_counter() - start)
+
+    def submit(self, key: Any, batch: np.ndarray, widths: Sequence[int]) -> Future:
+        """Run the engine on one batch now, on this thread, and decode it on the decode thread.
+
+        The caller may go on to the next batch while this one decodes (one decode thread, so
+        results complete in submission order).
+
+        Args:
+            key: the caller's key for the batch, passed through to the result.
+            batch: float32 ``spec.input_shape(N, W)``.
+            widths: the unpadded input width of each row, in pixels.
+
+        Returns:
+            A ``concurrent.futures.Future`` of a :class:`BatchResult`; an engine failure
+            (:class:`EngineError`) is its ``error``, already set. Any other exception is a bug
+            and propagates (from this call, or from the future for the decoder).
+
+        Raises:
+            ToolchainError: not loaded, or the batch does not fit the model.
+        """
+        if self._pool is None:
+            raise ToolchainError("Recognizer: call load() (or use `with`) before recognising")
+        try:
+            scores, engine_seconds = self.forward(batch)
+        except EngineError as exc:
+            failed: Future = Future()
+            failed.set_result(BatchResult(key, None, exc))
+            return failed
+        return self._pool.submit(self._decode, key, scores, list(widths), engine_seconds)
 
     def recognise_batches(
         self, batches: Iterable[tuple[Any, np.ndarray, Sequence[int]]],
@@ -195,32 +225,17 @@ class Recognizer:
             batches: ``(key, float32 input batch, unpadded width of each row)``.
 
         Yields:
-            One :class:`BatchResult` per batch, in the order given. A batch the engine
-            rejects (:class:`EngineError`) yields its error; any other exception is a bug
-            and propagates.
+            One :class:`BatchResult` per batch, in the order given (see :meth:`submit`).
         """
-        def finish(entry: tuple[Any, Future | EngineError, float]) -> BatchResult:
-            key, work, engine_seconds = entry
-            if isinstance(work, EngineError):
-                return BatchResult(key, None, work, engine_seconds)
-            decoded, seconds = work.result()
-            return BatchResult(key, decoded, None, engine_seconds, seconds)
-
         if self._pool is None:
             raise ToolchainError("Recognizer: call load() (or use `with`) before recognising")
-        pending: deque = deque()
+        pending: deque[Future] = deque()
         for key, batch, widths in batches:
-            try:
-                scores, engine_seconds = self.forward(batch)
-            except EngineError as exc:
-                pending.append((key, exc, 0.0))
-            else:
-                pending.append((key, self._pool.submit(self._decode, scores, list(widths)),
-                                engine_seconds))
+            pending.append(self.submit(key, batch, widths))
             while len(pending) > 1:  # one decode in flight beside the next engine call
-                yield finish(pending.popleft())
+                yield pending.popleft().result()
         while pending:
-            yield finish(pending.popleft())
+            yield pending.popleft().result()
 
     def __call__(
         self, images: Sequence[bytes | Image.Image | np.ndarray],

@@ -36,6 +36,11 @@ class SampleError(ValueError):
     """A sample that cannot be turned into a model input; the message is the reason."""
 
 
+class ImageTooLarge(SampleError):
+    """An image whose header declares more pixels than the caller's cap (or Pillow's
+    decompression-bomb limit, ``PIL.Image.MAX_IMAGE_PIXELS`` x 2); it is never decoded."""
+
+
 def decode_label(raw: bytes | None) -> str:
     """The UTF-8 label, case kept.
 
@@ -95,7 +100,9 @@ def to_model_colours(image: Image.Image, spec: ModelSpec) -> Image.Image:
     return to_grey(image) if spec.channels == 1 else to_rgb(image)
 
 
-def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Image:
+def decode_image(
+    raw: bytes | None, spec: ModelSpec | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode encoded image bytes into the model's colours.
 
     Only the formats text datasets use are tried (:data:`DECODABLE_FORMATS`), so Pillow's
@@ -105,8 +112,11 @@ def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Imag
         raw: the encoded bytes.
         spec: the model description; None (or a grey model) gives an 8-bit grey image,
             a three-channel model an RGB one.
+        max_pixels: refuse images whose header declares more pixels (width x height) than
+            this, before decoding them; None: only Pillow's decompression-bomb limit.
 
     Raises:
+        ImageTooLarge: over ``max_pixels`` or Pillow's decompression-bomb limit.
         SampleError: missing key, undecodable bytes (the decoder's exception type is in the
             reason), or a zero-sized image.
     """
@@ -116,15 +126,27 @@ def decode_image(raw: bytes | None, spec: ModelSpec | None = None) -> Image.Imag
         raise SampleError("image bytes are empty")
     try:
         image = Image.open(io.BytesIO(raw), formats=DECODABLE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large to decode ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's identifiers raise anything on bad bytes
+        raise _undecodable(exc) from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge(f"image is {image.width}x{image.height} = "
+                            f"{image.width * image.height} pixels, over the cap of {max_pixels}")
+    try:
         image.load()
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise anything on bad bytes
-        # Pillow names the in-memory file by its address; keep reasons equal between runs.
-        message = _OBJECT_ADDRESS.sub("", str(exc))
-        raise SampleError(f"not a decodable image ({type(exc).__name__}: {message})") from None
+        raise _undecodable(exc) from None
     with image:
         if image.width == 0 or image.height == 0:
             raise SampleError(f"zero-sized image ({image.width}x{image.height})")
         return to_grey(image) if spec is None else to_model_colours(image, spec)
+
+
+def _undecodable(exc: Exception) -> SampleError:
+    # Pillow names the in-memory file by its address; keep reasons equal between runs.
+    message = _OBJECT_ADDRESS.sub("", str(exc))
+    return SampleError(f"not a decodable image ({type(exc).__name__}: {message})")
 
 
 def resize(image: Image.Image, spec: ModelSpec) -> np.ndarray:
@@ -182,9 +204,13 @@ def as_image(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 def prepare(
-    raw_image: bytes | Image.Image | np.ndarray | None, spec: ModelSpec
+    raw_image: bytes | Image.Image | np.ndarray | None,
+    spec: ModelSpec,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode (if needed) and resize one image for the model.
+
+    ``max_pixels`` caps encoded images before decoding (see :func:`decode_image`).
 
     Returns:
         The resized uint8 pixels (see :func:`resize`) and the original ``(width, height)``.
@@ -193,7 +219,7 @@ def prepare(
         SampleError: with the reason the sample cannot be used.
     """
     if raw_image is None or isinstance(raw_image, (bytes, bytearray, memoryview)):
-        image = decode_image(None if raw_image is None else bytes(raw_image), spec)
+        image = decode_image(None if raw_image is None else bytes(raw_image), spec, max_pixels)
     else:
         image = as_image(raw_image)
     return resize(image, spec), (image.width, image.height)

@@ -1,0 +1,1 @@
+"""The HTTP inference service (a leaf): ``python -m serve --model MODEL``; see its ``--help``."""

@@ -1,0 +1,178 @@
+"""Serve a text recogniser over HTTP, with width-bucketed dynamic batching.
+
+Loads one model (.onnx fp32 or int8 on ONNX Runtime, .om with its sidecar on ais_bench, or a
+.pth with --arch on PyTorch), then answers:
+
+    curl -X POST http://127.0.0.1:8080/service -T word.png     # {"text": ..., "confidence": ...}
+
+and the KServe v2 / Open Inference Protocol at /v2/models/NAME/infer (tritonclient.http works
+unchanged), health at /v2/health/live and /v2/health/ready, Prometheus metrics at /metrics.
+
+Requests of equal input width (after the model's width policy) share an engine call; a width's
+bucket goes to the engine when it holds --max-batch-size requests or its oldest request has
+waited --max-wait-ms. Nothing is padded, so every answer equals the offline batch-1 answer.
+
+SIGTERM or Ctrl-C: readiness turns 503, queued and in-flight requests finish (after
+--drain-seconds, during which new requests are still served), then the process exits 0. A
+second Ctrl-C exits at once.
+
+Examples:
+    python -m serve --model nano_int8.onnx
+    python -m serve --model crnn.om --device npu:0 --port 9000 --token-file token.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.registry import ARCHS
+
+logger = logging.getLogger("serve")
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", required=True, type=Path,
+                        help="model file: .onnx, .om (sidecar JSON beside it) or .pth")
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture of a .pth")
+    parser.add_argument("--sidecar", type=Path, help="an .om's sidecar JSON (default: beside)")
+    parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for .om, else cpu)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
+    parser.add_argument("--max-batch-size", type=_positive(int), default=16,
+                        help="most requests per engine call")
+    parser.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
+                        help="longest a width's oldest request waits for its batch to fill")
+    parser.add_argument("--max-queue", type=_positive(int), default=256,
+                        help="most requests waiting for the engine; beyond: 503 + Retry-After")
+    parser.add_argument("--timeout-ms", type=_positive(float), default=10_000.0,
+                        help="per-request deadline; past it: 504, and the engine never "
+                             "runs the request")
+    parser.add_argument("--max-body-bytes", type=_positive(int), default=8 << 20,
+                        help="largest request body; beyond: 413")
+    parser.add_argument("--max-pixels", type=_positive(int), default=16_000_000,
+                        help="largest image (width x height) decoded; beyond: 413")
+    parser.add_argument("--threads", type=_positive(int),
+                        help="engine intra-op threads (default: the available cores)")
+    parser.add_argument("--preprocess-threads", type=_positive(int), default=1,
+                        help="threads decoding and resizing images")
+    parser.add_argument("--token-file", type=Path,
+                        help="file holding a bearer token every request but the health "
+                             "probes must carry (Authorization: Bearer TOKEN)")
+    parser.add_argument("--drain-seconds", type=_non_negative, default=0.0,
+                        help="on SIGTERM, keep serving this long with readiness 503 "
+                             "(for load balancers to notice) before stopping")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    return parser
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped).
+
+    Raises:
+        ToolchainError: the file is unreadable or holds no token.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolchainError(f"--token-file {path}: cannot read it ({exc})") from None
+    if not token or any(c.isspace() for c in token):
+        raise ToolchainError(f"--token-file {path}: must hold one token without spaces")
+    return token
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.service import ServeConfig, Service, State, load_in_background
+
+    config = ServeConfig(
+        model=args.model,
+        name=args.name or args.model.stem,
+        device=args.device,
+        sidecar=args.sidecar,
+        arch=args.arch,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_ms=args.timeout_ms,
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        threads=args.threads,
+        preprocess_threads=args.preprocess_threads,
+        token=read_token(args.token_file) if args.token_file else None,
+    )
+    service = Service(config)  # opens the description; the engine loads after binding
+    failure: list[str] = []
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, draining on the first SIGTERM/SIGINT (readiness 503 first)."""
+
+        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - signal handler
+            if self.should_exit or service.state is State.DRAINING:
+                self.force_exit = True
+                self.should_exit = True
+                return
+            logger.info("draining: readiness is 503; finishing queued requests")
+            service.begin_drain()
+            if args.drain_seconds > 0:
+                timer = threading.Timer(args.drain_seconds, self._stop)
+                timer.daemon = True
+                timer.start()
+            else:
+                self._stop()
+
+        def _stop(self) -> None:
+            self.should_exit = True
+
+    def load_failed(reason: str) -> None:
+        failure.append(reason)
+        server.should_exit = True
+
+    app = create_app(service, on_startup=lambda: load_in_background(service, load_failed))
+    server = DrainingServer(uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=int(args.timeout_ms / 1000) + 5,
+        lifespan="on",
+    ))
+    server.run()
+    if failure:
+        raise ToolchainError(f"{args.model}: {failure[0]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), serve, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

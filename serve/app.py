@@ -1,0 +1,213 @@
+"""The HTTP layer (FastAPI): parse and validate, then hand images to :class:`Service`.
+
+Endpoints:
+
+- ``POST /service``: the image file as the raw body (``curl -X POST URL/service -T img.jpg``)
+  -> ``{"text": str, "confidence": float}``.
+- ``POST /v2/models/{name}[/versions/1]/infer``: KServe v2 / Open Inference Protocol
+  (:mod:`serve.kserve`), so ``tritonclient.http`` works unchanged.
+- ``GET /v2``, ``GET /v2/models/{name}``: server and model metadata.
+- ``GET /v2/health/live``: 200 while the process runs.
+- ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``: 200 once the model is loaded and
+  warmed up; 503 before, while draining, or when loading failed.
+- ``GET /metrics``: Prometheus text (:mod:`serve.metrics`).
+
+Errors are ``{"error": "<one line>"}`` with the status (the protocol's error format), on every
+endpoint. When a token is set, every endpoint but the two health probes needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serve import kserve
+from serve.service import Service, ServiceError, State
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch", "ais_bench": "ascend_om"}
+SERVER_NAME = "crnn-ascend-toolchain"
+
+
+def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    return Response(body, status, headers, media_type="application/json")
+
+
+def _error(exc: ServiceError) -> Response:
+    return _json({"error": exc.message}, exc.status, exc.headers)
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The request body, refused past ``cap`` bytes before it is all read.
+
+    Raises:
+        ServiceError: 400 for an empty body or a bad Content-Length, 413 over the cap.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServiceError(400, f"Content-Length is not a byte count: {declared!r}")
+        if int(declared) > cap:
+            raise ServiceError(413, f"the body is {declared} bytes, over the cap of {cap} "
+                                    f"(--max-body-bytes)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise ServiceError(413, f"the body is over the cap of {cap} bytes "
+                                    f"(--max-body-bytes)")
+        chunks.append(chunk)
+    if total == 0:
+        raise ServiceError(400, "the request body is empty; send the image file as the body")
+    return b"".join(chunks)
+
+
+def create_app(service: Service, on_startup: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI application serving ``service``.
+
+    Args:
+        service: the (not yet loaded) service; ``on_startup`` starts loading it.
+        on_startup: called once the event loop runs (``serve.__main__`` loads the model on a
+            thread there); None: the caller loads the service itself.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_startup is not None:
+            on_startup()
+        yield
+        service.close()
+
+    app = FastAPI(title="CTC text recognition", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    name = service.config.name
+    metrics = service.metrics
+
+    async def answer(endpoint: str, work: Callable[[], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await work()
+        except ServiceError as exc:
+            response = _error(exc)
+        metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start)
+        return response
+
+    def check_model(model: str, version: str | None = None) -> None:
+        if model != name:
+            raise ServiceError(404, f"unknown model {model!r}; this server serves {name!r}")
+        if version not in (None, "", "1"):
+            raise ServiceError(404, f"model {name!r} has version '1' only, not {version!r}")
+
+    @app.post("/service")
+    async def service_endpoint(request: Request) -> Response:
+        arrival = time.monotonic()
+
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            service.check_ready()
+            body = await read_body(request, service.config.max_body_bytes)
+            (decoded,) = await service.recognise([body], arrival)
+            return _json({"text": decoded.text, "confidence": decoded.confidence})
+
+        return await answer("service", work)
+
+    async def infer(request: Request, model: str, version: str | None) -> Response:
+        arrival = time.monotonic()
+
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            check_model(model, version)
+            service.check_ready()
+            if request.headers.get("content-encoding", "identity") != "identity":
+                raise ServiceError(415, f"Content-Encoding "
+                                        f"{request.headers['content-encoding']!r} is not "
+                                        f"supported; send the body uncompressed")
+            body = await read_body(request, service.config.max_body_bytes)
+            try:
+                parsed = kserve.parse_infer_request(
+                    body, request.headers.get(kserve.HEADER_LENGTH.lower()))
+            except kserve.ProtocolError as exc:
+                raise ServiceError(400, str(exc)) from None
+            decoded = await service.recognise(parsed.images, arrival)
+            payload, headers = kserve.encode_infer_response(
+                parsed, name, [d.text for d in decoded], [d.confidence for d in decoded])
+            return Response(payload, 200, headers)
+
+        return await answer("infer", work)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer_endpoint(request: Request, model: str) -> Response:
+        return await infer(request, model, None)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer_version_endpoint(request: Request, model: str, version: str) -> Response:
+        return await infer(request, model, version)
+
+    @app.get("/v2")
+    async def server_metadata(request: Request) -> Response:
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            return _json({"name": SERVER_NAME, "version": "1",
+                          "extensions": ["binary_tensor_data"]})
+
+        return await answer("metadata", work)
+
+    @app.get("/v2/models/{model}")
+    async def model_metadata(request: Request, model: str) -> Response:
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            check_model(model)
+            return _json(kserve.model_metadata(
+                name, PLATFORMS.get(service.platform, service.platform)))
+
+        return await answer("metadata", work)
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    def readiness() -> Response:
+        if service.state is State.READY:
+            return _json({"ready": True})
+        reason = {
+            State.LOADING: "the model is loading",
+            State.DRAINING: "the server is shutting down",
+            State.FAILED: f"the model failed to load: {service.failure}",
+        }[service.state]
+        return _json({"ready": False, "error": reason}, 503)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return readiness()
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(request: Request, model: str) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"))
+            check_model(model)
+        except ServiceError as exc:
+            return _error(exc)
+        return readiness()
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"))
+        except ServiceError as exc:
+            return _error(exc)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return _error(exc)
+
+    return app
+
+
+__all__ = ["create_app", "read_body"]

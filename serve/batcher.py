@@ -1,0 +1,271 @@
+"""Width-bucketed dynamic batching: requests of equal input width share an engine call.
+
+Each request's pixels are already resized by the model's width policy, so its width is
+known on arrival. Requests wait in one bucket per width; a bucket goes to the engine when
+it holds ``max_batch_size`` requests or its oldest request has waited ``max_wait_s``
+(Triton's dynamic batcher's two rules, ``preferred_batch_size`` and
+``max_queue_delay_microseconds``, applied per width). Nothing is padded, so a served answer
+equals the offline batch-1 answer (PaddleOCR pads to the widest crop and its users report
+changed texts: PaddleOCR issues #5603, #6116, #5143).
+
+One engine thread per :class:`WidthBatcher` (one per device) calls
+:meth:`pipeline.Recognizer.submit`, which runs the engine and hands CTC decoding to the
+recogniser's decode thread, so the next batch's engine call overlaps this one's decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.recognizer import BatchResult, Recognizer
+from preprocess.batching import batch_inputs
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` requests already; the caller should retry later."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it reached the engine."""
+
+
+class EngineFailed(Exception):
+    """The engine failed on the batch holding this request; the message is its reason."""
+
+
+class Stopped(Exception):
+    """The batcher was closed before this request reached the engine."""
+
+
+@dataclass
+class BatchStats:
+    """What one engine call did, for metrics: ``size`` requests, ``engine_seconds`` in the
+    engine, ``expired`` requests dropped at their deadline before it."""
+
+    size: int
+    engine_seconds: float
+    expired: int
+
+
+@dataclass(eq=False)
+class _Request:
+    pixels: np.ndarray
+    deadline: float
+    enqueued: float
+    future: Future = field(default_factory=Future)
+
+
+class WidthBatcher:
+    """Queue resized images per width and feed the engine equal-width batches.
+
+    Args:
+        recognizer: a loaded :class:`pipeline.Recognizer`; its engine is used from this
+            batcher's one engine thread only.
+        max_batch_size: most requests per engine call (>= 1).
+        max_wait_s: longest a bucket's oldest request waits for the bucket to fill, in
+            seconds (>= 0).
+        max_queue: most requests admitted and not yet in an engine call (>= 1).
+        on_batch: called on the engine thread after each engine call (metrics).
+
+    Raises:
+        ValueError: a limit out of range.
+    """
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError(f"batcher limits out of range: max_batch_size={max_batch_size}, "
+                             f"max_queue={max_queue}, max_wait_s={max_wait_s}")
+        self.recognizer = recognizer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._cond = threading.Condition()
+        self._buckets: OrderedDict[int, deque[_Request]] = OrderedDict()
+        self._admitted = 0  # reserved slots: being preprocessed or waiting in a bucket
+        self._closing = False
+        self._flush = False
+        self._thread: threading.Thread | None = None
+
+    # -- admission -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Requests admitted and not yet in an engine call."""
+        return self._admitted
+
+    def reserve(self, count: int = 1) -> None:
+        """Admit ``count`` requests (all or none) before they are preprocessed.
+
+        Raises:
+            QueueFull: the queue cannot take them now.
+            Stopped: the batcher is closing.
+        """
+        with self._cond:
+            if self._closing:
+                raise Stopped("the server is shutting down")
+            if self._admitted + count > self.max_queue:
+                raise QueueFull(f"the queue is full ({self._admitted} of {self.max_queue} "
+                                f"requests waiting)")
+            self._admitted += count
+
+    def release(self, count: int = 1) -> None:
+        """Give back reserved slots whose requests will not be submitted (bad input)."""
+        with self._cond:
+            self._admitted -= count
+
+    def submit(self, pixels: np.ndarray, deadline: float) -> Future:
+        """Queue one reserved request.
+
+        Args:
+            pixels: uint8 resized pixels (``preprocess.image.resize``): ``[H, W]`` or
+                ``[H, W, 3]``.
+            deadline: ``time.monotonic()`` after which the request is dropped unrun.
+
+        Returns:
+            A future of the request's :class:`convert.ctc.Decoded`, or failing with
+            :class:`DeadlineExceeded`, :class:`EngineFailed` or :class:`Stopped`. Cancelling
+            it before the engine call drops the request.
+        """
+        request = _Request(pixels, deadline, time.monotonic())
+        with self._cond:
+            self._buckets.setdefault(pixels.shape[1], deque()).append(request)
+            self._cond.notify()
+        return request.future
+
+    # -- engine thread -----------------------------------------------------------------------
+    def start(self) -> WidthBatcher:
+        """Start the engine thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, send every queued one to the engine now, and stop.
+
+        Requests still queued when the thread ends (it did not end within ``timeout``
+        seconds) fail with :class:`Stopped`.
+        """
+        with self._cond:
+            self._closing = True
+            self._flush = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            for bucket in self._buckets.values():
+                for request in bucket:
+                    if request.future.set_running_or_notify_cancel():
+                        request.future.set_exception(Stopped("the server shut down"))
+            self._buckets.clear()
+
+    def flush(self) -> None:
+        """Send buckets to the engine without waiting for them to fill (when draining)."""
+        with self._cond:
+            self._flush = True
+            self._cond.notify()
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a bucket is due, then take up to ``max_batch_size`` of its requests;
+        None when closing and nothing is left."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due, wait = None, None
+                for width, bucket in self._buckets.items():
+                    if not bucket:
+                        continue
+                    ready_at = bucket[0].enqueued + self.max_wait_s
+                    if len(bucket) >= self.max_batch_size or ready_at <= now or self._flush:
+                        # the oldest head among due buckets goes first
+                        if due is None or bucket[0].enqueued < self._buckets[due][0].enqueued:
+                            due = width
+                    else:
+                        wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                if due is not None:
+                    bucket = self._buckets[due]
+                    taken = [bucket.popleft() for _ in range(min(len(bucket),
+                                                                 self.max_batch_size))]
+                    if not bucket:
+                        del self._buckets[due]
+                    self._admitted -= len(taken)
+                    return taken
+                if self._closing:
+                    return None
+                self._cond.wait(wait)
+
+    def _run(self) -> None:
+        while (taken := self._next_batch()) is not None:
+            now = time.monotonic()
+            live, expired = [], 0
+            for request in taken:
+                if not request.future.set_running_or_notify_cancel():
+                    continue  # the client went away
+                if request.deadline <= now:
+                    request.future.set_exception(DeadlineExceeded(
+                        "the request's deadline passed while it was queued"))
+                    expired += 1
+                    continue
+                live.append(request)
+            if not live:
+                if self.on_batch is not None:
+                    self.on_batch(BatchStats(0, 0.0, expired))
+                continue
+            pixels = [request.pixels for request in live]
+            try:
+                ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
+                ordered = [live[m] for m in members]
+                widths = [pixels[m].shape[1] for m in members]
+                done = self.recognizer.submit(ordered, batch, widths)
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                logger.exception("batch of %d requests failed before the engine", len(live))
+                for request in live:
+                    request.future.set_exception(exc)
+                continue
+            done.add_done_callback(
+                lambda finished, rows=ordered, n=expired: self._resolve(finished, rows, n))
+
+    def _resolve(self, done: Future, requests: list[_Request], expired: int) -> None:
+        """Hand a decoded batch's rows (or its failure) to the requests' futures; runs on
+        the decode thread."""
+        error = done.exception()
+        if error is not None:  # a decoder bug: the requests fail with it, it is logged
+            logger.error("decoding a batch failed", exc_info=error)
+        result: BatchResult | None = None if error is not None else done.result()
+        for row, request in enumerate(requests):
+            if error is not None:
+                request.future.set_exception(error)
+            elif result.error is not None:
+                request.future.set_exception(EngineFailed(str(result.error)))
+            else:
+                request.future.set_result(result.decoded[row])
+        if self.on_batch is not None:
+            seconds = result.engine_seconds if result is not None else 0.0
+            self.on_batch(BatchStats(len(requests), seconds, expired))
+
+
+__all__ = [
+    "BatchStats",
+    "DeadlineExceeded",
+    "EngineFailed",
+    "QueueFull",
+    "Stopped",
+    "WidthBatcher",
+]

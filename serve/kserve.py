@@ -1,0 +1,242 @@
+"""The KServe v2 / Open Inference Protocol over HTTP, for a text recogniser.
+
+Source: the Open Inference Protocol's REST spec (KServe "V2 Inference Protocol",
+``kserve/open-inference-protocol``, ``rest_predict_v2.yaml``) and Triton's binary tensor
+data extension (``triton-inference-server/server``, ``docs/protocol/extension_binary_data.md``),
+which ``tritonclient.http`` uses.
+
+The model has one input and two outputs, each a 1-D batch of ``N`` images:
+
+- input ``images``, ``BYTES``: encoded images (PNG, JPEG, ...). In a JSON body each element
+  is the image's base64 text (RFC 4648, standard alphabet); with the binary extension each
+  element is the raw image bytes, serialised as Triton serialises ``BYTES``: a 4-byte
+  little-endian length before each element.
+- output ``texts``, ``BYTES``: the recognised strings (UTF-8).
+- output ``confidences``, ``FP32``: their confidences in [0, 1].
+
+A shape ``[N]`` or ``[N, 1]`` is accepted for the input. Outputs are JSON unless the request
+asks for binary (``parameters.binary_data_output`` true, or ``binary_data`` true on a
+requested output): then the JSON header is followed by the binary tensors, and its length is
+in the ``Inference-Header-Content-Length`` response header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+INPUT_NAME = "images"
+TEXTS = "texts"
+CONFIDENCES = "confidences"
+OUTPUTS = {TEXTS: "BYTES", CONFIDENCES: "FP32"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ProtocolError(ValueError):
+    """A request that does not follow the protocol; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed inference request.
+
+    Attributes:
+        id: the request's ``id`` (echoed in the response), or None.
+        images: the encoded images, in request order.
+        outputs: the outputs to return and whether each is binary, in the order to return.
+    """
+
+    id: str | None
+    images: list[bytes]
+    outputs: list[tuple[str, bool]]
+
+
+def model_metadata(name: str, platform: str) -> dict:
+    """``GET /v2/models/{name}``: the model's name, versions, platform and tensors."""
+    return {
+        "name": name,
+        "versions": ["1"],
+        "platform": platform,
+        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items()],
+    }
+
+
+def deserialize_bytes(blob: bytes, what: str) -> list[bytes]:
+    """Elements of a binary ``BYTES`` tensor: ``(uint32 little-endian length, bytes)*``.
+
+    Raises:
+        ProtocolError: a length runs past the end of ``blob``.
+    """
+    out, offset = [], 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            raise ProtocolError(f"{what}: a truncated element length at byte {offset}")
+        (length,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + length > len(blob):
+            raise ProtocolError(f"{what}: element {len(out)} claims {length} bytes, "
+                                f"{len(blob) - offset} remain")
+        out.append(blob[offset:offset + length])
+        offset += length
+    return out
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """A binary ``BYTES`` tensor: each element behind its uint32 little-endian length."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def _flatten(data: object, what: str) -> list:
+    if not isinstance(data, list):
+        raise ProtocolError(f"{what}: 'data' must be a list")
+    flat: list = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse ``POST /v2/models/{name}/infer``.
+
+    Args:
+        body: the request body: JSON, or with the binary extension the JSON header followed
+            by the binary tensors.
+        header_length: the ``Inference-Header-Content-Length`` request header, or None.
+
+    Raises:
+        ProtocolError: malformed JSON, a missing or unknown tensor, a wrong datatype or
+            shape, bad base64, binary sizes that do not add up, or an unknown output.
+    """
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
+        if not 0 <= length <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {length} is outside the body "
+                                f"({len(body)} bytes)")
+        header, binary = body[:length], body[length:]
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"the request header is not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the request must be a JSON object")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError("'inputs' must be a non-empty list")
+    images: list[bytes] | None = None
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            raise ProtocolError("each input must be a JSON object")
+        name = tensor.get("name")
+        parameters = tensor.get("parameters") or {}
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ProtocolError(f"input {name!r}: binary_data_size must be a count of bytes")
+        if name != INPUT_NAME:
+            raise ProtocolError(f"unknown input {name!r}; the model's input is {INPUT_NAME!r}")
+        if images is not None:
+            raise ProtocolError(f"input {INPUT_NAME!r} is given twice")
+        if tensor.get("datatype") != "BYTES":
+            raise ProtocolError(f"input {INPUT_NAME!r} must be BYTES, "
+                                f"got {tensor.get('datatype')!r}")
+        shape = tensor.get("shape")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+                or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or (len(shape) == 2 and shape[1] != 1)):
+            raise ProtocolError(f"input {INPUT_NAME!r}: shape must be [N] or [N, 1], "
+                                f"got {shape!r}")
+        count = shape[0]
+        if size is not None:
+            if offset + size > len(binary):
+                raise ProtocolError(f"input {INPUT_NAME!r}: binary_data_size {size} runs past "
+                                    f"the body's {len(binary) - offset} binary bytes")
+            images = deserialize_bytes(binary[offset:offset + size], f"input {INPUT_NAME!r}")
+            offset += size
+        else:
+            images = []
+            for index, item in enumerate(_flatten(tensor.get("data"), f"input {INPUT_NAME!r}")):
+                if not isinstance(item, str):
+                    raise ProtocolError(f"input {INPUT_NAME!r}: element {index} must be a "
+                                        f"base64 string")
+                try:
+                    images.append(base64.b64decode(item, validate=True))
+                except binascii.Error as exc:
+                    raise ProtocolError(f"input {INPUT_NAME!r}: element {index} is not "
+                                        f"base64 ({exc})") from None
+        if len(images) != count:
+            raise ProtocolError(f"input {INPUT_NAME!r}: shape says {count} elements, "
+                                f"the data holds {len(images)}")
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} binary bytes after the JSON header "
+                            f"belong to no input")
+    parameters = request.get("parameters") or {}
+    binary_default = bool(parameters.get("binary_data_output", False)) \
+        if isinstance(parameters, dict) else False
+    wanted = request.get("outputs")
+    if wanted is None:
+        outputs = [(name, binary_default) for name in OUTPUTS]
+    else:
+        if not isinstance(wanted, list):
+            raise ProtocolError("'outputs' must be a list")
+        outputs = []
+        for tensor in wanted:
+            name = tensor.get("name") if isinstance(tensor, dict) else None
+            if name not in OUTPUTS:
+                raise ProtocolError(f"unknown output {name!r}; outputs are: "
+                                    f"{', '.join(OUTPUTS)}")
+            out_parameters = tensor.get("parameters") or {}
+            flag = out_parameters.get("binary_data", binary_default) \
+                if isinstance(out_parameters, dict) else binary_default
+            outputs.append((name, bool(flag)))
+    request_id = request.get("id")
+    return InferRequest(None if request_id is None else str(request_id), images, outputs)
+
+
+def encode_infer_response(
+    request: InferRequest, model_name: str, texts: list[str], confidences: list[float],
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers for a request's results.
+
+    Returns:
+        ``(body, headers)``: JSON, or the JSON header followed by the binary outputs with
+        ``Inference-Header-Content-Length`` and ``Content-Type: application/octet-stream``.
+    """
+    response: dict = {"model_name": model_name, "model_version": "1", "outputs": []}
+    if request.id is not None:
+        response["id"] = request.id
+    blobs = []
+    for name, binary in request.outputs:
+        tensor: dict = {"name": name, "datatype": OUTPUTS[name], "shape": [len(texts)]}
+        if binary:
+            if name == TEXTS:
+                blob = serialize_bytes([t.encode("utf-8") for t in texts])
+            else:
+                blob = np.asarray(confidences, "<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = list(texts) if name == TEXTS else [float(c) for c in confidences]
+        response["outputs"].append(tensor)
+    header = json.dumps(response, ensure_ascii=False).encode("utf-8")
+    if not blobs:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(blobs), {
+        HEADER_LENGTH: str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }

@@ -1,0 +1,273 @@
+"""The service behind the HTTP layer: admission, preprocessing pool, batcher, engine.
+
+A request's life: admitted (or 503 when the queue is full) -> its images decoded and resized
+by the model's width policy in the preprocessing pool (400/413 for bad images) -> queued in
+its width's bucket (:mod:`serve.batcher`) -> one engine call with the other requests of its
+width -> CTC decoding on the recogniser's decode thread -> the answer. A request whose
+deadline passes first is answered 504 and never reaches the engine; an engine failure fails
+that batch's requests only (500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.ctc import Decoded
+from convert.errors import ToolchainError
+from infer.open import open_model
+from pipeline.recognizer import Recognizer
+from preprocess.image import DECODABLE_FORMATS, ImageTooLarge, SampleError, prepare
+from serve.batcher import (
+    BatchStats,
+    DeadlineExceeded,
+    EngineFailed,
+    QueueFull,
+    Stopped,
+    WidthBatcher,
+)
+from serve.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request the service answers with an HTTP error.
+
+    Attributes:
+        status: the HTTP status code.
+        message: one line naming the request's problem (the response's ``error``).
+        headers: extra response headers (``Retry-After``, ``WWW-Authenticate``).
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class State(enum.Enum):
+    """Where the service stands: readiness is ``READY`` only."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``python -m serve`` is told (see its ``--help`` for each option)."""
+
+    model: Path
+    name: str
+    device: str | None = None
+    sidecar: Path | None = None
+    arch: str | None = None
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    timeout_ms: float = 10_000.0
+    max_body_bytes: int = 8 << 20
+    max_pixels: int = 16_000_000
+    threads: int | None = None
+    preprocess_threads: int = 1
+    token: str | None = None
+
+
+class Service:
+    """One model behind one engine thread.
+
+    Args:
+        config: the service's options.
+
+    Raises:
+        ToolchainError: the model cannot be opened (file, suffix, description, device).
+    """
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        runner, spec = open_model(config.model, config.device, threads=config.threads,
+                                  sidecar=config.sidecar, arch=config.arch)
+        self.spec = spec
+        self.platform = runner.name
+        self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
+        self.metrics = ServiceMetrics()
+        self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,
+                                    config.max_wait_ms / 1000.0, config.max_queue,
+                                    on_batch=self._on_batch)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self._preprocess = ThreadPoolExecutor(config.preprocess_threads,
+                                              thread_name_prefix="preprocess")
+        self.state = State.LOADING
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the engine, warm it up at the batch sizes and widths it will see, start the
+        engine thread; then readiness turns 200.
+
+        Raises:
+            ToolchainError, EngineError: the model cannot be loaded or run.
+        """
+        self.recognizer.load()
+        self.warm_up()
+        self.batcher.start()
+        with self._lock:
+            if self.state is State.LOADING:
+                self.state = State.READY
+        logger.info("model %s loaded (%s); ready", self.config.model, self.platform)
+
+    def warm_up(self) -> None:
+        """One engine call at batch 1 and at ``max_batch_size`` for the narrowest and widest
+        input, so the first requests do not pay for the engine's first allocations."""
+        spec = self.spec
+        widths = sorted({spec.resized_width(1, spec.height), spec.resized_width(1 << 16, 1)})
+        for width in widths:
+            for size in sorted({1, self.config.max_batch_size}):
+                batch = np.zeros(spec.input_shape(size, width), np.float32)
+                future = self.recognizer.submit(None, batch, [width] * size)
+                result = future.result()
+                if result.error is not None:
+                    raise result.error
+
+    def fail(self, reason: str) -> None:
+        """Record that loading failed: readiness stays 503 with the reason."""
+        with self._lock:
+            self.state = State.FAILED
+            self.failure = reason
+
+    def begin_drain(self) -> None:
+        """Readiness turns 503; queued buckets go to the engine without waiting to fill.
+        Requests still arriving are served until the server stops listening."""
+        with self._lock:
+            if self.state in (State.READY, State.LOADING):
+                self.state = State.DRAINING
+        self.batcher.flush()
+
+    def close(self) -> None:
+        """Finish queued requests, then release the engine and the pools."""
+        self.batcher.close(timeout=self.config.timeout_ms / 1000.0 + 5.0)
+        self._preprocess.shutdown(wait=True)
+        self.recognizer.close()
+
+    # -- requests ----------------------------------------------------------------------------
+    def check_token(self, authorization: str | None) -> None:
+        """Compare the ``Authorization: Bearer`` token in constant time (``hmac``).
+
+        Raises:
+            ServiceError: 401 when a token is set and the header is missing or wrong.
+        """
+        if self.config.token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        ok = hmac.compare_digest(given.strip().encode(), self.config.token.encode())
+        if scheme.lower() != "bearer" or not ok:
+            raise ServiceError(401, "a valid bearer token is required "
+                                    "(header 'Authorization: Bearer TOKEN')",
+                               {"WWW-Authenticate": 'Bearer realm="ocr"'})
+
+    def check_ready(self) -> None:
+        """Raises: ServiceError 503 while loading, or when loading failed."""
+        if self.state is State.LOADING:
+            raise ServiceError(503, "the model is loading; retry shortly", {"Retry-After": "1"})
+        if self.state is State.FAILED:
+            raise ServiceError(503, f"the model failed to load: {self.failure}")
+
+    def _prepare(self, images: list[bytes]) -> list[np.ndarray]:
+        pixels = []
+        for index, raw in enumerate(images):
+            where = f"image {index}: " if len(images) > 1 else ""
+            try:
+                pixels.append(prepare(raw, self.spec, self.config.max_pixels)[0])
+            except ImageTooLarge as exc:
+                raise ServiceError(413, f"{where}{exc}") from None
+            except SampleError as exc:
+                raise ServiceError(400, f"{where}{exc}; accepted formats: "
+                                        f"{', '.join(DECODABLE_FORMATS)}") from None
+        return pixels
+
+    async def recognise(self, images: list[bytes], arrival: float) -> list[Decoded]:
+        """Recognise a request's images (each queued on its own, in its width's bucket).
+
+        Args:
+            images: encoded images.
+            arrival: ``time.monotonic()`` when the request arrived (the deadline runs from
+                it).
+
+        Returns:
+            One :class:`convert.ctc.Decoded` per image, in order.
+
+        Raises:
+            ServiceError: 400 bad image, 413 too many pixels, 503 not ready / queue full /
+                shutting down, 504 deadline passed, 500 engine failure.
+        """
+        self.check_ready()
+        if not images:
+            raise ServiceError(400, "the request holds no image")
+        if len(images) > self.config.max_queue:
+            raise ServiceError(413, f"{len(images)} images in one request; the queue holds "
+                                    f"{self.config.max_queue} (--max-queue)")
+        deadline = arrival + self.config.timeout_ms / 1000.0
+        try:
+            self.batcher.reserve(len(images))
+        except QueueFull as exc:
+            raise ServiceError(503, str(exc), {"Retry-After": "1"}) from None
+        except Stopped as exc:
+            raise ServiceError(503, str(exc)) from None
+        loop = asyncio.get_running_loop()
+        try:
+            pixels = await loop.run_in_executor(self._preprocess, self._prepare, images)
+        except BaseException:
+            self.batcher.release(len(images))
+            raise
+        if time.monotonic() >= deadline:
+            self.batcher.release(len(images))
+            raise ServiceError(504, "the request's deadline passed while it was preprocessed")
+        futures = [asyncio.wrap_future(self.batcher.submit(p, deadline)) for p in pixels]
+        try:
+            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise ServiceError(504, f"no answer within the deadline "
+                                    f"({self.config.timeout_ms:g} ms)") from None
+        except DeadlineExceeded as exc:
+            raise ServiceError(504, str(exc)) from None
+        except EngineFailed as exc:
+            raise ServiceError(500, f"the engine failed on this request's batch: {exc}") from None
+        except Stopped as exc:
+            raise ServiceError(503, str(exc)) from None
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.metrics.observe_batch(stats.size, stats.engine_seconds, stats.expired)
+
+
+def load_in_background(service: Service, on_failure: Callable[[str], None]) -> threading.Thread:
+    """Load the service on a thread; a load that fails marks the service failed and calls
+    ``on_failure`` with the one-line reason (the server then exits)."""
+
+    def run() -> None:
+        try:
+            service.load()
+        except ToolchainError as exc:  # EngineError is a ToolchainError
+            service.fail(str(exc))
+            on_failure(str(exc))
+
+    thread = threading.Thread(target=run, name="load", daemon=True)
+    thread.start()
+    return thread
