@@ -154,7 +154,7 @@ def _parser():
     return parser
 
 
-def _prepare(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]:
+def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]:
     """Fetch the nano-ocr weights, export, rewrite and quantise them (untimed in the table).
 
     Returns:
@@ -228,7 +228,7 @@ def _measure(path: str, *args) -> dict:
 def _run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        weights, model, int8, build_seconds = _prepare(workdir, args.calibration)
+        weights, model, int8, build_seconds = build_models(workdir, args.calibration)
         results = {
             "reference (ModelZoo-style, ORT batch 1, fixed width)":
                 _measure("reference", args.data, model, args.limit),

@@ -42,18 +42,23 @@ class OnnxRuntimeRunner(Runner):
         device: ``"cpu"`` (CPU execution provider, intra-op threads = available cores,
             full graph optimisation) or ``"cuda"`` (needs onnxruntime-gpu).
         threads: intra-op threads; default: :func:`available_cores`.
+        spin: whether idle intra-op threads spin-wait for work (ONNX Runtime's default,
+            fastest when the engine has the cores to itself); False where other threads
+            share the cores (a server's HTTP layer): ``session.intra_op.allow_spinning``.
     """
 
     name = "onnxruntime"
     requires = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
+                 spin: bool = True):
         super().__init__()
         if device not in PROVIDERS:
             raise ToolchainError(f"device {device!r} is unknown; use one of {list(PROVIDERS)}")
         self.model_path = Path(model_path)
         self.device = device
         self.threads = threads or available_cores()
+        self.spin = spin
         self.session = None
 
     def _load(self) -> None:
@@ -72,6 +77,8 @@ class OnnxRuntimeRunner(Runner):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.engine_errors = ort_errors()
         try:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=[provider])

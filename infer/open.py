@@ -63,6 +63,7 @@ def open_model(
     device: str | Device | None = None,
     *,
     threads: int | None = None,
+    spin: bool = True,
     sidecar: str | Path | None = None,
     arch: str | None = None,
     rnn_layout: str = "auto",
@@ -75,7 +76,9 @@ def open_model(
     Args:
         path: the model file; its suffix chooses the backend (see the module docstring).
         device: ``cpu``, ``cuda`` or ``npu:N``; default: ``npu:0`` for an .om, else ``cpu``.
-        threads: ONNX Runtime intra-op threads (default: the available cores).
+        threads: ONNX Runtime intra-op threads (default: the available cores), or PyTorch's
+            CPU threads (default: its own).
+        spin: ONNX Runtime's idle threads spin-wait (see ``OnnxRuntimeRunner``).
         sidecar: an .om's sidecar JSON (default: beside it).
         arch: architecture of a checkpoint (see :func:`describe`).
         rnn_layout, gate_order, trust: checkpoint loading (``convert.checkpoint``).
@@ -100,7 +103,7 @@ def open_model(
         )
     spec = describe(path, arch, sidecar, fallback)
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, device.kind, threads), spec
+        return OnnxRuntimeRunner(path, device.kind, threads, spin), spec
     if backend == "ais_bench":
         return AisBenchRunner(path, device.index, sidecar), spec
-    return TorchRunner(path, spec, device.kind, rnn_layout, gate_order, trust), spec
+    return TorchRunner(path, spec, device.kind, rnn_layout, gate_order, trust, threads), spec

@@ -20,6 +20,8 @@ class TorchRunner(Runner):
             output tensors and gives the input's channels and height.
         device: ``"cpu"`` or ``"cuda"``.
         rnn_layout, gate_order, trust: see ``convert.checkpoint.load_checkpoint``.
+        threads: CPU threads for PyTorch's ops (``torch.set_num_threads``, process-wide);
+            None: PyTorch's default.
     """
 
     name = "torch"
@@ -27,12 +29,14 @@ class TorchRunner(Runner):
     engine_errors = (RuntimeError,)  # torch raises RuntimeError for shape and kernel failures
 
     def __init__(self, checkpoint: str | Path, spec: ModelSpec, device: str = "cpu",
-                 rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False):
+                 rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False,
+                 threads: int | None = None):
         super().__init__()
         if device not in ("cpu", "cuda"):
             raise ToolchainError(f"device {device!r} is unknown for PyTorch; use cpu or cuda")
         self.checkpoint, self.spec, self.device = Path(checkpoint), spec, device
         self.rnn_layout, self.gate_order, self.trust = rnn_layout, gate_order, trust
+        self.threads = threads
         self.model = None
 
     def _load(self) -> None:
@@ -42,6 +46,8 @@ class TorchRunner(Runner):
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ToolchainError("device cuda asked for, but torch sees no CUDA device")
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         model = load_checkpoint(self.checkpoint, self.spec, self.rnn_layout, self.gate_order,
                                 self.trust)
         self.model = model.to(self.device)

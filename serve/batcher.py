@@ -1,12 +1,13 @@
 """Width-bucketed dynamic batching: requests of equal input width share an engine call.
 
 Each request's pixels are already resized by the model's width policy, so its width is
-known on arrival. Requests wait in one bucket per width; a bucket goes to the engine when
-it holds ``max_batch_size`` requests or its oldest request has waited ``max_wait_s``
-(Triton's dynamic batcher's two rules, ``preferred_batch_size`` and
-``max_queue_delay_microseconds``, applied per width). Nothing is padded, so a served answer
-equals the offline batch-1 answer (PaddleOCR pads to the widest crop and its users report
-changed texts: PaddleOCR issues #5603, #6116, #5143).
+known on arrival. Requests wait in one bucket per width; a bucket is due when it holds
+``max_batch_size`` requests or its oldest request has waited ``max_wait_s`` (Triton's
+dynamic batcher's two rules, ``preferred_batch_size`` and ``max_queue_delay_microseconds``,
+applied per width). When several are due (the engine was busy), the fullest goes first,
+unless some request has used half its time to its deadline: then earliest deadline first.
+Nothing is padded, so a served answer equals the offline batch-1 answer (PaddleOCR pads to
+the widest crop and its users report changed texts: PaddleOCR issues #5603, #6116, #5143).
 
 One engine thread per :class:`WidthBatcher` (one per device) calls
 :meth:`pipeline.Recognizer.submit`, which runs the engine and hands CTC decoding to the
@@ -182,32 +183,46 @@ class WidthBatcher:
             self._flush = True
             self._cond.notify()
 
+    def _pick(self, now: float) -> tuple[int | None, float | None]:
+        """The width whose bucket goes next, or the seconds until one is due.
+
+        Due buckets: full, or their oldest request has waited ``max_wait_s`` (or flushing).
+        Among them, a bucket whose oldest request has used half its time to the deadline
+        goes first (earliest deadline first); otherwise the fullest (most requests per
+        engine call, so rare widths cost the engine fewer calls), the oldest on a tie.
+        """
+        urgent = fullest = None
+        wait = None
+        for width, bucket in self._buckets.items():
+            head = bucket[0]
+            ready_at = head.enqueued + self.max_wait_s
+            if not (len(bucket) >= self.max_batch_size or ready_at <= now or self._flush):
+                wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                continue
+            half_spent = now - head.enqueued >= (head.deadline - head.enqueued) / 2
+            if half_spent and (urgent is None
+                               or head.deadline < self._buckets[urgent][0].deadline):
+                urgent = width
+            if fullest is None or (len(bucket), -head.enqueued) > (
+                    len(self._buckets[fullest]), -self._buckets[fullest][0].enqueued):
+                fullest = width
+        return (urgent if urgent is not None else fullest), wait
+
     def _next_batch(self) -> list[_Request] | None:
         """Block until a bucket is due, then take up to ``max_batch_size`` of its requests;
         None when closing and nothing is left."""
         with self._cond:
             while True:
-                now = time.monotonic()
-                due, wait = None, None
-                for width, bucket in self._buckets.items():
+                width, wait = self._pick(time.monotonic())
+                if width is not None:
+                    bucket = self._buckets[width]
+                    taken = [bucket.popleft()
+                             for _ in range(min(len(bucket), self.max_batch_size))]
                     if not bucket:
-                        continue
-                    ready_at = bucket[0].enqueued + self.max_wait_s
-                    if len(bucket) >= self.max_batch_size or ready_at <= now or self._flush:
-                        # the oldest head among due buckets goes first
-                        if due is None or bucket[0].enqueued < self._buckets[due][0].enqueued:
-                            due = width
-                    else:
-                        wait = ready_at - now if wait is None else min(wait, ready_at - now)
-                if due is not None:
-                    bucket = self._buckets[due]
-                    taken = [bucket.popleft() for _ in range(min(len(bucket),
-                                                                 self.max_batch_size))]
-                    if not bucket:
-                        del self._buckets[due]
+                        del self._buckets[width]
                     self._admitted -= len(taken)
                     return taken
-                if self._closing:
+                if self._closing and not self._buckets:
                     return None
                 self._cond.wait(wait)
 

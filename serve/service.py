@@ -98,8 +98,10 @@ class Service:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
+        # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
         runner, spec = open_model(config.model, config.device, threads=config.threads,
-                                  sidecar=config.sidecar, arch=config.arch)
+                                  spin=False, sidecar=config.sidecar, arch=config.arch)
         self.spec = spec
         self.platform = runner.name
         self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)

@@ -1,0 +1,143 @@
+"""The width batcher on the real nano-ocr export, in process: buckets, order, failures."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from convert.errors import EngineError
+from infer import open_model
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from pipeline import Recognizer
+from preprocess.image import prepare
+from serve.batcher import DeadlineExceeded, EngineFailed, QueueFull, WidthBatcher
+from tests.conftest import encode, word_image
+
+
+class RecordingRunner(OnnxRuntimeRunner):
+    """Test double: the real ONNX Runtime runner, recording each batch's shape, and
+    failing (EngineError) on batches of width ``fail_width``."""
+
+    def __init__(self, path, fail_width: int | None = None):
+        super().__init__(path)
+        self.shapes: list[tuple[int, ...]] = []
+        self.fail_width = fail_width
+
+    def infer(self, feed):
+        (batch,) = feed.values()
+        self.shapes.append(batch.shape)
+        if batch.shape[-1] == self.fail_width:
+            raise EngineError(f"test double: refusing width {self.fail_width}")
+        return super().infer(feed)
+
+
+def pixels_of_width(spec, text: str, image_width: int) -> np.ndarray:
+    pixels, _ = prepare(encode(word_image(text, image_width, 32)), spec)
+    return pixels
+
+
+@pytest.fixture
+def parts(exported):
+    path = exported["nano-ocr"]
+    _, spec = open_model(path)
+    return path, spec
+
+
+def test_equal_widths_share_a_batch_and_answers_match_batch_1(parts):
+    path, spec = parts
+    runner = RecordingRunner(path)
+    images = [pixels_of_width(spec, w, 40 * len(w)) for w in
+              ("abc", "hello", "abd", "world", "abe", "serving")]
+    widths = [p.shape[1] for p in images]
+    with Recognizer(runner, spec) as recognizer:
+        expected = [recognizer([p])[0].text for p in images]
+        runner.shapes.clear()
+        batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.2, max_queue=16)
+        futures = [batcher.submit(p, time.monotonic() + 10) for p in images]
+        batcher.start()
+        texts = [f.result(10).text for f in futures]
+        batcher.close()
+    assert texts == expected
+    assert sorted(s[-1] for s in runner.shapes) == sorted(set(widths))  # one call per width
+    assert sum(s[0] for s in runner.shapes) == len(images)
+
+
+def test_an_engine_error_fails_only_its_batch(parts):
+    path, spec = parts
+    good = pixels_of_width(spec, "good", 110)
+    bad = pixels_of_width(spec, "badwidth", 300)
+    assert good.shape[1] != bad.shape[1]
+    runner = RecordingRunner(path, fail_width=bad.shape[1])
+    with Recognizer(runner, spec) as recognizer:
+        batcher = WidthBatcher(recognizer, max_batch_size=4, max_wait_s=0.05, max_queue=8)
+        batcher.start()
+        deadline = time.monotonic() + 10
+        failing = [batcher.submit(bad, deadline) for _ in range(2)]
+        passing = [batcher.submit(good, deadline) for _ in range(2)]
+        for future in failing:
+            with pytest.raises(EngineFailed, match="refusing width"):
+                future.result(10)
+        assert all(f.result(10).text for f in passing)
+        later = batcher.submit(bad.copy(), time.monotonic() + 10)
+        with pytest.raises(EngineFailed):
+            later.result(10)
+        assert batcher.submit(good, time.monotonic() + 10).result(10).text
+        batcher.close()
+
+
+def test_the_fullest_due_bucket_goes_first_and_expired_requests_never_run(parts):
+    path, spec = parts
+    runner = RecordingRunner(path)
+    narrow = pixels_of_width(spec, "a", 50)
+    wide = pixels_of_width(spec, "widest words", 400)
+    with Recognizer(runner, spec) as recognizer:
+        runner.shapes.clear()
+        batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16)
+        now = time.monotonic()
+        lone = batcher.submit(wide, now + 60)  # older, but its bucket is smaller
+        expired = batcher.submit(wide, now - 1)
+        crowd = [batcher.submit(narrow, now + 60) for _ in range(3)]
+        batcher.start()
+        for future in [lone, *crowd]:
+            future.result(10)
+        with pytest.raises(DeadlineExceeded):
+            expired.result(10)
+        batcher.close()
+    assert runner.shapes[0][0] == 3 and runner.shapes[0][-1] == narrow.shape[1]
+    assert sum(s[0] for s in runner.shapes) == 4  # the expired request never ran
+
+
+def test_a_request_half_way_to_its_deadline_goes_before_fuller_buckets(parts):
+    path, spec = parts
+    runner = RecordingRunner(path)
+    narrow = pixels_of_width(spec, "a", 50)
+    wide = pixels_of_width(spec, "widest words", 400)
+    with Recognizer(runner, spec) as recognizer:
+        runner.shapes.clear()
+        batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16)
+        urgent = batcher.submit(wide, time.monotonic() + 0.6)
+        time.sleep(0.35)  # more than half of its 0.6 s are spent
+        crowd = [batcher.submit(narrow, time.monotonic() + 60) for _ in range(3)]
+        batcher.start()
+        urgent.result(10)
+        for future in crowd:
+            future.result(10)
+        batcher.close()
+    assert runner.shapes[0][0] == 1 and runner.shapes[0][-1] == wide.shape[1]
+
+
+def test_reservations_bound_the_queue(parts):
+    path, spec = parts
+    runner, _ = open_model(path)
+    batcher = WidthBatcher(Recognizer(runner, spec), max_batch_size=4, max_wait_s=0.01,
+                           max_queue=3)
+    batcher.reserve(2)
+    with pytest.raises(QueueFull, match="2 of 3"):
+        batcher.reserve(2)
+    batcher.release(2)
+    batcher.reserve(3)
+    assert batcher.depth == 3
+    with pytest.raises(ValueError):
+        WidthBatcher(Recognizer(runner, spec), max_batch_size=0, max_wait_s=0, max_queue=1)

@@ -1,0 +1,361 @@
+"""The HTTP service as a real process on 127.0.0.1, with real clients (httpx, tritonclient).
+
+The model is the real nano-ocr export; the images are real IIIT5K words where the data is
+present (else rendered words).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from infer import open_model
+from pipeline import Recognition, Recognizer
+from preprocess.lmdb_reader import open_lmdb, read_sample
+from serve.process import ServerProcess
+from tests.conftest import IIIT5K, encode, word_image
+
+TOKEN = "s3cret-token"
+
+
+def real_words(count: int) -> list[bytes]:
+    """``count`` encoded word images: IIIT5K test images, or rendered words without it."""
+    if not IIIT5K.is_dir():
+        words = ["hello", "world", "CRNN", "serve", "batch", "width", "token", "Ascend"]
+        return [encode(word_image(words[i % len(words)] * (1 + i % 3), 60 + 17 * i, 32))
+                for i in range(count)]
+    env = open_lmdb(IIIT5K)
+    with env.begin() as txn:
+        images = [read_sample(txn, index).image for index in range(1, count + 1)]
+    env.close()
+    return images
+
+
+@pytest.fixture(scope="module")
+def model(exported) -> Path:
+    return exported["nano-ocr"]
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("token") / "token.txt"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model, token_file):
+    """The service with a token, a 300 kB body cap and a 4 MP pixel cap."""
+    with ServerProcess(["--model", str(model), "--name", "crnn", "--token-file",
+                        str(token_file), "--max-body-bytes", "300000", "--max-pixels",
+                        "4000000"]) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        yield http
+
+
+def offline_batch_1(model: Path, images: list[bytes]) -> list[Recognition]:
+    runner, spec = open_model(model)
+    with Recognizer(runner, spec, batch_size=1) as recognizer:
+        return [recognizer([image])[0] for image in images]
+
+
+def test_answers_equal_the_offline_batch_1_path_under_load(server, client, model):
+    images = real_words(64)
+    expected = offline_batch_1(model, images)
+
+    def post(image: bytes) -> dict:
+        answer = client.post("/service", content=image)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    with ThreadPoolExecutor(16) as pool:  # 16 in flight: the batcher forms real batches
+        served = list(pool.map(post, images))
+    assert [s["text"] for s in served] == [e.text for e in expected]
+    np.testing.assert_allclose([s["confidence"] for s in served],
+                               [e.confidence for e in expected], rtol=1e-4)
+    metrics = client.get("/metrics").text
+    sizes = [line for line in metrics.splitlines() if line.startswith("ocr_batch_size_sum")]
+    count = [line for line in metrics.splitlines() if line.startswith("ocr_batch_size_count")]
+    assert float(sizes[0].split()[-1]) > float(count[0].split()[-1])  # some batch held > 1
+
+
+def test_kserve_v2_with_tritonclient(server, model):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    images = real_words(5)
+    expected = [r.text for r in offline_batch_1(model, images)]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("crnn", headers=headers)
+    metadata = client.get_model_metadata("crnn", headers=headers)
+    assert [t["name"] for t in metadata["outputs"]] == ["texts", "confidences"]
+    assert metadata["platform"] == "onnxruntime_onnx"
+
+    tensor = triton.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
+    result = client.infer("crnn", [tensor], headers=headers)  # binary outputs by default
+    assert [t.decode() for t in result.as_numpy("texts")] == expected
+    assert result.as_numpy("confidences").dtype == np.float32
+    assert result.as_numpy("confidences").shape == (len(images),)
+
+    result = client.infer("crnn", [tensor], headers=headers, request_id="r7",
+                          outputs=[triton.InferRequestedOutput("texts", binary_data=False)])
+    assert list(result.as_numpy("texts")) == expected
+    assert result.get_response()["id"] == "r7"
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["texts"]
+
+    with pytest.raises(InferenceServerException, match="unknown model 'other'"):
+        client.infer("other", [tensor], headers=headers)
+    with pytest.raises(InferenceServerException, match="bearer token"):
+        client.infer("crnn", [tensor])
+
+
+def test_kserve_v2_json_body_with_base64(client, model):
+    images = real_words(2)
+    expected = [r.text for r in offline_batch_1(model, images)]
+    body = {"id": "a", "inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(i).decode() for i in images]}]}
+    answer = client.post("/v2/models/crnn/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert outputs["texts"]["data"] == expected
+    assert outputs["confidences"]["datatype"] == "FP32"
+    assert client.post("/v2/models/crnn/versions/1/infer", json=body).status_code == 200
+    assert client.post("/v2/models/crnn/versions/2/infer", json=body).status_code == 404
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "not JSON"),
+    (json.dumps({"inputs": []}).encode(), "non-empty list"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                             "data": ["aGk="]}]}).encode(), "unknown input 'x'"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "FP32",
+                             "data": [1.0]}]}).encode(), "must be BYTES"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                             "data": ["aGk="]}]}).encode(), "shape says 2"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "data": ["not base64!"]}]}).encode(), "not base64"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "data": ["aGk="]}], "outputs": [{"name": "logits"}]}).encode(),
+     "unknown output 'logits'"),
+])
+def test_kserve_v2_malformed_requests_are_400(client, body, message):
+    answer = client.post("/v2/models/crnn/infer", content=body)
+    assert answer.status_code == 400
+    assert message in answer.json()["error"]
+
+
+def test_kserve_v2_binary_sizes_that_do_not_add_up_are_400(client):
+    header = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 50}}]}).encode()
+    answer = client.post("/v2/models/crnn/infer", content=header + b"\x05\x00\x00\x00abc",
+                         headers={"Inference-Header-Content-Length": str(len(header))})
+    assert answer.status_code == 400
+    assert "runs past" in answer.json()["error"]
+    answer = client.post("/v2/models/crnn/infer", content=header,
+                         headers={"Inference-Header-Content-Length": "99999"})
+    assert answer.status_code == 400
+
+
+def test_an_image_that_fails_in_a_v2_batch_names_its_index(client):
+    good = real_words(1)[0]
+    body = {"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                        "data": [base64.b64encode(good).decode(),
+                                 base64.b64encode(b"plain text").decode()]}]}
+    answer = client.post("/v2/models/crnn/infer", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("image 1: not a decodable image")
+
+
+def test_bad_input_gets_a_clear_status_and_reason(client):
+    answer = client.post("/service", content=b"")
+    assert answer.status_code == 400 and "empty" in answer.json()["error"]
+
+    answer = client.post("/service", content=b"GIF89a but not really an image")
+    assert answer.status_code == 400
+    assert "not a decodable image" in answer.json()["error"]
+    assert "accepted formats: PNG" in answer.json()["error"]
+
+    tga = encode(word_image("tga"), "TGA")  # Pillow writes TGA; the service does not read it
+    answer = client.post("/service", content=tga)
+    assert answer.status_code == 400 and "not a decodable image" in answer.json()["error"]
+
+    answer = client.post("/service", content=b"\0" * 300_001)
+    assert answer.status_code == 413 and "--max-body-bytes" in answer.json()["error"]
+
+    def chunks():  # no Content-Length: the cap holds while the body streams in
+        for _ in range(40):
+            yield b"\0" * 10_000
+
+    answer = client.post("/service", content=chunks())
+    assert answer.status_code == 413
+
+    huge = encode(Image.new("L", (2500, 2000), 255))  # 5 MP, a few kB of PNG
+    answer = client.post("/service", content=huge)
+    assert answer.status_code == 413 and "over the cap of 4000000" in answer.json()["error"]
+
+    # Pillow's decompression-bomb guard: a PNG header declaring 20000 x 20000 pixels.
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, "PNG")
+    answer = client.post("/service", content=bomb.getvalue())
+    assert answer.status_code == 413
+
+    # The worker survived all of that.
+    assert client.post("/service", content=real_words(1)[0]).status_code == 200
+
+
+def test_token_is_required_except_for_health(server):
+    image = real_words(1)[0]
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        answer = anonymous.post("/service", content=image)
+        assert answer.status_code == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = anonymous.post("/service", content=image,
+                               headers={"Authorization": "Bearer s3cret-tokem"})
+        assert wrong.status_code == 401
+        assert anonymous.get("/metrics").status_code == 401
+        assert anonymous.get("/v2/models/crnn").status_code == 401
+        assert anonymous.get("/v2/health/live").status_code == 200
+        assert anonymous.get("/v2/health/ready").status_code == 200
+        right = anonymous.post("/service", content=image,
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 200
+
+
+def test_metrics_are_prometheus_text(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert client.post("/service", content=real_words(1)[0]).status_code == 200
+    client.post("/service", content=b"")
+    answer = client.get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(answer.text)}
+    for name in ("ocr_requests", "ocr_request_seconds", "ocr_batch_size", "ocr_engine_seconds",
+                 "ocr_queue_depth", "ocr_expired"):
+        assert name in families, name
+    statuses = {s.labels["status"] for s in families["ocr_requests"].samples
+                if s.labels.get("endpoint") == "service"}
+    assert {"200", "400"} <= statuses
+    engine = [s.value for s in families["ocr_engine_seconds"].samples
+              if s.name == "ocr_engine_seconds_sum"]
+    assert engine[0] > 0
+
+
+def test_queue_full_is_503_and_deadline_is_504(model):
+    """Requests sit in their bucket (1.5 s wait, batches of 64) past their 0.8 s deadline."""
+    image = real_words(1)[0]
+    with ServerProcess(["--model", str(model), "--max-wait-ms", "1500", "--max-batch-size",
+                        "64", "--max-queue", "3", "--timeout-ms", "800"]) as running, \
+            httpx.Client(base_url=running.url, timeout=30) as client, \
+            ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(client.post, "/service", content=image) for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "ocr_queue_depth 3.0" not in \
+                client.get("/metrics").text:
+            time.sleep(0.02)
+        full = client.post("/service", content=image)
+        assert full.status_code == 503
+        assert full.headers["Retry-After"] == "1"
+        assert "queue is full" in full.json()["error"]
+        for future in waiting:
+            answer = future.result()
+            assert answer.status_code == 504, answer.text
+            assert "deadline" in answer.json()["error"]
+        # The expired requests never reach the engine, and the server goes on serving.
+        time.sleep(1.0)
+        metrics = client.get("/metrics").text
+        assert 'ocr_requests_total{endpoint="service",status="504"} 3.0' in metrics
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_sigterm_drains_queued_requests_then_exits(model):
+    image = real_words(1)[0]
+    running = ServerProcess(["--model", str(model), "--max-wait-ms", "1500",
+                             "--max-batch-size", "64", "--drain-seconds", "1"])
+    with running, httpx.Client(base_url=running.url, timeout=30) as client, \
+            ThreadPoolExecutor(4) as pool:
+        queued = [pool.submit(client.post, "/service", content=image) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "ocr_queue_depth 4.0" not in \
+                client.get("/metrics").text:
+            time.sleep(0.02)
+        running.terminate()
+        time.sleep(0.3)
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert "shutting down" in ready.json()["error"]
+        answers = [future.result() for future in queued]
+        assert [a.status_code for a in answers] == [200] * 4
+        assert len({a.json()["text"] for a in answers}) == 1
+        assert running.process.wait(30) == 0
+
+
+def test_readiness_is_503_until_loaded(model):
+    """In process: the app answers 503 (with Retry-After on requests) before the model loads."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.service import ServeConfig, Service
+
+    service = Service(ServeConfig(model=model, name="m"))
+    with TestClient(create_app(service)) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 503
+        answer = client.post("/service", content=real_words(1)[0])
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        service.load()
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.post("/service", content=real_words(1)[0]).status_code == 200
+
+
+def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from convert.cli import REPO_ROOT
+
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx model")
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(bad), "--port", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "broken.onnx" in done.stderr.strip().splitlines()[-1]
+    missing = subprocess.run([sys.executable, "-m", "serve", "--model", str(tmp_path / "no.onnx"),
+                              "--port", "0"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1 and "no.onnx" in missing.stderr
+
+
+def test_client_threads_do_not_leak_into_results(server, client):
+    """Two kinds of image at once: each answer belongs to its own request."""
+    first, second = real_words(2)
+    expected = {first: client.post("/service", content=first).json()["text"],
+                second: client.post("/service", content=second).json()["text"]}
+    assert expected[first] != expected[second]
+    barrier = threading.Barrier(8)
+
+    def post(image: bytes) -> tuple[bytes, str]:
+        barrier.wait()
+        return image, client.post("/service", content=image).json()["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        for image, text in pool.map(post, [first, second] * 4):
+            assert text == expected[image]
