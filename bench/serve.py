@@ -6,17 +6,23 @@ is given) and the same IIIT5K images (encoded bytes from the lmdb):
 1. offline: ``pipeline.Recognizer`` on all images in memory, batch 16, in this process
    (decode, resize, equal-width batches, engine, CTC): the ceiling for the service.
 2. the service, ``python -m serve`` in a child process with its defaults (batches of up to
-   16 per width, 5 ms wait), at 1, 8, 32 and 64 requests in flight;
+   16 per width, 2 ms wait), at 1, 8, 32 and 64 requests in flight;
 3. the same service with ``--max-batch-size 1`` (no batching), at the same loads;
 4. overload: the batched service with a small queue (``--max-queue 16``, ``--timeout-ms
-   1000``) at 128 in flight, about 4x what saturates it: beyond capacity only 503s, and no
-   accepted request answered past its deadline.
+   1000``) offered 4x the rate the batched service reached at 32 in flight, open loop (a
+   request every 1/rate seconds whatever the answers), for --overload-seconds: beyond
+   capacity it should answer 503 (with Retry-After), and no accepted request should miss its
+   deadline (a 504).
 
 The load tool is a small asyncio client on aiohttp (one keep-alive connection per request in
 flight, each posting the next image as soon as its answer arrives; ``POST /service`` with the
 raw image as the body). It runs on the same 2 cores as the server, so the service's figures
 include the client's cost. Every load level is bounded in requests (--requests) and time
 (--seconds). Server memory is ``VmRSS`` of the server process before and after the load.
+
+With ``--predictions P.csv`` the texts the batched service answered at 32 in flight are
+written as an ``eval.postprocess``-style predictions file (index, prediction, confidence), for
+``python -m eval.compare`` against the offline batch-1 path (see the README).
 
 Example (the README's table):
     python -m bench.serve
@@ -33,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
+from convert.outputs import check_output_file, write_texts
 from infer import open_model
 from pipeline import Recognition, Recognizer
 from preprocess.lmdb_reader import (
@@ -75,7 +83,7 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
 
     latencies: list[float] = []
     statuses: Counter = Counter()
-    texts: dict[int, str] = {}
+    answers: dict[int, tuple[str, float]] = {}
     next_index = 0
     stop_at = time.monotonic() + seconds
 
@@ -96,7 +104,7 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
             latency = time.perf_counter() - start
             if response.status == 200:
                 latencies.append(latency)
-                texts[index] = payload["text"]
+                answers[index % len(images)] = (payload["text"], payload["confidence"])
 
     connector = aiohttp.TCPConnector(limit=in_flight)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -115,8 +123,65 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
         "p99_ms": 1000 * latencies[min(ok - 1, int(0.99 * ok))] if ok else None,
         "max_ms": 1000 * latencies[-1] if ok else None,
         "statuses": dict(statuses),
-        "texts": texts,
+        "answers": answers,
     }
+
+
+async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float,
+                     outstanding_cap: int) -> dict:
+    import aiohttp
+
+    statuses: Counter = Counter()
+    latencies: list[float] = []
+    outstanding = 0
+
+    async def send(session: aiohttp.ClientSession, index: int) -> None:
+        nonlocal outstanding
+        start = time.perf_counter()
+        try:
+            async with session.post(url + "/service", data=images[index % len(images)]) as answer:
+                await answer.read()
+                statuses[answer.status] += 1
+                if answer.status == 200:
+                    latencies.append(time.perf_counter() - start)
+        except aiohttp.ClientError as exc:
+            statuses[type(exc).__name__] += 1
+        finally:
+            outstanding -= 1
+
+    connector = aiohttp.TCPConnector(limit=outstanding_cap)
+    timeout = aiohttp.ClientTimeout(total=60)
+    tasks = []
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        for index in range(int(rate * seconds)):
+            delay = start + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if outstanding >= outstanding_cap:
+                statuses["not sent (client at its cap)"] += 1
+                continue
+            outstanding += 1
+            tasks.append(asyncio.create_task(send(session, index)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"offered_per_s": rate, "statuses": dict(statuses),
+            "ok_per_s": len(latencies) / wall,
+            "max_ms": 1000 * latencies[-1] if latencies else None,
+            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None}
+
+
+def overload(url: str, images: list[bytes], rate: float, seconds: float,
+             outstanding_cap: int = 1024) -> dict:
+    """Open-loop load: a request every ``1 / rate`` seconds for ``seconds``, whatever the
+    answers (at most ``outstanding_cap`` unanswered; beyond, sends are skipped and counted).
+
+    Returns:
+        statuses by code, 200s per second, the slowest and p99 200 in ms (client-measured:
+        from sending, so including time in the client and the kernel's accept queue).
+    """
+    return asyncio.run(_open_loop(url, images, rate, seconds, outstanding_cap))
 
 
 def load(url: str, images: list[bytes], in_flight: int, requests: int, seconds: float) -> dict:
@@ -125,7 +190,8 @@ def load(url: str, images: list[bytes], in_flight: int, requests: int, seconds: 
 
     Returns:
         sent/ok counts, images/s (answered 200 per wall second), p50/p99/max latency in ms,
-        statuses by code (or client error name), and the texts by image index.
+        statuses by code (or client error name), and ``(text, confidence)`` by image
+        position.
     """
     return asyncio.run(_load(url, images, in_flight, requests, seconds))
 
@@ -172,13 +238,39 @@ def _parser():
                         help="time cap per load level")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
                         help="requests in flight, comma-separated")
+    parser.add_argument("--overload-seconds", type=float, default=5.0,
+                        help="length of the open-loop overload run")
+    parser.add_argument("--predictions", type=Path,
+                        help="write the batched service's answers at 32 in flight here (CSV; "
+                             "a new file)")
     return parser
+
+
+def write_predictions(path: Path, answers: dict[int, tuple[str, float]]) -> None:
+    """``index,prediction,confidence`` rows (lmdb indices from 1), written whole."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "prediction", "confidence"])
+    for position in sorted(answers):
+        text, confidence = answers[position]
+        writer.writerow([position + 1, text, f"{confidence:.4f}"])
+    write_texts({path: buffer.getvalue()})
 
 
 def _run(args) -> int:
     from bench.e2e import build_models
 
     levels = [int(n) for n in args.levels.split(",")]
+    if args.predictions is not None:
+        if args.predictions.exists():
+            raise ToolchainError(f"{args.predictions}: exists; --predictions writes a new file")
+        if 32 not in levels:
+            raise ToolchainError("--predictions keeps the answers at 32 in flight; "
+                                 "--levels must include 32")
+        check_output_file(args.predictions, "--predictions")
     images = read_images(args.data)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model = args.model
@@ -192,18 +284,26 @@ def _run(args) -> int:
         batched = serve_levels(model, images, levels, [], args.requests, args.seconds)
         unbatched = serve_levels(model, images, levels, ["--max-batch-size", "1"],
                                  args.requests, args.seconds)
+        saturation = batched["rows"][-1]["images_per_s"]
+        if 32 in levels:
+            saturation = batched["rows"][levels.index(32)]["images_per_s"]
         with ServerProcess(["--model", str(model), "--max-queue", "16",
                             "--timeout-ms", "1000"]) as server:
-            overload = load(server.url, images, 128, args.requests, args.seconds)
-    _print_rows("service, batched (--max-batch-size 16 --max-wait-ms 5)", batched, unbatched,
+            flood = overload(server.url, images, 4 * saturation, args.overload_seconds)
+    if args.predictions is not None:
+        answered = batched["rows"][levels.index(32)]["answers"]
+        write_predictions(args.predictions, answered)
+        print(f"wrote {len(answered)} answers (32 in flight) to {args.predictions}")
+    _print_rows("service, batched (--max-batch-size 16 --max-wait-ms 2)", batched, unbatched,
                 base["images_per_s"])
     _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None, base["images_per_s"])
-    statuses = overload["statuses"]
-    late = overload["max_ms"] is not None and overload["max_ms"] > 1000
-    print(f"\noverload: 128 in flight, --max-queue 16 --timeout-ms 1000: statuses {statuses}; "
-          f"{overload['images_per_s']:.0f} img/s answered; slowest 200 "
-          f"{_fmt(overload['max_ms'], '.0f')} ms"
-          f"{' (past the deadline!)' if late else ' (within the deadline)'}")
+    late = flood["max_ms"] is not None and flood["max_ms"] > 1000
+    print(f"\noverload: open loop at {flood['offered_per_s']:.0f} requests/s (4x the batched "
+          f"service at 32 in flight) for {args.overload_seconds:g} s, --max-queue 16 "
+          f"--timeout-ms 1000: statuses {flood['statuses']}; {flood['ok_per_s']:.0f} img/s "
+          f"answered; 200s: p99 {_fmt(flood['p99_ms'], '.0f')} ms, slowest "
+          f"{_fmt(flood['max_ms'], '.0f')} ms client-side"
+          f"{' (past the 1000 ms deadline)' if late else ' (within the 1000 ms deadline)'}")
     return 0
 
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
     parser.add_argument("--max-batch-size", type=_positive(int), default=16,
                         help="most requests per engine call")
-    parser.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
+    parser.add_argument("--max-wait-ms", type=_non_negative, default=2.0,
                         help="longest a width's oldest request waits for its batch to fill")
     parser.add_argument("--max-queue", type=_positive(int), default=256,
                         help="most requests waiting for the engine; beyond: 503 + Retry-After")

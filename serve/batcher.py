@@ -5,7 +5,7 @@ known on arrival. Requests wait in one bucket per width; a bucket is due when it
 ``max_batch_size`` requests or its oldest request has waited ``max_wait_s`` (Triton's
 dynamic batcher's two rules, ``preferred_batch_size`` and ``max_queue_delay_microseconds``,
 applied per width). When several are due (the engine was busy), the fullest goes first,
-unless some request has used half its time to its deadline: then earliest deadline first.
+unless some request has waited too long (see :meth:`WidthBatcher._pick`): then the oldest.
 Nothing is padded, so a served answer equals the offline batch-1 answer (PaddleOCR pads to
 the widest crop and its users report changed texts: PaddleOCR issues #5603, #6116, #5143).
 
@@ -101,6 +101,8 @@ class WidthBatcher:
         self._cond = threading.Condition()
         self._buckets: OrderedDict[int, deque[_Request]] = OrderedDict()
         self._admitted = 0  # reserved slots: being preprocessed or waiting in a bucket
+        # A due bucket's request that has waited this long goes before fuller buckets.
+        self.patience_s = max(0.05, 10 * max_wait_s)
         self._closing = False
         self._flush = False
         self._thread: threading.Thread | None = None
@@ -184,29 +186,32 @@ class WidthBatcher:
             self._cond.notify()
 
     def _pick(self, now: float) -> tuple[int | None, float | None]:
-        """The width whose bucket goes next, or the seconds until one is due.
+        """The width whose bucket goes next (the engine is idle), or the seconds until one
+        is due.
 
-        Due buckets: full, or their oldest request has waited ``max_wait_s`` (or flushing).
-        Among them, a bucket whose oldest request has used half its time to the deadline
-        goes first (earliest deadline first); otherwise the fullest (most requests per
-        engine call, so rare widths cost the engine fewer calls), the oldest on a tie.
+        Due buckets: full, or their oldest request has waited ``max_wait_s``, or flushing.
+        Among them, the bucket whose oldest request has waited longest goes first once that
+        wait passes ``patience_s`` (10 x ``max_wait_s``, at least 50 ms) or half its time to
+        its deadline; otherwise the fullest (more requests per engine call: rare widths cost
+        the engine fewer calls), the oldest on a tie.
         """
-        urgent = fullest = None
+        overdue = fullest = None
         wait = None
         for width, bucket in self._buckets.items():
             head = bucket[0]
             ready_at = head.enqueued + self.max_wait_s
-            if not (len(bucket) >= self.max_batch_size or ready_at <= now or self._flush):
+            full = len(bucket) >= self.max_batch_size
+            if not (full or ready_at <= now or self._flush):
                 wait = ready_at - now if wait is None else min(wait, ready_at - now)
                 continue
-            half_spent = now - head.enqueued >= (head.deadline - head.enqueued) / 2
-            if half_spent and (urgent is None
-                               or head.deadline < self._buckets[urgent][0].deadline):
-                urgent = width
+            waited = now - head.enqueued
+            if (waited >= self.patience_s or waited >= (head.deadline - head.enqueued) / 2) \
+                    and (overdue is None or head.enqueued < self._buckets[overdue][0].enqueued):
+                overdue = width
             if fullest is None or (len(bucket), -head.enqueued) > (
                     len(self._buckets[fullest]), -self._buckets[fullest][0].enqueued):
                 fullest = width
-        return (urgent if urgent is not None else fullest), wait
+        return (overdue if overdue is not None else fullest), wait
 
     def _next_batch(self) -> list[_Request] | None:
         """Block until a bucket is due, then take up to ``max_batch_size`` of its requests;

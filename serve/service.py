@@ -76,7 +76,7 @@ class ServeConfig:
     sidecar: Path | None = None
     arch: str | None = None
     max_batch_size: int = 16
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_queue: int = 256
     timeout_ms: float = 10_000.0
     max_body_bytes: int = 8 << 20
