@@ -288,7 +288,7 @@ def test_queue_full_is_503_and_deadline_is_504(model):
 def test_sigterm_drains_queued_requests_then_exits(model):
     image = real_words(1)[0]
     running = ServerProcess(["--model", str(model), "--max-wait-ms", "1500",
-                             "--max-batch-size", "64", "--drain-seconds", "1"])
+                             "--max-batch-size", "64", "--drain-seconds", "3"])
     with running, httpx.Client(base_url=running.url, timeout=30) as client, \
             ThreadPoolExecutor(4) as pool:
         queued = [pool.submit(client.post, "/service", content=image) for _ in range(4)]
@@ -297,8 +297,11 @@ def test_sigterm_drains_queued_requests_then_exits(model):
                 client.get("/metrics").text:
             time.sleep(0.02)
         running.terminate()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 2.5  # inside the 3 s drain the listener stays open
         ready = client.get("/v2/health/ready")
+        while ready.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ready = client.get("/v2/health/ready")
         assert ready.status_code == 503
         assert "shutting down" in ready.json()["error"]
         answers = [future.result() for future in queued]
