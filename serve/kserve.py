@@ -106,6 +106,13 @@ def _flatten(data: object, what: str) -> list:
     return flat
 
 
+def _flag(parameters: dict, key: str, default: bool, what: str) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what}: parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """Parse ``POST /v2/models/{name}/infer``.
 
@@ -145,8 +152,11 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError("each input must be a JSON object")
         name = tensor.get("name")
         parameters = tensor.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-        if size is not None and (not isinstance(size, int) or size < 0):
+        if not isinstance(parameters, dict):
+            raise ProtocolError(f"input {name!r}: 'parameters' must be a JSON object")
+        size = parameters.get("binary_data_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                                 or size < 0):
             raise ProtocolError(f"input {name!r}: binary_data_size must be a count of bytes")
         if name != INPUT_NAME:
             raise ProtocolError(f"unknown input {name!r}; the model's input is {INPUT_NAME!r}")
@@ -186,8 +196,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         raise ProtocolError(f"{len(binary) - offset} binary bytes after the JSON header "
                             f"belong to no input")
     parameters = request.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False)) \
-        if isinstance(parameters, dict) else False
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be a JSON object")
+    binary_default = _flag(parameters, "binary_data_output", False, "request")
     wanted = request.get("outputs")
     if wanted is None:
         outputs = [(name, binary_default) for name in OUTPUTS]
@@ -197,13 +208,14 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         outputs = []
         for tensor in wanted:
             name = tensor.get("name") if isinstance(tensor, dict) else None
-            if name not in OUTPUTS:
+            if not isinstance(name, str) or name not in OUTPUTS:
                 raise ProtocolError(f"unknown output {name!r}; outputs are: "
                                     f"{', '.join(OUTPUTS)}")
             out_parameters = tensor.get("parameters") or {}
-            flag = out_parameters.get("binary_data", binary_default) \
-                if isinstance(out_parameters, dict) else binary_default
-            outputs.append((name, bool(flag)))
+            if not isinstance(out_parameters, dict):
+                raise ProtocolError(f"output {name!r}: 'parameters' must be a JSON object")
+            outputs.append((name, _flag(out_parameters, "binary_data", binary_default,
+                                        f"output {name!r}")))
     request_id = request.get("id")
     return InferRequest(None if request_id is None else str(request_id), images, outputs)
 

@@ -156,6 +156,18 @@ def test_kserve_v2_json_body_with_base64(client, model):
     (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                              "data": ["aGk="]}], "outputs": [{"name": "logits"}]}).encode(),
      "unknown output 'logits'"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "data": ["aGk="]}], "outputs": [{"name": ["texts"]}]}).encode(),
+     "unknown output ['texts']"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "data": ["aGk="]}], "parameters": {"binary_data_output": "yes"}}
+                ).encode(), "must be true or false"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "parameters": {"binary_data_size": True}}]}).encode(),
+     "binary_data_size must be a count of bytes"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                             "data": ["aGk="], "parameters": [1]}]}).encode(),
+     "'parameters' must be a JSON object"),
 ])
 def test_kserve_v2_malformed_requests_are_400(client, body, message):
     answer = client.post("/v2/models/crnn/infer", content=body)
