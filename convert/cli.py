@@ -31,7 +31,10 @@ def _prog() -> str | None:
         return None
     if relative.suffix != ".py":
         return None
-    return "python -m " + ".".join(relative.with_suffix("").parts)
+    parts = relative.with_suffix("").parts
+    if parts[-1] == "__main__":  # python -m serve runs serve/__main__.py
+        parts = parts[:-1]
+    return "python -m " + ".".join(parts)
 
 
 def make_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,36 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
+    return value
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (before the model loads, so a busy port is an
+    error at once).
+
+    Raises:
+        ToolchainError: the address cannot be resolved or bound (in use, not ours).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ToolchainError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ToolchainError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -61,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sidecar", type=Path, help="an .om's sidecar JSON (default: beside)")
     parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for .om, else cpu)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="port to listen on (0: any free port, printed at start)")
     parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
     parser.add_argument("--max-batch-size", type=_positive(int), default=16,
                         help="most requests per engine call")
@@ -128,6 +160,7 @@ def serve(args: argparse.Namespace) -> int:
         token=read_token(args.token_file) if args.token_file else None,
     )
     service = Service(config)  # opens the description; the engine loads after binding
+    sock = listen(args.host, args.port)
     failure: list[str] = []
 
     class DrainingServer(uvicorn.Server):
@@ -164,7 +197,12 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(args.timeout_ms / 1000) + 5,
         lifespan="on",
     ))
-    server.run()
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    logger.info("listening on %s: POST %s/service, /v2/models/%s/infer (Ctrl-C to stop)",
+                url, url, config.name)
+    with sock:
+        server.run(sockets=[sock])
     if failure:
         raise ToolchainError(f"{args.model}: {failure[0]}")
     return 0

@@ -374,3 +374,23 @@ def test_client_threads_do_not_leak_into_results(server, client):
     with ThreadPoolExecutor(8) as pool:
         for image, text in pool.map(post, [first, second] * 4):
             assert text == expected[image]
+
+
+def test_a_busy_port_is_a_one_line_error_before_the_model_loads(model):
+    import socket
+    import subprocess
+    import sys
+
+    from convert.cli import REPO_ROOT
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "serve", "--model", str(model), "--port",
+                               str(port)], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    assert "loaded" not in done.stderr
