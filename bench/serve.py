@@ -30,6 +30,7 @@ Example (the README's table):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import tempfile
@@ -38,7 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
+from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.outputs import check_output_file, write_texts
 from infer import open_model
@@ -224,6 +225,16 @@ def _print_rows(title: str, result: dict, baseline: dict | None, offline_rate: f
               f"{_fmt(row['p99_ms'], '.1f'):>7} {errors:>6}")
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated counts, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return levels
+
+
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path,
@@ -232,13 +243,13 @@ def _parser():
                         help="lmdb of images ($IIIT5K_LMDB)")
     parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
                         help="lmdb for int8 calibration when building the model")
-    parser.add_argument("--requests", type=int, default=3000,
+    parser.add_argument("--requests", type=positive(int), default=3000,
                         help="requests per load level (images are reused past the set's end)")
-    parser.add_argument("--seconds", type=float, default=60.0,
+    parser.add_argument("--seconds", type=positive(float), default=60.0,
                         help="time cap per load level")
-    parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
+    parser.add_argument("--levels", type=_levels, default=",".join(map(str, LEVELS)),
                         help="requests in flight, comma-separated")
-    parser.add_argument("--overload-seconds", type=float, default=5.0,
+    parser.add_argument("--overload-seconds", type=positive(float), default=5.0,
                         help="length of the open-loop overload run")
     parser.add_argument("--predictions", type=Path,
                         help="write the batched service's answers at 32 in flight here (CSV; "
@@ -263,7 +274,7 @@ def write_predictions(path: Path, answers: dict[int, tuple[str, float]]) -> None
 def _run(args) -> int:
     from bench.e2e import build_models
 
-    levels = [int(n) for n in args.levels.split(",")]
+    levels = args.levels
     if args.predictions is not None:
         if args.predictions.exists():
             raise ToolchainError(f"{args.predictions}: exists; --predictions writes a new file")

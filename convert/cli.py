@@ -37,6 +37,18 @@ def _prog() -> str | None:
     return "python -m " + ".".join(parts)
 
 
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse ``type`` parsing ``kind`` (int or float) and refusing values <= 0."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def make_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argparse parser whose help is the module docstring, with defaults shown."""
     return argparse.ArgumentParser(prog=_prog(), description=doc, formatter_class=_HelpFormatter)

@@ -27,24 +27,14 @@ import argparse
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
+from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.registry import ARCHS
 
 logger = logging.getLogger("serve")
-
-
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def _port(text: str) -> int:
@@ -95,22 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=8080,
                         help="port to listen on (0: any free port, printed at start)")
     parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
-    parser.add_argument("--max-batch-size", type=_positive(int), default=16,
+    parser.add_argument("--max-batch-size", type=positive(int), default=16,
                         help="most requests per engine call")
     parser.add_argument("--max-wait-ms", type=_non_negative, default=2.0,
                         help="longest a width's oldest request waits for its batch to fill")
-    parser.add_argument("--max-queue", type=_positive(int), default=256,
+    parser.add_argument("--max-queue", type=positive(int), default=256,
                         help="most requests waiting for the engine; beyond: 503 + Retry-After")
-    parser.add_argument("--timeout-ms", type=_positive(float), default=10_000.0,
+    parser.add_argument("--timeout-ms", type=positive(float), default=10_000.0,
                         help="per-request deadline; past it: 504, and the engine never "
                              "runs the request")
-    parser.add_argument("--max-body-bytes", type=_positive(int), default=8 << 20,
+    parser.add_argument("--max-body-bytes", type=positive(int), default=8 << 20,
                         help="largest request body; beyond: 413")
-    parser.add_argument("--max-pixels", type=_positive(int), default=16_000_000,
+    parser.add_argument("--max-pixels", type=positive(int), default=16_000_000,
                         help="largest image (width x height) decoded; beyond: 413")
-    parser.add_argument("--threads", type=_positive(int),
+    parser.add_argument("--threads", type=positive(int),
                         help="engine intra-op threads (default: the available cores)")
-    parser.add_argument("--preprocess-threads", type=_positive(int), default=1,
+    parser.add_argument("--preprocess-threads", type=positive(int), default=1,
                         help="threads decoding and resizing images")
     parser.add_argument("--token-file", type=Path,
                         help="file holding a bearer token every request but the health "
