@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from serve import kserve
 from serve.service import Service, ServiceError, State
@@ -47,7 +48,8 @@ async def read_body(request: Request, cap: int) -> bytes:
     """The request body, refused past ``cap`` bytes before it is all read.
 
     Raises:
-        ServiceError: 400 for an empty body or a bad Content-Length, 413 over the cap.
+        ServiceError: 400 for an empty body, a bad Content-Length or a client that left
+            mid-body; 413 over the cap.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -57,12 +59,16 @@ async def read_body(request: Request, cap: int) -> bytes:
             raise ServiceError(413, f"the body is {declared} bytes, over the cap of {cap} "
                                     f"(--max-body-bytes)")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cap:
-            raise ServiceError(413, f"the body is over the cap of {cap} bytes "
-                                    f"(--max-body-bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cap:
+                raise ServiceError(413, f"the body is over the cap of {cap} bytes "
+                                        f"(--max-body-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServiceError(400, "the client closed the connection before the whole body "
+                                "arrived") from None
     if total == 0:
         raise ServiceError(400, "the request body is empty; send the image file as the body")
     return b"".join(chunks)

@@ -234,6 +234,25 @@ def test_bad_input_gets_a_clear_status_and_reason(client):
     assert client.post("/service", content=real_words(1)[0]).status_code == 200
 
 
+def test_a_client_leaving_mid_body_is_counted_not_a_traceback(server, client):
+    import socket
+
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"POST /service HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\nonly part")
+    deadline = time.monotonic() + 10
+    metrics = ""
+    while time.monotonic() < deadline:
+        metrics = client.get("/metrics").text
+        if 'ocr_requests_total{endpoint="service",status="400"}' in metrics:
+            break
+        time.sleep(0.05)
+    assert 'ocr_requests_total{endpoint="service",status="400"}' in metrics
+    assert "Traceback" not in server.log.read_text()
+    assert client.post("/service", content=real_words(1)[0]).status_code == 200
+
+
 def test_token_is_required_except_for_health(server):
     image = real_words(1)[0]
     with httpx.Client(base_url=server.url, timeout=30) as anonymous:
