@@ -39,6 +39,13 @@ def pixels_of_width(spec, text: str, image_width: int) -> np.ndarray:
 
 
 @pytest.fixture
+def widths(parts) -> tuple[np.ndarray, np.ndarray]:
+    """A narrow (clamped to the minimum width) and a wide word's resized pixels."""
+    _, spec = parts
+    return pixels_of_width(spec, "a", 50), pixels_of_width(spec, "widest words", 400)
+
+
+@pytest.fixture
 def parts(exported):
     path = exported["nano-ocr"]
     _, spec = open_model(path)
@@ -87,11 +94,10 @@ def test_an_engine_error_fails_only_its_batch(parts):
         batcher.close()
 
 
-def test_the_fullest_due_bucket_goes_first_and_expired_requests_never_run(parts):
+def test_the_fullest_due_bucket_goes_first_and_expired_requests_never_run(parts, widths):
     path, spec = parts
     runner = RecordingRunner(path)
-    narrow = pixels_of_width(spec, "a", 50)
-    wide = pixels_of_width(spec, "widest words", 400)
+    narrow, wide = widths
     with Recognizer(runner, spec) as recognizer:
         runner.shapes.clear()
         batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16)
@@ -109,11 +115,10 @@ def test_the_fullest_due_bucket_goes_first_and_expired_requests_never_run(parts)
     assert sum(s[0] for s in runner.shapes) == 4  # the expired request never ran
 
 
-def test_a_request_half_way_to_its_deadline_goes_before_fuller_buckets(parts):
+def test_a_request_half_way_to_its_deadline_goes_before_fuller_buckets(parts, widths):
     path, spec = parts
     runner = RecordingRunner(path)
-    narrow = pixels_of_width(spec, "a", 50)
-    wide = pixels_of_width(spec, "widest words", 400)
+    narrow, wide = widths
     with Recognizer(runner, spec) as recognizer:
         runner.shapes.clear()
         batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16)

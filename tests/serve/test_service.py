@@ -69,6 +69,23 @@ def client(server):
         yield http
 
 
+def metric(client: httpx.Client, sample: str) -> float:
+    """The value of one sample of the server's /metrics (0 when it is absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for_metric(client: httpx.Client, sample: str, value: float,
+                    seconds: float = 10.0) -> float:
+    """Poll ``sample`` until it reaches ``value`` or ``seconds`` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while (current := metric(client, sample)) < value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return current
+
+
 def offline_batch_1(model: Path, images: list[bytes]) -> list[Recognition]:
     runner, spec = open_model(model)
     with Recognizer(runner, spec, batch_size=1) as recognizer:
@@ -238,17 +255,12 @@ def test_a_client_leaving_mid_body_is_counted_not_a_traceback(server, client):
     import socket
 
     port = int(server.url.rsplit(":", 1)[1])
+    bad_requests = 'ocr_requests_total{endpoint="service",status="400"}'
+    before = metric(client, bad_requests)
     with socket.create_connection(("127.0.0.1", port)) as raw:
         raw.sendall(b"POST /service HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                     + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\nonly part")
-    deadline = time.monotonic() + 10
-    metrics = ""
-    while time.monotonic() < deadline:
-        metrics = client.get("/metrics").text
-        if 'ocr_requests_total{endpoint="service",status="400"}' in metrics:
-            break
-        time.sleep(0.05)
-    assert 'ocr_requests_total{endpoint="service",status="400"}' in metrics
+    assert wait_for_metric(client, bad_requests, before + 1) == before + 1
     assert "Traceback" not in server.log.read_text()
     assert client.post("/service", content=real_words(1)[0]).status_code == 200
 
@@ -297,10 +309,7 @@ def test_queue_full_is_503_and_deadline_is_504(model):
             httpx.Client(base_url=running.url, timeout=30) as client, \
             ThreadPoolExecutor(3) as pool:
         waiting = [pool.submit(client.post, "/service", content=image) for _ in range(3)]
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and "ocr_queue_depth 3.0" not in \
-                client.get("/metrics").text:
-            time.sleep(0.02)
+        wait_for_metric(client, "ocr_queue_depth", 3, seconds=5)
         full = client.post("/service", content=image)
         assert full.status_code == 503
         assert full.headers["Retry-After"] == "1"
@@ -323,10 +332,7 @@ def test_sigterm_drains_queued_requests_then_exits(model):
     with running, httpx.Client(base_url=running.url, timeout=30) as client, \
             ThreadPoolExecutor(4) as pool:
         queued = [pool.submit(client.post, "/service", content=image) for _ in range(4)]
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and "ocr_queue_depth 4.0" not in \
-                client.get("/metrics").text:
-            time.sleep(0.02)
+        wait_for_metric(client, "ocr_queue_depth", 4, seconds=5)
         running.terminate()
         deadline = time.monotonic() + 2.5  # inside the 3 s drain the listener stays open
         ready = client.get("/v2/health/ready")
