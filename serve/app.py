@@ -116,7 +116,6 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
-            service.check_ready()
             body = await read_body(request, service.config.max_body_bytes)
             (decoded,) = await service.recognise([body], arrival)
             return _json({"text": decoded.text, "confidence": decoded.confidence})
@@ -129,7 +128,6 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
             check_model(model, version)
-            service.check_ready()
             if request.headers.get("content-encoding", "identity") != "identity":
                 raise ServiceError(415, f"Content-Encoding "
                                         f"{request.headers['content-encoding']!r} is not "
