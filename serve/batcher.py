@@ -76,7 +76,9 @@ class WidthBatcher:
         max_wait_s: longest a bucket's oldest request waits for the bucket to fill, in
             seconds (>= 0).
         max_queue: most requests admitted and not yet in an engine call (>= 1).
-        on_batch: called on the engine thread after each engine call (metrics).
+        on_batch: called with each engine call's :class:`BatchStats` once its results are
+            handed out (on the decode thread; on the engine thread when every request of
+            the batch had expired), for metrics.
 
     Raises:
         ValueError: a limit out of range.

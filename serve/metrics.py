@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serve.batcher import BatchStats
+
 #: Request latency buckets, seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Batch-size buckets, requests per engine call.
@@ -42,10 +44,10 @@ class ServiceMetrics:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
-    def observe_batch(self, size: int, engine_seconds: float, expired: int) -> None:
-        """Record one engine call of ``size`` requests (0: all expired)."""
-        if size:
-            self.batch_size.observe(size)
-            self.engine_seconds.observe(engine_seconds)
-        if expired:
-            self.expired.inc(expired)
+    def observe_batch(self, stats: BatchStats) -> None:
+        """Record one engine call (``stats.size`` 0: all its requests had expired)."""
+        if stats.size:
+            self.batch_size.observe(stats.size)
+            self.engine_seconds.observe(stats.engine_seconds)
+        if stats.expired:
+            self.expired.inc(stats.expired)

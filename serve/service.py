@@ -29,7 +29,6 @@ from infer.open import open_model
 from pipeline.recognizer import Recognizer
 from preprocess.image import DECODABLE_FORMATS, ImageTooLarge, SampleError, prepare
 from serve.batcher import (
-    BatchStats,
     DeadlineExceeded,
     EngineFailed,
     QueueFull,
@@ -108,7 +107,7 @@ class Service:
         self.metrics = ServiceMetrics()
         self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,
                                     config.max_wait_ms / 1000.0, config.max_queue,
-                                    on_batch=self._on_batch)
+                                    on_batch=self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self._preprocess = ThreadPoolExecutor(config.preprocess_threads,
                                               thread_name_prefix="preprocess")
@@ -254,9 +253,6 @@ class Service:
         finally:
             for future in futures:
                 future.cancel()
-
-    def _on_batch(self, stats: BatchStats) -> None:
-        self.metrics.observe_batch(stats.size, stats.engine_seconds, stats.expired)
 
 
 def load_in_background(service: Service, on_failure: Callable[[str], None]) -> threading.Thread:
