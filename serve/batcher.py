@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -101,7 +101,7 @@ class WidthBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self._cond = threading.Condition()
-        self._buckets: OrderedDict[int, deque[_Request]] = OrderedDict()
+        self._buckets: dict[int, deque[_Request]] = {}
         self._admitted = 0  # reserved slots: being preprocessed or waiting in a bucket
         # A due bucket's request that has waited this long goes before fuller buckets.
         self.patience_s = max(0.05, 10 * max_wait_s)
