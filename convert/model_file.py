@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from convert.atc import ShapePlan
+from convert.det_spec import Description, description_from_dict, detector_spec_from_metadata
 from convert.errors import ToolchainError
 from convert.registry import spec_for_arch
 from convert.spec import METADATA_PREFIX, ModelSpec
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 SUFFIXES = {".onnx": "onnxruntime", ".om": "ais_bench", ".pth": "torch", ".pt": "torch"}
 
 
-def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan, ModelSpec]:
+def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan, Description]:
     """The shape plan and model description in the sidecar JSON of an .om
-    (default ``<om stem>.json``).
+    (default ``<om stem>.json``): a recogniser's ``ModelSpec`` or a detector's
+    ``DetectorSpec``.
 
     Raises:
         ToolchainError: missing or unreadable sidecar, or one without a plan or a model
@@ -42,7 +44,7 @@ def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan,
         raise ToolchainError(f"{path}: unreadable sidecar ({exc})") from exc
     if not isinstance(data, dict) or not data.get("model"):
         raise ToolchainError(f"{path}: sidecar lacks the model description ('model')")
-    return ShapePlan.from_dict(data, str(path)), ModelSpec.from_dict(data["model"], str(path))
+    return ShapePlan.from_dict(data, str(path)), description_from_dict(data["model"], str(path))
 
 
 def backend_of(path: str | Path) -> str:
@@ -64,8 +66,9 @@ def describe(
     arch: str | None = None,
     sidecar: str | Path | None = None,
     fallback: ModelSpec | None = None,
-) -> ModelSpec:
-    """The model description of a model file, without loading an engine.
+) -> Description:
+    """The model description of a model file, without loading an engine: a recogniser's
+    :class:`ModelSpec`, or a detector's ``DetectorSpec`` (for a detector's ONNX file or .om).
 
     Args:
         path: ``.onnx``, ``.om`` (with its sidecar), ``.json`` (an .om's sidecar), or
@@ -92,6 +95,10 @@ def describe(
         from convert.onnx_io import load_onnx
 
         model = load_onnx(path, load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        detector = detector_spec_from_metadata(props, str(path))
+        if detector is not None:
+            return detector
         if (
             arch is None
             and fallback is not None

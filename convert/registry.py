@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from convert.spec import ModelSpec
 
@@ -151,6 +152,51 @@ ARCHS: dict[str, ArchEntry] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    """One text detector: its default description and public weights."""
+
+    name: str
+    summary: str
+    spec: DetectorSpec
+    weights: WeightSource | None = None
+
+
+DETECTORS: dict[str, DetectorEntry] = {
+    entry.name: entry
+    for entry in (
+        DetectorEntry(
+            name="ppocr-v4-det",
+            summary="PP-OCRv4 DB text detector (Apache-2.0), RapidOCR 1.4.4",
+            # Input x float32 [N, 3, H, W], H and W multiples of 32; output the text
+            # probability map [N, 1, H, W]. Normalisation, resize rule and DB settings were
+            # chosen by measurement on IC15 (`python -m bench.det_rec --sweep`): see the README.
+            spec=DetectorSpec(arch="ppocr-v4-det"),
+            weights=WeightSource(
+                package="rapidocr-onnxruntime",
+                version="1.4.4",
+                member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+                license="Apache-2.0",
+                filename="ppocr_v4_det.onnx",
+            ),
+        ),
+    )
+}
+
+
+def detector_entry(name: str) -> DetectorEntry:
+    """The detector registry entry ``name``.
+
+    Raises:
+        ToolchainError: unknown name; the message lists the known ones.
+    """
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise ToolchainError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}") from None
 
 
 def arch_entry(name: str) -> ArchEntry:

@@ -151,6 +151,11 @@ class ModelSpec:
             return (frames, batch, self.num_classes)
         return (batch, frames, self.num_classes)
 
+    def output_shape_of(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """:meth:`output_shape` for an input of shape ``(N, C, H, W)`` (the form every
+        description answers, ``convert.det_spec.DetectorSpec`` too)."""
+        return self.output_shape(input_shape[0], input_shape[3])
+
     def resized_width(self, width: int, height: int) -> int:
         """Input width in pixels for an image of ``width`` x ``height`` under the width policy.
 

@@ -3,6 +3,9 @@
 Every architecture of ``convert.registry`` with public weights can be fetched:
     ``nano-ocr``: the checkpoint ``nano_ocr/model/nano_ocr_ftr.pth`` of the ``nano-ocr==0.1.0``
     wheel (MIT), for ``convert.pth2onnx``.
+    ``ppocr-v4-det``: ``ch_PP-OCRv4_det_infer.onnx`` of the same wheel, the PP-OCRv4 DB text
+    detector (input ``x`` float32 [N, 3, H, W], H and W multiples of 32; output the text
+    probability map [N, 1, H, W]), copied with its ``convert.det_spec.DetectorSpec``.
     ``ppocr-v4-rec``: ``ch_PP-OCRv4_rec_infer.onnx`` of the ``rapidocr-onnxruntime==1.4.4``
     wheel (Apache-2.0). The cached file is a copy carrying this project's model description
     in its ONNX metadata (charset from the model's ``character`` key plus a space, blank 0,
@@ -18,6 +21,7 @@ The cache is ``$CRNN_WEIGHTS_DIR``, else ``.cache/weights`` in the repository.
 Example:
     python -m convert.weights fetch nano-ocr
     python -m convert.weights fetch ppocr-v4-rec
+    python -m convert.weights fetch ppocr-v4-det
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.outputs import check_output_file
-from convert.registry import ARCHS, WeightSource, arch_entry
+from convert.registry import ARCHS, DETECTORS, WeightSource, arch_entry
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def cache_dir() -> Path:
 
 
 def _source(name: str) -> WeightSource:
-    source = arch_entry(name).weights
+    source = DETECTORS[name].weights if name in DETECTORS else arch_entry(name).weights
     if source is None:
         raise ToolchainError(f"{name} has no public weights; known: {', '.join(fetchable())}")
     return source
@@ -56,7 +60,8 @@ def _source(name: str) -> WeightSource:
 
 def fetchable() -> list[str]:
     """Names of the architectures whose weights can be fetched."""
-    return [name for name, entry in ARCHS.items() if entry.weights is not None]
+    entries = [*ARCHS.values(), *DETECTORS.values()]
+    return [entry.name for entry in entries if entry.weights is not None]
 
 
 def weights_path(name: str) -> Path:
@@ -132,8 +137,31 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
     onnx.save(model, str(output))
 
 
-#: Architectures whose cached file is a copy carrying our description, and the function writing it.
-_DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec}
+def describe_ppocr_det(model_path: Path, output: Path) -> None:
+    """Write a copy of a PP-OCR DB detector ONNX file carrying the registry's description.
+
+    Raises:
+        ToolchainError: the file's input or output is not the one the description names.
+    """
+    import onnx
+
+    from convert.onnx_io import load_onnx
+
+    model = load_onnx(model_path)
+    spec = DETECTORS["ppocr-v4-det"].spec
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [spec.input_name] or outputs != [spec.output_name]:
+        raise ToolchainError(f"{model_path}: tensors {inputs} -> {outputs}, expected "
+                             f"[{spec.input_name!r}] -> [{spec.output_name!r}]")
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(spec.to_metadata())
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(output))
+
+
+#: Models whose cached file is a copy carrying our description, and the function writing it.
+_DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec, "ppocr-v4-det": describe_ppocr_det}
 
 
 def fetch(name: str) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from convert.model_file import read_sidecar
 from infer.base import InputSpec, Runner
@@ -79,7 +80,8 @@ class AisBenchRunner(Runner):
                 ranges = plan.ranges()
             else:  # gears: each gear axis takes anything up to its largest gear (padded up)
                 top = self._gear_tops(plan)
-                ranges = {axis: (self.spec.min_input_width if axis == 3 else 1, top[axis])
+                narrowest = 1 if isinstance(self.spec, DetectorSpec) else self.spec.min_input_width
+                ranges = {axis: (narrowest if axis == 3 else 1, top[axis])
                           for axis in plan.gear_axes()}
             specs.append(InputSpec(plan.name, np.dtype(np.float32), shape, ranges))
         return specs
@@ -88,22 +90,21 @@ class AisBenchRunner(Runner):
         axes = plan.gear_axes()
         return {axis: max(g[k] for g in self.plan.gears) for k, axis in enumerate(axes)}
 
-    def _as_output(self, scores: np.ndarray, batch: int, width: int) -> np.ndarray:
+    def _as_output(self, scores: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
         """The engine output in the description's shape (ais_bench may return it flat)."""
-        shape = self.spec.output_shape(batch, width)
+        shape = self.spec.output_shape_of(input_shape)
         if scores.size != int(np.prod(shape)):
             raise ToolchainError(f"{self.om_path}: output of {scores.size} values for input "
-                                 f"{self.spec.input_shape(batch, width)}, expected {shape}")
+                                 f"{tuple(input_shape)}, expected {shape}")
         return scores.reshape(shape)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = feed[self.spec.input_name]
-        batch, width = images.shape[0], images.shape[3]
         if self.plan.mode == "range":
-            size = int(np.prod(self.spec.output_shape(batch, width))) * 4  # float32
+            size = int(np.prod(self.spec.output_shape_of(images.shape))) * 4  # float32
             (scores,) = self._timed(self.session.infer, [images], mode="dymshape",
                                     custom_sizes=size)
-            return {self.spec.output_name: self._as_output(scores, batch, width)}
+            return {self.spec.output_name: self._as_output(scores, images.shape)}
         return {self.spec.output_name: self._infer_gears(images)}
 
     def _infer_gears(self, images: np.ndarray) -> np.ndarray:
@@ -117,8 +118,8 @@ class AisBenchRunner(Runner):
         padded_shape[0] = compiled
         for k, axis in enumerate(axes):
             padded_shape[axis] = gear[k]
-        width = images.shape[3]
-        batch_axis = 1 if self.spec.time_major else 0
+        detector = isinstance(self.spec, DetectorSpec)
+        batch_axis = 1 if not detector and self.spec.time_major else 0
         total, pieces = 0.0, []
         for start in range(0, images.shape[0], compiled):
             chunk = images[start:start + compiled]
@@ -126,8 +127,11 @@ class AisBenchRunner(Runner):
             padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
             (scores,) = self._timed(self.session.infer, [padded], mode="dymdims")
             total += self.last_engine_seconds
-            full = self._as_output(scores, compiled, padded_shape[3])
-            frames = self.spec.frames(width)
+            full = self._as_output(scores, tuple(padded_shape))
+            if detector:  # the map of the unpadded part (padding is on the bottom and right)
+                pieces.append(full[: len(chunk), :, : images.shape[2], : images.shape[3]])
+                continue
+            frames = self.spec.frames(images.shape[3])
             kept = full[:frames, : len(chunk)] if batch_axis == 1 else full[: len(chunk), :frames]
             pieces.append(kept)
         self.last_engine_seconds = total
