@@ -120,6 +120,23 @@ def decode_image(
         SampleError: missing key, undecodable bytes (the decoder's exception type is in the
             reason), or a zero-sized image.
     """
+    with _open_image(raw, max_pixels) as image:
+        return to_grey(image) if spec is None else to_model_colours(image, spec)
+
+
+def decode_rgb(raw: bytes | None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes to uint8 ``[h, w, 3]`` RGB pixels (grey and 16-bit images
+    as :func:`to_rgb` converts them; EXIF orientation is not applied).
+
+    Raises:
+        ImageTooLarge, SampleError: as :func:`decode_image`.
+    """
+    with _open_image(raw, max_pixels) as image:
+        return np.asarray(to_rgb(image))
+
+
+def _open_image(raw: bytes | None, max_pixels: int | None) -> Image.Image:
+    """The decoded (loaded) Pillow image of ``raw``; see :func:`decode_image`."""
     if raw is None:
         raise SampleError("missing image key")
     if not raw:
@@ -137,10 +154,9 @@ def decode_image(
         image.load()
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise anything on bad bytes
         raise _undecodable(exc) from None
-    with image:
-        if image.width == 0 or image.height == 0:
-            raise SampleError(f"zero-sized image ({image.width}x{image.height})")
-        return to_grey(image) if spec is None else to_model_colours(image, spec)
+    if image.width == 0 or image.height == 0:
+        raise SampleError(f"zero-sized image ({image.width}x{image.height})")
+    return image
 
 
 def _undecodable(exc: Exception) -> SampleError:
