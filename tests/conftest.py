@@ -153,3 +153,42 @@ def tiny_lmdb(tmp_path) -> Path:
         9: (encode(word_image("wide", 2600, 20)), b"wide"),
     }
     return write_lmdb(tmp_path / "tiny_lmdb", entries, num_samples=10)
+
+
+@pytest.fixture(scope="session")
+def ppocr_rec_path() -> Path:
+    """The real PP-OCRv4 recogniser (RapidOCR 1.4.4 wheel), fetched into the cache once."""
+    from convert.weights import fetch
+
+    return fetch("ppocr-v4-rec")
+
+
+@pytest.fixture(scope="session")
+def ppocr_det_path() -> Path:
+    """The real PP-OCRv4 DB text detector (RapidOCR 1.4.4 wheel), fetched once."""
+    from convert.weights import fetch
+
+    return fetch("ppocr-v4-det")
+
+
+def render_line(words: list[str], size: int = 40, gap: int = 30, margin: int = 12):
+    """Black words on white, drawn one by one with Pillow's default font at ``size``.
+
+    Returns:
+        The uint8 RGB pixels and each word's ink box ``(x0, y0, x1, y1)`` in pixels.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [probe.textbbox((0, 0), w, font=font)[2] for w in words]
+    width = 2 * margin + sum(widths) + gap * (len(words) - 1)
+    image = Image.new("RGB", (width, size + 2 * margin), "white")
+    draw = ImageDraw.Draw(image)
+    boxes, x = [], margin
+    for word, advance in zip(words, widths):
+        draw.text((x, margin), word, fill="black", font=font)
+        boxes.append(draw.textbbox((x, margin), word, font=font))
+        x += advance + gap
+    return np.asarray(image), boxes

@@ -1,0 +1,262 @@
+"""Full-image OCR over a folder of images, scored on ICDAR 2015 ground truth.
+
+Runs the detector and the recogniser as one pipeline (``pipeline.ocr``): DB text detection,
+perspective crops, recognition in equal-width batches, and word boxes cut from line boxes at
+the recognised spaces (CTC frame positions). Models are files or registry names whose
+weights ``convert.weights`` fetches: ``--det ppocr-v4-det`` (default), ``--rec ppocr-v4-rec``
+(default) or ``--rec nano-ocr`` (its PyTorch checkpoint), or any recogniser file the
+toolchain makes (.onnx, int8 .onnx, .om with its sidecar).
+
+Outputs:
+    ``--predictions P.json``: image file name -> ``[{"points": [[x, y] x 4], "text",
+    "confidence"}]``, points clockwise in pixels of the original image; an image without
+    text gives ``[]``; an image that fails (undecodable, over ``--max-pixels``) is left out
+    and listed in the report's ``failures`` (and counted; with ``--gts`` it scores as an
+    image with no detections).
+    ``--report R.json`` (with ``--gts DIR`` of ICDAR 2015 ``gt_<stem>.txt`` files): detection
+    and end-to-end precision, recall and H-mean with their protocols (``eval.det_metrics``),
+    per-image rows, the failures, regions dropped by reason, and the time. Without ``--gts``
+    the report holds everything but the scores.
+    ``--vis DIR``: each image as ``<stem>.png`` with its boxes and texts drawn (red), and the
+    ground truth (green; don't-care regions grey) where given.
+
+Examples:
+    python -m eval.det_rec --images ../shared/data/IC15_test_even/images \\
+        --gts ../shared/data/IC15_test_even/gts --predictions work/p.json --report work/r.json
+    python -m eval.det_rec --images photos --predictions p.json --rec nano-ocr --vis vis
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from convert.cli import make_parser, positive, run_main
+from convert.errors import ToolchainError
+from convert.outputs import atomic_path, check_output_file, write_texts
+from eval.det_metrics import Detection, GtWord, read_gt_file, score_set
+from infer.onnxruntime_runner import available_cores
+from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
+from preprocess.image import SampleError, decode_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: Default cap on an image's pixels (width x height), checked before decoding.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (by suffix), in natural order (``img_2`` before ``img_10``).
+
+    Raises:
+        ToolchainError: not a folder, or no image in it.
+    """
+    if not folder.is_dir():
+        raise ToolchainError(f"{folder}: not a folder of images")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ToolchainError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def natural(path: Path):
+        digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
+        return (path.stem.rstrip("0123456789"), [int(d) for d in digits], path.name)
+
+    return sorted(files, key=natural)
+
+
+def gt_path(gts: Path, image: Path) -> Path:
+    """ICDAR 2015's ground-truth file of an image: ``gt_<stem>.txt``."""
+    return gts / f"gt_{image.stem}.txt"
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """uint8 ``[h, w, 3]`` RGB pixels of an image file (EXIF orientation not applied: the
+    ground truth is in stored pixels).
+
+    Raises:
+        SampleError: unreadable, undecodable, or over ``max_pixels`` (checked before decoding).
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SampleError(f"unreadable ({exc.strerror or exc})") from None
+    return decode_rgb(raw, max_pixels)
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def draw_result(image: np.ndarray, words, gts: Sequence[GtWord] = ()) -> Image.Image:
+    """``image`` with the ground truth (green, don't care grey) and the predicted boxes
+    and texts (red) drawn on it."""
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    size = max(12, image.shape[0] // 50)
+    font = _font(size)
+    for gt in gts:
+        colour = (160, 160, 160) if gt.dont_care else (0, 200, 0)
+        draw.polygon([tuple(p) for p in gt.points], outline=colour, width=2)
+    for word in words:
+        points = [tuple(map(float, p)) for p in word.points]
+        draw.polygon(points, outline=(255, 0, 0), width=2)
+        x, y = min(p[0] for p in points), min(p[1] for p in points)
+        anchor_y = max(0.0, y - size - 2)
+        box = draw.textbbox((x, anchor_y), word.text, font=font)
+        draw.rectangle(box, fill=(255, 255, 255))
+        draw.text((x, anchor_y), word.text, fill=(255, 0, 0), font=font)
+    return canvas
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--predictions", type=Path, required=True, help="output JSON")
+    parser.add_argument("--gts", type=Path, help="folder of ICDAR 2015 gt_<stem>.txt files")
+    parser.add_argument("--report", type=Path, help="report JSON")
+    parser.add_argument("--vis", type=Path, help="folder for the drawn images (PNG)")
+    parser.add_argument("--det", default=DEFAULT_DETECTOR,
+                        help="detector file or registry name")
+    parser.add_argument("--rec", default=DEFAULT_RECOGNIZER,
+                        help="recogniser file or registry name (ppocr-v4-rec, nano-ocr)")
+    parser.add_argument("--device", help="cpu (default), cuda, or npu:N for .om models")
+    parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
+    parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels fail (checked before decoding)")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="regions read with a lower recogniser confidence are dropped")
+    parser.add_argument("--no-split-words", dest="split_words", action="store_false",
+                        help="keep line boxes whole (no cut at recognised spaces)")
+    parser.add_argument("--rec-batch-size", type=positive(int), default=16)
+    db = parser.add_argument_group("detector settings (default: the model's description)")
+    db.add_argument("--limit-type", choices=("max", "min"))
+    db.add_argument("--limit-side-len", type=positive(int))
+    db.add_argument("--thresh", type=float, help="binarisation threshold")
+    db.add_argument("--box-thresh", type=float, help="minimum box score")
+    db.add_argument("--unclip-ratio", type=positive(float))
+    db.add_argument("--use-dilation", action="store_true", default=None)
+    parser.add_argument("--limit", type=positive(int), help="only the first N images")
+    return parser
+
+
+_DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ratio",
+              "use_dilation")
+
+
+def run(args) -> dict[str, object]:
+    """Run the pipeline over ``args.images`` and write the outputs; return the report."""
+    images = list_images(args.images)[: args.limit]
+    gts: dict[str, list[GtWord]] | None = None
+    if args.gts is not None:
+        if not args.gts.is_dir():
+            raise ToolchainError(f"{args.gts}: not a folder of ground-truth files")
+        missing = [gt_path(args.gts, p).name for p in images
+                   if not gt_path(args.gts, p).is_file()]
+        if missing:
+            raise ToolchainError(f"{args.gts}: no ground truth for {len(missing)} images "
+                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        gts = {p.name: read_gt_file(gt_path(args.gts, p)) for p in images}
+    check_output_file(args.predictions, "--predictions")
+    if args.report:
+        check_output_file(args.report, "--report")
+    if args.vis:
+        check_output_file(args.vis / ".det_rec-check", "--vis")
+    changes = {k: getattr(args, k) for k in _DB_FIELDS if getattr(args, k) is not None}
+    pipeline = open_pipeline(args.det, args.rec, args.device, threads=args.threads,
+                             detector_changes=changes, rec_batch_size=args.rec_batch_size,
+                             split_words=args.split_words, min_confidence=args.min_confidence)
+    predictions: dict[str, list] = {}
+    results: dict[str, ImageResult] = {}
+    failures: list[dict[str, str]] = []
+    with pipeline:
+        warm = np.full((64, 64, 3), 255, np.uint8)
+        pipeline([warm])  # loads lazily-initialised kernels; not timed
+        pipeline.detector.engine_seconds = pipeline.recognise_seconds = 0.0
+        start = time.perf_counter()
+        for path in _progress(images):
+            try:
+                pixels = read_image(path, args.max_pixels)
+            except SampleError as exc:
+                failures.append({"image": path.name, "reason": str(exc)})
+                log.warning("%s: %s", path, exc)
+                continue
+            (result,) = pipeline([pixels])
+            results[path.name] = result
+            predictions[path.name] = [w.as_json() for w in result.words]
+            if args.vis:
+                drawn = draw_result(pixels, result.words, gts[path.name] if gts else ())
+                with atomic_path(args.vis / f"{path.stem}.png") as target:
+                    drawn.save(target, format="PNG")
+        seconds = time.perf_counter() - start
+    dropped: dict[str, int] = {}
+    for result in results.values():
+        for reason, count in result.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    report: dict[str, object] = {
+        "images": len(images),
+        "recognised_images": len(results),
+        "failed": len(failures),
+        "failures": failures,
+        "words": sum(len(r.words) for r in results.values()),
+        "dropped_regions": dropped,
+        "seconds": seconds,
+        "images_per_second": len(images) / seconds if seconds else 0.0,
+        "time_split": {"detector_engine": pipeline.detector.engine_seconds,
+                       "recogniser": pipeline.recognise_seconds},
+        "models": {"detector": str(args.det), "recogniser": str(args.rec),
+                   "detector_settings": pipeline.detector.spec.to_dict(),
+                   "split_words": args.split_words, "min_confidence": args.min_confidence},
+        "machine": {"platform": platform.platform(), "cores": available_cores()},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if gts is not None:
+        detections = {name: [Detection(tuple(map(tuple, w["points"])), w["text"],
+                                       w["confidence"]) for w in words]
+                      for name, words in predictions.items()}
+        summary, rows = score_set(gts, detections)
+        report.update(summary)
+        report["per_image"] = [{"image": name, **counts.as_dict(),
+                                "dropped": results[name].dropped if name in results else {},
+                                "failed": name not in results}
+                               for name, counts in rows.items()]
+    texts = {args.predictions: json.dumps(predictions, ensure_ascii=False, indent=1)}
+    if args.report:
+        texts[args.report] = json.dumps(report, ensure_ascii=False, indent=1)
+    write_texts(texts)
+    return report
+
+
+def _progress(items):
+    from tqdm import tqdm
+
+    return tqdm(items, unit="img", leave=False, disable=None)
+
+
+def _run(args) -> int:
+    report = run(args)
+    print(f"{report['recognised_images']} of {report['images']} images, {report['failed']} "
+          f"failed, {report['words']} words, {report['images_per_second']:.2f} images/s")
+    for key in ("detection", "end_to_end"):
+        if key in report:
+            scores = report[key]
+            print(f"{key}: precision {scores['precision']:.4f} recall {scores['recall']:.4f} "
+                  f"H-mean {scores['hmean']:.4f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

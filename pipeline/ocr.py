@@ -1,0 +1,329 @@
+"""Full-image OCR: a text detector, then the recogniser on each detected region.
+
+The flow (Paddle Serving's OCR pipeline, as one in-process DAG):
+    1. :class:`pipeline.detector.Detector` finds text boxes (DB post-processing).
+    2. Each box is cut out with a perspective warp to an upright rectangle (OpenCV
+       ``getPerspectiveTransform`` + ``warpPerspective``, replicated borders, as PaddleOCR's
+       ``get_rotate_crop_image``); a crop at least ``tall_ratio`` times as high as wide is
+       turned 90 degrees counter-clockwise (vertical text read top to bottom).
+    3. The crops go through the in-memory recogniser (:class:`pipeline.recognizer.Recognizer`),
+       which batches equal input widths.
+    4. Word boxes from the CTC alignment (:func:`split_words`): PP-OCR boxes often cover a
+       whole line, while ICDAR 2015 scores words. A line is cut at its recognised spaces:
+       each character's CTC frame gives an x in the recogniser's resized input
+       (``spec.frame_centre_x``), which scales to the crop and maps back to the image
+       through the inverse of the crop's perspective transform.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from convert.errors import ToolchainError
+from pipeline.db_postprocess import TextBox
+from pipeline.detector import Detector
+from pipeline.recognizer import Failure, Recognition, Recognizer
+
+
+@dataclass(frozen=True)
+class OcrWord:
+    """One recognised region.
+
+    Attributes:
+        points: float32 ``[4, 2]`` corners in pixels of the original image, clockwise from
+            the top-left of the text.
+        text: the recognised string.
+        confidence: the recogniser's confidence (``convert.ctc.Decoded``), in ``[0, 1]``.
+        box_score: the detector's score of the region it came from.
+    """
+
+    points: np.ndarray
+    text: str
+    confidence: float
+    box_score: float
+
+    def as_json(self) -> dict[str, object]:
+        """``{"points": [[x, y] x 4], "text", "confidence"}`` (pixels, rounded to 0.1)."""
+        return {"points": [[round(float(x), 1), round(float(y), 1)] for x, y in self.points],
+                "text": self.text, "confidence": round(float(self.confidence), 4)}
+
+
+@dataclass
+class ImageResult:
+    """What the pipeline found in one image.
+
+    Attributes:
+        words: the recognised regions, in reading order of the detector's boxes.
+        dropped: regions detected but not returned, by reason (``"no text"``: the recogniser
+            read nothing; ``"low confidence"``: under ``min_confidence``; ``"recognition"``:
+            the crop could not be recognised, with the failure).
+    """
+
+    words: list[OcrWord] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+def crop_box(image: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The region ``points`` of ``image`` warped to an upright rectangle.
+
+    Args:
+        image: uint8 ``[h, w, 3]``.
+        points: ``[4, 2]`` corners, clockwise from the top-left.
+
+    Returns:
+        The crop, uint8 ``[ch, cw, 3]`` (``cw`` the longer of the top and bottom edges,
+        ``ch`` of the left and right edges, each at least 1), and the 3x3 transform from
+        image to crop coordinates.
+    """
+    points = np.asarray(points, np.float32)
+    width = max(1, int(round(max(np.linalg.norm(points[0] - points[1]),
+                                 np.linalg.norm(points[2] - points[3])))))
+    height = max(1, int(round(max(np.linalg.norm(points[0] - points[3]),
+                                  np.linalg.norm(points[1] - points[2])))))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    matrix = cv2.getPerspectiveTransform(points, target)
+    crop = cv2.warpPerspective(image, matrix, (width, height), flags=cv2.INTER_CUBIC,
+                               borderMode=cv2.BORDER_REPLICATE)
+    return crop, matrix
+
+
+def word_spans(recognition: Recognition, frame_x) -> list[tuple[str, float, float]]:
+    """The words of a recognised line and their x spans in the recogniser's input.
+
+    Args:
+        recognition: a greedy-decoded :class:`Recognition` (``char_frames`` set).
+        frame_x: ``frame -> x`` of the frame's centre in the resized input, in pixels.
+
+    Returns:
+        ``[(word, x0, x1)]`` for every run of non-space characters. The outer ends of the
+        first and last word are the input's edges (the detector bounded the line); between
+        two words the cut lies in the gap, half a character pitch (the line's mean distance
+        between neighbouring characters' frame centres) from each word's outer character,
+        and never past the gap's midpoint.
+    """
+    text, frames = recognition.text, recognition.char_frames
+    if len(frames) != len(text) or not text.strip():
+        return [(text.strip(), 0.0, float(recognition.width))]
+    centres = [frame_x(f) for f in frames]
+    pitch = (centres[-1] - centres[0]) / (len(centres) - 1) if len(centres) > 1 else 0.0
+    runs, start = [], None
+    for index, char in enumerate(text + " "):
+        if char != " " and start is None:
+            start = index
+        elif char == " " and start is not None:
+            runs.append((start, index - 1))
+            start = None
+    spans = []
+    for k, (first, last) in enumerate(runs):
+        if k == 0:
+            x0 = 0.0
+        else:
+            middle = (centres[runs[k - 1][1]] + centres[first]) / 2
+            x0 = max(middle, centres[first] - pitch / 2)
+        if k == len(runs) - 1:
+            x1 = float(recognition.width)
+        else:
+            middle = (centres[last] + centres[runs[k + 1][0]]) / 2
+            x1 = min(middle, centres[last] + pitch / 2)
+        spans.append((text[first:last + 1], x0, x1))
+    return spans
+
+
+def split_words(recognition: Recognition, matrix: np.ndarray, frame_x,
+                ) -> list[tuple[str, np.ndarray]]:
+    """The words of a line crop and their corners in image pixels.
+
+    Args:
+        recognition: the crop's recognition (its ``size`` is the crop's ``(cw, ch)``).
+        matrix: the image -> crop transform of :func:`crop_box`.
+        frame_x: ``frame -> x`` in the recogniser's input (``spec.frame_centre_x``).
+
+    Returns:
+        ``[(word, float32 [4, 2] corners clockwise from the top-left)]``.
+    """
+    crop_width, crop_height = recognition.size
+    scale = crop_width / recognition.width
+    inverse = np.linalg.inv(matrix)
+    words = []
+    for word, x0, x1 in word_spans(recognition, frame_x):
+        a, b = x0 * scale, x1 * scale
+        corners = np.array([[[a, 0], [b, 0], [b, crop_height], [a, crop_height]]], np.float32)
+        words.append((word, cv2.perspectiveTransform(corners, inverse)[0]))
+    return words
+
+
+@dataclass
+class OcrPipeline:
+    """Detector and recogniser as one pipeline over whole images.
+
+    Args:
+        detector: a :class:`Detector` (loaded by :meth:`load`).
+        recognizer: a :class:`Recognizer` (loaded by :meth:`load`); greedy decoding keeps
+            the frames word splitting needs.
+        split_words: cut line boxes into word boxes at recognised spaces.
+        min_confidence: regions read with a lower recogniser confidence are dropped (counted).
+        tall_ratio: crops at least this many times as high as wide are turned 90 degrees.
+    """
+
+    detector: Detector
+    recognizer: Recognizer
+    split_words: bool = True
+    min_confidence: float = 0.5
+    tall_ratio: float = 1.5
+    #: Seconds spent cutting crops and in the recogniser, summed over calls.
+    crop_seconds: float = 0.0
+    recognise_seconds: float = 0.0
+
+    def load(self) -> OcrPipeline:
+        """Load both models."""
+        self.detector.load()
+        self.recognizer.load()
+        return self
+
+    def close(self) -> None:
+        """Release both models."""
+        self.detector.close()
+        self.recognizer.close()
+
+    def __enter__(self) -> OcrPipeline:
+        return self.load()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def recognise_boxes(self, images: Sequence[np.ndarray],
+                        boxes: Sequence[Sequence[TextBox]]) -> list[ImageResult]:
+        """Crop, recognise and (optionally) split the boxes of each image.
+
+        Args:
+            images: uint8 ``[h, w, 3]`` RGB pixels.
+            boxes: each image's detected boxes.
+        """
+        start = time.perf_counter()
+        crops, owners = [], []
+        for index, (image, image_boxes) in enumerate(zip(images, boxes)):
+            for box in image_boxes:
+                crop, matrix = crop_box(image, box.points)
+                rotated = crop.shape[0] >= self.tall_ratio * crop.shape[1]
+                if rotated:
+                    crop = np.ascontiguousarray(np.rot90(crop))
+                crops.append(crop)
+                owners.append((index, box, matrix, rotated))
+        self.crop_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        recognitions = self.recognizer(crops) if crops else []
+        self.recognise_seconds += time.perf_counter() - start
+        results = [ImageResult() for _ in images]
+        spec = self.recognizer.spec
+        for (index, box, matrix, rotated), outcome in zip(owners, recognitions):
+            result = results[index]
+            if isinstance(outcome, Failure):
+                result.drop(f"recognition: {outcome.reason}")
+                continue
+            if not outcome.text.strip():
+                result.drop("no text")
+                continue
+            if outcome.confidence < self.min_confidence:
+                result.drop("low confidence")
+                continue
+            if self.split_words and not rotated and " " in outcome.text.strip():
+                pieces = split_words(outcome, matrix,
+                                     lambda f, w=outcome.width: spec.frame_centre_x(f, w))
+            else:
+                pieces = [(outcome.text.strip(), box.points)]
+            for word, corners in pieces:
+                result.words.append(OcrWord(np.asarray(corners, np.float32), word,
+                                            outcome.confidence, box.score))
+        return results
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+        """Detect and recognise the text of each image (uint8 ``[h, w, 3]`` RGB), in order.
+
+        Raises:
+            EngineError: an engine failed on this call's images.
+        """
+        return self.recognise_boxes(images, self.detector(images))
+
+
+#: Default models of :func:`open_pipeline` (registry names; see ``convert.weights``).
+DEFAULT_DETECTOR = "ppocr-v4-det"
+DEFAULT_RECOGNIZER = "ppocr-v4-rec"
+
+
+def resolve_model(model: str | Path) -> tuple[Path, str | None]:
+    """A model file for a path or a registry name with public weights (fetched if needed).
+
+    Returns:
+        The file and, for a checkpoint, its architecture (else None).
+
+    Raises:
+        ToolchainError: neither an existing file nor a fetchable name, or the fetch fails.
+    """
+    from convert import weights
+    from convert.registry import ARCHS
+
+    path = Path(model)
+    if path.exists():
+        return path, None
+    if str(model) in weights.fetchable():
+        fetched = weights.fetch(str(model))
+        arch = str(model) if fetched.suffix in (".pth", ".pt") and model in ARCHS else None
+        return fetched, arch
+    raise ToolchainError(f"{model}: no such model file, and not a model with public weights "
+                         f"({', '.join(weights.fetchable())})")
+
+
+def open_pipeline(
+    detector: str | Path = DEFAULT_DETECTOR,
+    recognizer: str | Path = DEFAULT_RECOGNIZER,
+    device: str | None = None,
+    *,
+    threads: int | None = None,
+    spin: bool = True,
+    detector_changes: dict | None = None,
+    recognizer_changes: dict | None = None,
+    rec_batch_size: int = 16,
+    **options,
+) -> OcrPipeline:
+    """An :class:`OcrPipeline` (not yet loaded) for two model files or registry names.
+
+    Args:
+        detector: a detector file (.onnx with a detector description, or an .om with its
+            sidecar) or ``"ppocr-v4-det"``.
+        recognizer: a recogniser file (anything ``infer.open_model`` opens) or a registry
+            name with public weights (``"ppocr-v4-rec"``, ``"nano-ocr"``).
+        device, threads, spin: as ``infer.open_model``, for both models.
+        detector_changes, recognizer_changes: fields of the descriptions to override
+            (e.g. ``{"box_thresh": 0.6}``), validated.
+        rec_batch_size: crops per recogniser batch.
+        options: :class:`OcrPipeline` fields (``split_words``, ``min_confidence``, ...).
+
+    Raises:
+        ToolchainError: a missing model, a detector file without a detector description,
+            a recogniser file with one, or an invalid override.
+    """
+    from convert.det_spec import DetectorSpec
+    from infer.open import open_model
+
+    det_path, _ = resolve_model(detector)
+    det_runner, det_spec = open_model(det_path, device, threads=threads, spin=spin)
+    if not isinstance(det_spec, DetectorSpec):
+        raise ToolchainError(f"{det_path}: not a text detector (its description is a "
+                             f"recogniser's, {det_spec.arch})")
+    rec_path, arch = resolve_model(recognizer)
+    rec_runner, rec_spec = open_model(rec_path, device, threads=threads, spin=spin, arch=arch)
+    if isinstance(rec_spec, DetectorSpec):
+        raise ToolchainError(f"{rec_path}: a text detector, not a recogniser")
+    det_spec = det_spec.replace(**(detector_changes or {}))
+    rec_spec = rec_spec.replace(**(recognizer_changes or {}))
+    return OcrPipeline(Detector(det_runner, det_spec),
+                       Recognizer(rec_runner, rec_spec, batch_size=rec_batch_size), **options)
