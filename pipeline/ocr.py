@@ -161,6 +161,72 @@ def split_words(recognition: Recognition, matrix: np.ndarray, frame_x,
     return words
 
 
+@dataclass(frozen=True)
+class Crop:
+    """One detected box cut out of its image.
+
+    Attributes:
+        pixels: uint8 ``[ch, cw, 3]`` upright crop (turned 90 degrees when ``rotated``).
+        matrix: 3x3 image -> crop transform (before the turn).
+        rotated: whether the crop was turned (tall text).
+        box: the detector's box.
+    """
+
+    pixels: np.ndarray
+    matrix: np.ndarray
+    rotated: bool
+    box: TextBox
+
+
+def cut_crops(image: np.ndarray, boxes: Sequence[TextBox], tall_ratio: float = 1.5) -> list[Crop]:
+    """The :class:`Crop` of each box (:func:`crop_box`); crops at least ``tall_ratio`` times
+    as high as wide are turned 90 degrees counter-clockwise."""
+    crops = []
+    for box in boxes:
+        pixels, matrix = crop_box(image, box.points)
+        rotated = pixels.shape[0] >= tall_ratio * pixels.shape[1]
+        if rotated:
+            pixels = np.ascontiguousarray(np.rot90(pixels))
+        crops.append(Crop(pixels, matrix, rotated, box))
+    return crops
+
+
+def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], spec,
+             split: bool = True, min_confidence: float = 0.5) -> ImageResult:
+    """One image's result from its crops and their recognitions (in the same order).
+
+    A line read with spaces is cut into words (:func:`split_words`, not for turned crops);
+    empty, low-confidence and failed recognitions are dropped and counted by reason.
+
+    Args:
+        crops, outcomes: the image's crops and what the recogniser made of each.
+        spec: the recogniser's ``ModelSpec`` (its frames rule places the characters).
+        split: cut lines at recognised spaces.
+        min_confidence: recognitions under this confidence are dropped.
+    """
+    result = ImageResult()
+    for crop, outcome in zip(crops, outcomes):
+        if isinstance(outcome, Failure):
+            result.drop(f"recognition: {outcome.reason}")
+            continue
+        text = outcome.text.strip()
+        if not text:
+            result.drop("no text")
+            continue
+        if outcome.confidence < min_confidence:
+            result.drop("low confidence")
+            continue
+        if split and not crop.rotated and " " in text:
+            pieces = split_words(outcome, crop.matrix,
+                                 lambda f, w=outcome.width: spec.frame_centre_x(f, w))
+        else:
+            pieces = [(text, crop.box.points)]
+        for word, corners in pieces:
+            result.words.append(OcrWord(np.asarray(corners, np.float32), word,
+                                        outcome.confidence, crop.box.score))
+    return result
+
+
 @dataclass
 class OcrPipeline:
     """Detector and recogniser as one pipeline over whole images.
@@ -209,41 +275,16 @@ class OcrPipeline:
             boxes: each image's detected boxes.
         """
         start = time.perf_counter()
-        crops, owners = [], []
-        for index, (image, image_boxes) in enumerate(zip(images, boxes)):
-            for box in image_boxes:
-                crop, matrix = crop_box(image, box.points)
-                rotated = crop.shape[0] >= self.tall_ratio * crop.shape[1]
-                if rotated:
-                    crop = np.ascontiguousarray(np.rot90(crop))
-                crops.append(crop)
-                owners.append((index, box, matrix, rotated))
+        crops = [cut_crops(image, image_boxes, self.tall_ratio)
+                 for image, image_boxes in zip(images, boxes)]
+        flat = [crop for image_crops in crops for crop in image_crops]
         self.crop_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        recognitions = self.recognizer(crops) if crops else []
+        outcomes = iter(self.recognizer([c.pixels for c in flat]) if flat else [])
         self.recognise_seconds += time.perf_counter() - start
-        results = [ImageResult() for _ in images]
-        spec = self.recognizer.spec
-        for (index, box, matrix, rotated), outcome in zip(owners, recognitions):
-            result = results[index]
-            if isinstance(outcome, Failure):
-                result.drop(f"recognition: {outcome.reason}")
-                continue
-            if not outcome.text.strip():
-                result.drop("no text")
-                continue
-            if outcome.confidence < self.min_confidence:
-                result.drop("low confidence")
-                continue
-            if self.split_words and not rotated and " " in outcome.text.strip():
-                pieces = split_words(outcome, matrix,
-                                     lambda f, w=outcome.width: spec.frame_centre_x(f, w))
-            else:
-                pieces = [(outcome.text.strip(), box.points)]
-            for word, corners in pieces:
-                result.words.append(OcrWord(np.asarray(corners, np.float32), word,
-                                            outcome.confidence, box.score))
-        return results
+        return [assemble(image_crops, [next(outcomes) for _ in image_crops],
+                         self.recognizer.spec, self.split_words, self.min_confidence)
+                for image_crops in crops]
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
         """Detect and recognise the text of each image (uint8 ``[h, w, 3]`` RGB), in order.

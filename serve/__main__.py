@@ -7,6 +7,9 @@ Loads one model (.onnx fp32 or int8 on ONNX Runtime, .om with its sidecar on ais
 
 and the KServe v2 / Open Inference Protocol at /v2/models/NAME/infer (tritonclient.http works
 unchanged), health at /v2/health/live and /v2/health/ready, Prometheus metrics at /metrics.
+With --det, whole images too: a DB text detector (its own batcher, equal input sizes), then
+the recogniser on each detected region: POST /ocr (raw image body -> boxes and texts) and
+POST /ocr/prediction (Paddle Serving's pipeline JSON).
 
 Requests of equal input width (after the model's width policy) share an engine call; a width's
 bucket goes to the engine when it holds --max-batch-size requests or its oldest request has
@@ -19,6 +22,7 @@ second Ctrl-C exits at once.
 Examples:
     python -m serve --model nano_int8.onnx
     python -m serve --model crnn.om --device npu:0 --port 9000 --token-file token.txt
+    python -m serve --model ppocr-v4-rec --det ppocr-v4-det    # also POST /ocr, /ocr/prediction
 """
 
 from __future__ import annotations
@@ -76,8 +80,14 @@ def _non_negative(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
-    parser.add_argument("--model", required=True, type=Path,
-                        help="model file: .onnx, .om (sidecar JSON beside it) or .pth")
+    parser.add_argument("--model", required=True,
+                        help="recogniser: .onnx, .om (sidecar JSON beside it) or .pth file, "
+                             "or a registry name with public weights (ppocr-v4-rec, nano-ocr)")
+    parser.add_argument("--det",
+                        help="text detector file or ppocr-v4-det: also serve whole images "
+                             "at POST /ocr and /ocr/prediction")
+    parser.add_argument("--det-max-batch-size", type=positive(int), default=4,
+                        help="most images of one input size per detector call")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture of a .pth")
     parser.add_argument("--sidecar", type=Path, help="an .om's sidecar JSON (default: beside)")
     parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for .om, else cpu)")
@@ -135,7 +145,9 @@ def serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(
         model=args.model,
-        name=args.name or args.model.stem,
+        name=args.name or Path(args.model).stem,
+        det=args.det,
+        det_max_batch_size=args.det_max_batch_size,
         device=args.device,
         sidecar=args.sidecar,
         arch=args.arch,
@@ -189,8 +201,8 @@ def serve(args: argparse.Namespace) -> int:
     ))
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    logger.info("listening on %s: POST %s/service, /v2/models/%s/infer (Ctrl-C to stop)",
-                url, url, config.name)
+    logger.info("listening on %s: POST %s/service, /v2/models/%s/infer%s (Ctrl-C to stop)",
+                url, url, config.name, ", /ocr, /ocr/prediction" if args.det else "")
     with sock:
         server.run(sockets=[sock])
     if failure:

@@ -11,6 +11,14 @@ Endpoints:
 - ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``: 200 once the model is loaded and
   warmed up; 503 before, while draining, or when loading failed.
 - ``GET /metrics``: Prometheus text (:mod:`serve.metrics`).
+- With a detector (``--det``), whole images:
+  ``POST /ocr``: the image file as the raw body -> ``{"words": [{"points": [[x, y] x 4],
+  "text", "confidence"}], "dropped": {reason: count}}`` (points clockwise, pixels);
+  ``POST /ocr/prediction``: Paddle Serving's pipeline format, as its OCR example's
+  ``pipeline_http_client.py`` sends and reads it: ``{"key": ["image"], "value": [base64]}``
+  in; ``{"err_no": 0, "err_msg": "", "key": ["res"], "value": [repr of [[text, points],
+  ...]]}`` out (the client ``eval``s the value). Errors there carry ``err_no`` (the HTTP
+  status) and ``err_msg`` beside ``error``.
 
 Errors are ``{"error": "<one line>"}`` with the status (the protocol's error format), on every
 endpoint. When a token is set, every endpoint but the two health probes needs it.
@@ -18,6 +26,8 @@ endpoint. When a token is set, every endpoint but the two health probes needs it
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -74,6 +84,33 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+def pipeline_request_image(body: bytes) -> bytes:
+    """The image of a Paddle Serving pipeline request ``{"key": ["image"], "value": [b64]}``.
+
+    Raises:
+        ServiceError: 400 naming what is wrong (not JSON, keys and values not lists of one
+            length, no ``image`` key, value not base64).
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServiceError(400, f"the body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ServiceError(400, 'the body must be {"key": ["image"], "value": [base64]}')
+    keys, values = data.get("key"), data.get("value")
+    if not (isinstance(keys, list) and isinstance(values, list) and len(keys) == len(values)):
+        raise ServiceError(400, '"key" and "value" must be lists of the same length')
+    if "image" not in keys:
+        raise ServiceError(400, f'no "image" among the keys {keys}')
+    encoded = values[keys.index("image")]
+    if not isinstance(encoded, str):
+        raise ServiceError(400, 'the "image" value must be a base64 string')
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise ServiceError(400, f'the "image" value is not base64 ({exc})') from None
+
+
 def create_app(service: Service, on_startup: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI application serving ``service``.
 
@@ -121,6 +158,40 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             return _json({"text": decoded.text, "confidence": decoded.confidence})
 
         return await answer("service", work)
+
+    @app.post("/ocr")
+    async def ocr_endpoint(request: Request) -> Response:
+        arrival = time.monotonic()
+
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            body = await read_body(request, service.config.max_body_bytes)
+            result = await service.ocr(body, arrival)
+            return _json({"words": [w.as_json() for w in result.words],
+                          "dropped": result.dropped})
+
+        return await answer("ocr", work)
+
+    @app.post("/ocr/prediction")
+    async def ocr_prediction_endpoint(request: Request) -> Response:
+        arrival = time.monotonic()
+
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            body = await read_body(request, service.config.max_body_bytes)
+            image = pipeline_request_image(body)
+            result = await service.ocr(image, arrival)
+            value = repr([[w.text, w.as_json()["points"]] for w in result.words])
+            return _json({"err_no": 0, "err_msg": "", "key": ["res"], "value": [value]})
+
+        response = await answer("ocr_prediction", work)
+        if response.status_code != 200:  # Paddle Serving's fields beside ours
+            message = json.loads(response.body)["error"]
+            return _json({"err_no": response.status_code, "err_msg": message, "key": [],
+                          "value": [], "error": message}, response.status_code,
+                         {k: v for k, v in response.headers.items()
+                          if k.lower() in ("retry-after", "www-authenticate")})
+        return response
 
     async def infer(request: Request, model: str, version: str | None) -> Response:
         arrival = time.monotonic()

@@ -23,9 +23,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from convert.errors import EngineError
+from pipeline.db_postprocess import boxes_from_map
+from pipeline.detector import Detector
 from pipeline.recognizer import BatchResult, Recognizer
 from preprocess.batching import batch_inputs
 
@@ -64,6 +68,7 @@ class _Request:
     deadline: float
     enqueued: float
     future: Future = field(default_factory=Future)
+    extra: Any = None
 
 
 class WidthBatcher:
@@ -135,7 +140,11 @@ class WidthBatcher:
         with self._cond:
             self._admitted -= count
 
-    def submit(self, pixels: np.ndarray, deadline: float) -> Future:
+    def _key(self, pixels: np.ndarray):
+        """The bucket of a request: its input width."""
+        return pixels.shape[1]
+
+    def submit(self, pixels: np.ndarray, deadline: float, extra: Any = None) -> Future:
         """Queue one reserved request.
 
         Args:
@@ -148,9 +157,9 @@ class WidthBatcher:
             :class:`DeadlineExceeded`, :class:`EngineFailed` or :class:`Stopped`. Cancelling
             it before the engine call drops the request.
         """
-        request = _Request(pixels, deadline, time.monotonic())
+        request = _Request(pixels, deadline, time.monotonic(), extra=extra)
         with self._cond:
-            self._buckets.setdefault(pixels.shape[1], deque()).append(request)
+            self._buckets.setdefault(self._key(pixels), deque()).append(request)
             self._cond.notify()
         return request.future
 
@@ -250,19 +259,24 @@ class WidthBatcher:
                 if self.on_batch is not None:
                     self.on_batch(BatchStats(0, 0.0, expired))
                 continue
-            pixels = [request.pixels for request in live]
-            try:
-                ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
-                ordered = [live[m] for m in members]
-                widths = [pixels[m].shape[1] for m in members]
-                done = self.recognizer.submit(ordered, batch, widths)
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-                logger.exception("batch of %d requests failed before the engine", len(live))
-                for request in live:
-                    request.future.set_exception(exc)
-                continue
-            done.add_done_callback(
-                lambda finished, rows=ordered, n=expired: self._resolve(finished, rows, n))
+            self._dispatch(live, expired)
+
+    def _dispatch(self, live: list[_Request], expired: int) -> None:
+        """Run one batch of live requests (engine thread): the recogniser's engine now, CTC
+        decoding on its decode thread."""
+        pixels = [request.pixels for request in live]
+        try:
+            ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
+            ordered = [live[m] for m in members]
+            widths = [pixels[m].shape[1] for m in members]
+            done = self.recognizer.submit(ordered, batch, widths)
+        except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+            logger.exception("batch of %d requests failed before the engine", len(live))
+            for request in live:
+                request.future.set_exception(exc)
+            return
+        done.add_done_callback(
+            lambda finished, rows=ordered, n=expired: self._resolve(finished, rows, n))
 
     def _resolve(self, done: Future, requests: list[_Request], expired: int) -> None:
         """Hand a decoded batch's rows (or its failure) to the requests' futures; runs on
@@ -283,8 +297,46 @@ class WidthBatcher:
             self.on_batch(BatchStats(len(requests), seconds, expired))
 
 
+class DetectorBatcher(WidthBatcher):
+    """Queue detector inputs per input size and run equal-size batches through the detector.
+
+    Each request is a float32 ``[3, H, W]`` input (``pipeline.detector.detector_input``) with
+    its original image's ``(width, height)`` as ``extra``; its future gets the image's
+    ``pipeline.db_postprocess.TextBox`` list (DB post-processing runs on the engine thread).
+    Admission, deadlines, buckets and the due rules are :class:`WidthBatcher`'s.
+    """
+
+    def __init__(self, detector: Detector, max_batch_size: int, max_wait_s: float,
+                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        super().__init__(None, max_batch_size, max_wait_s, max_queue, on_batch)
+        self.detector = detector
+
+    def _key(self, pixels: np.ndarray):
+        return pixels.shape
+
+    def _dispatch(self, live: list[_Request], expired: int) -> None:
+        try:
+            maps = self.detector.probability_maps(np.stack([r.pixels for r in live]))
+        except EngineError as exc:
+            for request in live:
+                request.future.set_exception(EngineFailed(str(exc)))
+            return
+        seconds = self.detector.runner.last_engine_seconds
+        for row, request in enumerate(live):
+            try:
+                boxes = boxes_from_map(maps[row], self.detector.spec, request.extra)
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
+                logger.exception("DB post-processing failed")
+                request.future.set_exception(exc)
+                continue
+            request.future.set_result(boxes)
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(len(live), seconds, expired))
+
+
 __all__ = [
     "BatchStats",
+    "DetectorBatcher",
     "DeadlineExceeded",
     "EngineFailed",
     "QueueFull",

@@ -24,12 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from convert.ctc import Decoded
+from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from infer.open import open_model
-from pipeline.recognizer import Recognizer
-from preprocess.image import DECODABLE_FORMATS, ImageTooLarge, SampleError, prepare
+from pipeline.detector import Detector, detector_input
+from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
+from pipeline.recognizer import Recognition, Recognizer
+from preprocess.image import (
+    DECODABLE_FORMATS,
+    ImageTooLarge,
+    SampleError,
+    decode_rgb,
+    prepare,
+)
 from serve.batcher import (
     DeadlineExceeded,
+    DetectorBatcher,
     EngineFailed,
     QueueFull,
     Stopped,
@@ -69,7 +79,7 @@ class State(enum.Enum):
 class ServeConfig:
     """What ``python -m serve`` is told (see its ``--help`` for each option)."""
 
-    model: Path
+    model: Path | str
     name: str
     device: str | None = None
     sidecar: Path | None = None
@@ -83,6 +93,10 @@ class ServeConfig:
     threads: int | None = None
     preprocess_threads: int = 1
     token: str | None = None
+    det: Path | str | None = None
+    det_max_batch_size: int = 4
+    split_words: bool = True
+    min_confidence: float = 0.5
 
 
 class Service:
@@ -99,8 +113,12 @@ class Service:
         self.config = config
         # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
-        runner, spec = open_model(config.model, config.device, threads=config.threads,
-                                  spin=False, sidecar=config.sidecar, arch=config.arch)
+        model, arch = resolve_model(config.model)
+        runner, spec = open_model(model, config.device, threads=config.threads,
+                                  spin=False, sidecar=config.sidecar, arch=config.arch or arch)
+        if isinstance(spec, DetectorSpec):
+            raise ToolchainError(f"{model}: a text detector; give it as --det, and a "
+                                 f"recogniser as --model")
         self.spec = spec
         self.platform = runner.name
         self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
@@ -111,6 +129,17 @@ class Service:
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self._preprocess = ThreadPoolExecutor(config.preprocess_threads,
                                               thread_name_prefix="preprocess")
+        self.detector: Detector | None = None
+        self.det_batcher: DetectorBatcher | None = None
+        if config.det is not None:
+            det_path, _ = resolve_model(config.det)
+            det_runner, det_spec = open_model(det_path, config.device, threads=config.threads,
+                                              spin=False)
+            if not isinstance(det_spec, DetectorSpec):
+                raise ToolchainError(f"--det {det_path}: not a text detector")
+            self.detector = Detector(det_runner, det_spec, config.det_max_batch_size)
+            self.det_batcher = DetectorBatcher(self.detector, config.det_max_batch_size,
+                                               config.max_wait_ms / 1000.0, config.max_queue)
         self.state = State.LOADING
         self.failure: str | None = None
         self._lock = threading.Lock()
@@ -126,6 +155,10 @@ class Service:
         self.recognizer.load()
         self.warm_up()
         self.batcher.start()
+        if self.detector is not None:
+            self.detector.load()
+            self.detector.probability_maps(np.zeros((1, 3, 64, 64), np.float32))  # warm-up
+            self.det_batcher.start()
         with self._lock:
             if self.state is State.LOADING:
                 self.state = State.READY
@@ -157,9 +190,14 @@ class Service:
             if self.state in (State.READY, State.LOADING):
                 self.state = State.DRAINING
         self.batcher.flush()
+        if self.det_batcher is not None:
+            self.det_batcher.flush()
 
     def close(self) -> None:
         """Finish queued requests, then release the engine and the pools."""
+        if self.det_batcher is not None:
+            self.det_batcher.close(timeout=self.config.timeout_ms / 1000.0 + 5.0)
+            self.detector.close()
         self.batcher.close(timeout=self.config.timeout_ms / 1000.0 + 5.0)
         self._preprocess.shutdown(wait=True)
         self.recognizer.close()
@@ -200,6 +238,81 @@ class Service:
                                         f"{', '.join(DECODABLE_FORMATS)}") from None
         return pixels
 
+    def _admit(self, batcher: WidthBatcher, count: int) -> None:
+        try:
+            batcher.reserve(count)
+        except QueueFull as exc:
+            raise ServiceError(503, str(exc), {"Retry-After": "1"}) from None
+        except Stopped as exc:
+            raise ServiceError(503, str(exc)) from None
+
+    async def _gather(self, futures: list, deadline: float) -> list:
+        """Await the batchers' futures until ``deadline``; their failures as ServiceErrors."""
+        loop = asyncio.get_running_loop()
+        waiting = [asyncio.wrap_future(f) for f in futures]
+        try:
+            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                return list(await asyncio.gather(*waiting))
+        except TimeoutError:
+            raise ServiceError(504, f"no answer within the deadline "
+                                    f"({self.config.timeout_ms:g} ms)") from None
+        except DeadlineExceeded as exc:
+            raise ServiceError(504, str(exc)) from None
+        except EngineFailed as exc:
+            raise ServiceError(500, f"the engine failed on this request's batch: {exc}") from None
+        except Stopped as exc:
+            raise ServiceError(503, str(exc)) from None
+        finally:
+            for future in waiting:
+                future.cancel()
+
+    def _prepare_ocr(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            rgb = decode_rgb(raw, self.config.max_pixels)
+        except ImageTooLarge as exc:
+            raise ServiceError(413, str(exc)) from None
+        except SampleError as exc:
+            raise ServiceError(400, f"{exc}; accepted formats: "
+                                    f"{', '.join(DECODABLE_FORMATS)}") from None
+        return rgb, detector_input(rgb, self.detector.spec)
+
+    def _prepare_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
+        crops = cut_crops(rgb, boxes)
+        return crops, [prepare(c.pixels, self.spec)[0] for c in crops]
+
+    async def ocr(self, raw: bytes, arrival: float) -> ImageResult:
+        """Detect and recognise the text of one whole image: the detector's batcher (equal
+        input sizes), then each crop through the recogniser's (equal widths).
+
+        Raises:
+            ServiceError: 404 no detector loaded; otherwise as :meth:`recognise`.
+        """
+        if self.det_batcher is None:
+            raise ServiceError(404, "this server has no text detector; start it with --det")
+        self.check_ready()
+        deadline = arrival + self.config.timeout_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        self._admit(self.det_batcher, 1)
+        try:
+            rgb, array = await loop.run_in_executor(self._preprocess, self._prepare_ocr, raw)
+        except BaseException:
+            self.det_batcher.release(1)
+            raise
+        size = (rgb.shape[1], rgb.shape[0])
+        (boxes,) = await self._gather([self.det_batcher.submit(array, deadline, size)], deadline)
+        if not boxes:
+            return ImageResult()
+        crops, pixels = await loop.run_in_executor(self._preprocess, self._prepare_crops, rgb,
+                                                   boxes)
+        self._admit(self.batcher, len(pixels))
+        futures = [self.batcher.submit(p, deadline) for p in pixels]
+        decoded = await self._gather(futures, deadline)
+        outcomes = [Recognition(d.text, d.confidence, d.char_frames, d.frames, p.shape[1],
+                                (c.pixels.shape[1], c.pixels.shape[0]))
+                    for d, p, c in zip(decoded, pixels, crops)]
+        return assemble(crops, outcomes, self.spec, self.config.split_words,
+                        self.config.min_confidence)
+
     async def recognise(self, images: list[bytes], arrival: float) -> list[Decoded]:
         """Recognise a request's images (each queued on its own, in its width's bucket).
 
@@ -222,12 +335,7 @@ class Service:
             raise ServiceError(413, f"{len(images)} images in one request; the queue holds "
                                     f"{self.config.max_queue} (--max-queue)")
         deadline = arrival + self.config.timeout_ms / 1000.0
-        try:
-            self.batcher.reserve(len(images))
-        except QueueFull as exc:
-            raise ServiceError(503, str(exc), {"Retry-After": "1"}) from None
-        except Stopped as exc:
-            raise ServiceError(503, str(exc)) from None
+        self._admit(self.batcher, len(images))
         loop = asyncio.get_running_loop()
         try:
             pixels = await loop.run_in_executor(self._preprocess, self._prepare, images)
@@ -237,22 +345,7 @@ class Service:
         if time.monotonic() >= deadline:
             self.batcher.release(len(images))
             raise ServiceError(504, "the request's deadline passed while it was preprocessed")
-        futures = [asyncio.wrap_future(self.batcher.submit(p, deadline)) for p in pixels]
-        try:
-            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                return list(await asyncio.gather(*futures))
-        except TimeoutError:
-            raise ServiceError(504, f"no answer within the deadline "
-                                    f"({self.config.timeout_ms:g} ms)") from None
-        except DeadlineExceeded as exc:
-            raise ServiceError(504, str(exc)) from None
-        except EngineFailed as exc:
-            raise ServiceError(500, f"the engine failed on this request's batch: {exc}") from None
-        except Stopped as exc:
-            raise ServiceError(503, str(exc)) from None
-        finally:
-            for future in futures:
-                future.cancel()
+        return await self._gather([self.batcher.submit(p, deadline) for p in pixels], deadline)
 
 
 def load_in_background(service: Service, on_failure: Callable[[str], None]) -> threading.Thread:

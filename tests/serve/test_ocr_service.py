@@ -1,0 +1,98 @@
+"""The whole-image endpoints (/ocr, /ocr/prediction) of a real server process with a real
+detector and recogniser, against the offline pipeline on the same images."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.det_rec import list_images
+from pipeline.ocr import open_pipeline
+from preprocess.image import decode_rgb
+from serve.process import ServerProcess
+from tests.conftest import encode, render_line
+from tests.eval.test_det_rec import IC15_IMAGES
+
+
+def photos() -> list[bytes]:
+    """Three real ICDAR 2015 photos where the data is present, else rendered lines."""
+    if IC15_IMAGES.is_dir():
+        return [p.read_bytes() for p in list_images(IC15_IMAGES)[:3]]
+    lines = [render_line(w)[0] for w in (["OPEN", "DAILY"], ["EXIT", "2026"], ["SALE"])]
+    canvas = [np.full((360, 640, 3), 255, np.uint8) for _ in lines]
+    for image, line in zip(canvas, lines):
+        image[100:100 + line.shape[0], 40:40 + line.shape[1]] = line
+    return [encode(Image.fromarray(c), "JPEG", quality=95) for c in canvas]
+
+
+@pytest.fixture(scope="module")
+def server(ppocr_det_path, ppocr_rec_path):
+    with ServerProcess(["--model", str(ppocr_rec_path), "--det", str(ppocr_det_path),
+                        "--max-pixels", "2000000", "--threads", "1"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def offline(ppocr_det_path, ppocr_rec_path):
+    """The offline pipeline's words for each photo (the same models and settings)."""
+    with open_pipeline(ppocr_det_path, ppocr_rec_path, threads=1) as pipeline:
+        return [[w.as_json() for w in pipeline([decode_rgb(raw)])[0].words] for raw in photos()]
+
+
+def test_ocr_equals_the_offline_pipeline_under_concurrency(server, offline):
+    images = photos()
+    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda raw: client.post("/ocr", content=raw), images * 2))
+    for index, answer in enumerate(answers):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["words"] == offline[index % len(images)]
+    assert any(offline)  # the photos hold text
+
+
+def test_paddle_serving_pipeline_format(server, offline):
+    raw = photos()[0]
+    payload = {"key": ["image"], "value": [base64.b64encode(raw).decode("utf8")]}
+    # As Paddle Serving's pipeline_http_client.py sends it: a JSON string as the body.
+    answer = httpx.post(server.url + "/ocr/prediction", content=json.dumps(payload), timeout=60)
+    result = answer.json()
+    assert answer.status_code == 200 and result["err_no"] == 0 and result["err_msg"] == ""
+    items = ast.literal_eval(result["value"][0])  # the client eval()s it
+    assert [[text, points] for text, points in items] == [
+        [w["text"], w["points"]] for w in offline[0]]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"not json", 400, "not JSON"),
+    (json.dumps({"key": ["img"], "value": ["AAAA"]}).encode(), 400, 'no "image"'),
+    (json.dumps({"key": ["image"], "value": ["@@@"]}).encode(), 400, "not base64"),
+    (json.dumps({"key": ["image"], "value": [base64.b64encode(b"junk").decode()]}).encode(),
+     400, "not a decodable image"),
+])
+def test_bad_pipeline_requests(server, body, status, message):
+    answer = httpx.post(server.url + "/ocr/prediction", content=body, timeout=30)
+    assert answer.status_code == status
+    assert answer.json()["err_no"] == status and message in answer.json()["err_msg"]
+
+
+def test_bad_and_blank_images(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        blank = encode(Image.new("RGB", (320, 240), "white"), "PNG")
+        answer = client.post("/ocr", content=blank)
+        assert answer.status_code == 200 and answer.json()["words"] == []
+        huge = encode(Image.new("L", (2000, 1100)), "PNG")  # 2.2 MP over the 2 MP cap
+        answer = client.post("/ocr", content=huge)
+        assert answer.status_code == 413 and "over the cap" in answer.json()["error"]
+        assert client.post("/ocr", content=b"").status_code == 400
+
+
+def test_ocr_without_a_detector_is_404(exported):
+    with ServerProcess(["--model", str(exported["nano-ocr"])]) as running:
+        answer = httpx.post(running.url + "/ocr", content=b"x", timeout=30)
+    assert answer.status_code == 404 and "--det" in answer.json()["error"]
