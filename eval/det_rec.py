@@ -33,6 +33,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def _parser():
     parser.add_argument("--no-split-words", dest="split_words", action="store_false",
                         help="keep line boxes whole (no cut at recognised spaces)")
     parser.add_argument("--rec-batch-size", type=positive(int), default=16)
+    parser.add_argument("--group", type=positive(int), default=16,
+                        help="images per pipeline call (their crops share recogniser batches)")
     db = parser.add_argument_group("detector settings (default: the model's description)")
     db.add_argument("--limit-type", choices=("max", "min"))
     db.add_argument("--limit-side-len", type=positive(int))
@@ -182,20 +185,30 @@ def run(args) -> dict[str, object]:
         pipeline([warm])  # loads lazily-initialised kernels; not timed
         pipeline.detector.engine_seconds = pipeline.recognise_seconds = 0.0
         start = time.perf_counter()
-        for path in _progress(images):
-            try:
-                pixels = read_image(path, args.max_pixels)
-            except SampleError as exc:
-                failures.append({"image": path.name, "reason": str(exc)})
-                log.warning("%s: %s", path, exc)
-                continue
-            (result,) = pipeline([pixels])
-            results[path.name] = result
-            predictions[path.name] = [w.as_json() for w in result.words]
-            if args.vis:
-                drawn = draw_result(pixels, result.words, gts[path.name] if gts else ())
-                with atomic_path(args.vis / f"{path.stem}.png") as target:
-                    drawn.save(target, format="PNG")
+        # Images go through in groups (the crops of a group share the recogniser's
+        # equal-width batches); the next group is read and decoded on a thread meanwhile.
+        groups = [images[i:i + args.group] for i in range(0, len(images), args.group)]
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, \
+                _progress(len(images)) as bar:
+            pending = reader.submit(_read_group, groups[0], args.max_pixels) if groups else None
+            for index in range(len(groups)):
+                decoded = pending.result()
+                if index + 1 < len(groups):
+                    pending = reader.submit(_read_group, groups[index + 1], args.max_pixels)
+                ok = [(path, pixels) for path, pixels in decoded if not isinstance(pixels, str)]
+                for path, reason in decoded:
+                    if isinstance(reason, str):
+                        failures.append({"image": path.name, "reason": reason})
+                        log.warning("%s: %s", path, reason)
+                group_results = pipeline([pixels for _, pixels in ok]) if ok else []
+                for (path, pixels), result in zip(ok, group_results):
+                    results[path.name] = result
+                    predictions[path.name] = [w.as_json() for w in result.words]
+                    if args.vis:
+                        drawn = draw_result(pixels, result.words, gts[path.name] if gts else ())
+                        with atomic_path(args.vis / f"{path.stem}.png") as target:
+                            drawn.save(target, format="PNG")
+                bar.update(len(decoded))
         seconds = time.perf_counter() - start
     dropped: dict[str, int] = {}
     for result in results.values():
@@ -235,10 +248,21 @@ def run(args) -> dict[str, object]:
     return report
 
 
-def _progress(items):
+def _read_group(paths: list[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | str]]:
+    """Each path with its pixels, or the reason it cannot be read (a string)."""
+    out: list[tuple[Path, np.ndarray | str]] = []
+    for path in paths:
+        try:
+            out.append((path, read_image(path, max_pixels)))
+        except SampleError as exc:
+            out.append((path, str(exc)))
+    return out
+
+
+def _progress(total: int):
     from tqdm import tqdm
 
-    return tqdm(items, unit="img", leave=False, disable=None)
+    return tqdm(total=total, unit="img", leave=False, disable=None)
 
 
 def _run(args) -> int:
