@@ -13,7 +13,7 @@ from PIL import Image
 from eval import det_rec
 from tests.conftest import encode
 
-IC15 = Path(os.environ.get("CRNN_IC15_TEST", Path(__file__).resolve().parents[3] / "shared"
+IC15 = Path(os.environ.get("IC15_TEST_DIR", Path(__file__).resolve().parents[3] / "shared"
                            / "data" / "IC15_test_even"))
 IC15_IMAGES = IC15 / "images"
 
@@ -21,7 +21,7 @@ IC15_IMAGES = IC15 / "images"
 @pytest.fixture(scope="module")
 def three(tmp_path_factory) -> Path:
     if not IC15_IMAGES.is_dir():
-        pytest.skip(f"ICDAR 2015 test images not found at {IC15} (set CRNN_IC15_TEST)")
+        pytest.skip(f"ICDAR 2015 test images not found at {IC15} (set IC15_TEST_DIR)")
     root = tmp_path_factory.mktemp("ic15")
     (root / "images").mkdir()
     (root / "gts").mkdir()
