@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.cli import make_parser, run_main
+from convert.det_spec import DetectorSpec, detector_spec_from_metadata
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
 from convert.outputs import write_texts
@@ -132,6 +133,28 @@ def supports_shape_range(soc_version: str) -> bool:
     return soc_version not in SOCS_WITHOUT_RANGE
 
 
+def _resolve_mode(soc_version: str, mode: str, min_batch: int, max_batch: int) -> str:
+    """Check the SoC, mode and batch range; ``"range"`` or ``"gears"`` (``auto`` resolved)."""
+    if not _SOC_PATTERN.match(soc_version):
+        raise ToolchainError(
+            f"SoC version {soc_version!r} does not look like Ascend<NNN>[suffix], "
+            "e.g. Ascend310P3 (see `npu-smi info`)"
+        )
+    if mode not in MODES:
+        raise ToolchainError(f"mode {mode!r} is unknown; use one of {MODES}")
+    if not 1 <= min_batch <= max_batch:
+        raise ToolchainError(
+            f"batch range {min_batch}~{max_batch} is invalid: need 1 <= min <= max"
+        )
+    if mode == "auto":
+        mode = "range" if supports_shape_range(soc_version) else "gears"
+        if mode == "gears":
+            log.info("%s has no shape-range support: building gears instead", soc_version)
+    elif mode == "range" and not supports_shape_range(soc_version):
+        raise ToolchainError(f"{soc_version} has no shape-range support; use --mode gears")
+    return mode
+
+
 def plan_shape(
     soc_version: str,
     input_name: str,
@@ -163,29 +186,13 @@ def plan_shape(
             network accepts, ranges on a SoC without range support, or a gear count
             outside 2..100.
     """
-    if not _SOC_PATTERN.match(soc_version):
-        raise ToolchainError(
-            f"SoC version {soc_version!r} does not look like Ascend<NNN>[suffix], "
-            "e.g. Ascend310P3 (see `npu-smi info`)"
-        )
-    if mode not in MODES:
-        raise ToolchainError(f"mode {mode!r} is unknown; use one of {MODES}")
-    if not 1 <= min_batch <= max_batch:
-        raise ToolchainError(
-            f"batch range {min_batch}~{max_batch} is invalid: need 1 <= min <= max"
-        )
+    mode = _resolve_mode(soc_version, mode, min_batch, max_batch)
     if min_width > max_width:
         raise ToolchainError(f"width range {min_width}~{max_width} is invalid: min > max")
     if min_width < min_accepted_width:
         raise ToolchainError(
             f"min width {min_width} is below the network's minimum input width {min_accepted_width}"
         )
-    if mode == "auto":
-        mode = "range" if supports_shape_range(soc_version) else "gears"
-        if mode == "gears":
-            log.info("%s has no shape-range support: building width gears instead", soc_version)
-    elif mode == "range" and not supports_shape_range(soc_version):
-        raise ToolchainError(f"{soc_version} has no shape-range support; use --mode gears")
     if mode == "range":
         dims = ((min_batch, max_batch), channels, height, (min_width, max_width))
         return ShapePlan("range", (InputPlan(input_name, dims),))
@@ -200,6 +207,61 @@ def plan_shape(
         )
     dims = (max_batch, channels, height, -1)
     return ShapePlan("gears", (InputPlan(input_name, dims),), tuple((g,) for g in gears))
+
+
+def plan_detector_shape(
+    soc_version: str,
+    spec: DetectorSpec,
+    mode: str = "auto",
+    min_batch: int = 1,
+    max_batch: int = 1,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    hw_gears: Sequence[tuple[int, int]] | None = None,
+) -> ShapePlan:
+    """The plan for a DB text detector's ``[batch, 3, H, W]`` input: H and W both dynamic.
+
+    Range mode: ``x:1~B,3,min~max,min~max``. Gears mode: ``x:B,3,-1,-1`` with
+    ``--dynamic_dims=H1,W1;H2,W2;...``; by default the sizes the detector's resize rule
+    gives photos of 4:3, 16:9 and 1:1 in both orientations, plus the largest square, so
+    every input fits a gear (the runner pads bottom and right up to it).
+
+    Args:
+        soc_version, mode, min_batch, max_batch: as :func:`plan_shape`.
+        spec: the detector description (input name, resize rule, stride).
+        min_side, max_side: H and W range in pixels; default: one stride to the largest
+            side the resize rule gives (``limit_side_len`` for ``"max"``, else
+            ``spec.max_side``).
+        hw_gears: explicit ``(H, W)`` gears.
+
+    Raises:
+        ToolchainError: as :func:`plan_shape`, or a side that is not a multiple of the
+            detector's stride.
+    """
+    low = min_side or spec.stride
+    high = max_side or (spec.limit_side_len if spec.limit_type == "max" else spec.max_side)
+    high = high // spec.stride * spec.stride
+    for side in (low, high, *(v for g in hw_gears or () for v in g)):
+        if side % spec.stride or side < spec.stride:
+            raise ToolchainError(f"detector side {side} is not a positive multiple of its "
+                                 f"stride {spec.stride}")
+    if low > high:
+        raise ToolchainError(f"side range {low}~{high} is invalid: min > max")
+    if _resolve_mode(soc_version, mode, min_batch, max_batch) == "range":
+        dims = ((min_batch, max_batch), 3, (low, high), (low, high))
+        return ShapePlan("range", (InputPlan(spec.input_name, dims),))
+    if hw_gears:
+        gears = sorted(set(tuple(g) for g in hw_gears))
+    else:
+        sizes = {spec.input_size(w * 1000, h * 1000)[::-1]
+                 for w, h in ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1))}
+        sizes.add((high, high))
+        gears = sorted((min(h, high), min(w, high)) for h, w in sizes)
+    if not MIN_GEARS <= len(gears) <= MAX_GEARS:
+        raise ToolchainError(f"{len(gears)} (H, W) gears given; ATC needs {MIN_GEARS} to "
+                             f"{MAX_GEARS}")
+    dims = (max_batch, 3, -1, -1)
+    return ShapePlan("gears", (InputPlan(spec.input_name, dims),), tuple(gears))
 
 
 def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
@@ -284,7 +346,7 @@ def run_atc(argv: list[str], output: str | Path) -> Path:
 def write_sidecar(
     om_path: Path,
     plan: ShapePlan,
-    spec: ModelSpec,
+    spec: ModelSpec | DetectorSpec,
     soc_version: str,
     argv: list[str],
     onnx_path: Path,
@@ -296,7 +358,8 @@ def write_sidecar(
     description's ``width_gears`` are the compiled widths, so preprocessing for this model
     (``parse_testdata --model X.om``) resizes to exactly those widths and nothing is padded.
     """
-    if plan.mode == "gears" and len(plan.inputs) == 1 and plan.inputs[0].gear_axes() == [3]:
+    if (isinstance(spec, ModelSpec) and plan.mode == "gears" and len(plan.inputs) == 1
+            and plan.inputs[0].gear_axes() == [3]):
         spec = spec.replace(width_gears=tuple(g[0] for g in plan.gears))
     sidecar = om_path.with_suffix(".json")
     content = {**plan.to_dict(), "soc_version": soc_version, "onnx": str(onnx_path),
@@ -324,11 +387,16 @@ def _parser():
     parser.add_argument("--mode", default="auto", choices=MODES, help="dynamic-shape mode")
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument(
-        "--max-batch", type=int, default=16, help="range maximum; the compiled batch in gears mode"
+        "--max-batch", type=int, default=None,
+        help="range maximum; the compiled batch in gears mode (default: 16; detectors 1)"
     )
     parser.add_argument("--min-width", type=int, help="default: from the model description")
     parser.add_argument("--max-width", type=int, help="default: from the model description")
     parser.add_argument("--width-gears", help="comma-separated widths for gears mode")
+    parser.add_argument("--min-side", type=int, help="detectors: least H and W (default: stride)")
+    parser.add_argument("--max-side", type=int,
+                        help="detectors: largest H and W (default: from the resize rule)")
+    parser.add_argument("--hw-gears", help="detectors, gears mode: 'H,W;H,W;...'")
     parser.add_argument(
         "--precision-mode",
         "--precision_mode",
@@ -350,28 +418,13 @@ def _run(args) -> int:
             f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
             "give atc the fp32 model from convert.fix"
         )
-    spec = ModelSpec.from_onnx(model, str(args.model))
-    min_width = args.min_width or min(spec.min_width, spec.width)
-    max_width = args.max_width or max(spec.max_width, spec.width)
-    try:
-        gears = [int(g) for g in args.width_gears.split(",")] if args.width_gears else None
-    except ValueError:
-        raise ToolchainError(
-            f"--width-gears must be comma-separated integers, got {args.width_gears!r}"
-        ) from None
-    plan = plan_shape(
-        args.soc_version,
-        spec.input_name,
-        spec.channels,
-        spec.height,
-        args.mode,
-        args.min_batch,
-        args.max_batch,
-        min_width,
-        max_width,
-        gears,
-        spec.min_input_width,
-    )
+    detector = detector_spec_from_metadata({p.key: p.value for p in model.metadata_props},
+                                           str(args.model))
+    if detector is not None:
+        plan, spec = _detector_plan(args, detector), detector
+    else:
+        spec = ModelSpec.from_onnx(model, str(args.model))
+        plan = _recogniser_plan(args, spec)
     argv = build_atc_command(
         args.model, args.output, args.soc_version, plan, args.log, args.precision_mode, args.atc
     )
@@ -395,6 +448,42 @@ def _run(args) -> int:
         + f"); sidecar {sidecar}"
     )
     return 0
+
+
+def _detector_plan(args, spec: DetectorSpec) -> ShapePlan:
+    gears = None
+    if args.hw_gears:
+        pairs = [g.split(",") for g in args.hw_gears.split(";")]
+        if any(len(p) != 2 or not all(v.strip().isdigit() for v in p) for p in pairs):
+            raise ToolchainError(f"--hw-gears must be 'H,W;H,W;...' integers, got "
+                                 f"{args.hw_gears!r}")
+        gears = [(int(h), int(w)) for h, w in pairs]
+    return plan_detector_shape(args.soc_version, spec, args.mode, args.min_batch,
+                               args.max_batch or 1, args.min_side, args.max_side, gears)
+
+
+def _recogniser_plan(args, spec: ModelSpec) -> ShapePlan:
+    min_width = args.min_width or min(spec.min_width, spec.width)
+    max_width = args.max_width or max(spec.max_width, spec.width)
+    try:
+        gears = [int(g) for g in args.width_gears.split(",")] if args.width_gears else None
+    except ValueError:
+        raise ToolchainError(
+            f"--width-gears must be comma-separated integers, got {args.width_gears!r}"
+        ) from None
+    return plan_shape(
+        args.soc_version,
+        spec.input_name,
+        spec.channels,
+        spec.height,
+        args.mode,
+        args.min_batch,
+        args.max_batch or 16,
+        min_width,
+        max_width,
+        gears,
+        spec.min_input_width,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
