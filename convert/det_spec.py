@@ -12,13 +12,12 @@ Binarization", AAAI 2020; the parameter names of PaddleOCR ``DBPostProcess``).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from convert.errors import ToolchainError
-from convert.spec import CHANNEL_ORDERS, ModelSpec
+from convert.spec import CHANNEL_ORDERS, Description, ModelSpec
 
 #: Prefix of the detector description's keys in ONNX ``metadata_props``.
 DET_METADATA_PREFIX = "crnn_det."
@@ -31,7 +30,7 @@ SCORE_MODES = ("fast", "slow")
 
 
 @dataclass(frozen=True)
-class DetectorSpec:
+class DetectorSpec(Description):
     """Everything the pipeline needs to run one DB text detector.
 
     Attributes:
@@ -76,13 +75,22 @@ class DetectorSpec:
     use_dilation: bool = False
     score_mode: str = "fast"
 
+    metadata_prefix: ClassVar[str] = DET_METADATA_PREFIX
+
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
 
-    channels = 3
+    channels: ClassVar[int] = 3
+    #: The input's batch axis, and that of the probability map.
+    batch_axis: ClassVar[int] = 0
+
+    @property
+    def min_input_width(self) -> int:
+        """Narrowest input the detector is given: one stride (``input_size`` never gives less)."""
+        return self.stride
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` of the engine input for an image of ``width`` x ``height``.
@@ -112,6 +120,11 @@ class DetectorSpec:
         """The probability map's shape for an input of ``input_shape`` ``(N, 3, H, W)``."""
         return (input_shape[0], 1, input_shape[2], input_shape[3])
 
+    def trim_output(self, output, rows: int, input_shape: tuple[int, ...]):
+        """The maps of ``rows`` inputs of ``input_shape`` inside an output computed on a
+        larger padded batch (padding on the bottom and right, as ais_bench gears pad)."""
+        return output[:rows, :, : input_shape[2], : input_shape[3]]
+
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
         if self.task != DETECTION_TASK:
@@ -138,16 +151,6 @@ class DetectorSpec:
             raise ToolchainError("DB settings: need 0 < thresh < 1, 0 <= box_thresh < 1, "
                                  "unclip_ratio > 0, max_candidates >= 1, min_box_side >= 0")
 
-    def replace(self, **changes) -> DetectorSpec:
-        """A copy with ``changes`` applied and validated."""
-        spec = dataclasses.replace(self, **changes)
-        spec.validate()
-        return spec
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict, source: str = "detector description") -> DetectorSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones default.
@@ -157,20 +160,7 @@ class DetectorSpec:
         """
         if not isinstance(data, dict) or data.get("task") != DETECTION_TASK or "arch" not in data:
             raise ToolchainError(f"{source}: not a detector description")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            spec = cls(**{k: v for k, v in data.items() if k in names})
-            spec.validate()
-        except (ToolchainError, TypeError) as exc:
-            raise ToolchainError(f"{source}: {exc}") from None
-        return spec
-
-    def to_metadata(self) -> dict[str, str]:
-        """Key/value strings for ONNX ``metadata_props`` (values JSON-encoded)."""
-        return {DET_METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
-
-
-Description = ModelSpec | DetectorSpec
+        return cls._from_fields(data, source)
 
 
 def description_from_dict(data: dict, source: str) -> Description:
@@ -182,6 +172,5 @@ def description_from_dict(data: dict, source: str) -> Description:
 
 def detector_spec_from_metadata(props: dict[str, str], source: str) -> DetectorSpec | None:
     """The detector description in ONNX ``metadata_props``; None when there is none."""
-    data = {k[len(DET_METADATA_PREFIX):]: json.loads(v)
-            for k, v in props.items() if k.startswith(DET_METADATA_PREFIX)}
+    data = DetectorSpec.metadata_fields(props)
     return DetectorSpec.from_dict(data, source) if data else None

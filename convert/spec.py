@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 from convert.charset import Charset
 from convert.errors import ToolchainError
@@ -45,8 +46,51 @@ def quantization_of(model) -> dict | None:
     return None if value is None else json.loads(value)
 
 
+class Description:
+    """What every model description shares (:class:`ModelSpec` here, and
+    ``convert.det_spec.DetectorSpec``): validated copies, plain dicts, and the ONNX
+    ``metadata_props`` form, whose keys carry the class's :attr:`metadata_prefix`."""
+
+    metadata_prefix: ClassVar[str]
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied and validated."""
+        spec = dataclasses.replace(self, **changes)
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready dict of the fields."""
+        return dataclasses.asdict(self)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Key/value strings for ONNX ``metadata_props`` (values JSON-encoded)."""
+        return {self.metadata_prefix + k: json.dumps(v, ensure_ascii=False)
+                for k, v in self.to_dict().items()}
+
+    @classmethod
+    def metadata_fields(cls, props: dict[str, str]) -> dict[str, object]:
+        """The fields this class's keys hold in ``metadata_props`` (empty: none)."""
+        prefix = cls.metadata_prefix
+        return {k[len(prefix):]: json.loads(v) for k, v in props.items() if k.startswith(prefix)}
+
+    @classmethod
+    def _from_fields(cls, data: dict, source: str):
+        """An instance of the known keys of ``data``, validated; errors name ``source``."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        try:
+            spec = cls(**{k: v for k, v in data.items() if k in names})
+            spec.validate()
+        except (ToolchainError, TypeError) as exc:
+            raise ToolchainError(f"{source}: {exc}") from None
+        return spec
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Description):
     """Everything downstream of the export needs to know about one CTC recogniser.
 
     Defaults are the CRNN's (crnn.pytorch, the Ascend ModelZoo, nano-ocr), so descriptions
@@ -101,6 +145,8 @@ class ModelSpec:
     min_input_width: int = 4
     width_gears: tuple[int, ...] = ()
 
+    metadata_prefix: ClassVar[str] = METADATA_PREFIX
+
     def __post_init__(self) -> None:
         for name in ("mean", "std"):  # JSON gives lists; keep the frozen value hashable
             value = getattr(self, name)
@@ -123,6 +169,18 @@ class ModelSpec:
     def time_major(self) -> bool:
         """Whether the output is ``[T, N, C]``."""
         return self.output_layout == "TNC"
+
+    @property
+    def batch_axis(self) -> int:
+        """The output's batch axis (1 for ``[T, N, C]``, 0 for ``[N, T, C]``)."""
+        return 1 if self.time_major else 0
+
+    def trim_output(self, output, rows: int, input_shape: tuple[int, ...]):
+        """The output of ``rows`` inputs of ``input_shape`` inside an output computed on a
+        larger padded batch (wider inputs, more rows): the first ``frames(width)`` frames of
+        the first ``rows`` rows."""
+        frames = self.frames(input_shape[3])
+        return output[:frames, :rows] if self.time_major else output[:rows, :frames]
 
     def frames(self, width: int) -> int:
         """CTC frames T for an input ``width`` in pixels: ``width // downsample + frame_offset``.
@@ -220,16 +278,6 @@ class ModelSpec:
             )
         Charset(self.alphabet, self.blank)  # repeats and the blank's range
 
-    def replace(self, **changes) -> ModelSpec:
-        """A copy with ``changes`` applied and validated."""
-        spec = dataclasses.replace(self, **changes)
-        spec.validate()
-        return spec
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, object], source: str = "model description") -> ModelSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones default.
@@ -240,23 +288,10 @@ class ModelSpec:
         """
         if not isinstance(data, dict):
             raise ToolchainError(f"{source}: the model description is not a JSON object")
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
         missing = {"arch", "alphabet"} - data.keys()
         if missing:
             raise ToolchainError(f"{source} lacks {sorted(missing)}")
-        try:
-            spec = cls(**{k: v for k, v in data.items() if k in names})
-            spec.validate()
-        except ToolchainError as exc:
-            raise ToolchainError(f"{source}: {exc}") from None
-        return spec
-
-    def to_metadata(self) -> dict[str, str]:
-        """Key/value strings for ONNX ``metadata_props`` (values JSON-encoded)."""
-        return {
-            METADATA_PREFIX + k: json.dumps(v, ensure_ascii=False)
-            for k, v in self.to_dict().items()
-        }
+        return cls._from_fields(data, source)
 
     @classmethod
     def from_metadata(cls, props: dict[str, str], source: str) -> ModelSpec:
@@ -266,11 +301,7 @@ class ModelSpec:
             ToolchainError: ``props`` holds no description (a model neither exported by
                 ``convert.pth2onnx`` nor fetched by ``convert.weights``).
         """
-        data = {
-            k[len(METADATA_PREFIX) :]: json.loads(v)
-            for k, v in props.items()
-            if k.startswith(METADATA_PREFIX)
-        }
+        data = cls.metadata_fields(props)
         if not data:
             raise ToolchainError(
                 f"{source} carries no model description in its metadata (it was neither "

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from convert.model_file import read_sidecar
 from infer.base import InputSpec, Runner
@@ -80,8 +79,7 @@ class AisBenchRunner(Runner):
                 ranges = plan.ranges()
             else:  # gears: each gear axis takes anything up to its largest gear (padded up)
                 top = self._gear_tops(plan)
-                narrowest = 1 if isinstance(self.spec, DetectorSpec) else self.spec.min_input_width
-                ranges = {axis: (narrowest if axis == 3 else 1, top[axis])
+                ranges = {axis: (self.spec.min_input_width if axis == 3 else 1, top[axis])
                           for axis in plan.gear_axes()}
             specs.append(InputSpec(plan.name, np.dtype(np.float32), shape, ranges))
         return specs
@@ -118,8 +116,6 @@ class AisBenchRunner(Runner):
         padded_shape[0] = compiled
         for k, axis in enumerate(axes):
             padded_shape[axis] = gear[k]
-        detector = isinstance(self.spec, DetectorSpec)
-        batch_axis = 1 if not detector and self.spec.time_major else 0
         total, pieces = 0.0, []
         for start in range(0, images.shape[0], compiled):
             chunk = images[start:start + compiled]
@@ -128,14 +124,9 @@ class AisBenchRunner(Runner):
             (scores,) = self._timed(self.session.infer, [padded], mode="dymdims")
             total += self.last_engine_seconds
             full = self._as_output(scores, tuple(padded_shape))
-            if detector:  # the map of the unpadded part (padding is on the bottom and right)
-                pieces.append(full[: len(chunk), :, : images.shape[2], : images.shape[3]])
-                continue
-            frames = self.spec.frames(images.shape[3])
-            kept = full[:frames, : len(chunk)] if batch_axis == 1 else full[: len(chunk), :frames]
-            pieces.append(kept)
+            pieces.append(self.spec.trim_output(full, len(chunk), images.shape))
         self.last_engine_seconds = total
-        return np.concatenate(pieces, axis=batch_axis)
+        return np.concatenate(pieces, axis=self.spec.batch_axis)
 
     def _close(self) -> None:
         if self.session is not None:
