@@ -52,6 +52,13 @@ class Recognition:
     width: int
     size: tuple[int, int]
 
+    @classmethod
+    def of(cls, decoded: Decoded, width: int, size: tuple[int, int]) -> Recognition:
+        """The recognition of one decoded row whose input was ``width`` pixels wide, from an
+        image of ``size`` ``(width, height)``."""
+        return cls(decoded.text, decoded.confidence, decoded.char_frames, decoded.frames, width,
+                   size)
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -155,10 +162,6 @@ class Recognizer:
                 f"inside it (or give parse_testdata the model file: --model), or rebuild the "
                 f"model for a wider range (convert.atc --min-width/--max-width)")
 
-    @property
-    def _batch_axis(self) -> int:
-        return 1 if self.spec.time_major else 0
-
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The model's output for an input batch, split to sizes the engine accepts.
 
@@ -178,8 +181,9 @@ class Recognizer:
             outputs = self.runner.infer({self.spec.input_name: batch[start:start + step]})
             seconds += self.runner.last_engine_seconds
             pieces.append(outputs[self.spec.output_name])
-        scores = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=self._batch_axis)
-        return scores, seconds
+        if len(pieces) == 1:
+            return pieces[0], seconds
+        return np.concatenate(pieces, axis=self.spec.batch_axis), seconds
 
     def _decode(self, key: Any, scores: np.ndarray, widths: list[int],
                 engine_seconds: float) -> BatchResult:
@@ -269,13 +273,6 @@ class Recognizer:
                 if result.error is not None:
                     results[origin[member]] = Failure(str(result.error), "infer")
                     continue
-                d = result.decoded[row]
-                results[origin[member]] = Recognition(
-                    d.text,
-                    d.confidence,
-                    d.char_frames,
-                    d.frames,
-                    pixels[member].shape[1],
-                    sizes[member],
-                )
+                results[origin[member]] = Recognition.of(
+                    result.decoded[row], pixels[member].shape[1], sizes[member])
         return results

@@ -54,6 +54,12 @@ def _error(exc: ServiceError) -> Response:
     return _json({"error": exc.message}, exc.status, exc.headers)
 
 
+def _pipeline_error(exc: ServiceError) -> Response:
+    """An error in Paddle Serving's pipeline fields (``err_no`` the status), ours beside."""
+    return _json({"err_no": exc.status, "err_msg": exc.message, "key": [], "value": [],
+                  "error": exc.message}, exc.status, exc.headers)
+
+
 async def read_body(request: Request, cap: int) -> bytes:
     """The request body, refused past ``cap`` bytes before it is all read.
 
@@ -132,12 +138,13 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
     name = service.config.name
     metrics = service.metrics
 
-    async def answer(endpoint: str, work: Callable[[], Awaitable[Response]]) -> Response:
+    async def answer(endpoint: str, work: Callable[[], Awaitable[Response]],
+                     error: Callable[[ServiceError], Response] = _error) -> Response:
         start = time.perf_counter()
         try:
             response = await work()
         except ServiceError as exc:
-            response = _error(exc)
+            response = error(exc)
         metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start)
         return response
 
@@ -184,14 +191,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             value = repr([[w.text, w.as_json()["points"]] for w in result.words])
             return _json({"err_no": 0, "err_msg": "", "key": ["res"], "value": [value]})
 
-        response = await answer("ocr_prediction", work)
-        if response.status_code != 200:  # Paddle Serving's fields beside ours
-            message = json.loads(response.body)["error"]
-            return _json({"err_no": response.status_code, "err_msg": message, "key": [],
-                          "value": [], "error": message}, response.status_code,
-                         {k: v for k, v in response.headers.items()
-                          if k.lower() in ("retry-after", "www-authenticate")})
-        return response
+        return await answer("ocr_prediction", work, _pipeline_error)
 
     async def infer(request: Request, model: str, version: str | None) -> Response:
         arrival = time.monotonic()

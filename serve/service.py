@@ -66,6 +66,14 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+def bad_image(exc: SampleError, where: str = "") -> ServiceError:
+    """The answer to an image that cannot be used: 413 over a size cap, else 400 (with the
+    accepted formats); ``where`` prefixes the message (``"image 2: "``)."""
+    if isinstance(exc, ImageTooLarge):
+        return ServiceError(413, f"{where}{exc}")
+    return ServiceError(400, f"{where}{exc}; accepted formats: {', '.join(DECODABLE_FORMATS)}")
+
+
 class State(enum.Enum):
     """Where the service stands: readiness is ``READY`` only."""
 
@@ -228,14 +236,10 @@ class Service:
     def _prepare(self, images: list[bytes]) -> list[np.ndarray]:
         pixels = []
         for index, raw in enumerate(images):
-            where = f"image {index}: " if len(images) > 1 else ""
             try:
                 pixels.append(prepare(raw, self.spec, self.config.max_pixels)[0])
-            except ImageTooLarge as exc:
-                raise ServiceError(413, f"{where}{exc}") from None
             except SampleError as exc:
-                raise ServiceError(400, f"{where}{exc}; accepted formats: "
-                                        f"{', '.join(DECODABLE_FORMATS)}") from None
+                raise bad_image(exc, f"image {index}: " if len(images) > 1 else "") from None
         return pixels
 
     def _admit(self, batcher: WidthBatcher, count: int) -> None:
@@ -269,11 +273,8 @@ class Service:
     def _prepare_ocr(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         try:
             rgb = decode_rgb(raw, self.config.max_pixels)
-        except ImageTooLarge as exc:
-            raise ServiceError(413, str(exc)) from None
         except SampleError as exc:
-            raise ServiceError(400, f"{exc}; accepted formats: "
-                                    f"{', '.join(DECODABLE_FORMATS)}") from None
+            raise bad_image(exc) from None
         return rgb, detector_input(rgb, self.detector.spec)
 
     def _prepare_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
@@ -307,8 +308,7 @@ class Service:
         self._admit(self.batcher, len(pixels))
         futures = [self.batcher.submit(p, deadline) for p in pixels]
         decoded = await self._gather(futures, deadline)
-        outcomes = [Recognition(d.text, d.confidence, d.char_frames, d.frames, p.shape[1],
-                                (c.pixels.shape[1], c.pixels.shape[0]))
+        outcomes = [Recognition.of(d, p.shape[1], (c.pixels.shape[1], c.pixels.shape[0]))
                     for d, p, c in zip(decoded, pixels, crops)]
         return assemble(crops, outcomes, self.spec, self.config.split_words,
                         self.config.min_confidence)
