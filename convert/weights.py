@@ -115,8 +115,6 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
         ToolchainError: the file has no ``character`` metadata, or its output's class axis
             does not match the charset.
     """
-    import onnx
-
     from convert.charset import Charset
     from convert.onnx_io import load_onnx
 
@@ -132,6 +130,15 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
             f"{model_path}: {classes} output classes for a charset of "
             f"{spec.num_classes - 1} characters + blank"
         )
+    save_described(model, spec, output)
+
+
+def save_described(model, spec, output: Path) -> None:
+    """Save a loaded ``onnx.ModelProto`` to ``output`` with ``spec``'s description added to
+    (or replacing its keys in) the model's ``metadata_props``."""
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props}
     props.update(spec.to_metadata())
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(output))
@@ -143,8 +150,6 @@ def describe_ppocr_det(model_path: Path, output: Path) -> None:
     Raises:
         ToolchainError: the file's input or output is not the one the description names.
     """
-    import onnx
-
     from convert.onnx_io import load_onnx
 
     model = load_onnx(model_path)
@@ -154,10 +159,7 @@ def describe_ppocr_det(model_path: Path, output: Path) -> None:
     if inputs != [spec.input_name] or outputs != [spec.output_name]:
         raise ToolchainError(f"{model_path}: tensors {inputs} -> {outputs}, expected "
                              f"[{spec.input_name!r}] -> [{spec.output_name!r}]")
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update(spec.to_metadata())
-    onnx.helper.set_model_props(model, props)
-    onnx.save(model, str(output))
+    save_described(model, spec, output)
 
 
 #: Models whose cached file is a copy carrying our description, and the function writing it.

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +43,7 @@ from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.outputs import atomic_path, check_output_file, write_texts
 from eval.det_metrics import Detection, GtWord, read_gt_file, score_set
-from infer.onnxruntime_runner import available_cores
+from eval.postprocess import machine_facts
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
 from preprocess.image import SampleError, decode_rgb
 
@@ -228,7 +227,7 @@ def run(args) -> dict[str, object]:
         "models": {"detector": str(args.det), "recogniser": str(args.rec),
                    "detector_settings": pipeline.detector.spec.to_dict(),
                    "split_words": args.split_words, "min_confidence": args.min_confidence},
-        "machine": {"platform": platform.platform(), "cores": available_cores()},
+        "machine": machine_facts(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if gts is not None:

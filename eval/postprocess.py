@@ -80,6 +80,12 @@ def check_compatible(model_spec: ModelSpec, input_model: dict | None, source: st
             "with --model pointing at this model")
 
 
+def machine_facts() -> dict[str, object]:
+    """Where a report was made: cores available to this process, platform, processor."""
+    return {"cores": available_cores(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine()}
+
+
 def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, model: str,
                 decoder: str) -> dict[str, object]:
     """The report.json content (see the module docstring for the fields)."""
@@ -121,8 +127,7 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
         "engine_seconds_sum": run.engine_seconds_sum,
         "accuracy_by_width": by_width,
         "failures": failed,
-        "machine": {"cores": available_cores(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": machine_facts(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

@@ -20,18 +20,18 @@ from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from infer.base import Runner
 from pipeline.db_postprocess import TextBox, boxes_from_map
+from preprocess.image import normalise
 
 
 def detector_input(rgb: np.ndarray, spec: DetectorSpec) -> np.ndarray:
-    """The float32 ``[3, H, W]`` engine input for uint8 ``[h, w, 3]`` RGB pixels."""
+    """The float32 ``[3, H, W]`` engine input for uint8 ``[h, w, 3]`` RGB pixels: resized by
+    the description's rule (OpenCV bilinear), reordered, and normalised as every model input
+    is (``preprocess.image.normalise``)."""
     width, height = spec.input_size(rgb.shape[1], rgb.shape[0])
     resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
     if spec.channel_order == "bgr":
         resized = resized[..., ::-1]
-    scaled = resized.astype(np.float32) * np.float32(1 / 255.0)
-    mean = np.asarray(spec.mean, np.float32)
-    std = np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(normalise(resized, spec))
 
 
 @dataclass

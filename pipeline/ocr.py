@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from convert.errors import ToolchainError
+from convert.spec import ModelSpec
 from pipeline.db_postprocess import TextBox
 from pipeline.detector import Detector
 from pipeline.recognizer import Failure, Recognition, Recognizer
@@ -138,14 +139,15 @@ def word_spans(recognition: Recognition, frame_x) -> list[tuple[str, float, floa
     return spans
 
 
-def split_words(recognition: Recognition, matrix: np.ndarray, frame_x,
-                ) -> list[tuple[str, np.ndarray]]:
+def split_words(recognition: Recognition, matrix: np.ndarray,
+                spec: ModelSpec) -> list[tuple[str, np.ndarray]]:
     """The words of a line crop and their corners in image pixels.
 
     Args:
         recognition: the crop's recognition (its ``size`` is the crop's ``(cw, ch)``).
         matrix: the image -> crop transform of :func:`crop_box`.
-        frame_x: ``frame -> x`` in the recogniser's input (``spec.frame_centre_x``).
+        spec: the recogniser's description (its frames rule places each character:
+            ``spec.frame_centre_x``).
 
     Returns:
         ``[(word, float32 [4, 2] corners clockwise from the top-left)]``.
@@ -154,6 +156,9 @@ def split_words(recognition: Recognition, matrix: np.ndarray, frame_x,
     scale = crop_width / recognition.width
     inverse = np.linalg.inv(matrix)
     words = []
+    def frame_x(frame: int) -> float:
+        return spec.frame_centre_x(frame, recognition.width)
+
     for word, x0, x1 in word_spans(recognition, frame_x):
         a, b = x0 * scale, x1 * scale
         corners = np.array([[[a, 0], [b, 0], [b, crop_height], [a, crop_height]]], np.float32)
@@ -191,7 +196,7 @@ def cut_crops(image: np.ndarray, boxes: Sequence[TextBox], tall_ratio: float = 1
     return crops
 
 
-def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], spec,
+def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], spec: ModelSpec,
              split: bool = True, min_confidence: float = 0.5) -> ImageResult:
     """One image's result from its crops and their recognitions (in the same order).
 
@@ -217,8 +222,7 @@ def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], s
             result.drop("low confidence")
             continue
         if split and not crop.rotated and " " in text:
-            pieces = split_words(outcome, crop.matrix,
-                                 lambda f, w=outcome.width: spec.frame_centre_x(f, w))
+            pieces = split_words(outcome, crop.matrix, spec)
         else:
             pieces = [(text, crop.box.points)]
         for word, corners in pieces:

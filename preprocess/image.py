@@ -17,7 +17,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from convert.spec import ModelSpec
+from convert.spec import Description, ModelSpec
 
 _FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -179,7 +179,7 @@ def resize(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     return pixels[..., ::-1] if spec.channel_order == "bgr" else pixels
 
 
-def normalise(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+def normalise(pixels: np.ndarray, spec: Description) -> np.ndarray:
     """``(x / 255 - mean) / std`` in float32 (same op order as torchvision), channels first.
 
     Args:

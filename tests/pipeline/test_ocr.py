@@ -63,8 +63,7 @@ def test_split_words_on_a_rendered_line(recognizer, angle):
     crop, matrix = crop_box(canvas, cv2.transform(corners[None], turn)[0])
     (recognition,) = recognizer([crop])
     assert recognition.text == " ".join(WORDS)
-    words = split_words(recognition, matrix,
-                        lambda f: recognizer.spec.frame_centre_x(f, recognition.width))
+    words = split_words(recognition, matrix, recognizer.spec)
     assert [w for w, _ in words] == WORDS
     for (_, quad), (x0, _, x1, _) in zip(words, truth):
         # Back in the line's own coordinates, the quad is the band [a, b] x [0, height].
