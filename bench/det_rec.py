@@ -28,8 +28,9 @@ from pathlib import Path
 
 from convert.cli import REPO_ROOT, make_parser, positive, run_main
 from convert.errors import ToolchainError
-from eval.det_metrics import Detection, read_gt_file, score_set
-from eval.det_rec import gt_path, list_images
+from convert.outputs import claim_output_folder
+from eval.det_metrics import Detection, score_set
+from eval.det_rec import list_images, read_ground_truth
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 DEFAULT_VENV = REPO_ROOT / ".cache" / "bench-rapidocr"
@@ -77,18 +78,20 @@ def _parser():
     parser.add_argument("--rapidocr-venv", type=Path, default=DEFAULT_VENV,
                         help="virtual environment for RapidOCR (made if missing)")
     parser.add_argument("--limit", type=positive(int), help="only the first N images")
-    parser.add_argument("--out", type=Path, help="folder to keep the predictions and reports")
+    parser.add_argument("--out", type=Path, help="folder to keep the predictions and reports "
+                                                  "(new, empty, or this bench's own)")
     parser.add_argument("--nano", action="store_true", help="also run with --rec nano-ocr")
     return parser
 
 
 def _main(args) -> int:
     images = list_images(args.images)[: args.limit]
-    gts = {p.name: read_gt_file(gt_path(args.gts, p)) for p in images}
+    gts = read_ground_truth(args.gts, images)
+    if args.out:
+        claim_output_folder(args.out, "bench.det_rec", "--out")
     python = rapidocr_python(args.rapidocr_venv)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.out or Path(scratch)
-        work.mkdir(parents=True, exist_ok=True)
         folder = args.images
         if args.limit:  # both sides read the same subset
             folder = work / "images"

@@ -43,6 +43,29 @@ def check_output_file(path: str | Path, flag: str = "output") -> Path:
     return path
 
 
+def claim_output_folder(folder: str | Path, tool: str, flag: str = "output folder") -> Path:
+    """Make ``folder`` a folder ``tool`` may write files into: a new or empty folder, or one
+    that ``tool`` claimed before; a marker file ``.<tool>-output`` records the claim.
+
+    Raises:
+        ToolchainError: ``folder`` is a file, or a non-empty folder ``tool`` did not write
+            (nothing in it is touched), or it cannot be written (one line naming it).
+    """
+    folder = Path(folder)
+    marker = folder / f".{tool}-output"
+    if folder.exists() and not folder.is_dir():
+        raise ToolchainError(f"{folder}: is a file; {flag} must name a folder")
+    if folder.is_dir() and not marker.is_file() and any(folder.iterdir()):
+        raise ToolchainError(f"{folder}: not empty and not written by {tool}; {flag} must "
+                             "name a new or empty folder (nothing was touched)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as exc:
+        raise ToolchainError(f"{folder}: cannot be written ({exc.strerror or exc})") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed to ``path`` when the block ends cleanly,

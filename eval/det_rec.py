@@ -18,7 +18,8 @@ Outputs:
     per-image rows, the failures, regions dropped by reason, and the time. Without ``--gts``
     the report holds everything but the scores.
     ``--vis DIR``: each image as ``<stem>.png`` with its boxes and texts drawn (red), and the
-    ground truth (green; don't-care regions grey) where given.
+    ground truth (green; don't-care regions grey) where given. DIR must be new, empty, or
+    one this tool wrote before (marked by ``.det_rec-output``): nothing else is overwritten.
 
 Examples:
     python -m eval.det_rec --images ../shared/data/IC15_test_even/images \\
@@ -28,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -41,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
-from convert.outputs import atomic_path, check_output_file, write_texts
+from convert.outputs import atomic_path, check_output_file, claim_output_folder, write_texts
 from eval.det_metrics import Detection, GtWord, read_gt_file, score_set
 from eval.postprocess import machine_facts
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
@@ -76,6 +78,22 @@ def list_images(folder: Path) -> list[Path]:
 def gt_path(gts: Path, image: Path) -> Path:
     """ICDAR 2015's ground-truth file of an image: ``gt_<stem>.txt``."""
     return gts / f"gt_{image.stem}.txt"
+
+
+def read_ground_truth(gts: Path, images: list[Path]) -> dict[str, list[GtWord]]:
+    """Each image's ICDAR 2015 ground truth (``gt_<stem>.txt`` in ``gts``), by file name.
+
+    Raises:
+        ToolchainError: ``gts`` is not a folder, some image has no file (names the first
+            three), or a file is malformed (``eval.det_metrics.read_gt_file``).
+    """
+    if not gts.is_dir():
+        raise ToolchainError(f"{gts}: not a folder of ground-truth files")
+    missing = [gt_path(gts, p).name for p in images if not gt_path(gts, p).is_file()]
+    if missing:
+        raise ToolchainError(f"{gts}: no ground truth for {len(missing)} images "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    return {p.name: read_gt_file(gt_path(gts, p)) for p in images}
 
 
 def read_image(path: Path, max_pixels: int) -> np.ndarray:
@@ -117,6 +135,29 @@ def draw_result(image: np.ndarray, words, gts: Sequence[GtWord] = ()) -> Image.I
     return canvas
 
 
+def check_outputs(args, images: list[Path]) -> None:
+    """Refuse outputs that would overwrite an input or each other, or a --vis folder with
+    files this tool did not write; create what is needed (before any long work).
+
+    Raises:
+        ToolchainError: one line naming the output and the problem.
+    """
+    inputs = {p.resolve() for p in images}
+    if args.gts is not None:
+        inputs |= {gt_path(args.gts, p).resolve() for p in images}
+    files = [("--predictions", args.predictions)]
+    if args.report:
+        files.append(("--report", args.report))
+    for flag, path in files:
+        if path.resolve() in inputs:
+            raise ToolchainError(f"{path}: is one of the inputs; {flag} must name another file")
+        check_output_file(path, flag)
+    if args.report and args.report.resolve() == args.predictions.resolve():
+        raise ToolchainError(f"{args.report}: --report and --predictions name the same file")
+    if args.vis:
+        claim_output_folder(args.vis, "det_rec", "--vis")
+
+
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
@@ -132,7 +173,7 @@ def _parser():
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
     parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels fail (checked before decoding)")
-    parser.add_argument("--min-confidence", type=float, default=0.5,
+    parser.add_argument("--min-confidence", type=_probability, default=0.5,
                         help="regions read with a lower recogniser confidence are dropped")
     parser.add_argument("--no-split-words", dest="split_words", action="store_false",
                         help="keep line boxes whole (no cut at recognised spaces)")
@@ -150,6 +191,13 @@ def _parser():
     return parser
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 _DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ratio",
               "use_dilation")
 
@@ -157,21 +205,8 @@ _DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ra
 def run(args) -> dict[str, object]:
     """Run the pipeline over ``args.images`` and write the outputs; return the report."""
     images = list_images(args.images)[: args.limit]
-    gts: dict[str, list[GtWord]] | None = None
-    if args.gts is not None:
-        if not args.gts.is_dir():
-            raise ToolchainError(f"{args.gts}: not a folder of ground-truth files")
-        missing = [gt_path(args.gts, p).name for p in images
-                   if not gt_path(args.gts, p).is_file()]
-        if missing:
-            raise ToolchainError(f"{args.gts}: no ground truth for {len(missing)} images "
-                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        gts = {p.name: read_gt_file(gt_path(args.gts, p)) for p in images}
-    check_output_file(args.predictions, "--predictions")
-    if args.report:
-        check_output_file(args.report, "--report")
-    if args.vis:
-        check_output_file(args.vis / ".det_rec-check", "--vis")
+    gts = read_ground_truth(args.gts, images) if args.gts is not None else None
+    check_outputs(args, images)
     changes = {k: getattr(args, k) for k in _DB_FIELDS if getattr(args, k) is not None}
     pipeline = open_pipeline(args.det, args.rec, args.device, threads=args.threads,
                              detector_changes=changes, rec_batch_size=args.rec_batch_size,

@@ -36,6 +36,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from serve import kserve
@@ -60,8 +61,9 @@ def _pipeline_error(exc: ServiceError) -> Response:
                   "error": exc.message}, exc.status, exc.headers)
 
 
-async def read_body(request: Request, cap: int) -> bytes:
-    """The request body, refused past ``cap`` bytes before it is all read.
+async def read_body(request: Request, cap: int, expected: str = "the image file") -> bytes:
+    """The request body, refused past ``cap`` bytes before it is all read; ``expected`` names
+    what the body should hold (for the empty-body message).
 
     Raises:
         ServiceError: 400 for an empty body, a bad Content-Length or a client that left
@@ -86,7 +88,7 @@ async def read_body(request: Request, cap: int) -> bytes:
         raise ServiceError(400, "the client closed the connection before the whole body "
                                 "arrived") from None
     if total == 0:
-        raise ServiceError(400, "the request body is empty; send the image file as the body")
+        raise ServiceError(400, f"the request body is empty; send {expected} as the body")
     return b"".join(chunks)
 
 
@@ -185,7 +187,8 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
-            body = await read_body(request, service.config.max_body_bytes)
+            body = await read_body(request, service.config.max_body_bytes,
+                                   'the JSON {"key": ["image"], "value": [base64]}')
             image = pipeline_request_image(body)
             result = await service.ocr(image, arrival)
             value = repr([[w.text, w.as_json()["points"]] for w in result.words])
@@ -203,7 +206,8 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
                 raise ServiceError(415, f"Content-Encoding "
                                         f"{request.headers['content-encoding']!r} is not "
                                         f"supported; send the body uncompressed")
-            body = await read_body(request, service.config.max_body_bytes)
+            body = await read_body(request, service.config.max_body_bytes,
+                                   "a KServe v2 inference request")
             try:
                 parsed = kserve.parse_infer_request(
                     body, request.headers.get(kserve.HEADER_LENGTH.lower()))
@@ -275,6 +279,12 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing errors (404 unknown path, 405 wrong method) in the same {"error": ...} form.
+        return _json({"error": f"{request.method} {request.url.path}: {exc.detail}"},
+                     exc.status_code, dict(exc.headers or {}))
 
     return app
 

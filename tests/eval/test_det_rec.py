@@ -90,3 +90,23 @@ def test_missing_ground_truth_is_one_clear_error(tmp_path, capsys):
     assert code == 1
     assert "no ground truth for 1 images (gt_img_1.txt)" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_outputs_never_overwrite_inputs_or_foreign_files(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = images / "img_1.png"
+    photo.write_bytes(encode(Image.new("RGB", (64, 64))))
+    before = photo.read_bytes()
+    cases = [
+        (["--predictions", str(photo)], "is one of the inputs; --predictions"),
+        (["--predictions", str(tmp_path / "p.json"), "--report", str(tmp_path / "p.json")],
+         "--report and --predictions name the same file"),
+        (["--predictions", str(tmp_path / "p.json"), "--vis", str(images)],
+         "not empty and not written by det_rec; --vis must name a new or empty folder"),
+    ]
+    for extra, message in cases:
+        assert det_rec.main(["--images", str(images), *extra]) == 1
+        assert message in capsys.readouterr().err
+    assert photo.read_bytes() == before and sorted(images.iterdir()) == [photo]
+    assert not (tmp_path / "p.json").exists()

@@ -81,6 +81,16 @@ def test_bad_pipeline_requests(server, body, status, message):
     assert answer.json()["err_no"] == status and message in answer.json()["err_msg"]
 
 
+def test_empty_bodies_and_wrong_methods_answer_in_our_error_form(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = client.post("/ocr/prediction", content=b"")
+        assert answer.status_code == 400 and '"key": ["image"]' in answer.json()["err_msg"]
+        answer = client.get("/ocr")
+        assert answer.status_code == 405 and answer.json()["error"].startswith("GET /ocr: ")
+        answer = client.post("/no/such/path", content=b"x")
+        assert answer.status_code == 404 and "/no/such/path" in answer.json()["error"]
+
+
 def test_bad_and_blank_images(server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         blank = encode(Image.new("RGB", (320, 240), "white"), "PNG")
