@@ -286,7 +286,8 @@ class Service:
         input sizes), then each crop through the recogniser's (equal widths).
 
         Raises:
-            ServiceError: 404 no detector loaded; otherwise as :meth:`recognise`.
+            ServiceError: 404 no detector loaded; 413 more text regions than ``max_queue``;
+                otherwise as :meth:`recognise`.
         """
         if self.det_batcher is None:
             raise ServiceError(404, "this server has no text detector; start it with --det")
@@ -303,6 +304,9 @@ class Service:
         (boxes,) = await self._gather([self.det_batcher.submit(array, deadline, size)], deadline)
         if not boxes:
             return ImageResult()
+        if len(boxes) > self.config.max_queue:  # it could never be admitted: not a 503
+            raise ServiceError(413, f"{len(boxes)} text regions in one image; the queue holds "
+                                    f"{self.config.max_queue} (--max-queue)")
         crops, pixels = await loop.run_in_executor(self._preprocess, self._prepare_crops, rgb,
                                                    boxes)
         self._admit(self.batcher, len(pixels))

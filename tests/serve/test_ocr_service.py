@@ -102,6 +102,20 @@ def test_bad_and_blank_images(server):
         assert client.post("/ocr", content=b"").status_code == 400
 
 
+def test_more_regions_than_the_queue_holds_is_413_not_a_retry(ppocr_det_path, ppocr_rec_path):
+    canvas = np.full((480, 640, 3), 255, np.uint8)
+    for row, word in enumerate(["OPEN", "EXIT", "SALE", "2026"]):  # four separate regions
+        line = render_line([word])[0]
+        canvas[20 + 110 * row:20 + 110 * row + line.shape[0], 40:40 + line.shape[1]] = line
+    with ServerProcess(["--model", str(ppocr_rec_path), "--det", str(ppocr_det_path),
+                        "--max-queue", "2", "--threads", "1"]) as running:
+        answer = httpx.post(running.url + "/ocr", content=encode(Image.fromarray(canvas)),
+                            timeout=60)
+    assert answer.status_code == 413, answer.text
+    assert "4 text regions" in answer.json()["error"] and "--max-queue" in answer.json()["error"]
+    assert "retry-after" not in answer.headers
+
+
 def test_ocr_without_a_detector_is_404(exported):
     with ServerProcess(["--model", str(exported["nano-ocr"])]) as running:
         answer = httpx.post(running.url + "/ocr", content=b"x", timeout=30)
