@@ -15,7 +15,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,24 +60,30 @@ def _init_worker(test_dir: str, spec: ModelSpec) -> None:
     _worker["spec"] = spec
 
 
-def _process(indices: Sequence[int]) -> list[tuple]:
-    """Decode and resize a chunk of indices in a worker; one result tuple per index.
+def decode_indices(txn, spec: ModelSpec, indices: Iterable[int]) -> list[tuple]:
+    """Decode and resize the samples at ``indices`` of an open lmdb transaction.
 
-    Each tuple is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``.
+    Returns:
+        One tuple per index, ``(index, label, uint8 resized pixels | None, (w, h) | None,
+        reason | None)``; a sample that cannot be used has ``reason`` set and no pixels.
     """
-    spec = _worker["spec"]
     results = []
-    with _worker["env"].begin() as txn:
-        for index in indices:
-            raw = read_sample(txn, index)
-            try:
-                label = decode_label(raw.label)
-                pixels, size = prepare(raw.image, spec)
-            except SampleError as exc:
-                results.append((index, None, None, None, str(exc)))
-                continue
-            results.append((index, label, pixels, size, None))
+    for index in indices:
+        raw = read_sample(txn, index)
+        try:
+            label = decode_label(raw.label)
+            pixels, size = prepare(raw.image, spec)
+        except SampleError as exc:
+            results.append((index, None, None, None, str(exc)))
+            continue
+        results.append((index, label, pixels, size, None))
     return results
+
+
+def _process(indices: Sequence[int]) -> list[tuple]:
+    """Decode and resize a chunk of indices in a worker (:func:`decode_indices`)."""
+    with _worker["env"].begin() as txn:
+        return decode_indices(txn, _worker["spec"], indices)
 
 
 def _chunks(count: int, size: int) -> Iterator[list[int]]:
@@ -180,32 +186,49 @@ def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
     if missing:
         stream.failed.append(missing)
 
-    def make(members: list[tuple[int, str, np.ndarray]]) -> tuple[np.ndarray, list]:
-        ((_, batch),) = batch_inputs([pixels for _, _, pixels in members], spec, len(members))
-        return batch, [StreamedSample(i, label, pixels.shape[1]) for i, label, pixels in members]
-
     def batches() -> Iterator[tuple[np.ndarray, list[StreamedSample], float]]:
-        buckets: dict[int, list[tuple[int, str, np.ndarray]]] = {}
-        waited = 0.0
-        start = time.perf_counter()
-        for index, label, pixels, _size, reason in results:
-            if reason is not None:
-                stream.failed.append({"index": index, "reason": reason})
-                continue
-            bucket = buckets.setdefault(pixels.shape[1], [])
-            bucket.append((index, label, pixels))
-            if len(bucket) == batch_size:
-                del buckets[pixels.shape[1]]
-                batch, samples = make(bucket)
-                waited += time.perf_counter() - start
-                yield batch, samples, waited
-                waited, start = 0.0, time.perf_counter()
-        waited += time.perf_counter() - start
-        for width in sorted(buckets):
-            batch, samples = make(buckets[width])
-            yield batch, samples, waited
-            waited = 0.0
+        yield from bucket_batches(results, spec, batch_size, stream.failed)
         stream.failed.sort(key=lambda f: f["index"])
 
     stream.batches = batches()
     return stream
+
+
+def bucket_batches(results: Iterable[tuple], spec: ModelSpec, batch_size: int,
+                   failed: list[dict]) -> Iterator[tuple[np.ndarray, list[StreamedSample], float]]:
+    """Equal-width model input batches of decoded samples, each as soon as its bucket fills.
+
+    Args:
+        results: :func:`decode_indices` tuples, in any order.
+        spec: the model description (normalisation).
+        batch_size: samples per batch (>= 1); the rest of each width comes at the end,
+            narrowest first.
+        failed: ``{"index", "reason"}`` of each unusable sample is appended here.
+
+    Yields:
+        ``(float32 [B, C, H, W], samples, seconds spent waiting for ``results``)``.
+    """
+    def make(members: list[tuple[int, str, np.ndarray]]) -> tuple[np.ndarray, list]:
+        ((_, batch),) = batch_inputs([pixels for _, _, pixels in members], spec, len(members))
+        return batch, [StreamedSample(i, label, pixels.shape[1]) for i, label, pixels in members]
+
+    buckets: dict[int, list[tuple[int, str, np.ndarray]]] = {}
+    waited = 0.0
+    start = time.perf_counter()
+    for index, label, pixels, _size, reason in results:
+        if reason is not None:
+            failed.append({"index": index, "reason": reason})
+            continue
+        bucket = buckets.setdefault(pixels.shape[1], [])
+        bucket.append((index, label, pixels))
+        if len(bucket) == batch_size:
+            del buckets[pixels.shape[1]]
+            batch, samples = make(bucket)
+            waited += time.perf_counter() - start
+            yield batch, samples, waited
+            waited, start = 0.0, time.perf_counter()
+    waited += time.perf_counter() - start
+    for width in sorted(buckets):
+        batch, samples = make(buckets[width])
+        yield batch, samples, waited
+        waited = 0.0
