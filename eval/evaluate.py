@@ -47,6 +47,8 @@ class EvalRun:
     e2e_seconds: float
     stages: dict[str, float]
     batch_latencies: list[float] = field(default_factory=list)
+    #: lmdb index -> position of its batch in ``batch_latencies`` (scored samples).
+    batch_of: dict[int, int] = field(default_factory=dict)
 
     @property
     def engine_seconds_sum(self) -> float:
@@ -97,6 +99,7 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
     latencies: list[float] = []
     failed: list[dict] = []
     predictions: list[Prediction] = []
+    batch_of: dict[int, int] = {}
 
     def feed():
         stages["read"] += first[2]
@@ -115,10 +118,11 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
             continue
         latencies.append(result.engine_seconds)
         stages["decode"] += result.decode_seconds
+        batch_of.update((s.index, len(latencies) - 1) for s in samples)
         predictions += [Prediction(s.index, s.label, d.text, d.confidence, s.width)
                         for s, d in zip(samples, result.decoded)]
     e2e = time.perf_counter() - start
     bar.close()
     stages["engine"] = float(sum(latencies))
     predictions.sort(key=lambda p: p.index)
-    return EvalRun(predictions, failed, e2e, stages, latencies)
+    return EvalRun(predictions, failed, e2e, stages, latencies, batch_of)

@@ -12,6 +12,13 @@ path). The ModelZoo spellings ``--input_npy``, ``--onnx_path`` and ``--om_path``
 accepted too. Labels come from the input folder's manifest.json; ``--label`` takes a
 ModelZoo label.txt.
 
+Scale-out (``--test-dir`` only): ``--executor ray --workers N [--address auto|ray://...]``
+recognises index ranges of the lmdb on a pool of Ray actors, each holding the model
+(``eval.ray_executor``; Ray is optional: requirements-ray.txt); ``--om-path X.om --device
+0,1,2,3`` runs one process per NPU on this host (``eval.devices``). Both merge per-sample
+results and score them exactly as one process does; a worker that dies fails only its
+block's samples, each recorded with the reason.
+
 Scoring: word accuracy under the field's protocol (lower-case both sides, keep only
 0-9a-z), case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
 accuracy by resized width. Every sample of the source set is either scored or listed in
@@ -21,6 +28,8 @@ last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
 
 Examples:
     python -m eval.postprocess --test-dir ../shared/data/IIIT5K_3000 --onnx-path nano_int8.onnx
+    python -m eval.postprocess --test-dir ../shared/data/IIIT5K_3000 --onnx-path nano_int8.onnx \\
+        --executor ray --workers 2
     python -m eval.postprocess --input-npy work/inputs --onnx-path nano_fixed.onnx \\
         --report report.json --predictions predictions.csv
 """
@@ -46,11 +55,15 @@ from convert.errors import ToolchainError
 from convert.outputs import check_output_file, write_texts
 from convert.registry import ARCHS, GATE_ORDERS
 from convert.spec import ModelSpec
+from eval.blocks import DEFAULT_BLOCK_SIZE, BlockJob, plan_blocks, survey_test_set
+from eval.devices import parse_device_list, run_on_devices
 from eval.evaluate import EvalRun, run_batches, run_evaluation
 from eval.inputs import InputSet, load_input_set
 from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_metrics
-from infer import open_model
+from eval.ray_executor import run_on_ray
+from infer import describe, open_model
 from infer.onnxruntime_runner import available_cores
+from infer.open import backend_of
 from pipeline import Recognizer
 from preprocess.parse_testdata import (
     add_width_arguments,
@@ -58,7 +71,7 @@ from preprocess.parse_testdata import (
     preprocessing_policy,
     width_overrides,
 )
-from preprocess.stream import Stream, stream_batches
+from preprocess.stream import Stream, missing_range, stream_batches
 
 #: Samples per batch of the one-process path (``--test-dir``); see the README's measurements.
 DEFAULT_BATCH_SIZE = 16
@@ -230,8 +243,17 @@ def _parser():
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="samples per batch with --test-dir (equal widths)")
     add_width_arguments(parser)
-    parser.add_argument("--workers", type=int, default=available_cores(),
-                        help="decoding processes with --test-dir (1: in this process)")
+    parser.add_argument("--workers", type=int,
+                        help="with --test-dir: decoding processes (default: cores; 1: in this "
+                             "process); with --executor ray: Ray actors, each with the model "
+                             "(default 2)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: this process (or one per NPU with --device 0,1,...); "
+                             "ray: an actor pool on Ray Data (needs --test-dir)")
+    parser.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001, "
+                                          "HOST:6379); default: a local Ray with --workers CPUs")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help="lmdb indices per block with --executor ray or a device list")
     parser.add_argument("--report", type=Path, help="write report.json here")
     parser.add_argument("--predictions", type=Path, help="write predictions.csv here")
     return parser
@@ -240,16 +262,84 @@ def _parser():
 def _stream_inputs(args, spec: ModelSpec) -> tuple[InputSet, Stream, ModelSpec]:
     """The one-process source: the lmdb streamed into equal-width batches, and the
     description with the width options applied."""
-    if args.label:
-        raise ToolchainError("--label goes with --input-npy; --test-dir reads the lmdb's labels")
-    if args.batch_size < 1 or args.workers < 1:
-        raise ToolchainError("--batch-size and --workers must be >= 1")
-    spec = spec.replace(**{k: v for k, v in width_overrides(args).items() if v is not None})
+    spec = spec.replace(**_overrides(args))
     stream = stream_batches(args.test_dir, spec, args.batch_size, args.workers)
     policy = preprocessing_policy(spec, "stream", args.batch_size, 0)
     inputs = InputSet(args.test_dir, [], [], spec.to_dict(), policy, stream.count,
                       str(args.test_dir.resolve()), stream.synthetic)
     return inputs, stream, spec
+
+
+def _overrides(args) -> dict[str, object]:
+    return {k: v for k, v in width_overrides(args).items() if v is not None}
+
+
+def _check_scale_out(args) -> str | None:
+    """Which executor runs the evaluation: None (this process), "ray" or "devices".
+
+    Raises:
+        ToolchainError: options that do not go together (one line).
+    """
+    devices = bool(args.device and "," in args.device)
+    if args.executor == "local" and not devices:
+        if args.address:
+            raise ToolchainError("--address goes with --executor ray")
+        return None
+    if not args.test_dir:
+        raise ToolchainError("--executor ray and device lists read the lmdb: give --test-dir "
+                             "(--input-npy is the two-step flow, in one process)")
+    if devices and not args.om_path:
+        raise ToolchainError(f"--device {args.device}: a device list runs one process per NPU "
+                             "and needs --om-path (ONNX Runtime and PyTorch run on one device)")
+    if devices:
+        parse_device_list(args.device)  # its spelling, before any model or data is read
+    if devices and args.executor == "ray":
+        raise ToolchainError("--executor ray places its actors on the cluster's NPUs itself; "
+                             "leave out the device list (or use --executor local)")
+    if args.address and args.executor != "ray":
+        raise ToolchainError("--address goes with --executor ray")
+    return "ray" if args.executor == "ray" else "devices"
+
+
+def _evaluate_in_blocks(args, executor: str, model_path: Path, options: dict):
+    """The scale-out run: blocks of the lmdb on Ray actors or NPU processes, merged.
+
+    Returns:
+        ``(EvalRun, InputSet, spec, backend, executor facts for the report)``.
+    """
+    backend = backend_of(model_path)
+    spec = describe(model_path, args.arch, args.sidecar).replace(**_overrides(args))
+    found = survey_test_set(args.test_dir)
+    blocks = plan_blocks(found.readable, args.block_size)
+    workers = args.workers or 2
+    if executor == "ray" and not args.threads and backend != "ais_bench":
+        # One intra-op thread per actor on a cluster (1 CPU each); locally, share the cores.
+        options = {**options, "threads": 1 if args.address else max(1, available_cores() //
+                                                                     workers)}
+    job = BlockJob(str(args.test_dir.resolve()), str(model_path.resolve()), options,
+                   _overrides(args), args.batch_size, args.decoder, args.beam_width)
+    facts: dict[str, object] = {"kind": executor, "block_size": args.block_size,
+                                "blocks": len(blocks)}
+    if executor == "ray":
+        ray_run = run_on_ray(job, blocks, workers, address=args.address, backend=backend,
+                             device=args.device, progress=True)
+        merged = ray_run.merged
+        facts.update(workers=workers, address=ray_run.address,
+                     start_seconds=ray_run.start_seconds)
+    else:
+        devices = parse_device_list(args.device)
+        merged = run_on_devices(job, blocks, devices, progress=True)
+        facts.update(workers=len(devices), devices=[f"npu:{d}" for d in devices])
+    lost = [f for f in merged.run.failed if f["stage"] == "worker"]
+    facts.update(lost_samples=len(lost), per_worker=merged.workers)
+    failed = [{**f, "stage": "preprocess"} for f in merged.failed_decoding]
+    missing = missing_range(found)
+    if missing:
+        failed.append({**missing, "stage": "preprocess"})
+    policy = preprocessing_policy(spec, "stream", args.batch_size, 0)
+    inputs = InputSet(args.test_dir, [], failed, spec.to_dict(), policy, found.num_samples,
+                      str(args.test_dir.resolve()), found.synthetic)
+    return merged.run, inputs, spec, backend, facts
 
 
 def evaluate_folder(args) -> dict[str, object]:
@@ -265,8 +355,22 @@ def evaluate_folder(args) -> dict[str, object]:
         raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
     if args.beam_width < 1:
         raise ToolchainError(f"--beam-width must be >= 1, got {args.beam_width}")
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
+        raise ToolchainError("--batch-size and --workers must be >= 1")
+    if args.test_dir and args.label:
+        raise ToolchainError("--label goes with --input-npy; --test-dir reads the lmdb's labels")
     options = {"threads": args.threads, "sidecar": args.sidecar, "arch": args.arch,
                "rnn_layout": args.rnn_layout, "gate_order": args.gate_order}
+    executor = _check_scale_out(args)
+    if executor:
+        run, inputs, spec, backend, facts = _evaluate_in_blocks(args, executor, model_path,
+                                                                options)
+        report = make_report(run, inputs, spec, backend, str(model_path), args.decoder)
+        report["executor"] = facts
+        _write_outputs(args, report, run)
+        return report
+    if args.workers is None:
+        args.workers = available_cores()
     if args.test_dir:
         runner, spec = open_model(model_path, args.device, **options)
         inputs, stream, spec = _stream_inputs(args, spec)
@@ -291,13 +395,20 @@ def evaluate_folder(args) -> dict[str, object]:
         else:
             run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
     report = make_report(run, inputs, spec, runner.name, str(model_path), args.decoder)
+    report["executor"] = {"kind": "local", "decoding_workers": args.workers if args.test_dir
+                          else 0}
+    _write_outputs(args, report, run)
+    return report
+
+
+def _write_outputs(args, report: dict, run: EvalRun) -> None:
+    """report.json and predictions.csv, both or neither."""
     outputs = {}
     if args.report:
         outputs[args.report] = json.dumps(report, indent=2, ensure_ascii=False)
     if args.predictions:
         outputs[args.predictions] = predictions_csv(run)
     write_texts(outputs)  # both appear, or neither
-    return report
 
 
 def _run(args) -> int:

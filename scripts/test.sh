@@ -3,7 +3,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --with-ray  # the scale-out tests run Ray
 py="${CRNN_VENV:-$root/.venv}/bin/python"
 echo "== lint (ruff check)"
 "$py" -m ruff check .

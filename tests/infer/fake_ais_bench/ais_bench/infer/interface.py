@@ -10,12 +10,19 @@ Like the real session it:
       ``custom_sizes`` smaller than the output needs;
     * in ``dymdims`` mode (gear models) accepts only the compiled static dims and gears;
     * frees its resources with ``free_resource()``.
-Every call is appended to ``InferSession.calls`` for the tests to inspect.
+Every call is appended to ``InferSession.calls`` for the tests to inspect. For tests that run
+it in other processes, two environment variables:
+    * ``FAKE_AIS_BENCH_LOG``: a file; each session start appends a JSON line
+      ``{"pid", "device_id", "visible"}`` (``visible``: ``ASCEND_RT_VISIBLE_DEVICES``);
+    * ``FAKE_AIS_BENCH_DIE_ONCE``: a file that does not exist yet; the first ``infer`` call
+      of any process creates it and kills its process (``os._exit``), as a crashed NPU
+      driver would, so exactly one worker dies once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +39,22 @@ class InferSession:
         self.device_id = device_id
         self.freed = False
         InferSession.calls.append({"call": "init", "device_id": device_id, "model": model_path})
+        if os.environ.get("FAKE_AIS_BENCH_LOG"):
+            with open(os.environ["FAKE_AIS_BENCH_LOG"], "a") as log:
+                log.write(json.dumps({"pid": os.getpid(), "device_id": device_id,
+                                      "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")})
+                          + "\n")
 
     def infer(self, feeds, mode="static", custom_sizes=100000):
+        marker = os.environ.get("FAKE_AIS_BENCH_DIE_ONCE")
+        if marker:
+            try:
+                with open(marker, "x"):
+                    pass
+            except FileExistsError:
+                pass
+            else:
+                os._exit(17)
         (array,) = feeds
         (plan,) = self.plan["inputs"]
         InferSession.calls.append({"call": "infer", "mode": mode, "shape": array.shape,
