@@ -12,7 +12,7 @@ path). The ModelZoo spellings ``--input_npy``, ``--onnx_path`` and ``--om_path``
 accepted too. Labels come from the input folder's manifest.json; ``--label`` takes a
 ModelZoo label.txt.
 
-Scale-out (``--test-dir`` only): ``--executor ray --workers N [--address auto|ray://...]``
+Scale-out (``--test-dir`` only): ``--executor ray --workers N [--address auto|HOST:6379]``
 recognises index ranges of the lmdb on a pool of Ray actors, each holding the model
 (``eval.ray_executor``; Ray is optional: requirements-ray.txt); ``--om-path X.om --device
 0,1,2,3`` runs one process per NPU on this host (``eval.devices``). Both merge per-sample
@@ -250,7 +250,7 @@ def _parser():
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: this process (or one per NPU with --device 0,1,...); "
                              "ray: an actor pool on Ray Data (needs --test-dir)")
-    parser.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001, "
+    parser.add_argument("--address", help="Ray cluster to join (auto on a cluster node, or "
                                           "HOST:6379); default: a local Ray with --workers CPUs")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="lmdb indices per block with --executor ray or a device list")

@@ -10,8 +10,10 @@ actor restarts are Ray's.
 Resources per actor: 1 CPU for ONNX Runtime and PyTorch on the CPU, ``num_gpus=1`` with
 ``--device cuda``, ``resources={"NPU": 1}`` for an .om (Ray sets
 ``ASCEND_RT_VISIBLE_DEVICES``, so each actor uses its one visible NPU as ``npu:0``).
-Without ``address`` a local Ray starts with ``workers`` CPUs; with ``address`` (``auto``,
-``ray://host:10001`` or ``host:6379``) the driver joins that cluster. Our packages travel to
+Without ``address`` a local Ray starts with ``workers`` CPUs; with ``address`` (``auto`` on a
+node of the cluster, or the head's ``HOST:6379``) the driver joins that cluster. Ray Client
+addresses (``ray://``) are refused: Ray Data does not run through Ray Client in Ray 2.60
+(measured: it fails inside its executor). Our packages travel to
 the workers as Ray ``py_modules``; every node needs the Python environment (requirements.txt
 and requirements-ray.txt) and the data and model at the same paths.
 
@@ -108,6 +110,10 @@ def run_on_ray(job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int, *
     start = time.perf_counter()
     root = Path(__file__).resolve().parents[1]
     runtime_env = {"py_modules": [str(root / name) for name in PACKAGES]}
+    if address and address.startswith("ray://"):
+        raise ToolchainError(f"--address {address}: Ray Data does not run through Ray Client "
+                             "(ray://) in Ray 2.60; run this command on a node of the cluster "
+                             "with --address auto (or the head's HOST:6379)")
     if not ray.is_initialized():
         try:
             if address:
@@ -116,7 +122,11 @@ def run_on_ray(job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int, *
                 ray.init(num_cpus=workers, include_dashboard=False, runtime_env=runtime_env,
                          logging_level=logging.WARNING)
         except ConnectionError as exc:
-            raise ToolchainError(f"cannot join the Ray cluster at {address}: {exc}") from None
+            hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token here "
+                    "(the token is read from ~/.ray/auth_token or $RAY_AUTH_TOKEN)"
+                    if isinstance(exc.__cause__, ray.exceptions.AuthenticationError) else "")
+            raise ToolchainError(f"cannot join the Ray cluster at {address}: {exc}{hint}") \
+                from None
         started_here = True
     start_seconds = time.perf_counter() - start
     try:

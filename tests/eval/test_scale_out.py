@@ -123,6 +123,12 @@ def test_ray_missing_is_a_clear_error(monkeypatch, small_lmdb, fixed_models, cap
     assert code != 0 and "pip install -r requirements-ray.txt" in err
 
 
+def test_ray_client_addresses_are_refused_before_connecting(small_lmdb, fixed_models, capsys):
+    code, err = _run(capsys, "--test-dir", small_lmdb, "--onnx-path", fixed_models["nano-ocr"],
+                     "--executor", "ray", "--address", "ray://head:10001")
+    assert code != 0 and "does not run through Ray Client" in err and "--address auto" in err
+
+
 def test_ray_two_workers_equal_one_process_on_iiit5k(tmp_path, local_ray, fixed_models, capsys):
     """All 3000 IIIT5K samples: the same predictions and report figures as one process."""
     model = ["--onnx-path", fixed_models["nano-ocr"]]
