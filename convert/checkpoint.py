@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 _LSTM_PARAM = re.compile(r"(^|\.)(weight_ih|weight_hh|bias_ih|bias_hh)_l\d+(_reverse)?$")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+#: Key of the model description in checkpoints this toolchain writes (``train``): the
+#: ``ModelSpec.to_dict()`` of the trained model, so no ``--arch`` or charset is needed.
+DESCRIPTION_KEY = "description"
 
 
 def reorder_gates(tensor: torch.Tensor, source: str, target: str = "ifgo") -> torch.Tensor:
@@ -186,3 +189,33 @@ def _suggest(state: dict[str, torch.Tensor], arch: str, layout: str) -> str:
                     hint += f" --rnn-layout {other_layout}"
                 return f". The checkpoint fits {hint}"
     return ". Check --arch and --rnn-layout"
+
+
+def read_description(path: str | Path) -> ModelSpec | None:
+    """The model description a checkpoint carries (:data:`DESCRIPTION_KEY`), or None.
+
+    Raises:
+        ToolchainError: the file is missing or not a safe PyTorch checkpoint, or its
+            description is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - pickled objects or junk: read_state_dict says which
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get(DESCRIPTION_KEY), dict):
+        return None
+    return ModelSpec.from_dict(obj[DESCRIPTION_KEY], f"{path} ({DESCRIPTION_KEY})")
+
+
+def save_described(path: str | Path, model: nn.Module, spec: ModelSpec,
+                   **extra: object) -> None:
+    """Write ``model``'s state dict with its description (and ``extra`` plain values) to
+    ``path``, whole or not at all (written aside, then renamed)."""
+    from convert.outputs import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(Path(path)) as partial:
+        torch.save({"state_dict": state, DESCRIPTION_KEY: spec.to_dict(), **extra}, partial)

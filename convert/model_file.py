@@ -72,7 +72,8 @@ def describe(
 
     Args:
         path: ``.onnx``, ``.om`` (with its sidecar), ``.json`` (an .om's sidecar), or
-            ``.pth``/``.pt`` (needs ``arch``).
+            ``.pth``/``.pt`` (needs ``arch``, unless it carries its description, as the
+            checkpoints ``train`` writes do).
         arch: the architecture, for checkpoints (and ONNX files exported elsewhere, which
             carry no description).
         sidecar: the .om's sidecar JSON (default: beside the .om).
@@ -112,7 +113,11 @@ def describe(
             return spec_for_arch(arch)
         return ModelSpec.from_onnx(model, str(path))
     if arch is None:
-        raise ToolchainError(
-            f"{path}: a checkpoint does not say which model it is; give its architecture (--arch)"
-        )
+        from convert.checkpoint import read_description
+
+        described = read_description(path)
+        if described is None:
+            raise ToolchainError(f"{path}: a checkpoint does not say which model it is; give "
+                                 "its architecture (--arch)")
+        return described
     return spec_for_arch(arch)

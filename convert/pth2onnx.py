@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from convert.checkpoint import load_checkpoint
+from convert.checkpoint import load_checkpoint, read_description
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session
@@ -136,8 +136,8 @@ def _parser():
     parser.add_argument("output", type=Path, help="the .onnx file to write")
     parser.add_argument(
         "--arch",
-        required=True,
-        help=f"architecture: {', '.join(n for n, e in ARCHS.items() if e.build)}",
+        help=f"architecture: {', '.join(n for n, e in ARCHS.items() if e.build)} (default: "
+             "the description the checkpoint carries, as `python -m train` writes it)",
     )
     layouts = sorted({layout for entry in ARCHS.values() for layout in entry.rnn_layouts})
     parser.add_argument(
@@ -172,11 +172,17 @@ def _run(args) -> int:
         raise ToolchainError(f"--opset {args.opset} is outside what the exporter writes "
                              f"({MIN_OPSET} to {MAX_OPSET}; ATC takes 11)")
     check_output_file(args.output, "the output")
-    spec = spec_for_arch(args.arch)
-    if arch_entry(args.arch).build is None:
+    if args.arch:
+        spec = spec_for_arch(args.arch)
+    else:
+        spec = read_description(args.checkpoint)
+        if spec is None:
+            raise ToolchainError(f"{args.checkpoint}: the checkpoint carries no model "
+                                 "description; give its architecture with --arch")
+    if arch_entry(spec.arch).build is None:
         raise ToolchainError(
-            f"{args.arch} has no PyTorch definition here (it ships as ONNX: "
-            f"python -m convert.weights fetch {args.arch})"
+            f"{spec.arch} has no PyTorch definition here (it ships as ONNX: "
+            f"python -m convert.weights fetch {spec.arch})"
         )
     model = load_checkpoint(
         args.checkpoint,

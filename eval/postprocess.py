@@ -219,7 +219,8 @@ def _parser():
     model.add_argument(
         "--om-path", "--om_path", dest="om_path", type=Path, help="Ascend .om model (ais_bench)"
     )
-    model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch)")
+    model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch unless it "
+                                                "carries its description, as train's do)")
     parser.add_argument("--arch", choices=list(ARCHS), help="architecture of --pth")
     parser.add_argument("--rnn-layout", default="auto", help="recurrent layout of --pth")
     parser.add_argument(
@@ -351,8 +352,6 @@ def evaluate_folder(args) -> dict[str, object]:
     """
     model_path = args.onnx_path or args.om_path or args.pth
     check_outputs(args)
-    if args.pth and not args.arch:
-        raise ToolchainError("--pth needs --arch (" + ", ".join(ARCHS) + ")")
     if args.beam_width < 1:
         raise ToolchainError(f"--beam-width must be >= 1, got {args.beam_width}")
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1):

@@ -1,0 +1,187 @@
+"""Training: rendered data, the training loop's outputs, resume, bad input, and DDP."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+
+from convert.checkpoint import DESCRIPTION_KEY, read_description, read_state_dict
+from convert.registry import spec_for_arch
+from convert.weights import fetch
+from tests.conftest import encode, word_image, write_lmdb
+from train import __main__ as train_cli
+from train.synth import find_fonts, read_corpus, synthesise
+from train.trainer import load_words, needed_frames, plan_epoch
+
+ROOT = Path(__file__).parents[2]
+WORDS = ["street", "Hotel", "EXIT", "coffee", "42", "Bank", "open", "SALE", "taxi", "Park"]
+
+
+def _lmdb_items(path: Path) -> dict[bytes, bytes]:
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = dict(txn.cursor())
+    env.close()
+    return items
+
+
+@pytest.fixture(scope="module")
+def synth_words(tmp_path_factory) -> Path:
+    """80 rendered words (DejaVu fonts, augmented), seed 0."""
+    folder = tmp_path_factory.mktemp("synth")
+    corpus = folder / "words.txt"
+    corpus.write_text("\n".join(f"{w}\t{n}" for n, w in enumerate(WORDS)), encoding="utf-8")
+    synthesise(folder / "lmdb", read_corpus(corpus), find_fonts([]), 80, seed=0,
+               progress=False)
+    return folder / "lmdb"
+
+
+def test_synth_is_deterministic_by_seed(tmp_path, synth_words):
+    again = tmp_path / "again"
+    synthesise(again, WORDS, find_fonts([]), 80, seed=0, progress=False)
+    other = tmp_path / "other"
+    synthesise(other, WORDS, find_fonts([]), 80, seed=1, progress=False)
+    first = _lmdb_items(synth_words)
+    assert first == _lmdb_items(again)
+    assert first[b"image-000000001"] != _lmdb_items(other)[b"image-000000001"]
+    assert first[b"num-samples"] == b"80" and b"synthetic" in first
+    assert {first[b"label-%09d" % i].decode() for i in range(1, 81)} <= set(WORDS)
+
+
+def test_synth_counts_what_no_font_draws_and_refuses_existing_output(tmp_path, capsys):
+    from train import synth
+
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text("hello\n春眠不觉晓\nworld\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert synth.main([str(out), "--corpus", str(corpus), "--samples", "6"]) == 0
+    assert "1 entries skipped" in capsys.readouterr().out
+    labels = {v.decode() for k, v in _lmdb_items(out).items() if k.startswith(b"label-")}
+    assert labels <= {"hello", "world"}
+    assert synth.main([str(out), "--corpus", str(corpus)]) != 0
+    assert "exists" in capsys.readouterr().err
+    assert synth.main([str(tmp_path / "x"), "--corpus", str(corpus), "--font",
+                       str(tmp_path / "none.ttf")]) != 0
+    assert "no such font file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_words_skips_and_counts_what_cannot_train(tmp_path):
+    spec = spec_for_arch("nano-ocr")
+    path = write_lmdb(tmp_path / "odd", {
+        1: (encode(word_image("good", 100, 32, "RGB")), b"good"),
+        2: (encode(word_image("bad", 100, 32, "RGB")), "caf\u00e9!".encode()),  # outside
+        3: (b"not an image", b"junk"),
+        4: (encode(word_image("x", 40, 32, "RGB")), b"a" * 60),  # more than its frames
+    }, num_samples=5)
+    words = load_words(path, spec, spec.charset)
+    assert words.texts == ["good"]
+    assert words.skipped["characters outside the charset"] == 1
+    assert words.skipped["label longer than the frames of its width"] == 1
+    assert words.skipped["no image or label key"] == 1
+    assert sum(v for k, v in words.skipped.items() if k.startswith("undecodable")) == 1
+    assert needed_frames([1, 1, 2]) == 4
+
+
+def test_plan_epoch_is_seeded_and_equal_width():
+    spec = spec_for_arch("nano-ocr")
+
+    class Fake:
+        def __init__(self, widths):
+            import numpy as np
+
+            self.pixels = [np.zeros((32, w), np.uint8) for w in widths]
+
+        def __len__(self):
+            return len(self.pixels)
+
+    sets = [Fake([96] * 10 + [120] * 7), Fake([96] * 5)]
+    a = plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=0)
+    assert a == plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=0)
+    assert a != plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=1)
+    for batch in a:
+        assert len({sets[s].pixels[i].shape[1] for s, i in batch}) == 1 and len(batch) >= 2
+    drawn = [s for batch in a for s, _ in batch]
+    assert abs(drawn.count(0) - drawn.count(1)) <= 2  # equal ratios, equal draws
+    del spec
+
+
+def _train(*args) -> int:
+    return train_cli.main([str(a) for a in args])
+
+
+def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, capsys):
+    out = tmp_path / "run"
+    assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
+                  "--batch-size", 8, "--max-steps", 2, "--workers", 1) == 0
+    assert {p.name for p in out.iterdir()} >= {"model.pth", "last.pth", "log.csv", "curves.png"}
+    spec = read_description(out / "model.pth")
+    assert spec is not None and spec.arch == "nano-ocr"
+    state = torch.load(out / "model.pth", weights_only=True)
+    assert state[DESCRIPTION_KEY]["alphabet"] == spec.alphabet
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"] and 0.0 <= float(rows[0]["val_accuracy"]) <= 1.0
+    # The toolchain takes it with no other flag.
+    from convert import pth2onnx
+
+    assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "m.onnx")]) == 0
+    # A folder with a run in it is refused without --resume; --resume goes on.
+    assert _train("--train", synth_words, "--out", out) != 0
+    assert "--resume" in capsys.readouterr().err
+    assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 2,
+                  "--batch-size", 8, "--max-steps", 4, "--workers", 1, "--resume") == 0
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
+
+
+def test_a_nan_loss_stops_with_a_clear_error(tmp_path, synth_words, capsys):
+    out = tmp_path / "nan"
+    code = _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
+                  "--batch-size", 8, "--lr", "1e30", "--workers", 1)
+    err = capsys.readouterr().err
+    assert code != 0 and "the loss became nan" in err and "Traceback" not in err
+    assert not (out / "model.pth").exists()  # nothing after the last good epoch (none)
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
+    """torchrun with 2 processes (gloo) and 1 process, same global batch: same parameters."""
+    common = ["-m", "train", "--init", "nano-ocr", "--train", str(synth_words), "--epochs", "1",
+              "--batch-size", "8", "--max-steps", "3", "--workers", "1", "--val-split", "0.25"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
+                          "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", *common, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "on 2 process(es)" in two.stdout
+    a = torch.load(tmp_path / "one" / "model.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two" / "model.pth", weights_only=True)["state_dict"]
+    start = read_state_dict(fetch("nano-ocr"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    print(f"largest parameter difference, 2 processes vs 1: {worst:.2e}")
+    assert worst <= 1e-5, worst
+    moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in a if k in start)
+    assert moved > 1e-4  # the three updates did change the model
+
+
+def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
+    for args, message in [
+        (["--train", synth_words, "--out", tmp_path / "a", "--amp"], "--amp needs --device cuda"),
+        (["--train", f"{synth_words}:0", "--out", tmp_path / "b"], "ratio must be > 0"),
+        (["--train", synth_words, "--out", tmp_path / "c", "--resume"], "does not exist"),
+        (["--train", synth_words, "--out", tmp_path / "d", "--init", "none"], "needs --arch"),
+        (["--train", synth_words, "--out", tmp_path / "e", "--charset", "nofile"], "no such"),
+    ]:
+        assert _train(*args) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)

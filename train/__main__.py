@@ -1,0 +1,289 @@
+"""Train or fine-tune a CTC recogniser: ``python -m train`` (see ``train.trainer``).
+
+The defaults are the fine-tuning recipe measured in the README: Adam at 1e-4 with a cosine
+decay, batch 32, gradient norm clipped at 5, BatchNorm statistics frozen, from ``--init``.
+
+Outputs in ``--out``: ``model.pth`` (the best validation accuracy so far, carrying its model
+description, so ``python -m convert.pth2onnx OUT/model.pth X.onnx`` needs no other flag),
+``last.pth`` (model, optimiser, schedule and position, for ``--resume``), ``log.csv`` and
+``curves.png`` (loss and validation accuracy per epoch). A NaN or infinite loss stops the run
+with an error; the checkpoints of the last good epoch stay.
+
+Many devices: ``torchrun --nproc-per-node N -m train ...`` (gloo on CPU, nccl on CUDA; on
+Ascend, hccl with torch_npu); rank 0 validates, logs and writes the checkpoints.
+
+Examples:
+    python -m train --init nano-ocr --train ../shared/data/IC15_train_words --out work/ft
+    python -m train --arch crnn --init none --train work/synth_en --val work/synth_en_val \\
+        --lr 1e-3 --no-freeze-bn --out work/scratch
+    torchrun --nproc-per-node 2 -m train --init nano-ocr --train ../shared/data/IC15_train_words \\
+        --out work/ft2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from convert.charset import Charset
+from convert.checkpoint import save_described
+from convert.cli import make_parser, positive, run_main
+from convert.errors import ToolchainError
+from convert.registry import ARCHS
+from infer.onnxruntime_runner import available_cores
+from train.trainer import (
+    Run,
+    freeze_batchnorm,
+    initial_model,
+    load_words,
+    log_probs,
+    make_batch,
+    plan_epoch,
+    validate,
+    world,
+)
+
+log = logging.getLogger("train")
+
+
+def parse_source(text: str) -> tuple[Path, float]:
+    """``PATH`` or ``PATH:RATIO`` (ratio > 0)."""
+    path, _, ratio = text.rpartition(":")
+    if path and ratio.replace(".", "", 1).isdigit():
+        if float(ratio) <= 0:
+            raise ToolchainError(f"--train {text}: the ratio must be > 0")
+        return Path(path), float(ratio)
+    return Path(text), 1.0
+
+
+def read_charset(text: str) -> Charset | None:
+    """``model`` (None: the model's own), ``corpus:FILE`` (the seed's char_dict: every
+    character of the corpus, in order of first appearance) or ``FILE`` (one character per line).
+    """
+    if text == "model":
+        return None
+    corpus = text.startswith("corpus:")
+    path = Path(text.removeprefix("corpus:"))
+    if not path.is_file():
+        raise ToolchainError(f"--charset {text}: no such file")
+    content = path.read_text(encoding="utf-8")
+    if corpus:
+        characters = "".join(dict.fromkeys(
+            ch for line in content.splitlines() for ch in line.split("\t", 1)[0].strip()))
+    else:
+        lines = [line.rstrip("\n") for line in content.splitlines()]
+        characters = "".join(dict.fromkeys(ch for ch in lines if len(ch) == 1))
+    if not characters:
+        raise ToolchainError(f"--charset {text}: no characters")
+    return Charset(characters, 0)
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--train", action="append", required=True,
+                        help="training lmdb, PATH or PATH:RATIO (repeatable)")
+    parser.add_argument("--val", type=Path, action="append", default=[],
+                        help="validation lmdb (repeatable; the first chooses model.pth)")
+    parser.add_argument("--val-split", type=float, default=0.1,
+                        help="without --val: hold out this share of the first --train lmdb "
+                             "(every k-th index)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--init", default="nano-ocr",
+                        help="registry name, checkpoint path, or none (from scratch)")
+    parser.add_argument("--arch", choices=[n for n, e in ARCHS.items() if e.build],
+                        help="architecture (from scratch, or of a checkpoint without one)")
+    parser.add_argument("--charset", default="model",
+                        help="model, FILE (one character per line) or corpus:FILE")
+    parser.add_argument("--epochs", type=positive(int), default=4)
+    parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
+    parser.add_argument("--epoch-samples", type=positive(int),
+                        help="draws per epoch (default: the sources' total size)")
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
+    parser.add_argument("--lr", type=positive(float), default=1e-4)
+    parser.add_argument("--clip", type=positive(float), default=5.0, help="gradient norm cap")
+    parser.add_argument("--freeze-bn", action="store_true", default=None,
+                        help="keep BatchNorm statistics fixed (default: on with --init)")
+    parser.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=None)
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=positive(int), help="torch threads per process")
+    parser.add_argument("--workers", type=positive(int), default=available_cores(),
+                        help="decoding processes while loading the lmdbs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    return parser
+
+
+def _setup_distributed(device: str) -> tuple[int, int]:
+    rank, size = world()
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return rank, size
+
+
+def _run(args) -> int:
+    rank, size = _setup_distributed(args.device)
+    if args.device not in ("cpu", "cuda"):
+        raise ToolchainError(f"--device {args.device}: training runs on cpu or cuda")
+    if args.amp and args.device != "cuda":
+        raise ToolchainError("--amp needs --device cuda")
+    if args.batch_size < size:
+        raise ToolchainError(f"--batch-size {args.batch_size} is smaller than the "
+                             f"{size} processes")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads or max(1, available_cores() // size))
+    out: Path = args.out
+    last = out / "last.pth"
+    if args.resume and not last.is_file():
+        raise ToolchainError(f"--resume: {last} does not exist")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise ToolchainError(f"{out}: not empty; give a new folder, or --resume to continue")
+    out.mkdir(parents=True, exist_ok=True)
+
+    init = None if args.init == "none" else args.init
+    charset = read_charset(args.charset)
+    charset_spec = None
+    if charset is not None:
+        from convert.spec import ModelSpec
+
+        charset_spec = ModelSpec(arch="charset", alphabet=charset.characters, blank=0)
+    model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
+                                      None if args.resume else charset_spec)
+    freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
+    device = torch.device(args.device)
+    model.to(device)
+
+    sources = [parse_source(t) for t in args.train]
+    first_path = sources[0][0]
+    every = round(1 / args.val_split) if not args.val and args.val_split > 0 else 0
+    train_sets = []
+    for number, (path, _) in enumerate(sources):
+        keep = (lambda i: i % every != 0) if number == 0 and every else None
+        train_sets.append(load_words(path, spec, spec.charset, args.workers, keep))
+    val_sets = ([load_words(p, spec, spec.charset, args.workers) for p in args.val] if args.val
+                else [load_words(first_path, spec, spec.charset, args.workers,
+                                 lambda i: i % every == 0)] if every else [])
+    ratios = [r for _, r in sources]
+    if rank == 0:
+        log.warning("start: %s; %d processes; train %s; validation %s", what, size,
+                    ", ".join(f"{s.path.name} {len(s)} (skipped {dict(s.skipped)})"
+                              for s in train_sets),
+                    ", ".join(f"{s.path.name} {len(s)}" for s in val_sets) or "none")
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(parameters, lr=args.lr)
+    steps_per_epoch = len(plan_epoch(train_sets, ratios, args.batch_size, args.seed, 0, size,
+                                     args.epoch_samples))
+    total_steps = min(args.max_steps or 1 << 62, steps_per_epoch * args.epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps)
+                                                    / max(1, total_steps))))
+    run = Run(out)
+    epoch, step = 0, 0
+    if args.resume:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        epoch, step, run.best = state["epoch"], state["step"], state["best"]
+        run.rows = [dict(zip(state["log_keys"], row)) for row in state["log_rows"]]
+        log.warning("resumed from %s at epoch %d, step %d", last, epoch, step)
+
+    trained = model
+    if size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="none", zero_infinity=False)
+    scaler = torch.amp.GradScaler("cuda") if args.amp else None
+    while epoch < args.epochs and step < total_steps:
+        batches = plan_epoch(train_sets, ratios, args.batch_size, args.seed, epoch, size,
+                             args.epoch_samples)
+        model.train()
+        if freeze:
+            freeze_batchnorm(model)
+        losses, seen, start = [], 0, time.perf_counter()
+        bar = tqdm(batches, unit="batch", desc=f"epoch {epoch + 1}",
+                   disable=True if rank else None)
+        for members in bar:
+            if step >= total_steps:
+                break
+            share = members[len(members) * rank // size:len(members) * (rank + 1) // size]
+            images, targets, lengths = make_batch(train_sets, share, spec)
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast("cuda", enabled=bool(args.amp)):
+                scores = log_probs(trained, images, spec)
+            frames = torch.full((len(share),), scores.shape[0], dtype=torch.long)
+            loss = ctc(scores, targets, frames, lengths).sum() * size / len(members)
+            value = float(loss.detach()) / size * len(members) / len(share)
+            if not math.isfinite(value):
+                raise ToolchainError(
+                    f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
+                    f"stopped; the last good checkpoints in {out} are kept (try a lower --lr)")
+            optimiser.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(parameters, args.clip)
+                scaler.step(optimiser)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, args.clip)
+                optimiser.step()
+            schedule.step()
+            step += 1
+            losses.append(value)
+            seen += len(members)
+            bar.set_postfix(loss=f"{value:.3f}")
+        seconds = time.perf_counter() - start
+        epoch += 1
+        if rank == 0:
+            _end_epoch(run, model, spec, val_sets, optimiser, schedule, epoch, step, losses,
+                       seen, seconds, size)
+        if size > 1:
+            torch.distributed.barrier()
+    if size > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"trained {spec.arch} for {step} steps ({epoch} epochs) on {size} process(es); "
+              f"best validation accuracy {run.best:.4f}; {out / 'model.pth'}")
+    return 0
+
+
+def _end_epoch(run: Run, model, spec, val_sets, optimiser, schedule, epoch: int, step: int,
+               losses: list[float], seen: int, seconds: float, size: int) -> None:
+    """Validate, keep the best model, write last.pth and the log (rank 0)."""
+    metrics = validate(model, val_sets[0], spec) if val_sets else {"accuracy": float("nan")}
+    others = {f"val_accuracy_{s.path.name}": validate(model, s, spec)["accuracy"]
+              for s in val_sets[1:]}
+    row = {"epoch": epoch, "step": step,
+           "train_loss": sum(losses) / max(1, len(losses)),
+           "val_accuracy": metrics["accuracy"], **others,
+           "lr": optimiser.param_groups[0]["lr"], "seconds": seconds,
+           "images_per_second": seen / seconds if seconds else 0.0, "processes": size}
+    if not val_sets or metrics["accuracy"] > run.best:
+        run.best = metrics["accuracy"] if val_sets else run.best
+        save_described(run.out / "model.pth", model, spec, epoch=epoch, step=step)
+    run.log_row(row)
+    save_described(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
+                   optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
+                   log_keys=list(row), log_rows=[list(r.values()) for r in run.rows])
+    log.warning("epoch %d: loss %.4f, validation accuracy %.4f%s, %.0f images/s", epoch,
+                row["train_loss"], row["val_accuracy"],
+                "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),
+                row["images_per_second"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    return run_main(_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

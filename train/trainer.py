@@ -1,0 +1,271 @@
+"""CTC training and fine-tuning of the registered recognisers, on one process or many (DDP).
+
+Data: word-crop lmdbs (``preprocess.lmdb_reader``), decoded and resized by the inference
+code itself (``preprocess.stream.decode_all``: ``preprocess.image.prepare`` with the model's
+description, in worker processes), so training sees exactly what inference sees. Batches hold
+one resized width each and are normalised by ``preprocess.batching.batch_inputs``: nothing is
+padded. Samples that cannot be used are counted by reason and skipped: undecodable images,
+labels with characters outside the charset, labels longer than the CTC frames of their width.
+
+Each epoch draws from every source in proportion to its ratio (``--train PATH:RATIO``; 1 by
+default), shuffles within each width, cuts batches of ``--batch-size`` and shuffles the batch
+order, all from ``--seed`` and the epoch number, so every rank plans the same global batches.
+
+Loss: ``torch.nn.CTCLoss`` (blank from the description) per sample, averaged over the global
+batch. Under ``torchrun`` each rank takes a contiguous share of every global batch's rows and
+scales its sum by ``world / global rows``; DistributedDataParallel averages the gradients, so
+the update equals the one-process update on the whole batch (Li et al., "PyTorch
+Distributed", VLDB 2020, for DDP's gradient averaging). Leftover batches smaller than the
+number of ranks (and single rows) are dropped for that epoch. BatchNorm statistics are frozen
+when fine-tuning (``--freeze-bn``, the default with ``--init``).
+
+Validation: greedy CTC decoding (``convert.ctc.decode_output``) and the report's metrics
+(``eval.metrics.recognition_metrics``): word accuracy under the field's protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from convert.charset import Charset
+from convert.checkpoint import load_checkpoint, read_description
+from convert.ctc import decode_output
+from convert.errors import ToolchainError
+from convert.registry import arch_entry, build_model, spec_for_arch
+from convert.spec import ModelSpec
+from eval.metrics import recognition_metrics
+from preprocess.batching import batch_inputs
+from preprocess.stream import decode_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WordSet:
+    """Decoded samples of one lmdb: resized uint8 pixels, class targets and text.
+
+    Attributes:
+        path: the lmdb.
+        pixels, targets, texts: one entry per usable sample.
+        skipped: reason -> count of samples left out.
+    """
+
+    path: Path
+    pixels: list[np.ndarray] = field(default_factory=list)
+    targets: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def needed_frames(targets: list[int]) -> int:
+    """CTC frames a target sequence needs: one per class, plus a blank between repeats."""
+    return len(targets) + sum(1 for a, b in zip(targets, targets[1:]) if a == b)
+
+
+def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
+               keep=None) -> WordSet:
+    """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split).
+
+    Raises:
+        ToolchainError: not an lmdb, or no usable sample (the reasons are named).
+    """
+    found, results = decode_all(path, spec, workers)
+    words = WordSet(path)
+    if found.num_samples > found.readable:
+        words.skipped["no image or label key"] += found.num_samples - found.readable
+    for index, label, pixels, _size, reason in results:
+        if keep is not None and not keep(index):
+            continue
+        if reason is not None:
+            words.skipped["undecodable: " + reason.split(":")[0][:60]] += 1
+            continue
+        if charset.unknown(label):
+            words.skipped["characters outside the charset"] += 1
+            continue
+        targets = charset.encode(label)
+        if not targets:
+            words.skipped["empty label"] += 1
+            continue
+        if needed_frames(targets) > spec.frames(pixels.shape[1]):
+            words.skipped["label longer than the frames of its width"] += 1
+            continue
+        words.pixels.append(pixels)
+        words.targets.append(targets)
+        words.texts.append(label)
+    if not words.texts:
+        raise ToolchainError(f"{path}: no usable sample ({dict(words.skipped) or 'empty'})")
+    return words
+
+
+def plan_epoch(sets: list[WordSet], ratios: list[float], batch_size: int, seed: int,
+               epoch: int, min_rows: int = 1, samples: int | None = None
+               ) -> list[list[tuple[int, int]]]:
+    """The epoch's global batches: lists of ``(set number, sample number)``, one width each.
+
+    Each source gives ``round(samples * ratio / sum(ratios))`` draws (without replacement up
+    to its size, then again), ``samples`` defaulting to the sources' total size.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    total = samples or sum(len(s) for s in sets)
+    by_width: dict[int, list[tuple[int, int]]] = {}
+    for number, (words, ratio) in enumerate(zip(sets, ratios)):
+        draws = round(total * ratio / sum(ratios))
+        order = np.concatenate([rng.permutation(len(words))
+                                for _ in range(math.ceil(draws / len(words)))])[:draws]
+        for i in order:
+            by_width.setdefault(words.pixels[i].shape[1], []).append((number, int(i)))
+    batches = []
+    for width in sorted(by_width):
+        members = by_width[width]
+        rng.shuffle(members)
+        batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
+    batches = [b for b in batches if len(b) >= max(2, min_rows)]  # a lone row: no estimate
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec):
+    """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths."""
+    pixels = [sets[s].pixels[i] for s, i in members]
+    ((_, images),) = batch_inputs(pixels, spec, len(pixels))
+    targets = [sets[s].targets[i] for s, i in members]
+    flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)
+    lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    return torch.from_numpy(images), flat, lengths
+
+
+def log_probs(model: nn.Module, images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """``[T, B, C]`` log-probabilities of a batch (the model outputs logits)."""
+    output = model(images)
+    if not spec.time_major:
+        output = output.permute(1, 0, 2)
+    return output.float().log_softmax(2)
+
+
+def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int = 64
+             ) -> dict[str, float]:
+    """Word accuracy (field protocol) and the other report metrics on ``words``."""
+    model.eval()
+    predictions: dict[int, str] = {}
+    by_width: dict[int, list[int]] = {}
+    for i, pixels in enumerate(words.pixels):
+        by_width.setdefault(pixels.shape[1], []).append(i)
+    with torch.no_grad():
+        for width, members in sorted(by_width.items()):
+            for k in range(0, len(members), batch_size):
+                chunk = members[k:k + batch_size]
+                ((_, images),) = batch_inputs([words.pixels[i] for i in chunk], spec, len(chunk))
+                scores = model(torch.from_numpy(images)).float().numpy()
+                decoded = decode_output(spec, scores, [width] * len(chunk))
+                predictions.update((i, d.text) for i, d in zip(chunk, decoded))
+    ordered = [predictions[i] for i in range(len(words))]
+    return recognition_metrics(ordered, words.texts)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep BatchNorm running statistics fixed (eval mode) while the rest trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def initial_model(init: str | None, arch: str | None, charset_spec: ModelSpec | None,
+                  rnn_layout: str = "auto") -> tuple[nn.Module, ModelSpec, str]:
+    """The model to start from, its description and a line saying what was done.
+
+    Args:
+        init: a registry name with weights (``nano-ocr``), a checkpoint path, or None (from
+            scratch, which needs ``arch``).
+        arch: the architecture (from scratch, or of a checkpoint without a description).
+        charset_spec: a description whose alphabet replaces the model's (None: keep it);
+            layers whose shapes change (the classifier) start from scratch.
+    """
+    from convert.weights import fetch
+
+    if init is None:
+        if arch is None:
+            raise ToolchainError("from scratch needs --arch (or give --init)")
+        spec = spec_for_arch(arch)
+        model, what = None, f"{arch} from scratch"
+    else:
+        path = Path(init)
+        if not path.exists() and not init.endswith((".pth", ".pt")):
+            entry = arch_entry(init)
+            path, spec = fetch(init), spec_for_arch(entry.name)
+        else:
+            spec = spec_for_arch(arch) if arch else read_description(path)
+            if spec is None:
+                raise ToolchainError(f"{path}: carries no model description; give --arch")
+        model = load_checkpoint(path, spec, rnn_layout)
+        what = f"{spec.arch} from {init}"
+    if charset_spec is not None and charset_spec.alphabet != spec.alphabet:
+        new_spec = spec.replace(alphabet=charset_spec.alphabet, blank=charset_spec.blank)
+        fresh = build_model(new_spec)
+        if model is not None:
+            old = model.state_dict()
+            state = fresh.state_dict()
+            copied = {k: v for k, v in old.items() if k in state and state[k].shape == v.shape}
+            fresh.load_state_dict({**state, **copied})
+            what += (f"; charset of {len(new_spec.alphabet)} characters: "
+                     f"{len(state) - len(copied)} tensors start from scratch")
+        model, spec = fresh, new_spec
+    elif model is None:
+        model = build_model(spec)
+    return model, spec, what
+
+
+@dataclass
+class Run:
+    """What one training run keeps in OUT: the log rows and the best validation accuracy."""
+
+    out: Path
+    rows: list[dict] = field(default_factory=list)
+    best: float = -1.0
+
+    def log_row(self, row: dict) -> None:
+        self.rows.append(row)
+        path = self.out / "log.csv"
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        plot(self.rows, self.out / "curves.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """A PNG of the training loss and the validation accuracy per epoch (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, loss_axis = pyplot.subplots(figsize=(6, 3.5))
+    epochs = [r["epoch"] for r in rows]
+    loss_axis.plot(epochs, [r["train_loss"] for r in rows], "o-", color="tab:red")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training CTC loss", color="tab:red")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(epochs, [r["val_accuracy"] for r in rows], "s-", color="tab:blue")
+    accuracy_axis.set_ylabel("validation word accuracy", color="tab:blue")
+    figure.tight_layout()
+    partial = path.with_name(f".{path.name}.partial.png")
+    figure.savefig(partial, dpi=90)
+    pyplot.close(figure)
+    os.replace(partial, path)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` under torchrun (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
