@@ -82,16 +82,23 @@ def _conv_stack(channels: list[int], batchnorm_after: set[int]) -> nn.Sequential
 
 
 class CRNN(nn.Module):
-    """The reference CRNN: 7 convolutions (64..512), two BiLSTM blocks 512->256->256->C."""
+    """The reference CRNN: 7 convolutions (64..512), two BiLSTM blocks 512->256->256->C.
 
-    def __init__(self, num_classes: int, layout: str = "meijieru", hidden: int = 256):
+    ``width`` (first convolution's channels) and ``hidden`` scale it down: ``crnn-small``
+    is ``width=32, hidden=128`` (32..256 channels, about 2.1 M parameters).
+    """
+
+    def __init__(self, num_classes: int, layout: str = "meijieru", hidden: int = 256,
+                 width: int = 64):
         super().__init__()
         if layout not in CRNN_LAYOUTS:
             raise ValueError(f"layout must be one of {CRNN_LAYOUTS}, got {layout!r}")
         self.layout = layout
-        self.cnn = _conv_stack([64, 128, 256, 256, 512, 512, 512], {2, 4, 6})
+        channels = [width * k for k in (1, 2, 4, 4, 8, 8, 8)]  # 64..512 for the reference
+        self.cnn = _conv_stack(channels, {2, 4, 6})
         block = BidirectionalLSTM if layout == "meijieru" else SplitBidirectionalLSTM
-        self.rnn = nn.Sequential(block(512, hidden, hidden), block(hidden, hidden, num_classes))
+        self.rnn = nn.Sequential(block(channels[-1], hidden, hidden),
+                                 block(hidden, hidden, num_classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.cnn(images).squeeze(2).permute(2, 0, 1)  # [T, N, 512]

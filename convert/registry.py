@@ -68,6 +68,12 @@ def _build_crnn(spec: ModelSpec, rnn_layout: str):
     return CRNN(spec.num_classes, layout=rnn_layout).eval()
 
 
+def _build_crnn_small(spec: ModelSpec, rnn_layout: str):
+    from convert.models import CRNN
+
+    return CRNN(spec.num_classes, layout=rnn_layout, hidden=128, width=32).eval()
+
+
 def _build_nano(spec: ModelSpec, rnn_layout: str):
     from convert.models import NanoOCR
 
@@ -90,6 +96,21 @@ ARCHS: dict[str, ArchEntry] = {
                 max_width=320,
             ),
             build=_build_crnn,
+            rnn_layouts=("meijieru", "modelzoo"),
+        ),
+        ArchEntry(
+            name="crnn-small",
+            summary="the reference CRNN at half the channels (32..256, hidden 128), for "
+                    "training from scratch on a CPU; 0-9a-z",
+            spec=ModelSpec(
+                arch="crnn-small",
+                alphabet="0123456789abcdefghijklmnopqrstuvwxyz",
+                width_policy="keep-ratio",
+                width=100,
+                min_width=32,
+                max_width=256,
+            ),
+            build=_build_crnn_small,
             rnn_layouts=("meijieru", "modelzoo"),
         ),
         ArchEntry(

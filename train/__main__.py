@@ -40,6 +40,7 @@ from infer.onnxruntime_runner import available_cores
 from train.trainer import (
     Run,
     freeze_batchnorm,
+    freeze_convolutions,
     initial_model,
     load_words,
     log_probs,
@@ -102,6 +103,9 @@ def _parser():
                         help="model, FILE (one character per line) or corpus:FILE")
     parser.add_argument("--epochs", type=positive(int), default=4)
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
+    parser.add_argument("--max-minutes", type=positive(float),
+                        help="stop after this much training time (the learning rate decays "
+                             "by steps or by time, whichever runs out first)")
     parser.add_argument("--epoch-samples", type=positive(int),
                         help="draws per epoch (default: the sources' total size)")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
@@ -110,6 +114,9 @@ def _parser():
     parser.add_argument("--freeze-bn", action="store_true", default=None,
                         help="keep BatchNorm statistics fixed (default: on with --init)")
     parser.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=None)
+    parser.add_argument("--freeze-convs", type=int,
+                        help="keep the first N convolutions fixed (default: 3 with --init, "
+                             "else 0): less drift from the initial model, and faster")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
@@ -158,6 +165,8 @@ def _run(args) -> int:
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
                                       None if args.resume else charset_spec)
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
+    fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
+                                else 3 if init is not None else 0)
     device = torch.device(args.device)
     model.to(device)
 
@@ -173,7 +182,8 @@ def _run(args) -> int:
                                  lambda i: i % every == 0)] if every else [])
     ratios = [r for _, r in sources]
     if rank == 0:
-        log.warning("start: %s; %d processes; train %s; validation %s", what, size,
+        log.warning("start: %s; %d convolutions fixed; %d processes; train %s; validation %s",
+                    what, fixed, size,
                     ", ".join(f"{s.path.name} {len(s)} (skipped {dict(s.skipped)})"
                               for s in train_sets),
                     ", ".join(f"{s.path.name} {len(s)}" for s in val_sets) or "none")
@@ -183,9 +193,15 @@ def _run(args) -> int:
     steps_per_epoch = len(plan_epoch(train_sets, ratios, args.batch_size, args.seed, 0, size,
                                      args.epoch_samples))
     total_steps = min(args.max_steps or 1 << 62, steps_per_epoch * args.epochs)
+    began = time.perf_counter()
+    budget = args.max_minutes * 60 if args.max_minutes else math.inf
+
+    def progress(step: int) -> float:
+        """How far the run is, 0..1: by steps or by time, whichever is further."""
+        return min(1.0, max(step / max(1, total_steps), (time.perf_counter() - began) / budget))
+
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps)
-                                                    / max(1, total_steps))))
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * progress(step))))
     run = Run(out)
     epoch, step = 0, 0
     if args.resume:
@@ -201,7 +217,8 @@ def _run(args) -> int:
         trained = torch.nn.parallel.DistributedDataParallel(model)
     ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="none", zero_infinity=False)
     scaler = torch.amp.GradScaler("cuda") if args.amp else None
-    while epoch < args.epochs and step < total_steps:
+    while (epoch < args.epochs and step < total_steps
+           and not _out_of_time(began, budget, size)):
         batches = plan_epoch(train_sets, ratios, args.batch_size, args.seed, epoch, size,
                              args.epoch_samples)
         model.train()
@@ -211,7 +228,7 @@ def _run(args) -> int:
         bar = tqdm(batches, unit="batch", desc=f"epoch {epoch + 1}",
                    disable=True if rank else None)
         for members in bar:
-            if step >= total_steps:
+            if step >= total_steps or _out_of_time(began, budget, size):
                 break
             share = members[len(members) * rank // size:len(members) * (rank + 1) // size]
             images, targets, lengths = make_batch(train_sets, share, spec)
@@ -256,19 +273,29 @@ def _run(args) -> int:
     return 0
 
 
+def _out_of_time(began: float, budget: float, size: int) -> bool:
+    """Whether the time budget is spent; under torchrun rank 0 decides for all ranks, so they
+    stop at the same step."""
+    spent = torch.tensor([float(time.perf_counter() - began >= budget)])
+    if size > 1:
+        torch.distributed.broadcast(spent, 0)
+    return bool(spent.item())
+
+
 def _end_epoch(run: Run, model, spec, val_sets, optimiser, schedule, epoch: int, step: int,
                losses: list[float], seen: int, seconds: float, size: int) -> None:
     """Validate, keep the best model, write last.pth and the log (rank 0)."""
-    metrics = validate(model, val_sets[0], spec) if val_sets else {"accuracy": float("nan")}
-    others = {f"val_accuracy_{s.path.name}": validate(model, s, spec)["accuracy"]
+    metrics = (validate(model, val_sets[0], spec) if val_sets
+               else {"word_accuracy": float("nan")})
+    others = {f"val_accuracy_{s.path.name}": validate(model, s, spec)["word_accuracy"]
               for s in val_sets[1:]}
     row = {"epoch": epoch, "step": step,
            "train_loss": sum(losses) / max(1, len(losses)),
-           "val_accuracy": metrics["accuracy"], **others,
+           "val_accuracy": metrics["word_accuracy"], **others,
            "lr": optimiser.param_groups[0]["lr"], "seconds": seconds,
            "images_per_second": seen / seconds if seconds else 0.0, "processes": size}
-    if not val_sets or metrics["accuracy"] > run.best:
-        run.best = metrics["accuracy"] if val_sets else run.best
+    if not val_sets or metrics["word_accuracy"] > run.best:
+        run.best = metrics["word_accuracy"] if val_sets else run.best
         save_described(run.out / "model.pth", model, spec, epoch=epoch, step=step)
     run.log_row(row)
     save_described(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
+from convert.outputs import current_umask
 from preprocess.lmdb_reader import SYNTHETIC_KEY, open_lmdb
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ def synthesise(output: Path, corpus: Sequence[str], fonts: Sequence[Path], sampl
             txn.put(b"num-samples", str(samples).encode())
             txn.put(SYNTHETIC_KEY, b"train.synth")
         env.close()
+        os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp makes 0700; follow the umask
         os.replace(partial, output)  # the folder appears whole
     finally:
         if partial.exists():  # ours, half written: an error or Ctrl-C stopped it

@@ -75,15 +75,24 @@ def needed_frames(targets: list[int]) -> int:
     return len(targets) + sum(1 for a, b in zip(targets, targets[1:]) if a == b)
 
 
+def folds_case(charset: Charset) -> bool:
+    """Whether labels are lower-cased for ``charset``: it has lower-case letters and no
+    capitals (crnn's 0-9a-z; crnn.pytorch and the field's protocol do the same)."""
+    return (any(c.islower() for c in charset.characters)
+            and not any(c.isupper() for c in charset.characters))
+
+
 def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
                keep=None) -> WordSet:
     """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split).
+    Labels are lower-cased where the charset has no capitals (:func:`folds_case`).
 
     Raises:
         ToolchainError: not an lmdb, or no usable sample (the reasons are named).
     """
     found, results = decode_all(path, spec, workers)
     words = WordSet(path)
+    fold = folds_case(charset)
     if found.num_samples > found.readable:
         words.skipped["no image or label key"] += found.num_samples - found.readable
     for index, label, pixels, _size, reason in results:
@@ -92,6 +101,8 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
         if reason is not None:
             words.skipped["undecodable: " + reason.split(":")[0][:60]] += 1
             continue
+        if fold:
+            label = label.lower()
         if charset.unknown(label):
             words.skipped["characters outside the charset"] += 1
             continue
@@ -156,7 +167,9 @@ def log_probs(model: nn.Module, images: torch.Tensor, spec: ModelSpec) -> torch.
 
 def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int = 64
              ) -> dict[str, float]:
-    """Word accuracy (field protocol) and the other report metrics on ``words``."""
+    """The report's metrics on ``words`` (``eval.metrics.recognition_metrics``), and
+    ``"word_accuracy"``: under the field's protocol (lower-case 0-9a-z) for an ASCII charset,
+    else exact match (the field's protocol would erase every Chinese character)."""
     model.eval()
     predictions: dict[int, str] = {}
     by_width: dict[int, list[int]] = {}
@@ -171,7 +184,11 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
                 decoded = decode_output(spec, scores, [width] * len(chunk))
                 predictions.update((i, d.text) for i, d in zip(chunk, decoded))
     ordered = [predictions[i] for i in range(len(words))]
-    return recognition_metrics(ordered, words.texts)
+    metrics = recognition_metrics(ordered, words.texts)
+    ascii_charset = all(c.isascii() for c in spec.alphabet)
+    metrics["word_accuracy"] = metrics["accuracy" if ascii_charset
+                                       else "accuracy_case_sensitive"]
+    return metrics
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -179,6 +196,15 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def freeze_convolutions(model: nn.Module, count: int) -> int:
+    """Stop training the first ``count`` convolutions (in module order); returns how many."""
+    convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)][:max(0, count)]
+    for convolution in convolutions:
+        for parameter in convolution.parameters():
+            parameter.requires_grad_(False)
+    return len(convolutions)
 
 
 def initial_model(init: str | None, arch: str | None, charset_spec: ModelSpec | None,

@@ -185,3 +185,58 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
         assert _train(*args) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_from_scratch_small_crnn_folds_case_and_exports(tmp_path, synth_words):
+    """crnn-small (0-9a-z) from scratch: labels are lower-cased, the run stops on its time
+    budget, and the result goes through export and the ATC rewrite with no flags."""
+    spec = spec_for_arch("crnn-small")
+    words = load_words(synth_words, spec, spec.charset)
+    assert set(words.texts) <= {w.lower() for w in WORDS} and len(words) == 80
+    out = tmp_path / "scratch"
+    assert _train("--init", "none", "--arch", "crnn-small", "--train", synth_words, "--out", out,
+                  "--epochs", 1000, "--batch-size", 8, "--lr", "1e-3", "--max-minutes", "0.05",
+                  "--workers", 1) == 0
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert 1 <= len(rows) < 1000  # stopped by the time budget, with a validated epoch
+    assert read_description(out / "model.pth").arch == "crnn-small"
+    from convert import fix, pth2onnx
+
+    assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "s.onnx")]) == 0
+    assert fix.main([str(tmp_path / "s.onnx"), str(tmp_path / "s_fixed.onnx")]) == 0
+
+
+def test_freeze_convolutions_keeps_the_first_layers(tmp_path, synth_words):
+    out = tmp_path / "frozen"
+    assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
+                  "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--freeze-convs", 2,
+                  "--lr", "1e-3") == 0
+    after = torch.load(out / "model.pth", weights_only=True)["state_dict"]
+    start = read_state_dict(fetch("nano-ocr"))
+    assert torch.equal(after["cnn.0.weight"], start["cnn.0.weight"])  # conv 1: fixed
+    assert torch.equal(after["cnn.3.weight"], start["cnn.3.weight"])  # conv 2: fixed
+    assert not torch.equal(after["cnn.6.weight"], start["cnn.6.weight"])  # conv 3: trained
+
+
+def test_validation_of_a_chinese_charset_is_exact_match():
+    """The field's protocol keeps only 0-9a-z, so it would score any Chinese prediction as
+    right; a non-ASCII charset is validated by exact match."""
+    import numpy as np
+
+    from train.trainer import WordSet, initial_model, validate
+
+    charset_spec = spec_for_arch("crnn-small").replace(alphabet="春眠不觉晓处闻啼鸟")
+    model, spec, _ = initial_model(None, "crnn-small", charset_spec)
+    words = WordSet(Path("zh"), [np.full((32, 96), 255, np.uint8)] * 2, [[1], [2]],
+                    ["春眠", "不觉晓"])
+    metrics = validate(model, words, spec)
+    assert metrics["accuracy"] == 1.0  # both sides erased by the field's protocol
+    assert metrics["word_accuracy"] == metrics["accuracy_case_sensitive"] == 0.0
+
+
+def test_charset_from_a_corpus_is_its_characters_in_order(tmp_path):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text("春眠不觉晓\t12\n处处闻啼鸟\t7\n", encoding="utf-8")
+    charset = train_cli.read_charset(f"corpus:{corpus}")
+    assert charset.characters == "春眠不觉晓处闻啼鸟" and charset.blank == 0
+    assert train_cli.read_charset("model") is None
