@@ -66,7 +66,7 @@ def test_opset_option(tmp_path, crnn_checkpoints):
         (["missing.pth", "o.onnx", "--arch", "crnn"], "no such checkpoint file"),
         (
             ["{ckpt}", "o.onnx", "--arch", "vgg"],
-            "unknown architecture 'vgg'; known: crnn, nano-ocr, ppocr-v4-rec",
+            "unknown architecture 'vgg'; known: crnn, crnn-small, nano-ocr, ppocr-v4-rec",
         ),
         (["{ckpt}", "o.onnx", "--arch", "nano-ocr"], "fits --arch crnn --rnn-layout meijieru"),
     ],
