@@ -210,7 +210,7 @@ def read_description(path: str | Path) -> ModelSpec | None:
     return ModelSpec.from_dict(obj[DESCRIPTION_KEY], f"{path} ({DESCRIPTION_KEY})")
 
 
-def save_described(path: str | Path, model: nn.Module, spec: ModelSpec,
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
                    **extra: object) -> None:
     """Write ``model``'s state dict with its description (and ``extra`` plain values) to
     ``path``, whole or not at all (written aside, then renamed)."""

@@ -182,6 +182,13 @@ class ModelSpec(Description):
         frames = self.frames(input_shape[3])
         return output[:frames, :rows] if self.time_major else output[:rows, :frames]
 
+    def policy_widths(self) -> list[int]:
+        """The extreme input widths preprocessing can produce: the gears, else the fixed
+        width, else ``[min_width, max_width]`` (what an engine's width range must cover)."""
+        if self.width_gears:
+            return list(self.width_gears)
+        return [self.width] if self.width_policy == "fixed" else [self.min_width, self.max_width]
+
     def frames(self, width: int) -> int:
         """CTC frames T for an input ``width`` in pixels: ``width // downsample + frame_offset``.
 

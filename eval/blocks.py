@@ -114,9 +114,7 @@ class BlockWorker:
             self.spec = spec.replace(**job.overrides) if job.overrides else spec
             self.recognizer = Recognizer(runner, self.spec, decoder=job.decoder,
                                          beam_width=job.beam_width).load()
-            widths = ([self.spec.width] if self.spec.width_policy == "fixed"
-                      else [self.spec.min_width, self.spec.max_width])
-            self.recognizer.check_widths(list(self.spec.width_gears) or widths)
+            self.recognizer.check_widths(self.spec.policy_widths())
         except ToolchainError as exc:
             raise ToolchainError(f"worker {self.name}: {exc}") from None
         self.batches_done = 0
@@ -136,7 +134,7 @@ class BlockWorker:
         return self._rows(start, run, failed)
 
     def _rows(self, block: int, run: EvalRun, failed_decoding: list[dict]) -> dict[str, list]:
-        rows: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
+        rows = empty_rows()
 
         def add(index, label, prediction, confidence, width, stage, reason, batch, seconds):
             for name, value in zip(RESULT_COLUMNS, (index, label, prediction, confidence, width,
@@ -158,10 +156,9 @@ class BlockWorker:
 
     def __call__(self, blocks: Mapping[str, np.ndarray]) -> dict[str, list]:
         """Ray Data's batch UDF: ``{"start": [...], "stop": [...]}`` in, result columns out."""
-        rows: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
+        rows = empty_rows()
         for start, stop in zip(blocks["start"], blocks["stop"]):
-            for name, values in self.recognise(int(start), int(stop)).items():
-                rows[name] += values
+            extend_rows(rows, self.recognise(int(start), int(stop)))
         return rows
 
     def close(self) -> None:

@@ -384,9 +384,7 @@ def evaluate_folder(args) -> dict[str, object]:
         check_compatible(spec, inputs.model, str(model_path))
     with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
         if args.test_dir:
-            policy_widths = ([spec.width] if spec.width_policy == "fixed"
-                             else [spec.min_width, spec.max_width])
-            recognizer.check_widths(list(spec.width_gears) or policy_widths)
+            recognizer.check_widths(spec.policy_widths())
             with contextlib.closing(stream.batches):  # decoding workers stop here on any exit
                 run = run_batches(recognizer, stream.batches, stream.count, args.warmup,
                                   progress=True)

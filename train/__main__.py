@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from convert.charset import Charset
-from convert.checkpoint import save_described
+from convert.checkpoint import save_checkpoint
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.registry import ARCHS
@@ -157,13 +157,8 @@ def _run(args) -> int:
 
     init = None if args.init == "none" else args.init
     charset = read_charset(args.charset)
-    charset_spec = None
-    if charset is not None:
-        from convert.spec import ModelSpec
-
-        charset_spec = ModelSpec(arch="charset", alphabet=charset.characters, blank=0)
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
-                                      None if args.resume else charset_spec)
+                                      None if args.resume else charset)
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
                                 else 3 if init is not None else 0)
@@ -296,9 +291,9 @@ def _end_epoch(run: Run, model, spec, val_sets, optimiser, schedule, epoch: int,
            "images_per_second": seen / seconds if seconds else 0.0, "processes": size}
     if not val_sets or metrics["word_accuracy"] > run.best:
         run.best = metrics["word_accuracy"] if val_sets else run.best
-        save_described(run.out / "model.pth", model, spec, epoch=epoch, step=step)
+        save_checkpoint(run.out / "model.pth", model, spec, epoch=epoch, step=step)
     run.log_row(row)
-    save_described(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
+    save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
                    log_keys=list(row), log_rows=[list(r.values()) for r in run.rows])
     log.warning("epoch %d: loss %.4f, validation accuracy %.4f%s, %.0f images/s", epoch,

@@ -207,7 +207,7 @@ def freeze_convolutions(model: nn.Module, count: int) -> int:
     return len(convolutions)
 
 
-def initial_model(init: str | None, arch: str | None, charset_spec: ModelSpec | None,
+def initial_model(init: str | None, arch: str | None, charset: Charset | None,
                   rnn_layout: str = "auto") -> tuple[nn.Module, ModelSpec, str]:
     """The model to start from, its description and a line saying what was done.
 
@@ -215,7 +215,7 @@ def initial_model(init: str | None, arch: str | None, charset_spec: ModelSpec | 
         init: a registry name with weights (``nano-ocr``), a checkpoint path, or None (from
             scratch, which needs ``arch``).
         arch: the architecture (from scratch, or of a checkpoint without a description).
-        charset_spec: a description whose alphabet replaces the model's (None: keep it);
+        charset: replaces the model's characters and blank (None: keep them);
             layers whose shapes change (the classifier) start from scratch.
     """
     from convert.weights import fetch
@@ -236,8 +236,9 @@ def initial_model(init: str | None, arch: str | None, charset_spec: ModelSpec | 
                 raise ToolchainError(f"{path}: carries no model description; give --arch")
         model = load_checkpoint(path, spec, rnn_layout)
         what = f"{spec.arch} from {init}"
-    if charset_spec is not None and charset_spec.alphabet != spec.alphabet:
-        new_spec = spec.replace(alphabet=charset_spec.alphabet, blank=charset_spec.blank)
+    if charset is not None and (charset.characters, charset.blank) != (spec.alphabet,
+                                                                         spec.blank):
+        new_spec = spec.replace(alphabet=charset.characters, blank=charset.blank)
         fresh = build_model(new_spec)
         if model is not None:
             old = model.state_dict()

@@ -223,10 +223,10 @@ def test_validation_of_a_chinese_charset_is_exact_match():
     right; a non-ASCII charset is validated by exact match."""
     import numpy as np
 
+    from convert.charset import Charset
     from train.trainer import WordSet, initial_model, validate
 
-    charset_spec = spec_for_arch("crnn-small").replace(alphabet="春眠不觉晓处闻啼鸟")
-    model, spec, _ = initial_model(None, "crnn-small", charset_spec)
+    model, spec, _ = initial_model(None, "crnn-small", Charset("春眠不觉晓处闻啼鸟", 0))
     words = WordSet(Path("zh"), [np.full((32, 96), 255, np.uint8)] * 2, [[1], [2]],
                     ["春眠", "不觉晓"])
     metrics = validate(model, words, spec)
