@@ -35,6 +35,7 @@ from convert.charset import Charset
 from convert.checkpoint import save_checkpoint
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
+from convert.outputs import check_output_file
 from convert.registry import ARCHS
 from infer.onnxruntime_runner import available_cores
 from train.trainer import (
@@ -73,7 +74,11 @@ def read_charset(text: str) -> Charset | None:
     path = Path(text.removeprefix("corpus:"))
     if not path.is_file():
         raise ToolchainError(f"--charset {text}: no such file")
-    content = path.read_text(encoding="utf-8")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolchainError(f"--charset {text}: not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start})") from None
     if corpus:
         characters = "".join(dict.fromkeys(
             ch for line in content.splitlines() for ch in line.split("\t", 1)[0].strip()))
@@ -153,7 +158,7 @@ def _run(args) -> int:
         raise ToolchainError(f"--resume: {last} does not exist")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise ToolchainError(f"{out}: not empty; give a new folder, or --resume to continue")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_file(last, "--out")  # creates the folder; one line if it cannot be written
 
     init = None if args.init == "none" else args.init
     charset = read_charset(args.charset)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
-from convert.outputs import current_umask
+from convert.outputs import check_output_file, current_umask
 from preprocess.lmdb_reader import SYNTHETIC_KEY, open_lmdb
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ def _parser():
 def _run(args) -> int:
     if args.output.exists():
         raise ToolchainError(f"{args.output}: exists; train.synth writes a new folder only")
+    check_output_file(args.output, "the output")  # its folder can be written (one line if not)
     corpus = [entry for path in args.corpus for entry in read_corpus(path)]
     if args.max_chars:
         corpus = [e for e in corpus if len(e) <= args.max_chars]

@@ -67,6 +67,8 @@ def test_synth_counts_what_no_font_draws_and_refuses_existing_output(tmp_path, c
     assert labels <= {"hello", "world"}
     assert synth.main([str(out), "--corpus", str(corpus)]) != 0
     assert "exists" in capsys.readouterr().err
+    assert synth.main(["/proc/no_lmdb_here", "--corpus", str(corpus)]) != 0
+    assert "cannot be written" in capsys.readouterr().err
     assert synth.main([str(tmp_path / "x"), "--corpus", str(corpus), "--font",
                        str(tmp_path / "none.ttf")]) != 0
     assert "no such font file" in capsys.readouterr().err
@@ -175,12 +177,17 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
 
 
 def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
     for args, message in [
         (["--train", synth_words, "--out", tmp_path / "a", "--amp"], "--amp needs --device cuda"),
         (["--train", f"{synth_words}:0", "--out", tmp_path / "b"], "ratio must be > 0"),
         (["--train", synth_words, "--out", tmp_path / "c", "--resume"], "does not exist"),
         (["--train", synth_words, "--out", tmp_path / "d", "--init", "none"], "needs --arch"),
         (["--train", synth_words, "--out", tmp_path / "e", "--charset", "nofile"], "no such"),
+        (["--train", synth_words, "--out", tmp_path / "f", "--charset", f"corpus:{latin1}"],
+         "not UTF-8 text"),
+        (["--train", synth_words, "--out", "/proc/no_run_here"], "cannot be written"),
     ]:
         assert _train(*args) != 0
         err = capsys.readouterr().err
