@@ -200,9 +200,14 @@ def summary_line(report: dict) -> str:
         f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
         f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "
         f"{report['images_per_second']:.0f} img/s "
-        f"(engine sum {report['engine_seconds_sum']:.2f} s, "
+        f"(engine sum {report['engine_seconds_sum']:.2f} s{_lanes_note(report)}, "
         f"{report['machine']['cores']} cores)"
     )
+
+
+def _lanes_note(report: dict) -> str:
+    lanes = report.get("executor", {}).get("engine_lanes", 1)
+    return f" over {lanes} engine lanes" if lanes > 1 else ""
 
 
 def _parser():
@@ -235,6 +240,11 @@ def _parser():
     parser.add_argument(
         "--threads", type=int, help="ONNX Runtime intra-op threads (default: cores)"
     )
+    parser.add_argument(
+        "--lanes", type=int,
+        help="engine calls in flight at once, each with --threads intra-op threads (default: "
+             "one lane per core with 1 thread each for an .onnx on the CPU when --threads is "
+             "not given, else 1)")
     parser.add_argument(
         "--label", type=Path, help="ModelZoo label.txt instead of the manifest's labels"
     )
@@ -343,6 +353,21 @@ def _evaluate_in_blocks(args, executor: str, model_path: Path, options: dict):
     return merged.run, inputs, spec, backend, facts
 
 
+def engine_lanes(args) -> tuple[int, int | None]:
+    """Engine lanes and intra-op threads per lane for the local executor.
+
+    ``--lanes``/``--threads`` as given; with neither, an .onnx on the CPU gets one lane per
+    core with one thread each (``bench.e2e``: 2 one-thread lanes beat one 2-thread call on
+    2 cores, since the LSTM's time steps leave a second thread idle), and anything else one
+    lane with the backend's default threads.
+    """
+    if args.lanes is not None or args.threads is not None:
+        return args.lanes or 1, args.threads
+    if args.onnx_path and (args.device or "cpu") == "cpu":
+        return available_cores(), 1
+    return 1, None
+
+
 def evaluate_folder(args) -> dict[str, object]:
     """Everything the CLI does except printing; returns the report.
 
@@ -361,6 +386,9 @@ def evaluate_folder(args) -> dict[str, object]:
     options = {"threads": args.threads, "sidecar": args.sidecar, "arch": args.arch,
                "rnn_layout": args.rnn_layout, "gate_order": args.gate_order}
     executor = _check_scale_out(args)
+    if args.lanes is not None and (args.lanes < 1 or executor):
+        raise ToolchainError("--lanes must be >= 1, and goes with the local executor (Ray "
+                             "actors and NPU processes run one batch at a time)")
     if executor:
         run, inputs, spec, backend, facts = _evaluate_in_blocks(args, executor, model_path,
                                                                 options)
@@ -370,6 +398,7 @@ def evaluate_folder(args) -> dict[str, object]:
         return report
     if args.workers is None:
         args.workers = available_cores()
+    lanes, options["threads"] = engine_lanes(args)
     if args.test_dir:
         runner, spec = open_model(model_path, args.device, **options)
         inputs, stream, spec = _stream_inputs(args, spec)
@@ -382,7 +411,8 @@ def evaluate_folder(args) -> dict[str, object]:
                     if inputs.model else None)
         runner, spec = open_model(model_path, args.device, fallback=fallback, **options)
         check_compatible(spec, inputs.model, str(model_path))
-    with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width) as recognizer:
+    with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width,
+                    lanes=lanes) as recognizer:
         if args.test_dir:
             recognizer.check_widths(spec.policy_widths())
             with contextlib.closing(stream.batches):  # decoding workers stop here on any exit
@@ -393,7 +423,7 @@ def evaluate_folder(args) -> dict[str, object]:
             run = run_evaluation(recognizer, inputs, args.warmup, progress=True)
     report = make_report(run, inputs, spec, runner.name, str(model_path), args.decoder)
     report["executor"] = {"kind": "local", "decoding_workers": args.workers if args.test_dir
-                          else 0}
+                          else 0, "engine_lanes": lanes, "threads_per_lane": options["threads"]}
     _write_outputs(args, report, run)
     return report
 

@@ -12,6 +12,7 @@ tensor names and shapes from the model description, never from literals.
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from dataclasses import dataclass
 
@@ -47,11 +48,23 @@ class Runner:
     requires: str | None = None
     #: Exception types the engine raises for a batch it cannot run; set by ``_load``.
     engine_errors: tuple[type[BaseException], ...] = ()
+    #: Whether ``infer`` may be called from several threads at once (engine lanes,
+    #: ``pipeline.Recognizer(lanes=N)``); backends whose engine documents this set it.
+    concurrent_infer = False
 
     def __init__(self) -> None:
         self.loaded = False
-        #: Seconds the last ``infer`` spent in the engine call alone.
-        self.last_engine_seconds = 0.0
+        self._timing = threading.local()
+
+    @property
+    def last_engine_seconds(self) -> float:
+        """Seconds the calling thread's last ``infer`` spent in the engine call alone
+        (per thread, so concurrent lanes each read their own)."""
+        return getattr(self._timing, "seconds", 0.0)
+
+    @last_engine_seconds.setter
+    def last_engine_seconds(self, seconds: float) -> None:
+        self._timing.seconds = seconds
 
     @classmethod
     def is_available(cls) -> bool:

@@ -49,6 +49,8 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
     requires = "onnxruntime"
+    #: ``InferenceSession.run`` is thread-safe (ONNX Runtime's threading documentation).
+    concurrent_infer = True
 
     def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
                  spin: bool = True):

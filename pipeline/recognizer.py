@@ -97,9 +97,17 @@ class Recognizer:
         batch_size: images per batch for :meth:`__call__`.
         decoder: ``"greedy"`` or ``"beam"``.
         beam_width: prefixes kept per frame by beam search (>= 1).
+        lanes: engine calls in flight at once in :meth:`recognise_batches` (>= 1). With
+            ``lanes > 1`` each batch runs its engine call and its CTC decoding on one of
+            ``lanes`` threads, so several batches are in the engine together (on CPU, N
+            one-thread lanes keep N cores busier than one N-thread call: the LSTM's steps are
+            sequential). The runner must allow concurrent calls
+            (:attr:`infer.base.Runner.concurrent_infer`). Each batch's result is the same
+            as with one lane; results come back in the order given either way.
 
     Raises:
-        ToolchainError: an unknown decoder, ``beam_width < 1`` or ``batch_size < 1``.
+        ToolchainError: an unknown decoder, ``beam_width < 1``, ``batch_size < 1``,
+            ``lanes < 1``, or ``lanes > 1`` with a runner that cannot run concurrently.
     """
 
     runner: Runner
@@ -107,8 +115,10 @@ class Recognizer:
     batch_size: int = 16
     decoder: str = "greedy"
     beam_width: int = 10
+    lanes: int = 1
     _engine_batch: int | None = field(default=None, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _lane_pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -117,12 +127,20 @@ class Recognizer:
             raise ToolchainError(f"beam width must be >= 1, got {self.beam_width}")
         if self.batch_size < 1:
             raise ToolchainError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lanes < 1:
+            raise ToolchainError(f"engine lanes must be >= 1, got {self.lanes}")
+        if self.lanes > 1 and not self.runner.concurrent_infer:
+            raise ToolchainError(f"the {self.runner.name} backend runs one batch at a time; "
+                                 f"use 1 engine lane (got {self.lanes})")
 
     def load(self) -> Recognizer:
         """Load the runner, read the largest batch its engine accepts, start the decode thread."""
         self.runner.load()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctc-decode")
+        if self.lanes > 1 and self._lane_pool is None:
+            self._lane_pool = ThreadPoolExecutor(max_workers=self.lanes,
+                                                 thread_name_prefix="engine-lane")
         specs = {s.name: s for s in self.runner.input_specs()}
         if self.spec.input_name not in specs:
             raise ToolchainError(f"the model's input is not {self.spec.input_name!r} as its "
@@ -133,9 +151,10 @@ class Recognizer:
 
     def close(self) -> None:
         """Release the runner and the decode thread."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        for pool in (self._pool, self._lane_pool):
+            if pool is not None:
+                pool.shutdown()
+        self._pool = self._lane_pool = None
         self.runner.close()
 
     def __enter__(self) -> Recognizer:
@@ -234,12 +253,31 @@ class Recognizer:
         if self._pool is None:
             raise ToolchainError("Recognizer: call load() (or use `with`) before recognising")
         pending: deque[Future] = deque()
-        for key, batch, widths in batches:
-            pending.append(self.submit(key, batch, widths))
-            while len(pending) > 1:  # one decode in flight beside the next engine call
-                yield pending.popleft().result()
+        if self._lane_pool is None:
+            for key, batch, widths in batches:
+                pending.append(self.submit(key, batch, widths))
+                while len(pending) > 1:  # one decode in flight beside the next engine call
+                    yield pending.popleft().result()
+        else:
+            try:
+                for key, batch, widths in batches:
+                    pending.append(self._lane_pool.submit(self._lane, key, batch, list(widths)))
+                    while len(pending) > self.lanes:  # every lane busy, one batch waiting
+                        yield pending.popleft().result()
+            except BaseException:  # an early close or an error: no queued batch runs for nobody
+                for future in pending:
+                    future.cancel()
+                raise
         while pending:
             yield pending.popleft().result()
+
+    def _lane(self, key: Any, batch: np.ndarray, widths: list[int]) -> BatchResult:
+        """One batch on an engine lane: the engine call, then its CTC decoding."""
+        try:
+            scores, engine_seconds = self.forward(batch)
+        except EngineError as exc:
+            return BatchResult(key, None, exc)
+        return self._decode(key, scores, widths, engine_seconds)
 
     def __call__(
         self, images: Sequence[bytes | Image.Image | np.ndarray],

@@ -12,6 +12,7 @@ from eval import compare, postprocess
 from eval.evaluate import run_evaluation
 from eval.inputs import load_input_set
 from infer import OnnxRuntimeRunner
+from infer.onnxruntime_runner import available_cores
 from pipeline import Recognizer
 from preprocess import parse_testdata
 from tests.conftest import IIIT5K
@@ -196,12 +197,19 @@ def test_tiny_lmdb_bucketed_equals_per_image(tmp_path, tiny_lmdb, exported, fixe
         pytest.approx([float(r["confidence"]) for r in rows["per-image"]], abs=1e-4)
 
 
-def test_one_process_path_equals_the_two_step_path(tmp_path, tiny_lmdb, tiny_inputs, fixed_models):
-    """``--test-dir`` (decoding workers, streamed equal-width batches) = the two-step path."""
+@pytest.mark.parametrize("lanes, expected", [
+    ([], (available_cores(), 1)),  # the default: one one-thread lane per core
+    (["--lanes", "1", "--threads", "2"], (1, 2)),
+    (["--lanes", "3", "--threads", "1"], (3, 1)),
+], ids=["default-lanes", "one-lane", "three-lanes"])
+def test_one_process_path_equals_the_two_step_path(tmp_path, tiny_lmdb, tiny_inputs, fixed_models,
+                                                   lanes, expected):
+    """``--test-dir`` (decoding workers, streamed equal-width batches, engine lanes) = the
+    two-step path with one lane."""
     reports, preds = {}, {}
-    for name, source in (("two-step", ["--input-npy", str(tiny_inputs)]),
+    for name, source in (("two-step", ["--input-npy", str(tiny_inputs), "--lanes", "1"]),
                          ("one-process", ["--test-dir", str(tiny_lmdb), "--workers", "2",
-                                          "--batch-size", "2"])):
+                                          "--batch-size", "2", *lanes])):
         reports[name], preds[name] = tmp_path / f"{name}.json", tmp_path / f"{name}.csv"
         assert postprocess.main([*source, "--onnx-path", str(fixed_models["nano-ocr"]),
                                  "--report", str(reports[name]),
@@ -211,6 +219,21 @@ def test_one_process_path_equals_the_two_step_path(tmp_path, tiny_lmdb, tiny_inp
     for key in ("samples", "scored", "failed", "accuracy", "one_minus_ned", "cer", "failures"):
         assert one[key] == two[key], key
     assert one["policy"]["layout"] == "stream" and one["failed"] == 3
+    assert (one["executor"]["engine_lanes"], one["executor"]["threads_per_lane"]) == expected
+    assert two["executor"]["engine_lanes"] == 1
+
+
+def test_lanes_options_are_checked(tiny_lmdb, fixed_models, nano_weights, capsys):
+    base = ["--test-dir", str(tiny_lmdb)]
+    assert postprocess.main([*base, "--onnx-path", str(fixed_models["nano-ocr"]),
+                             "--lanes", "0"]) == 1
+    assert "--lanes must be >= 1" in capsys.readouterr().err
+    assert postprocess.main([*base, "--onnx-path", str(fixed_models["nano-ocr"]), "--lanes", "2",
+                             "--executor", "ray"]) == 1
+    assert "goes with the local executor" in capsys.readouterr().err
+    assert postprocess.main([*base, "--pth", str(nano_weights), "--arch", "nano-ocr",
+                             "--lanes", "2"]) == 1
+    assert "the torch backend runs one batch at a time" in capsys.readouterr().err
 
 
 def test_one_process_path_refuses_a_label_file(tmp_path, tiny_lmdb, fixed_models, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from convert.atc import plan_shape, write_sidecar
 from convert.errors import ToolchainError
-from infer import open_model
+from infer import OnnxRuntimeRunner, open_model
 from pipeline import Failure, Recognition, Recognizer
 from preprocess.lmdb_reader import open_lmdb, read_sample
 from tests.conftest import IIIT5K, encode, word_image
@@ -86,6 +87,57 @@ def test_bad_settings_are_refused(fixed_models):
                             ({"batch_size": 0}, "batch size must be >= 1")]:
         with pytest.raises(ToolchainError, match=message):
             Recognizer(runner, spec, **kwargs)
+
+
+class _MeetingRunner(OnnxRuntimeRunner):
+    """The real ONNX Runtime runner whose first two engine calls must meet: each waits (at
+    most 20 s) until the other has started, so they can only finish if they run at once."""
+
+    def __init__(self, path):
+        super().__init__(path, threads=1)
+        self.meeting = threading.Barrier(2, timeout=20)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def _infer(self, feed):
+        with self.lock:
+            self.calls += 1
+            first_two = self.calls <= 2
+        if first_two:
+            self.meeting.wait()  # BrokenBarrierError if the lanes do not overlap
+        return super()._infer(feed)
+
+
+def test_engine_lanes_run_batches_at_once_with_the_same_results(fixed_models):
+    words = ["cat", "house", "elephants", "a", "tiger", "zebra", "river", "moon", "sunshine",
+             "the", "on", "mountain", "kitchen", "pencil"]
+    images = [encode(word_image(w, 24 + 14 * len(w), 32)) for w in words]
+    runner, spec = open_model(fixed_models["nano-ocr"])
+    with Recognizer(runner, spec, batch_size=2) as one_lane:
+        expected = one_lane(images)
+    lanes_runner = _MeetingRunner(fixed_models["nano-ocr"])
+    with Recognizer(lanes_runner, spec, batch_size=2, lanes=2) as two_lanes:
+        got = two_lanes(images)
+        assert lanes_runner.calls >= 7  # 14 images in batches of at most 2
+        # closing the loop early leaves no lane running and the recogniser usable
+        batches = ((i, batch, [batch.shape[3]] * batch.shape[0]) for i, batch in enumerate(
+            np.zeros(spec.input_shape(1, 100), np.float32)[None].repeat(6, 0)))
+        loop = two_lanes.recognise_batches(batches)
+        assert next(loop).key == 0
+        loop.close()
+        assert [r.text for r in two_lanes(images[:3])] == [r.text for r in expected[:3]]
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert [r.confidence for r in got] == pytest.approx([r.confidence for r in expected],
+                                                        abs=1e-6)
+    assert [r.char_frames for r in got] == [r.char_frames for r in expected]
+
+
+def test_lanes_are_refused_where_the_engine_runs_one_batch_at_a_time(nano_weights):
+    runner, spec = open_model(nano_weights, arch="nano-ocr")
+    with pytest.raises(ToolchainError, match="torch backend runs one batch at a time"):
+        Recognizer(runner, spec, lanes=2)
+    with pytest.raises(ToolchainError, match="engine lanes must be >= 1"):
+        Recognizer(runner, spec, lanes=0)
 
 
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
