@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.cli import make_parser, run_main
+from convert.errors import ToolchainError
 from eval.metrics import recognition_metrics
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
@@ -151,7 +152,21 @@ def _parser():
         help="lmdb for int8 calibration ($IIIT5K_CALIB_LMDB)",
     )
     parser.add_argument("--limit", type=int, help="only the first N samples (paths 1 and 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the five paths this many times, interleaved, and report each "
+                             "path's median (for a machine whose speed drifts)")
     return parser
+
+
+def _steal_ticks() -> tuple[int, int]:
+    """(CPU ticks stolen by the hypervisor, all ticks) so far, from ``/proc/stat``'s
+    ``cpu`` line (``steal`` is its 8th field; proc(5)); (0, 0) where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0, 0
+    ticks = [int(f) for f in fields[:8]]
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
 def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]:
@@ -225,37 +240,65 @@ def _measure(path: str, *args) -> dict:
     return result
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median seconds (the lower middle one for an even count), with the
+    fastest and slowest seconds and the largest peak memory of all runs."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    middle = dict(ordered[(len(ordered) - 1) // 2])
+    middle["range"] = (ordered[0]["seconds"], ordered[-1]["seconds"])
+    middle["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    middle["workers_peak_rss_mib"] = max(r["workers_peak_rss_mib"] for r in runs)
+    return middle
+
+
 def _run(args) -> int:
+    if args.repeats < 1:
+        raise ToolchainError(f"--repeats must be >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         weights, model, int8, build_seconds = build_models(workdir, args.calibration)
-        results = {
+        paths = {
             "reference (ModelZoo-style, ORT batch 1, fixed width)":
-                _measure("reference", args.data, model, args.limit),
+                ("reference", args.data, model, args.limit),
             "torch eager per image (nano-ocr read_batch)":
-                _measure("torch", args.data, weights, args.limit),
-            "toolchain default: one process, int8":
-                _measure("one-process", args.data, int8, workdir),
+                ("torch", args.data, weights, args.limit),
+            "toolchain default: one process, int8": ("one-process", args.data, int8, workdir),
             "toolchain two-step (parse_testdata + postprocess), int8":
-                _measure("two-step", args.data, int8, workdir),
-            "toolchain one process, fp32": _measure("one-process", args.data, model, workdir),
+                ("two-step", args.data, int8, workdir),
+            "toolchain one process, fp32": ("one-process", args.data, model, workdir),
         }
+        runs: dict[str, list[dict]] = {label: [] for label in paths}
+        stolen_before = _steal_ticks()
+        for _ in range(args.repeats):  # interleaved, so a slow spell hits every path alike
+            for label, path in paths.items():
+                runs[label].append(_measure(*path))
+        stolen_after = _steal_ticks()
+    results = {label: _median_run(r) for label, r in runs.items()}
     for result in results.values():
         result.pop("policy", None)
+    total = stolen_after[1] - stolen_before[1]
+    steal = (stolen_after[0] - stolen_before[0]) / total if total else 0.0
+    repeats = (f"median of {args.repeats} interleaved runs of each path"
+               if args.repeats > 1 else "one run of each path")
     print(
-        f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, one run of "
-        f"`python -m bench.e2e`; model build (export, rewrite, int8 calibration on "
-        f"{args.calibration.name}) {build_seconds:.1f} s, not in the table\n"
+        f"\n{args.data.name}, nano-ocr weights, {available_cores()} cores, `python -m "
+        f"bench.e2e{f' --repeats {args.repeats}' if args.repeats > 1 else ''}` ({repeats}); "
+        f"CPU time stolen by the hypervisor during the timings: {steal:.0%}; model build "
+        f"(export, rewrite, int8 calibration on {args.calibration.name}) "
+        f"{build_seconds:.1f} s, not in the table\n"
     )
     per_image = {label: r["seconds"] / r["samples"] for label, r in results.items()}
     ref_label, torch_label = list(results)[:2]
-    print("| path | samples | seconds | images/s | word accuracy | speed-up over reference "
-          "| speed-up over torch eager | peak RSS MiB (process / decoding workers) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| path | samples | seconds | fastest-slowest s | images/s | word accuracy "
+          "| speed-up over reference | speed-up over torch eager "
+          "| peak RSS MiB (process / decoding workers) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
         workers = f"{r['workers_peak_rss_mib']:.0f}" if r["workers_peak_rss_mib"] else "-"
+        low, high = r["range"]
         print(
-            f"| {label} | {r['samples']} | {r['seconds']:.2f} | {r['samples'] / r['seconds']:.0f} "
+            f"| {label} | {r['samples']} | {r['seconds']:.2f} | {low:.2f}-{high:.2f} "
+            f"| {r['samples'] / r['seconds']:.0f} "
             f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
             f"| {per_image[torch_label] / per_image[label]:.2f}x "
             f"| {r['peak_rss_mib']:.0f} / {workers} |"

@@ -23,12 +23,11 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import shapely
 from shapely.geometry import Polygon
 
-from convert.errors import ToolchainError
+from preprocess.icdar_gt import GtWord
 
 DET_PROTOCOL = (
     "ICDAR 2015 task 4.1 (RRC; PaddleOCR eval_det_iou.py): IoU > 0.5, one-to-one, '###' "
@@ -41,20 +40,6 @@ E2E_PROTOCOL = (
 IOU_THRESHOLD = 0.5
 DONT_CARE_AREA = 0.5
 MIN_E2E_CHARS = 3
-DONT_CARE_TEXT = "###"
-
-
-@dataclass(frozen=True)
-class GtWord:
-    """One ground-truth region: ``points`` four ``(x, y)`` pixels, clockwise; ``text`` its word."""
-
-    points: tuple[tuple[float, float], ...]
-    text: str
-
-    @property
-    def dont_care(self) -> bool:
-        """Whether the region is not scored (transcribed ``###``)."""
-        return self.text == DONT_CARE_TEXT
 
 
 @dataclass(frozen=True)
@@ -64,36 +49,6 @@ class Detection:
     points: tuple[tuple[float, float], ...]
     text: str = ""
     confidence: float = 1.0
-
-
-def read_gt_file(path: str | Path) -> list[GtWord]:
-    """The words of an ICDAR 2015 ground-truth file (``x1,y1,...,x4,y4,transcription``).
-
-    UTF-8 with or without a byte-order mark; the transcription may contain commas.
-
-    Raises:
-        ToolchainError: unreadable file, or a line without 8 numbers and a transcription
-            (names the file and line).
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolchainError(f"{path}: unreadable ground truth ({exc})") from None
-    words = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        fields = line.split(",", 8)
-        try:
-            if len(fields) != 9:
-                raise ValueError("need 8 coordinates and a transcription")
-            coords = [float(v) for v in fields[:8]]
-        except ValueError as exc:
-            raise ToolchainError(f"{path}:{number}: not an ICDAR 2015 line ({exc})") from None
-        points = tuple((coords[i], coords[i + 1]) for i in range(0, 8, 2))
-        words.append(GtWord(points, fields[8]))
-    return words
 
 
 def normalise_word(text: str) -> str:

@@ -44,9 +44,10 @@ from PIL import Image, ImageDraw, ImageFont
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.outputs import atomic_path, check_output_file, claim_output_folder, write_texts
-from eval.det_metrics import Detection, GtWord, read_gt_file, score_set
+from eval.det_metrics import Detection, score_set
 from eval.postprocess import machine_facts
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
+from preprocess.icdar_gt import GtWord, read_gt_file
 from preprocess.image import SampleError, decode_rgb
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def read_ground_truth(gts: Path, images: list[Path]) -> dict[str, list[GtWord]]:
 
     Raises:
         ToolchainError: ``gts`` is not a folder, some image has no file (names the first
-            three), or a file is malformed (``eval.det_metrics.read_gt_file``).
+            three), or a file is malformed (``preprocess.icdar_gt.read_gt_file``).
     """
     if not gts.is_dir():
         raise ToolchainError(f"{gts}: not a folder of ground-truth files")

@@ -31,22 +31,19 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lmdb
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
-from convert.outputs import check_output_file, current_umask
+from convert.outputs import check_output_file
 from preprocess.lmdb_reader import SYNTHETIC_KEY, open_lmdb
+from preprocess.lmdb_writer import write_word_lmdb
 
 log = logging.getLogger(__name__)
 
@@ -216,26 +213,17 @@ def synthesise(output: Path, corpus: Sequence[str], fonts: Sequence[Path], sampl
         log.warning("%d of %d distinct corpus entries have characters no font draws; they are "
                     "skipped", skipped, skipped + len(drawable))
     texts = list(drawable)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
-        env = lmdb.open(str(partial), map_size=max(1 << 26, samples * 64 * 1024), subdir=True)
-        with env.begin(write=True) as txn:
-            for index in tqdm(range(1, samples + 1), unit="img", desc="render",
-                              disable=None if progress else True):
-                rng = np.random.default_rng([seed, index])
-                text = texts[int(rng.integers(len(texts)))]
-                font = loaded[drawable[text][int(rng.integers(len(drawable[text])))]]
-                txn.put(b"image-%09d" % index, render(text, font, rng, augment))
-                txn.put(b"label-%09d" % index, text.encode("utf-8"))
-            txn.put(b"num-samples", str(samples).encode())
-            txn.put(SYNTHETIC_KEY, b"train.synth")
-        env.close()
-        os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp makes 0700; follow the umask
-        os.replace(partial, output)  # the folder appears whole
-    finally:
-        if partial.exists():  # ours, half written: an error or Ctrl-C stopped it
-            shutil.rmtree(partial)
+
+    def entries():
+        for index in tqdm(range(1, samples + 1), unit="img", desc="render",
+                          disable=None if progress else True):
+            rng = np.random.default_rng([seed, index])
+            text = texts[int(rng.integers(len(texts)))]
+            font = loaded[drawable[text][int(rng.integers(len(drawable[text])))]]
+            yield render(text, font, rng, augment), text
+
+    write_word_lmdb(output, entries(), max(1 << 26, samples * 64 * 1024),
+                    (SYNTHETIC_KEY, b"train.synth"))
     return {"samples": samples, "skipped": skipped}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from convert.errors import ToolchainError
-from eval.det_metrics import Detection, GtWord, normalise_word, read_gt_file, score_image, score_set
+from eval.det_metrics import Detection, normalise_word, score_image, score_set
+from preprocess.icdar_gt import GtWord, read_gt_file
 
 
 def rect(x0, y0, x1, y1):
