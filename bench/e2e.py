@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import queue
 import tempfile
 import time
 from collections.abc import Sequence
@@ -93,7 +94,7 @@ def one_process(data: Path, onnx_model: Path, workdir: Path) -> dict:
     """Paths 3 and 5: ``eval.postprocess --test-dir`` with its defaults (the CLI's ``main``)."""
     from eval import postprocess
 
-    report = workdir / "report_stream.json"
+    report = Path(tempfile.mkdtemp(dir=workdir, prefix="one-process-")) / "report.json"
     start = time.perf_counter()
     if postprocess.main(["--test-dir", str(data), "--onnx-path", str(onnx_model),
                          "--report", str(report)]):
@@ -109,7 +110,8 @@ def toolchain(data: Path, onnx_model: Path, workdir: Path, extra: Sequence[str] 
     from eval import postprocess
     from preprocess import parse_testdata
 
-    inputs, report = workdir / "inputs", workdir / "report.json"
+    run = Path(tempfile.mkdtemp(dir=workdir, prefix="two-step-"))  # a fresh one per repeat
+    inputs, report = run / "inputs", run / "report.json"
     start = time.perf_counter()
     if parse_testdata.main(
         ["--test-dir", str(data), "--output-npy", str(inputs), "--model", str(onnx_model), *extra]
@@ -233,7 +235,14 @@ def _measure(path: str, *args) -> dict:
     results = context.Queue()
     child = context.Process(target=_child_main, args=(path, args, results))
     child.start()
-    result = results.get()
+    while True:  # a child that dies before answering must not leave us waiting forever
+        try:
+            result = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise SystemExit(
+                    f"bench path {path} failed with exit code {child.exitcode}") from None
     child.join()
     if child.exitcode:
         raise SystemExit(f"bench path {path} failed with exit code {child.exitcode}")

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -122,6 +123,9 @@ def _parser():
     parser.add_argument("--freeze-convs", type=int,
                         help="keep the first N convolutions fixed (default: 3 with --init, "
                              "else 0): less drift from the initial model, and faster")
+    parser.add_argument("--augment", action="store_true",
+                        help="photometric augmentation of every training sample (contrast, "
+                             "brightness, blur, noise, inverted polarity; widths unchanged)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
@@ -231,7 +235,9 @@ def _run(args) -> int:
             if step >= total_steps or _out_of_time(began, budget, size):
                 break
             share = members[len(members) * rank // size:len(members) * (rank + 1) // size]
-            images, targets, lengths = make_batch(train_sets, share, spec)
+            images, targets, lengths = make_batch(
+                train_sets, share, spec,
+                np.random.default_rng([args.seed, epoch, step, rank]) if args.augment else None)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast("cuda", enabled=bool(args.amp)):
                 scores = log_probs(trained, images, spec)

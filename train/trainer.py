@@ -147,9 +147,36 @@ def plan_epoch(sets: list[WordSet], ratios: list[float], batch_size: int, seed: 
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec):
-    """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths."""
+def photometric(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A randomly degraded copy of resized uint8 pixels (``[H, W]`` or ``[H, W, C]``), same
+    shape: contrast and brightness (p 0.5), Gaussian blur (p 0.25), sensor noise (p 0.3) and
+    inverted polarity (p 0.15): what real crops vary in beyond what the resize fixes. Only
+    pixel values change, so a sample keeps its width (bucket) and its CTC frames."""
+    out = pixels.astype(np.float32)
+    if rng.random() < 0.5:
+        mean = out.mean()
+        out = (out - mean) * rng.uniform(0.6, 1.3) + mean + rng.uniform(-30, 30)
+    if rng.random() < 0.25:
+        from PIL import Image, ImageFilter
+
+        radius = float(rng.uniform(0.4, 1.1))
+        image = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+        out = np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), np.float32)
+    if rng.random() < 0.3:
+        out = out + rng.normal(0, rng.uniform(2, 8), out.shape)
+    if rng.random() < 0.15:
+        out = 255 - out
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec,
+               augment: np.random.Generator | None = None):
+    """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths.
+
+    ``augment``: a generator for :func:`photometric` on each sample, or None (as stored)."""
     pixels = [sets[s].pixels[i] for s, i in members]
+    if augment is not None:
+        pixels = [photometric(p, augment) for p in pixels]
     ((_, images),) = batch_inputs(pixels, spec, len(pixels))
     targets = [sets[s].targets[i] for s, i in members]
     flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)
