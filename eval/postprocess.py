@@ -5,6 +5,10 @@ processes, equal-width batches, inference and CTC decoding overlapping; no .npy 
 ``--input-npy DIR`` takes what ``preprocess.parse_testdata`` wrote (the ModelZoo two-step
 flow). Both give the same predictions.
 
+Engine lanes (``--lanes``, ``pipeline.Recognizer(lanes=N)``): N batches in the engine at once,
+each on its own thread with ``--threads`` intra-op threads. An .onnx on the CPU gets one
+one-thread lane per core by default; ais_bench and PyTorch run one batch at a time.
+
 Models: ``--onnx-path`` (ONNX Runtime, ``--device cpu`` by default or ``cuda``),
 ``--om-path`` (ais_bench on an Ascend NPU, ``--device npu:N``; ranges or gears from the
 sidecar JSON that convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference

@@ -247,3 +247,30 @@ def test_charset_from_a_corpus_is_its_characters_in_order(tmp_path):
     charset = train_cli.read_charset(f"corpus:{corpus}")
     assert charset.characters == "春眠不觉晓处闻啼鸟" and charset.blank == 0
     assert train_cli.read_charset("model") is None
+
+
+def test_photometric_augmentation_keeps_width_and_is_seeded():
+    import numpy as np
+
+    from train.trainer import photometric
+
+    pixels = (np.arange(32 * 90) % 256).astype(np.uint8).reshape(32, 90)
+    first = [photometric(pixels, np.random.default_rng([0, k])) for k in range(40)]
+    again = [photometric(pixels, np.random.default_rng([0, k])) for k in range(40)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(a.shape == pixels.shape and a.dtype == np.uint8 for a in first)
+    changed = sum(not np.array_equal(a, pixels) for a in first)
+    assert 20 <= changed < 40  # most samples change, some are left as they are
+    colour = np.stack([pixels] * 3, -1)
+    assert photometric(colour, np.random.default_rng(1)).shape == colour.shape
+
+
+def test_augmented_training_runs_and_differs(tmp_path, synth_words):
+    plain, augmented = tmp_path / "plain", tmp_path / "aug"
+    for out, extra in ((plain, []), (augmented, ["--augment"])):
+        assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
+                      "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--lr", "1e-3",
+                      *extra) == 0
+    one, two = (torch.load(p / "model.pth", weights_only=True)["state_dict"]
+                for p in (plain, augmented))
+    assert not torch.equal(one["fc.weight"], two["fc.weight"])  # other pixels, other gradients
