@@ -150,7 +150,7 @@ class Recognizer:
         return self
 
     def close(self) -> None:
-        """Release the runner and the decode thread."""
+        """Release the runner, the decode thread and the lane threads."""
         for pool in (self._pool, self._lane_pool):
             if pool is not None:
                 pool.shutdown()
@@ -242,7 +242,9 @@ class Recognizer:
     def recognise_batches(
         self, batches: Iterable[tuple[Any, np.ndarray, Sequence[int]]],
     ) -> Iterator[BatchResult]:
-        """The recognition loop: engine on this thread, CTC decoding on a worker thread.
+        """The recognition loop: with one lane, the engine on this thread and CTC decoding on a
+        worker thread; with ``lanes > 1``, each batch's engine call and decoding on the next
+        free lane thread, ``lanes`` batches at once, one more queued.
 
         Args:
             batches: ``(key, float32 input batch, unpadded width of each row)``.
