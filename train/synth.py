@@ -1,6 +1,7 @@
 """Render text from a corpus into a word-crop lmdb of our format, for training.
 
-Each sample is a text drawn from the corpus, rendered with one of the fonts in random colours,
+Each sample is a text drawn from the corpus, rendered with one of the fonts in random colours
+(text and background at least ``MIN_CONTRAST`` grey levels apart, so every sample can be read),
 then put through the degradations scene text shows (the SynthText / MJSynth recipe, kept
 small): padding, a perspective warp, Gaussian blur, sensor noise and JPEG compression.
 Everything is drawn from ``numpy.random.default_rng([seed, index])``, so a sample depends
@@ -48,6 +49,10 @@ from preprocess.lmdb_writer import write_word_lmdb
 log = logging.getLogger(__name__)
 
 DEFAULT_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+# The least grey-level difference between text and background (ITU-R BT.601 luma, as
+# Pillow's convert("L"), which is what the recognisers see). Drawing each RGB channel's offset
+# on its own, as this module first did, left 7 % of renderings under 10 levels: invisible.
+MIN_CONTRAST = 48
 FONT_HINT = ("install fonts-dejavu-core (Latin) or fonts-wqy-microhei (Chinese) with apt-get, "
              "or give --font FILE")
 
@@ -144,10 +149,30 @@ def _perspective(image: Image.Image, rng: np.random.Generator, strength: float,
                            Image.Resampling.BILINEAR, fillcolor=fill)
 
 
+def _luma(rgb: np.ndarray) -> float:
+    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+
+
+def text_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A background and a text colour (RGB, int64 0..255, shape (3,)) whose grey levels differ
+    by at least ``MIN_CONTRAST``: the text is darker or lighter, whichever has room, and tinted
+    at random around its grey level."""
+    background = rng.integers(0, 256, 3)
+    level = _luma(background)
+    sides = [side for side in (-1, 1) if 0 <= level + side * MIN_CONTRAST <= 255]
+    side = sides[int(rng.integers(len(sides)))]
+    near, far = level + side * MIN_CONTRAST, (0.0 if side < 0 else 255.0)
+    target = float(rng.uniform(min(near, far), max(near, far)))
+    tint = rng.normal(0.0, 40.0, 3)
+    foreground = np.clip(np.rint(target + tint - _luma(tint)), 0, 255).astype(np.int64)
+    if abs(_luma(foreground) - level) < MIN_CONTRAST:  # the tint was clipped away: plain grey
+        foreground = np.full(3, round(target), np.int64)
+    return background, foreground
+
+
 def render(text: str, font: Font, rng: np.random.Generator, augment: bool = True) -> bytes:
     """One rendered sample: encoded PNG or JPEG bytes of ``text`` drawn with ``font``."""
-    background = rng.integers(0, 256, 3)
-    foreground = (background + rng.integers(80, 176, 3) * rng.choice([-1, 1], 3)) % 256
+    background, foreground = text_colours(rng)
     box = font.font.getbbox(text)
     size = font.font.size
     pad = rng.integers(1, max(2, size // 3), 4) if augment else np.full(4, size // 8 + 1)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from convert.checkpoint import DESCRIPTION_KEY, read_description, read_state_dict
 from convert.registry import spec_for_arch
 from convert.weights import fetch
 from tests.conftest import encode, word_image, write_lmdb
 from train import __main__ as train_cli
-from train.synth import find_fonts, read_corpus, synthesise
+from train.synth import MIN_CONTRAST, Font, find_fonts, read_corpus, render, synthesise
 from train.trainer import load_words, needed_frames, plan_epoch
 
 ROOT = Path(__file__).parents[2]
@@ -53,6 +56,20 @@ def test_synth_is_deterministic_by_seed(tmp_path, synth_words):
     assert first[b"image-000000001"] != _lmdb_items(other)[b"image-000000001"]
     assert first[b"num-samples"] == b"80" and b"synthetic" in first
     assert {first[b"label-%09d" % i].decode() for i in range(1, 81)} <= set(WORDS)
+
+
+def test_rendered_text_stands_out_in_grey():
+    """The recognisers see grey (Pillow's "L"); a clean rendering's text and background differ
+    by MIN_CONTRAST levels there, for every draw (per-channel colour offsets once cancelled
+    out in grey and left 7 % of samples invisible)."""
+    font = Font.load(find_fonts([])[0], 32)
+    spans = []
+    for index in range(1, 301):
+        data = render("Hotel", font, np.random.default_rng([0, index]), augment=False)
+        grey = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.int16)
+        spans.append(int(grey.max()) - int(grey.min()))
+    assert min(spans) >= MIN_CONTRAST - 1
+    assert max(spans) > 150  # and not all the same low contrast
 
 
 def test_synth_counts_what_no_font_draws_and_refuses_existing_output(tmp_path, capsys):
