@@ -3,7 +3,10 @@
 Protocol (:data:`PROTOCOL`): the field's scoring convention (clovaai
 deep-text-recognition-benchmark, MMOCR, PaddleOCR): lower-case both prediction and label
 and remove every character outside ``0-9a-z`` before comparing. Case-sensitive word
-accuracy compares the raw strings.
+accuracy compares the raw strings. The field's convention is for Latin text: on Chinese
+labels it would erase every character and score any prediction correct, so a set whose labels
+are mostly non-ASCII letters is scored by exact match (:data:`EXACT_PROTOCOL`;
+:func:`protocol_for` chooses, the report names the choice).
 
 Metrics:
     word accuracy: exact matches / samples.
@@ -24,7 +27,30 @@ from rapidfuzz.distance import Levenshtein
 PROTOCOL = (
     "lower-case both sides, keep only 0-9a-z (deep-text-recognition-benchmark/MMOCR/PaddleOCR)"
 )
+EXACT_PROTOCOL = "exact match of the raw strings (labels mostly non-Latin: 0-9a-z would erase them)"
+PROTOCOLS = {"field": PROTOCOL, "exact": EXACT_PROTOCOL}
 _OUTSIDE_ALNUM = re.compile(r"[^0-9a-z]")
+
+
+def protocol_for(labels: Sequence[str]) -> str:
+    """``"exact"`` when more than half of ``labels`` hold a non-ASCII letter or digit (Chinese,
+    say), else ``"field"``: a few accented words keep a Latin set on the field's protocol."""
+    foreign = sum(any(c.isalnum() and not c.isascii() for c in label) for label in labels)
+    return "exact" if foreign * 2 > len(labels) else "field"
+
+
+def normalise(text: str, protocol: str = "field") -> str:
+    """``text`` as ``protocol`` compares it (``"field"``: :func:`field_protocol`; ``"exact"``:
+    as is).
+
+    Raises:
+        ValueError: an unknown protocol.
+    """
+    if protocol == "field":
+        return field_protocol(text)
+    if protocol == "exact":
+        return text
+    raise ValueError(f"unknown protocol {protocol!r} (field or exact)")
 
 
 def field_protocol(text: str) -> str:
@@ -32,27 +58,27 @@ def field_protocol(text: str) -> str:
     return _OUTSIDE_ALNUM.sub("", text.lower())
 
 
-def is_correct(prediction: str, label: str) -> bool:
-    """Whether ``prediction`` matches ``label`` under :func:`field_protocol`."""
-    return field_protocol(prediction) == field_protocol(label)
+def is_correct(prediction: str, label: str, protocol: str = "field") -> bool:
+    """Whether ``prediction`` matches ``label`` under ``protocol`` (:func:`normalise`)."""
+    return normalise(prediction, protocol) == normalise(label, protocol)
 
 
 def recognition_metrics(
-    predictions: Sequence[str], labels: Sequence[str]
+    predictions: Sequence[str], labels: Sequence[str], protocol: str = "field"
 ) -> dict[str, float | int | None]:
     """Scores of ``predictions`` against ``labels`` (same length, same order).
 
     Returns:
         ``{"samples", "correct", "accuracy", "correct_case_sensitive",
         "accuracy_case_sensitive", "one_minus_ned", "cer"}``; accuracy, 1-NED and CER
-        under :func:`field_protocol`. All rates are 0.0 for zero samples, and a perfect
+        under ``protocol`` (:func:`normalise`). All rates are 0.0 for zero samples, and a perfect
         score is exactly 1.0 (no epsilon anywhere).
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     count = len(labels)
-    pred_norm = [field_protocol(p) for p in predictions]
-    label_norm = [field_protocol(g) for g in labels]
+    pred_norm = [normalise(p, protocol) for p in predictions]
+    label_norm = [normalise(g, protocol) for g in labels]
     correct = sum(p == g for p, g in zip(pred_norm, label_norm))
     correct_cs = sum(p == g for p, g in zip(predictions, labels))
     ned = sum(Levenshtein.normalized_distance(p, g) for p, g in zip(pred_norm, label_norm))

@@ -24,7 +24,8 @@ results and score them exactly as one process does; a worker that dies fails onl
 block's samples, each recorded with the reason.
 
 Scoring: word accuracy under the field's protocol (lower-case both sides, keep only
-0-9a-z), case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
+0-9a-z; a set of mostly non-Latin labels, Chinese say, is scored by exact match instead),
+case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
 accuracy by resized width. Every sample of the source set is either scored or listed in
 ``failed`` with the stage and reason. ``e2e_seconds`` runs from the first input read to the
 last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
@@ -63,7 +64,14 @@ from eval.blocks import DEFAULT_BLOCK_SIZE, BlockJob, plan_blocks, survey_test_s
 from eval.devices import parse_device_list, run_on_devices
 from eval.evaluate import EvalRun, run_batches, run_evaluation
 from eval.inputs import InputSet, load_input_set
-from eval.metrics import PROTOCOL, accuracy_by_width, is_correct, recognition_metrics
+from eval.metrics import (
+    EXACT_PROTOCOL,
+    PROTOCOLS,
+    accuracy_by_width,
+    is_correct,
+    protocol_for,
+    recognition_metrics,
+)
 from eval.ray_executor import run_on_ray
 from infer import describe, open_model
 from infer.onnxruntime_runner import available_cores
@@ -108,8 +116,10 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
     """The report.json content (see the module docstring for the fields)."""
     start = time.perf_counter()
     preds = run.predictions
-    metrics = recognition_metrics([p.prediction for p in preds], [p.label for p in preds])
-    correct = [is_correct(p.prediction, p.label) for p in preds]
+    protocol = protocol_for([p.label for p in preds])
+    metrics = recognition_metrics([p.prediction for p in preds], [p.label for p in preds],
+                                  protocol)
+    correct = [is_correct(p.prediction, p.label, protocol) for p in preds]
     by_width = accuracy_by_width([p.width for p in preds], correct)
     score_seconds = time.perf_counter() - start
     failed = sorted(inputs.failed + run.failed, key=lambda f: f["index"])
@@ -125,7 +135,7 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
         "cer": metrics["cer"],
         "accuracy_over_all_samples": (metrics["correct"] / inputs.num_samples
                                       if inputs.num_samples else 0.0),
-        "protocol": PROTOCOL,
+        "protocol": PROTOCOLS[protocol],
         "decoder": decoder,
         "backend": backend,
         "model": model,
@@ -184,13 +194,15 @@ def check_outputs(args) -> None:
 
 
 def predictions_csv(run: EvalRun) -> str:
-    """predictions.csv: index, label, prediction, confidence, correct (field protocol), width."""
+    """predictions.csv: index, label, prediction, confidence, correct (under the protocol the
+    report names, :func:`eval.metrics.protocol_for`), width."""
+    protocol = protocol_for([p.label for p in run.predictions])
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
     writer.writerow(PREDICTION_COLUMNS)
     for p in run.predictions:
         writer.writerow([p.index, p.label, p.prediction, f"{p.confidence:.4f}",
-                         int(is_correct(p.prediction, p.label)), p.width])
+                         int(is_correct(p.prediction, p.label, protocol)), p.width])
     return handle.getvalue()
 
 
@@ -199,7 +211,8 @@ def summary_line(report: dict) -> str:
     return (
         f"{report['backend']} {Path(report['model']).name} on {Path(report['data']['path']).name}"
         f"{' (SYNTHETIC data)' if report['data']['synthetic'] else ''}: word accuracy "
-        f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, lower-case 0-9a-z), "
+        f"{report['accuracy']:.4f} ({report['correct']}/{report['scored']}, "
+        f"{'exact match' if report['protocol'] == EXACT_PROTOCOL else 'lower-case 0-9a-z'}), "
         f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
         f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
         f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "

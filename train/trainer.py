@@ -43,7 +43,7 @@ from convert.ctc import decode_output
 from convert.errors import ToolchainError
 from convert.registry import arch_entry, build_model, spec_for_arch
 from convert.spec import ModelSpec
-from eval.metrics import recognition_metrics
+from eval.metrics import protocol_for, recognition_metrics
 from preprocess.batching import batch_inputs
 from preprocess.stream import decode_all
 
@@ -195,8 +195,9 @@ def log_probs(model: nn.Module, images: torch.Tensor, spec: ModelSpec) -> torch.
 def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int = 64
              ) -> dict[str, float]:
     """The report's metrics on ``words`` (``eval.metrics.recognition_metrics``), and
-    ``"word_accuracy"``: under the field's protocol (lower-case 0-9a-z) for an ASCII charset,
-    else exact match (the field's protocol would erase every Chinese character)."""
+    ``"word_accuracy"``, the same as the report's ``accuracy``: under the protocol
+    ``eval.metrics.protocol_for`` picks from the labels (the field's lower-case 0-9a-z for Latin
+    words, exact match for Chinese ones, which 0-9a-z would erase)."""
     model.eval()
     predictions: dict[int, str] = {}
     by_width: dict[int, list[int]] = {}
@@ -211,10 +212,8 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
                 decoded = decode_output(spec, scores, [width] * len(chunk))
                 predictions.update((i, d.text) for i, d in zip(chunk, decoded))
     ordered = [predictions[i] for i in range(len(words))]
-    metrics = recognition_metrics(ordered, words.texts)
-    ascii_charset = all(c.isascii() for c in spec.alphabet)
-    metrics["word_accuracy"] = metrics["accuracy" if ascii_charset
-                                       else "accuracy_case_sensitive"]
+    metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
+    metrics["word_accuracy"] = metrics["accuracy"]
     return metrics
 
 

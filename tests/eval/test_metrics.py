@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from eval.metrics import accuracy_by_width, field_protocol, recognition_metrics
+from eval.metrics import (
+    accuracy_by_width,
+    field_protocol,
+    is_correct,
+    protocol_for,
+    recognition_metrics,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +59,20 @@ def test_accuracy_by_width():
         "128-159": {"samples": 1, "accuracy": 1.0},
         "160-191": {"samples": 1, "accuracy": 1.0},
     }
+
+
+def test_chinese_labels_are_scored_by_exact_match():
+    """0-9a-z erases Chinese: every prediction would count as right. A set whose labels are
+    mostly non-Latin is scored by exact match; a few accented words keep the field's protocol."""
+    labels, predictions = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声"], ["春眠不觉晓", "处处闻啼", ""]
+    assert recognition_metrics(predictions, labels)["accuracy"] == 1.0  # the trap
+    assert protocol_for(labels) == "exact"
+    exact = recognition_metrics(predictions, labels, "exact")
+    assert exact["correct"] == 1
+    assert exact["one_minus_ned"] == pytest.approx(1 - (0 + 1 / 5 + 1) / 3)
+    assert exact["cer"] == pytest.approx(6 / 15)
+    assert not is_correct("处处闻啼", "处处闻啼鸟", "exact")
+    assert protocol_for(["Café", "Hotel", "EXIT"]) == "field"
+    assert protocol_for([]) == "field"
+    with pytest.raises(ValueError, match="unknown protocol"):
+        is_correct("a", "a", "loose")
