@@ -272,8 +272,8 @@ def _parser():
                         help="samples per batch with --test-dir (equal widths)")
     add_width_arguments(parser)
     parser.add_argument("--workers", type=int,
-                        help="with --test-dir: decoding processes (default: cores; 1: in this "
-                             "process); with --executor ray: Ray actors, each with the model "
+                        help="with --test-dir: decoding threads (default: cores; 1: in the main "
+                             "thread); with --executor ray: Ray actors, each with the model "
                              "(default 2)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: this process (or one per NPU with --device 0,1,...); "

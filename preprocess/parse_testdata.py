@@ -268,7 +268,7 @@ def _parser():
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="decode processes (1: in this process)",
+        help="decoding threads (1: in the main thread)",
     )
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any sample fails")
     parser.add_argument("--overwrite", action="store_true",

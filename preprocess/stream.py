@@ -1,21 +1,21 @@
-"""Read an lmdb test set into model input batches in memory, decoding in worker processes.
+"""Read an lmdb test set into model input batches in memory, decoding in worker threads.
 
 :func:`decode_all` decodes and resizes every index 1..N (``preprocess.image``) in ``workers``
-processes and yields per-sample results as they arrive. :func:`stream_batches` groups them
+threads and yields per-sample results in index order. :func:`stream_batches` groups them
 into equal-width buckets and hands out a batch as soon as a bucket is full (the rest when
 the set is read), so inference can start while decoding goes on and no .npy files are
-written. One width per batch means nothing is padded: a batch's results equal batch-1
-results, whatever the arrival order. Samples that cannot be used are collected with their
-reasons, never dropped.
+written. One width per batch means nothing is padded, and since the results come in index
+order, each batch holds the same samples as ``preprocess.batching.plan_batches`` gives the
+two-step path (only the order of the batches differs). Samples that cannot be used are
+collected with their reasons, never dropped.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,38 +26,8 @@ from preprocess.batching import batch_inputs
 from preprocess.image import SampleError, decode_label, prepare
 from preprocess.lmdb_reader import Survey, open_lmdb, read_sample, survey
 
-CHUNK = 64  # indices per task sent to a worker
-
-# Per-process state of the decode workers (set by _init_worker).
-_worker: dict[str, object] = {}
-
-
-def _start_pool(workers: int, test_dir: Path, spec: ModelSpec):
-    """A spawn pool whose workers start with SIGINT ignored.
-
-    An ignored signal stays ignored across ``exec``, so a Ctrl-C that arrives while a
-    worker is still starting (before its initializer runs) cannot raise in it either.
-    """
-    context = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread():
-        return context.Pool(workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return context.Pool(workers, initializer=_init_pool_worker, initargs=(str(test_dir), spec))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _init_pool_worker(test_dir: str, spec: ModelSpec) -> None:
-    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates
-    # the pool); a worker interrupted inside imap can deadlock Pool.terminate.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(test_dir, spec)
-
-
-def _init_worker(test_dir: str, spec: ModelSpec) -> None:
-    _worker["env"] = open_lmdb(test_dir)
-    _worker["spec"] = spec
+CHUNK = 64  # indices per decoding task
+READ_AHEAD = 4  # tasks queued per decoding thread, bounding memory ahead of the consumer
 
 
 def decode_indices(txn, spec: ModelSpec, indices: Iterable[int]) -> list[tuple]:
@@ -78,12 +48,6 @@ def decode_indices(txn, spec: ModelSpec, indices: Iterable[int]) -> list[tuple]:
             continue
         results.append((index, label, pixels, size, None))
     return results
-
-
-def _process(indices: Sequence[int]) -> list[tuple]:
-    """Decode and resize a chunk of indices in a worker (:func:`decode_indices`)."""
-    with _worker["env"].begin() as txn:
-        return decode_indices(txn, _worker["spec"], indices)
 
 
 def _chunks(count: int, size: int) -> Iterator[list[int]]:
@@ -107,32 +71,43 @@ def missing_range(found: Survey) -> dict | None:
 
 def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, Iterator[tuple]]:
     """The lmdb's :class:`Survey` and an iterator of per-sample results over the indices
-    worth reading (``Survey.readable``), decoded by ``workers`` processes.
+    worth reading (``Survey.readable``), in index order, decoded by ``workers`` threads.
+
+    Pillow releases the GIL while it inflates, converts and resizes, so threads decode in
+    parallel with no process to start and no pixels to pickle; results come in index order
+    whatever the threads' timing, so everything batched from them is deterministic.
 
     Each result is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``;
     the indices above them are :func:`missing_range`.
     """
     env = open_lmdb(test_dir)
     found = survey(env, test_dir)
-    env.close()
     chunks = _chunks(found.readable, CHUNK)
 
+    def decode(indices: list[int]) -> list[tuple]:
+        with env.begin() as txn:
+            return decode_indices(txn, spec, indices)
+
     def results() -> Iterator[tuple]:
-        if workers <= 1:
-            _init_worker(str(test_dir), spec)
-            try:
-                for chunk in chunks:
-                    yield from _process(chunk)
-            finally:
-                _worker.pop("env").close()
-            return
-        pool = _start_pool(workers, test_dir, spec)
         try:
-            for chunk_results in pool.imap_unordered(_process, chunks):
-                yield from chunk_results
-        finally:  # also on Ctrl-C or an early close: stop the workers and wait for them here,
-            pool.terminate()  # not during interpreter shutdown
-            pool.join()
+            if workers <= 1:
+                for chunk in chunks:
+                    yield from decode(chunk)
+                return
+            pending: deque[Future] = deque()
+            with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+                try:
+                    for chunk in chunks:
+                        pending.append(pool.submit(decode, chunk))
+                        if len(pending) >= workers * READ_AHEAD:
+                            yield from pending.popleft().result()
+                    while pending:
+                        yield from pending.popleft().result()
+                finally:  # on Ctrl-C or an early close: drop what has not started; the
+                    for future in pending:  # pool's exit waits for the running tasks
+                        future.cancel()
+        finally:
+            env.close()  # after every thread is done with it
 
     return found, results()
 
@@ -172,7 +147,7 @@ def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
         test_dir: the lmdb folder.
         spec: the model description (colours, height, width policy, normalisation).
         batch_size: samples per batch (>= 1); the last batch of each width may be smaller.
-        workers: decoding processes (1: in this process).
+        workers: decoding threads (1: in the calling thread).
 
     Raises:
         ToolchainError: ``test_dir`` is not an lmdb, or ``num-samples`` is not an integer.

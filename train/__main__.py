@@ -130,7 +130,7 @@ def _parser():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
     parser.add_argument("--workers", type=positive(int), default=available_cores(),
-                        help="decoding processes while loading the lmdbs")
+                        help="decoding threads while loading the lmdbs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     return parser

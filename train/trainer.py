@@ -2,7 +2,7 @@
 
 Data: word-crop lmdbs (``preprocess.lmdb_reader``), decoded and resized by the inference
 code itself (``preprocess.stream.decode_all``: ``preprocess.image.prepare`` with the model's
-description, in worker processes), so training sees exactly what inference sees. Batches hold
+description, in worker threads), so training sees exactly what inference sees. Batches hold
 one resized width each and are normalised by ``preprocess.batching.batch_inputs``: nothing is
 padded. Samples that cannot be used are counted by reason and skipped: undecodable images,
 labels with characters outside the charset, labels longer than the CTC frames of their width.
