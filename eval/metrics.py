@@ -39,7 +39,7 @@ def protocol_for(labels: Sequence[str]) -> str:
     return "exact" if foreign * 2 > len(labels) else "field"
 
 
-def normalise(text: str, protocol: str = "field") -> str:
+def normalise_text(text: str, protocol: str = "field") -> str:
     """``text`` as ``protocol`` compares it (``"field"``: :func:`field_protocol`; ``"exact"``:
     as is).
 
@@ -59,8 +59,8 @@ def field_protocol(text: str) -> str:
 
 
 def is_correct(prediction: str, label: str, protocol: str = "field") -> bool:
-    """Whether ``prediction`` matches ``label`` under ``protocol`` (:func:`normalise`)."""
-    return normalise(prediction, protocol) == normalise(label, protocol)
+    """Whether ``prediction`` matches ``label`` under ``protocol`` (:func:`normalise_text`)."""
+    return normalise_text(prediction, protocol) == normalise_text(label, protocol)
 
 
 def recognition_metrics(
@@ -71,14 +71,14 @@ def recognition_metrics(
     Returns:
         ``{"samples", "correct", "accuracy", "correct_case_sensitive",
         "accuracy_case_sensitive", "one_minus_ned", "cer"}``; accuracy, 1-NED and CER
-        under ``protocol`` (:func:`normalise`). All rates are 0.0 for zero samples, and a perfect
-        score is exactly 1.0 (no epsilon anywhere).
+        under ``protocol`` (:func:`normalise_text`). All rates are 0.0 for zero samples, and a
+        perfect score is exactly 1.0 (no epsilon anywhere).
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     count = len(labels)
-    pred_norm = [normalise(p, protocol) for p in predictions]
-    label_norm = [normalise(g, protocol) for g in labels]
+    pred_norm = [normalise_text(p, protocol) for p in predictions]
+    label_norm = [normalise_text(g, protocol) for g in labels]
     correct = sum(p == g for p, g in zip(pred_norm, label_norm))
     correct_cs = sum(p == g for p, g in zip(predictions, labels))
     ned = sum(Levenshtein.normalized_distance(p, g) for p, g in zip(pred_norm, label_norm))
