@@ -6,7 +6,8 @@ faster on this project's 2-core x86 benchmark machine at a small accuracy cost (
 README's results). Quantisation is ONNX Runtime's own (``onnxruntime.quantization``):
 
 - format QDQ (QuantizeLinear/DequantizeLinear pairs around Conv and MatMul; ONNX Runtime
-  fuses them into integer kernels); the LSTM stays fp32 (QDQ has no int8 LSTM);
+  fuses them into integer kernels); the LSTM stays fp32 (QDQ has no int8 LSTM) unless
+  ``--lstm int8`` adds ONNX Runtime's dynamic LSTM quantisation (see :func:`quantize_model`);
 - activations uint8, asymmetric, per tensor; weights int8, symmetric, per output channel
   (``--per-tensor`` for one scale per weight);
 - scales from the min/max of every tensor over calibration images (``MinMax``: the
@@ -195,10 +196,13 @@ def quantize_model(
         lstm: ``"fp32"``: the LSTM stays float. ``"int8"``: after the static pass, ONNX
             Runtime's dynamic quantisation turns each LSTM into ``DynamicQuantizeLSTM``
             (int8 weights, activations quantised with scales taken from each call's
-            batch). Measured on nano-ocr: about 8-25 % less engine time, 0.7883-0.7893 on
-            IIIT5K depending on batch size and order, because those scales make a sample's
-            result depend on the rest of its batch; so it is not the default. The agreement
-            check covers the result either way.
+            batch). Measured on nano-ocr: about 18 % less engine time on one thread,
+            0.7883-0.7893 on IIIT5K (0.7893 with it fp32). Those scales make a sample's
+            result depend on the rest of its batch (and on the engine's threads), so it is
+            not the default here: a service batching requests from many clients should give
+            each the same answer alone or batched. Offline scoring, where ``parse_testdata``
+            and the streamed path build the same batches, uses it (``scripts/run_e2e.sh``).
+            The agreement check covers the result either way.
 
     Raises:
         ToolchainError: ``source`` is unreadable or lacks the model description, ONNX

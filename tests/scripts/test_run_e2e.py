@@ -38,6 +38,7 @@ def test_run_e2e_on_synthetic_data_int8_by_default(tmp_path):
     proc, report = _synthetic_run(tmp_path)
     assert "atc --model=" in proc.stdout  # the ATC command is printed without CANN
     assert "calibration 200 images" in proc.stdout
+    assert "int8 LSTM" in proc.stdout  # the LSTM quantised too, for offline scoring
     assert report["model"].endswith("nano_int8.onnx")
     assert report["policy"]["layout"] == "stream"  # one process from the lmdb by default
     assert "preprocess.parse_testdata" not in proc.stdout
@@ -64,6 +65,7 @@ def test_run_e2e_torch_backend_skips_the_export(tmp_path):
     [
         (["--fast"], "unknown option: --fast", 2),
         (["--precision", "fp16"], "unknown precision: fp16", 2),
+        (["--lstm", "int4"], "unknown LSTM precision: int4", 2),
         (["--data"], "--data needs a value", 2),
         (["--data", "--synthetic"], "--data needs a value", 2),
         (["--data", "no/such/lmdb"], "no/such/lmdb: no lmdb there", 1),
