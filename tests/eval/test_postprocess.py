@@ -11,10 +11,11 @@ from convert.spec import read_onnx_spec
 from eval import compare, postprocess
 from eval.evaluate import run_evaluation
 from eval.inputs import load_input_set
-from infer import OnnxRuntimeRunner
+from infer import OnnxRuntimeRunner, quantize
 from infer.onnxruntime_runner import available_cores
 from pipeline import Recognizer
 from preprocess import parse_testdata
+from preprocess.lmdb_reader import default_calibration_set
 from tests.conftest import IIIT5K
 
 
@@ -221,6 +222,27 @@ def test_one_process_path_equals_the_two_step_path(tmp_path, tiny_lmdb, tiny_inp
     assert one["policy"]["layout"] == "stream" and one["failed"] == 3
     assert (one["executor"]["engine_lanes"], one["executor"]["threads_per_lane"]) == expected
     assert two["executor"]["engine_lanes"] == 1
+
+
+@pytest.mark.skipif(not (IIIT5K.is_dir() and default_calibration_set().is_dir()),
+                    reason="IIIT5K test or train-500 lmdb not found")
+def test_int8_lstm_one_process_equals_two_step_on_iiit5k(tmp_path, fixed_models):
+    """The dynamically quantised LSTM (run_e2e.sh's default) takes its activation scales from
+    each batch; both flows build the same batches, so they still agree on every sample."""
+    model = tmp_path / "int8_lstm.onnx"
+    assert quantize.main([str(fixed_models["nano-ocr"]), str(model), "--lstm", "int8",
+                          "--samples", "200"]) == 0
+    inputs, two, one = tmp_path / "inputs", tmp_path / "two.csv", tmp_path / "one.csv"
+    assert parse_testdata.main(["--test-dir", str(IIIT5K), "--output-npy", str(inputs),
+                                "--model", str(model)]) == 0
+    assert postprocess.main(["--input-npy", str(inputs), "--onnx-path", str(model),
+                             "--predictions", str(two)]) == 0
+    report = tmp_path / "one.json"
+    assert postprocess.main(["--test-dir", str(IIIT5K), "--onnx-path", str(model),
+                             "--predictions", str(one), "--report", str(report)]) == 0
+    result = compare.compare(compare.read_predictions(two), compare.read_predictions(one))
+    assert result["common"] == 3000 and result["differ"] == 0
+    assert json.loads(report.read_text())["accuracy"] >= 0.785
 
 
 def test_lanes_options_are_checked(tiny_lmdb, fixed_models, nano_weights, capsys):
