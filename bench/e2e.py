@@ -5,15 +5,16 @@
 2. torch-eager: what nano-ocr's ``read_batch`` does: PIL decode, grey, resize, one eager
    PyTorch forward per image, CTC decode.
 3. toolchain default: ``python -m eval.postprocess --test-dir`` on the int8 copy
-   (``infer.quantize``) of the rewritten ONNX model: one process, decoding workers,
-   streamed equal-width batches.
+   (``infer.quantize --lstm int8``, as ``scripts/run_e2e.sh`` builds it) of the rewritten
+   ONNX model: one process, decoding threads, streamed equal-width batches.
 4. toolchain two-step: ``preprocess.parse_testdata`` then ``eval.postprocess --input-npy``
    (the ModelZoo flow) on the same int8 model.
-5. toolchain fp32: the one-process path on the fp32 rewritten model, to show what int8 adds.
+5. toolchain, fp32 LSTM: the one-process path on the int8 copy whose LSTM stays fp32
+   (``infer.quantize``'s default; batch-invariant, what a service with request batching needs).
+6. toolchain fp32: the one-process path on the fp32 rewritten model, to show what int8 adds.
 
 Every path runs in a fresh child process of its own, so each one's peak memory is its own
-(``VmHWM`` of the child; for its decoding workers ``ru_maxrss``, an upper bound that includes
-what the child held when it started them), with its imports done before the clock starts.
+(``VmHWM`` of the child), with its imports done before the clock starts.
 Each is timed from loading its model to the last scored sample (loading and warm-up
 included), on the same machine, in the same run, scored with the same protocol.
 Building the models (export, rewrite, quantisation with its calibration) is a one-off step
@@ -171,11 +172,12 @@ def _steal_ticks() -> tuple[int, int]:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
-def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, float]:
+def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, Path, float]:
     """Fetch the nano-ocr weights, export, rewrite and quantise them (untimed in the table).
 
     Returns:
-        (weights, fp32 rewritten model, int8 model, seconds the build took).
+        (weights, fp32 rewritten model, int8 model with an int8 LSTM, int8 model with an
+        fp32 LSTM, seconds the build took).
     """
     from convert import fix, pth2onnx
     from convert.weights import fetch
@@ -184,14 +186,16 @@ def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, fl
     weights = fetch("nano-ocr")
     start = time.perf_counter()
     exported, fixed = workdir / "nano.onnx", workdir / "nano_fixed.onnx"
-    int8 = workdir / "nano_int8.onnx"
+    int8, int8_fp32_lstm = workdir / "nano_int8.onnx", workdir / "nano_int8_fp32_lstm.onnx"
     if (
         pth2onnx.main([str(weights), str(exported), "--arch", "nano-ocr"])
         or fix.main([str(exported), str(fixed)])
-        or quantize.main([str(fixed), str(int8), "--calibration", str(calibration)])
+        or quantize.main([str(fixed), str(int8), "--calibration", str(calibration),
+                          "--lstm", "int8"])
+        or quantize.main([str(fixed), str(int8_fp32_lstm), "--calibration", str(calibration)])
     ):
         raise SystemExit("model build failed")
-    return weights, fixed, int8, time.perf_counter() - start
+    return weights, fixed, int8, int8_fp32_lstm, time.perf_counter() - start
 
 
 _PATHS = {"reference": reference, "torch": torch_eager, "one-process": one_process,
@@ -211,8 +215,6 @@ def _peak_rss_kib() -> int:
 
 def _in_child(path: str, args: tuple) -> dict:
     """Run one path in this (fresh) process after its imports; add its peak memory."""
-    import resource
-
     if path == "torch":
         import torch  # noqa: F401 - imported before the clock starts
     else:
@@ -221,7 +223,6 @@ def _in_child(path: str, args: tuple) -> dict:
 
     result = _PATHS[path](*args)
     result["peak_rss_mib"] = _peak_rss_kib() / 1024
-    result["workers_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return result
 
 
@@ -256,7 +257,6 @@ def _median_run(runs: list[dict]) -> dict:
     middle = dict(ordered[(len(ordered) - 1) // 2])
     middle["range"] = (ordered[0]["seconds"], ordered[-1]["seconds"])
     middle["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    middle["workers_peak_rss_mib"] = max(r["workers_peak_rss_mib"] for r in runs)
     return middle
 
 
@@ -265,7 +265,8 @@ def _run(args) -> int:
         raise ToolchainError(f"--repeats must be >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        weights, model, int8, build_seconds = build_models(workdir, args.calibration)
+        weights, model, int8, int8_fp32_lstm, build_seconds = build_models(workdir,
+                                                                           args.calibration)
         paths = {
             "reference (ModelZoo-style, ORT batch 1, fixed width)":
                 ("reference", args.data, model, args.limit),
@@ -274,6 +275,8 @@ def _run(args) -> int:
             "toolchain default: one process, int8": ("one-process", args.data, int8, workdir),
             "toolchain two-step (parse_testdata + postprocess), int8":
                 ("two-step", args.data, int8, workdir),
+            "toolchain one process, int8 with the LSTM in fp32":
+                ("one-process", args.data, int8_fp32_lstm, workdir),
             "toolchain one process, fp32": ("one-process", args.data, model, workdir),
         }
         runs: dict[str, list[dict]] = {label: [] for label in paths}
@@ -300,17 +303,16 @@ def _run(args) -> int:
     ref_label, torch_label = list(results)[:2]
     print("| path | samples | seconds | fastest-slowest s | images/s | word accuracy "
           "| speed-up over reference | speed-up over torch eager "
-          "| peak RSS MiB (process / decoding workers) |")
+          "| peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
-        workers = f"{r['workers_peak_rss_mib']:.0f}" if r["workers_peak_rss_mib"] else "-"
         low, high = r["range"]
         print(
             f"| {label} | {r['samples']} | {r['seconds']:.2f} | {low:.2f}-{high:.2f} "
             f"| {r['samples'] / r['seconds']:.0f} "
             f"| {r['accuracy']:.4f} | {per_image[ref_label] / per_image[label]:.2f}x "
             f"| {per_image[torch_label] / per_image[label]:.2f}x "
-            f"| {r['peak_rss_mib']:.0f} / {workers} |"
+            f"| {r['peak_rss_mib']:.0f} |"
         )
     return 0
 
