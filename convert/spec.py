@@ -46,6 +46,14 @@ def quantization_of(model) -> dict | None:
     return None if value is None else json.loads(value)
 
 
+def batch_dependent(model) -> bool:
+    """Whether a loaded ``onnx.ModelProto`` gives a sample a result that depends on the rest
+    of its batch: ``infer.quantize --lstm int8`` (``DynamicQuantizeLSTM``) takes the LSTM's
+    activation scales from each call's inputs."""
+    settings = quantization_of(model) or {}
+    return str(settings.get("lstm", "fp32")).startswith("int8")
+
+
 class Description:
     """What every model description shares (:class:`ModelSpec` here, and
     ``convert.det_spec.DetectorSpec``): validated copies, plain dicts, and the ONNX

@@ -26,6 +26,7 @@ import numpy as np
 from convert.ctc import Decoded
 from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
+from convert.spec import batch_dependent
 from infer.open import open_model
 from pipeline.detector import Detector, detector_input
 from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
@@ -107,6 +108,16 @@ class ServeConfig:
     min_confidence: float = 0.5
 
 
+def _batch_dependent(model: Path) -> bool:
+    """Whether ``model`` is an .onnx whose results depend on the batch
+    (:func:`convert.spec.batch_dependent`)."""
+    if model.suffix != ".onnx":
+        return False
+    import onnx
+
+    return batch_dependent(onnx.load(str(model), load_external_data=False))
+
+
 class Service:
     """One model behind one engine thread.
 
@@ -129,6 +140,11 @@ class Service:
                                  f"recogniser as --model")
         self.spec = spec
         self.platform = runner.name
+        if config.max_batch_size > 1 and _batch_dependent(Path(model)):
+            logger.warning("%s: its LSTM is quantised dynamically (infer.quantize --lstm int8), "
+                           "so an answer can change with the requests batched beside it; serve "
+                           "a model quantised with --lstm fp32 (the default) or use "
+                           "--max-batch-size 1", model)
         self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
         self.metrics = ServiceMetrics()
         self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,

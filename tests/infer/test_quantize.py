@@ -11,7 +11,7 @@ import pytest
 
 from convert import atc
 from convert.errors import ToolchainError
-from convert.spec import QUANTIZATION_METADATA_KEY, read_onnx_spec
+from convert.spec import QUANTIZATION_METADATA_KEY, batch_dependent, read_onnx_spec
 from eval import compare, postprocess
 from infer import quantize
 from infer.onnxruntime_runner import OnnxRuntimeRunner
@@ -52,7 +52,7 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
     recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
     assert recorded["calibration_samples"] == 7 and recorded["calibration_failed"] == 3
     assert recorded["per_channel"] is True and recorded["reduce_range"] is True
-    assert recorded["lstm"] == "fp32"
+    assert recorded["lstm"] == "fp32" and not batch_dependent(model)
     ops = _ops(tmp_path / "int8.onnx")
     # Every convolution and the classifier MatMul read dequantised int8 weights; LSTMs stay fp32.
     assert ops["QuantizeLinear"] >= 7 and ops["DequantizeLinear"] >= 14
@@ -75,6 +75,7 @@ def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, caps
     model = onnx.load(str(output))
     recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
     assert recorded["lstm"].startswith("int8") and recorded["frame_agreement"] >= 0.9
+    assert batch_dependent(model)
     with pytest.raises(ToolchainError, match="LSTM precision 'int4' is unknown"):
         quantize.quantize_model(source, tmp_path / "x.onnx", None, lstm="int4")
 

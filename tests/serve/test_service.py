@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer import open_model
+from infer import open_model, quantize
 from pipeline import Recognition, Recognizer
 from preprocess.lmdb_reader import open_lmdb, read_sample
 from serve.process import ServerProcess
+from serve.service import ServeConfig, Service
 from tests.conftest import IIIT5K, encode, word_image
 
 TOKEN = "s3cret-token"
@@ -419,3 +421,20 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(model):
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
     assert "loaded" not in done.stderr
+
+
+def test_a_model_with_a_dynamically_quantised_lstm_is_flagged(tmp_path, tiny_lmdb, fixed_models,
+                                                             caplog):
+    """infer.quantize --lstm int8 takes the LSTM's scales from each batch: a batching service
+    says so at start-up (an answer would depend on the requests beside it)."""
+    int8_lstm = tmp_path / "int8_lstm.onnx"
+    assert quantize.main([str(fixed_models["nano-ocr"]), str(int8_lstm), "--calibration",
+                          str(tiny_lmdb), "--lstm", "int8", "--min-agreement", "0.9"]) == 0
+    with caplog.at_level(logging.WARNING, logger="serve.service"):
+        Service(ServeConfig(model=int8_lstm, name="crnn")).close()
+    assert "quantised dynamically" in caplog.text and str(int8_lstm) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="serve.service"):
+        Service(ServeConfig(model=int8_lstm, name="crnn", max_batch_size=1)).close()
+        Service(ServeConfig(model=fixed_models["nano-ocr"], name="crnn")).close()
+    assert "quantised dynamically" not in caplog.text
