@@ -82,13 +82,16 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
     """
     env = open_lmdb(test_dir)
     found = survey(env, test_dir)
+    env.close()
     chunks = _chunks(found.readable, CHUNK)
 
-    def decode(indices: list[int]) -> list[tuple]:
-        with env.begin() as txn:
-            return decode_indices(txn, spec, indices)
-
     def results() -> Iterator[tuple]:
+        env = open_lmdb(test_dir)  # opened here, so an iterator never started holds nothing
+
+        def decode(indices: list[int]) -> list[tuple]:
+            with env.begin() as txn:
+                return decode_indices(txn, spec, indices)
+
         try:
             if workers <= 1:
                 for chunk in chunks:
