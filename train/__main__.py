@@ -22,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -146,6 +147,18 @@ def _setup_distributed(device: str) -> tuple[int, int]:
 
 
 def _run(args) -> int:
+    """:func:`_train`; an ``--out`` folder it created and left empty (a run stopped by an error
+    or Ctrl-C before its first checkpoint) is removed again."""
+    created = not args.out.exists()
+    try:
+        return _train(args)
+    finally:
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            with contextlib.suppress(FileNotFoundError):  # another rank removed it first
+                args.out.rmdir()
+
+
+def _train(args) -> int:
     rank, size = _setup_distributed(args.device)
     if args.device not in ("cpu", "cuda"):
         raise ToolchainError(f"--device {args.device}: training runs on cpu or cuda")

@@ -205,10 +205,17 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
         (["--train", synth_words, "--out", tmp_path / "f", "--charset", f"corpus:{latin1}"],
          "not UTF-8 text"),
         (["--train", synth_words, "--out", "/proc/no_run_here"], "cannot be written"),
+        (["--train", tmp_path / "no_lmdb", "--out", tmp_path / "g"], "not an lmdb"),
     ]:
         assert _train(*args) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+    # A run that stopped before its first checkpoint leaves no empty folder behind; a folder
+    # that was there before stays.
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
+    (tmp_path / "mine").mkdir()
+    assert _train("--train", tmp_path / "no_lmdb", "--out", tmp_path / "mine") != 0
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_from_scratch_small_crnn_folds_case_and_exports(tmp_path, synth_words):
