@@ -26,6 +26,7 @@ import numpy as np
 from convert.ctc import Decoded
 from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
+from convert.onnx_io import load_onnx
 from convert.spec import batch_dependent
 from infer.open import open_model
 from pipeline.detector import Detector, detector_input
@@ -113,9 +114,7 @@ def _batch_dependent(model: Path) -> bool:
     (:func:`convert.spec.batch_dependent`)."""
     if model.suffix != ".onnx":
         return False
-    import onnx
-
-    return batch_dependent(onnx.load(str(model), load_external_data=False))
+    return batch_dependent(load_onnx(model, load_external_data=False))
 
 
 class Service:
