@@ -106,17 +106,21 @@ def survey(env: lmdb.Environment, path: str | Path) -> Survey:
     """Read ``num-samples`` and scan the keys (in time linear in the entries lmdb holds).
 
     Raises:
-        ToolchainError: ``num-samples`` is not a positive integer, or the lmdb holds no
-            samples.
+        ToolchainError: ``num-samples`` is not a positive integer, the lmdb holds no
+            samples, or its key tree is damaged.
     """
     indices: set[int] = set()
-    with env.begin() as txn:
-        raw = txn.get(b"num-samples")
-        synthetic = txn.get(SYNTHETIC_KEY) is not None
-        for key in txn.cursor().iternext(keys=True, values=False):
-            match = _INDEXED_KEY.match(key)
-            if match:
-                indices.add(int(match.group(1)))
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"num-samples")
+            synthetic = txn.get(SYNTHETIC_KEY) is not None
+            for key in txn.cursor().iternext(keys=True, values=False):
+                match = _INDEXED_KEY.match(key)
+                if match:
+                    indices.add(int(match.group(1)))
+    except lmdb.Error as exc:  # a damaged page in the key tree: nothing can be listed
+        raise ToolchainError(f"{path}: damaged lmdb, its keys cannot be read ({exc}); "
+                             "copy it again") from exc
     largest = max(indices, default=0)
     if raw is None:
         if largest == 0:

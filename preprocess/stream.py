@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from convert.spec import ModelSpec
@@ -39,7 +40,11 @@ def decode_indices(txn, spec: ModelSpec, indices: Iterable[int]) -> list[tuple]:
     """
     results = []
     for index in indices:
-        raw = read_sample(txn, index)
+        try:
+            raw = read_sample(txn, index)
+        except lmdb.Error as exc:  # a damaged page under this sample's keys
+            results.append((index, None, None, None, f"unreadable lmdb entry ({exc})"))
+            continue
         try:
             label = decode_label(raw.label)
             pixels, size = prepare(raw.image, spec)

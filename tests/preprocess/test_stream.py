@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import lmdb
 import numpy as np
 import pytest
 
 from convert.registry import spec_for_arch
+from preprocess import parse_testdata
 from preprocess.batching import plan_batches
-from preprocess.stream import CHUNK, decode_all, stream_batches
+from preprocess.lmdb_reader import open_lmdb
+from preprocess.stream import CHUNK, decode_all, decode_indices, stream_batches
 from tests.conftest import encode, word_image, write_lmdb
 
 
@@ -48,3 +51,42 @@ def test_streamed_batches_hold_the_two_step_batches(mixed_widths_lmdb, workers):
     assert len(streamed) == len(planned)
     assert all(batch.shape[0] == len(members) for batch, members in streamed)
     assert [f["index"] for f in stream.failed] == [150]
+
+
+def test_a_damaged_key_tree_is_one_line(tmp_path, mixed_widths_lmdb, capsys):
+    """Every page after lmdb's two meta pages overwritten: one line naming the folder, and
+    parse_testdata writes nothing."""
+    data = mixed_widths_lmdb / "data.mdb"
+    size = data.stat().st_size
+    with data.open("r+b") as handle:
+        handle.seek(2 * 4096)
+        handle.write(b"\x5a" * (size - 2 * 4096))
+    out = tmp_path / "inputs"
+    assert parse_testdata.main(["--test-dir", str(mixed_widths_lmdb), "--output-npy", str(out),
+                                "--arch", "nano-ocr", "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{mixed_widths_lmdb}: damaged lmdb" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+class _DamagedTxn:
+    """Test double of an lmdb read transaction whose page under index 2 is damaged: ``get``
+    raises ``lmdb.CorruptedError`` there, as py-lmdb does on a bad page."""
+
+    def __init__(self, txn):
+        self.txn = txn
+
+    def get(self, key: bytes):
+        if key.endswith(b"-000000002"):
+            raise lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was wrong type")
+        return self.txn.get(key)
+
+
+def test_an_unreadable_entry_is_a_counted_failure(mixed_widths_lmdb):
+    env = open_lmdb(mixed_widths_lmdb)
+    with env.begin() as txn:
+        decoded = decode_indices(_DamagedTxn(txn), spec_for_arch("nano-ocr"), [1, 2, 3])
+    env.close()
+    assert [r[0] for r in decoded] == [1, 2, 3]
+    assert decoded[1][2] is None and decoded[1][4].startswith("unreadable lmdb entry (")
+    assert decoded[0][4] is None and decoded[2][4] is None
