@@ -64,12 +64,15 @@ def test_quantised_model_keeps_the_description_and_records_its_settings(tmp_path
             assert logits.shape == (width // 4 + 1, batch, 66)
 
 
-def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, capsys):
+def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, capsys, caplog):
     source = fixed_models["nano-ocr"]
     output = tmp_path / "int8_lstm.onnx"
     assert quantize.main([str(source), str(output), "--calibration", str(tiny_lmdb),
                           "--lstm", "int8", "--min-agreement", "0.9"]) == 0
     assert "int8 LSTM" in capsys.readouterr().out
+    # ONNX Runtime's "already quantized?" warning about the static pass's own QDQ nodes is
+    # noise to the user: the second pass quantises only the LSTM, on purpose.
+    assert "already quantized" not in caplog.text
     ops = _ops(output)
     assert ops["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops
     model = onnx.load(str(output))
