@@ -154,7 +154,9 @@ def _run(args) -> int:
         return _train(args)
     finally:
         if created and args.out.is_dir() and not any(args.out.iterdir()):
-            with contextlib.suppress(FileNotFoundError):  # another rank removed it first
+            # rmdir removes only an empty folder: another rank may have removed it first,
+            # or rank 0 written into it since the check
+            with contextlib.suppress(OSError):  # ENOENT or ENOTEMPTY
                 args.out.rmdir()
 
 
