@@ -124,9 +124,16 @@ def _parser():
     parser.add_argument("--freeze-convs", type=int,
                         help="keep the first N convolutions fixed (default: 3 with --init, "
                              "else 0): less drift from the initial model, and faster")
+    parser.add_argument("--ema", type=float, metavar="DECAY",
+                        help="validate and keep an exponential moving average of the weights "
+                             "(avg = DECAY * avg + (1 - DECAY) * weights after every update; "
+                             "torch.optim.swa_utils); 0 < DECAY < 1, e.g. 0.998")
     parser.add_argument("--augment", action="store_true",
                         help="photometric augmentation of every training sample (contrast, "
                              "brightness, blur, noise, inverted polarity; widths unchanged)")
+    parser.add_argument("--geometric", action="store_true",
+                        help="with --augment: also rotate (up to 4 degrees) and slant (up to "
+                             "0.2) samples about their centre, widths unchanged")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
@@ -169,6 +176,10 @@ def _train(args) -> int:
     if args.batch_size < size:
         raise ToolchainError(f"--batch-size {args.batch_size} is smaller than the "
                              f"{size} processes")
+    if args.geometric and not args.augment:
+        raise ToolchainError("--geometric goes with --augment")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ToolchainError(f"--ema {args.ema}: the decay must be between 0 and 1")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or max(1, available_cores() // size))
     out: Path = args.out
@@ -221,10 +232,18 @@ def _train(args) -> int:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * progress(step))))
-    run = Run(out)
+    run = Run(out, ema=args.ema)
     epoch, step = 0, 0
+    average = _moving_average(model, args.ema)
     if args.resume:
         state = torch.load(last, map_location="cpu", weights_only=True)
+        if "ema" in state and average is None:
+            raise ToolchainError(f"--resume: {last} keeps a moving average; give "
+                                 f"--ema {state['ema_decay']} again")
+        if average is not None:
+            if "ema" not in state:
+                raise ToolchainError(f"--resume: {last} was written without --ema")
+            average.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         epoch, step, run.best = state["epoch"], state["step"], state["best"]
@@ -252,7 +271,8 @@ def _train(args) -> int:
             share = members[len(members) * rank // size:len(members) * (rank + 1) // size]
             images, targets, lengths = make_batch(
                 train_sets, share, spec,
-                np.random.default_rng([args.seed, epoch, step, rank]) if args.augment else None)
+                np.random.default_rng([args.seed, epoch, step, rank]) if args.augment else None,
+                shapes=args.geometric)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast("cuda", enabled=bool(args.amp)):
                 scores = log_probs(trained, images, spec)
@@ -275,6 +295,8 @@ def _train(args) -> int:
                 torch.nn.utils.clip_grad_norm_(parameters, args.clip)
                 optimiser.step()
             schedule.step()
+            if average is not None:
+                average.update_parameters(model)
             step += 1
             losses.append(value)
             seen += len(members)
@@ -282,8 +304,8 @@ def _train(args) -> int:
         seconds = time.perf_counter() - start
         epoch += 1
         if rank == 0:
-            _end_epoch(run, model, spec, val_sets, optimiser, schedule, epoch, step, losses,
-                       seen, seconds, size)
+            _end_epoch(run, model, average, spec, val_sets, optimiser, schedule, epoch, step,
+                       losses, seen, seconds, size)
         if size > 1:
             torch.distributed.barrier()
     if size > 1:
@@ -303,12 +325,27 @@ def _out_of_time(began: float, budget: float, size: int) -> bool:
     return bool(spent.item())
 
 
-def _end_epoch(run: Run, model, spec, val_sets, optimiser, schedule, epoch: int, step: int,
-               losses: list[float], seen: int, seconds: float, size: int) -> None:
-    """Validate, keep the best model, write last.pth and the log (rank 0)."""
-    metrics = (validate(model, val_sets[0], spec) if val_sets
+def _moving_average(model: torch.nn.Module, decay: float | None):
+    """``--ema``: an exponential moving average of ``model``'s parameters and buffers
+    (``torch.optim.swa_utils.AveragedModel``; its first update copies the weights), or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, epoch: int,
+               step: int, losses: list[float], seen: int, seconds: float, size: int) -> None:
+    """Validate, keep the best model, write last.pth and the log (rank 0).
+
+    With ``--ema`` (``average``), the averaged weights are the ones validated and kept in
+    model.pth; last.pth holds both, for ``--resume``.
+    """
+    kept = model if average is None else average.module
+    metrics = (validate(kept, val_sets[0], spec) if val_sets
                else {"word_accuracy": float("nan")})
-    others = {f"val_accuracy_{s.path.name}": validate(model, s, spec)["word_accuracy"]
+    others = {f"val_accuracy_{s.path.name}": validate(kept, s, spec)["word_accuracy"]
               for s in val_sets[1:]}
     row = {"epoch": epoch, "step": step,
            "train_loss": sum(losses) / max(1, len(losses)),
@@ -317,11 +354,12 @@ def _end_epoch(run: Run, model, spec, val_sets, optimiser, schedule, epoch: int,
            "images_per_second": seen / seconds if seconds else 0.0, "processes": size}
     if not val_sets or metrics["word_accuracy"] > run.best:
         run.best = metrics["word_accuracy"] if val_sets else run.best
-        save_checkpoint(run.out / "model.pth", model, spec, epoch=epoch, step=step)
+        save_checkpoint(run.out / "model.pth", kept, spec, epoch=epoch, step=step)
     run.log_row(row)
+    extra = {} if average is None else {"ema": average.state_dict(), "ema_decay": run.ema}
     save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
-                   log_keys=list(row), log_rows=[list(r.values()) for r in run.rows])
+                   log_keys=list(row), log_rows=[list(r.values()) for r in run.rows], **extra)
     log.warning("epoch %d: loss %.4f, validation accuracy %.4f%s, %.0f images/s", epoch,
                 row["train_loss"], row["val_accuracy"],
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),

@@ -169,13 +169,50 @@ def photometric(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def geometric(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A randomly rotated (up to 4 degrees, p 0.5) and slanted (up to 0.2, p 0.5) copy of
+    resized uint8 pixels (:func:`tilt`): the tilted and italic words of street photos
+    (ICDAR 2015) that an upright crop keeps. Width, bucket and CTC frames stay as they are."""
+    angle = float(rng.uniform(-4, 4)) if rng.random() < 0.5 else 0.0
+    slant = float(rng.uniform(-0.2, 0.2)) if rng.random() < 0.5 else 0.0
+    return tilt(pixels, angle, slant) if angle or slant else pixels
+
+
+def tilt(pixels: np.ndarray, degrees: float, slant: float) -> np.ndarray:
+    """``pixels`` (uint8 ``[H, W]`` or ``[H, W, C]``) rotated by ``degrees`` (counter-clockwise)
+    and slanted by ``slant`` (a point ``dy`` above the centre moves ``slant * dy`` to the
+    right), both about the centre; same shape. Uncovered corners take the median colour of
+    the border. Pillow's affine transform, bilinear."""
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    angle = np.deg2rad(degrees)
+    cos, sin = float(np.cos(angle)), float(np.sin(angle))
+    # Pillow maps each output (x, y) to the input (a x + b y + c, d x + e y + f): the inverse
+    # of slanting, then rotating, about the centre.
+    a, b = cos, -sin + slant * cos
+    d, e = sin, cos + slant * sin
+    data = (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    fill = np.median(border, axis=0).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    moved = image.transform(image.size, Image.Transform.AFFINE, data,
+                            resample=Image.Resampling.BILINEAR,
+                            fillcolor=int(fill) if fill.ndim == 0 else tuple(map(int, fill)))
+    return np.asarray(moved, np.uint8)
+
+
 def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec,
-               augment: np.random.Generator | None = None):
+               augment: np.random.Generator | None = None, shapes: bool = False):
     """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths.
 
-    ``augment``: a generator for :func:`photometric` on each sample, or None (as stored)."""
+    ``augment``: a generator for :func:`photometric` on each sample (and :func:`geometric`
+    first, with ``shapes``), or None (as stored)."""
     pixels = [sets[s].pixels[i] for s, i in members]
     if augment is not None:
+        if shapes:
+            pixels = [geometric(p, augment) for p in pixels]
         pixels = [photometric(p, augment) for p in pixels]
     ((_, images),) = batch_inputs(pixels, spec, len(pixels))
     targets = [sets[s].targets[i] for s, i in members]
@@ -286,6 +323,7 @@ class Run:
     out: Path
     rows: list[dict] = field(default_factory=list)
     best: float = -1.0
+    ema: float | None = None  # --ema's decay, stored in last.pth beside the average
 
     def log_row(self, row: dict) -> None:
         self.rows.append(row)

@@ -160,6 +160,33 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
 
 
+def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words, capsys):
+    common = ("--init", "nano-ocr", "--train", synth_words, "--epochs", 1, "--batch-size", 8,
+              "--workers", 1, "--ema", 0.25)
+    assert _train(*common, "--out", tmp_path / "one", "--max-steps", 1) == 0
+    assert _train(*common, "--out", tmp_path / "two", "--max-steps", 2) == 0
+    after_one = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "last.pth", weights_only=True)
+    kept = torch.load(tmp_path / "two" / "model.pth", weights_only=True)["state_dict"]
+    # The first update copies the weights; the second: avg = 0.25 * avg + 0.75 * weights.
+    moved = 0
+    for name, weights in two["state_dict"].items():
+        if weights.is_floating_point():
+            expected = 0.25 * after_one[name] + 0.75 * weights
+            torch.testing.assert_close(kept[name], expected, rtol=0, atol=1e-6)
+            moved += not torch.equal(kept[name], weights)
+    assert moved > 0  # the kept model is the average, not the last weights
+    assert two["ema_decay"] == 0.25 and int(two["ema"]["n_averaged"]) == 2
+    # --resume needs --ema again, and goes on averaging.
+    resume = ("--init", "nano-ocr", "--train", synth_words, "--out", tmp_path / "two",
+              "--epochs", 2, "--batch-size", 8, "--workers", 1, "--max-steps", 3, "--resume")
+    assert _train(*resume) != 0
+    assert "give --ema 0.25 again" in capsys.readouterr().err
+    assert _train(*resume, "--ema", 0.25) == 0
+    assert int(torch.load(tmp_path / "two" / "last.pth", weights_only=True)
+               ["ema"]["n_averaged"]) == 3
+
+
 def test_a_nan_loss_stops_with_a_clear_error(tmp_path, synth_words, capsys):
     out = tmp_path / "nan"
     code = _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
@@ -206,13 +233,17 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
          "not UTF-8 text"),
         (["--train", synth_words, "--out", "/proc/no_run_here"], "cannot be written"),
         (["--train", tmp_path / "no_lmdb", "--out", tmp_path / "g"], "not an lmdb"),
+        (["--train", synth_words, "--out", tmp_path / "h", "--geometric"],
+         "--geometric goes with --augment"),
+        (["--train", synth_words, "--out", tmp_path / "i", "--ema", "1"],
+         "--ema 1.0: the decay must be between 0 and 1"),
     ]:
         assert _train(*args) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     # A run that stopped before its first checkpoint leaves no empty folder behind; a folder
     # that was there before stays.
-    assert not any((tmp_path / name).exists() for name in "abcdefg")
+    assert not any((tmp_path / name).exists() for name in "abcdefghi")
     (tmp_path / "mine").mkdir()
     assert _train("--train", tmp_path / "no_lmdb", "--out", tmp_path / "mine") != 0
     assert (tmp_path / "mine").is_dir()
@@ -289,12 +320,47 @@ def test_photometric_augmentation_keeps_width_and_is_seeded():
     assert photometric(colour, np.random.default_rng(1)).shape == colour.shape
 
 
+def test_tilt_slants_and_rotates_about_the_centre_and_keeps_the_shape():
+    import numpy as np
+
+    from train.trainer import geometric, tilt
+
+    bar = np.full((32, 64), 200, np.uint8)
+    bar[:, 30:34] = 20  # a dark upright stroke on a light ground
+
+    def stroke_x(pixels, row):
+        return float(np.mean(np.flatnonzero(pixels[row] < 110)))
+
+    slanted = tilt(bar, 0, 0.2)
+    assert slanted.shape == bar.shape and slanted.dtype == np.uint8
+    # the top moves right and the bottom left by 0.2 x their distance from the centre row
+    assert stroke_x(slanted, 0) - stroke_x(bar, 0) == pytest.approx(0.2 * 15.5, abs=0.6)
+    assert stroke_x(slanted, 31) - stroke_x(bar, 31) == pytest.approx(-0.2 * 15.5, abs=0.6)
+    assert slanted[0, 0] == slanted[0, 63] == 200  # uncovered corners: the border's colour
+    # 10 degrees counter-clockwise: a horizontal stroke rises to the right
+    line = np.full((32, 64), 200, np.uint8)
+    line[15:17, :] = 20
+    turned = tilt(line, 10, 0)
+    rows = [float(np.mean(np.flatnonzero(turned[:, x] < 110))) for x in (12, 52)]
+    assert rows[0] - rows[1] == pytest.approx(40 * np.tan(np.deg2rad(10)), abs=0.8)
+    assert np.array_equal(tilt(bar, 0, 0), bar)
+    colour = np.stack([bar] * 3, -1)
+    assert tilt(colour, 3, 0.1).shape == colour.shape
+    # seeded, and about half of the draws leave a sample upright
+    drawn = [geometric(bar, np.random.default_rng([0, k])) for k in range(40)]
+    again = [geometric(bar, np.random.default_rng([0, k])) for k in range(40)]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, again))
+    assert 20 <= sum(not np.array_equal(a, bar) for a in drawn) < 40
+
+
 def test_augmented_training_runs_and_differs(tmp_path, synth_words):
-    plain, augmented = tmp_path / "plain", tmp_path / "aug"
-    for out, extra in ((plain, []), (augmented, ["--augment"])):
+    plain, augmented, tilted = tmp_path / "plain", tmp_path / "aug", tmp_path / "tilted"
+    for out, extra in ((plain, []), (augmented, ["--augment"]),
+                       (tilted, ["--augment", "--geometric"])):
         assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
                       "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--lr", "1e-3",
                       *extra) == 0
-    one, two = (torch.load(p / "model.pth", weights_only=True)["state_dict"]
-                for p in (plain, augmented))
+    one, two, three = (torch.load(p / "model.pth", weights_only=True)["state_dict"]
+                       for p in (plain, augmented, tilted))
     assert not torch.equal(one["fc.weight"], two["fc.weight"])  # other pixels, other gradients
+    assert not torch.equal(two["fc.weight"], three["fc.weight"])
