@@ -50,6 +50,35 @@ def reorder_gates(tensor: torch.Tensor, source: str, target: str = "ifgo") -> to
     return torch.cat([blocks[g] for g in target], dim=0)
 
 
+class UnsafeCheckpoint(ToolchainError):
+    """A checkpoint that pickles objects, which ``weights_only`` loading refuses."""
+
+
+def _load_file(path: Path, trust: bool) -> object:
+    """``torch.load`` of ``path`` on the CPU (``weights_only`` unless ``trust``).
+
+    Raises:
+        ToolchainError: the file is missing or is not a PyTorch checkpoint (one line);
+            :class:`UnsafeCheckpoint` where it pickles objects and ``trust`` is off.
+    """
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as exc:  # torch.load raises KeyError, EOFError, UnpicklingError... on junk
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        unsafe = next((ln for ln in lines if "Unsupported global" in ln), None)
+        if unsafe and not trust:
+            raise UnsafeCheckpoint(
+                f"{path}: cannot be unpickled safely ({unsafe.split('. Please use')[0]}); "
+                "if you trust the file, --trust-checkpoint allows pickled objects"
+            ) from exc
+        raise ToolchainError(
+            f"{path}: not a PyTorch checkpoint "
+            f"({type(exc).__name__}: {lines[-1].split('. ')[0][:200]})"
+        ) from exc
+
+
 def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
 
@@ -62,21 +91,7 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
         ToolchainError: missing file, unreadable file, or no state dict inside.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ToolchainError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as exc:  # torch.load raises KeyError, EOFError, UnpicklingError... on junk
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        unsafe = next((ln for ln in lines if "Unsupported global" in ln), None)
-        if unsafe and not trust:
-            raise ToolchainError(
-                f"{path}: cannot be unpickled safely ({unsafe.split('. Please use')[0]}); "
-                "if you trust the file, --trust-checkpoint allows pickled objects"
-            ) from exc
-        raise ToolchainError(
-            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {lines[-1][:200]})"
-        ) from exc
+    obj = _load_file(path, trust)
     if isinstance(obj, nn.Module):  # a whole pickled model (only reachable with trust)
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -194,16 +209,17 @@ def _suggest(state: dict[str, torch.Tensor], arch: str, layout: str) -> str:
 def read_description(path: str | Path) -> ModelSpec | None:
     """The model description a checkpoint carries (:data:`DESCRIPTION_KEY`), or None.
 
+    A checkpoint that pickles objects (older training scripts) is not read here: None, so
+    the caller asks for ``--arch`` (and :func:`read_state_dict` for ``--trust-checkpoint``).
+
     Raises:
-        ToolchainError: the file is missing or not a safe PyTorch checkpoint, or its
-            description is malformed.
+        ToolchainError: the file is missing or not a PyTorch checkpoint (a truncated or
+            foreign file), or its description is malformed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ToolchainError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - pickled objects or junk: read_state_dict says which
+        obj = _load_file(path, trust=False)
+    except UnsafeCheckpoint:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get(DESCRIPTION_KEY), dict):
         return None

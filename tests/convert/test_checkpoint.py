@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert.checkpoint import detect_layout, load_checkpoint, read_state_dict, reorder_gates
+from convert.checkpoint import (
+    detect_layout,
+    load_checkpoint,
+    read_description,
+    read_state_dict,
+    reorder_gates,
+    save_checkpoint,
+)
 from convert.errors import ToolchainError
-from convert.registry import spec_for_arch
+from convert.registry import build_model, spec_for_arch
 
 CRNN = spec_for_arch("crnn")
 
@@ -77,6 +84,29 @@ def test_bad_files_give_clear_errors(tmp_path, make, message):
     make(path)
     with pytest.raises(ToolchainError, match=message):
         load_checkpoint(path, CRNN)
+
+
+def test_a_truncated_checkpoint_is_named_not_taken_for_one_without_description(tmp_path,
+                                                                               capsys):
+    """A checkpoint cut short (a full disk, a copy stopped halfway) is unreadable, and says so;
+    it used to read as 'carries no model description; give --arch'."""
+    from convert import pth2onnx
+
+    whole = tmp_path / "whole.pth"
+    save_checkpoint(whole, build_model(CRNN), CRNN)
+    assert read_description(whole) == CRNN
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ToolchainError, match=r"cut.pth: not a PyTorch checkpoint \(Runtime"):
+        read_description(cut)
+    assert pth2onnx.main([str(cut), str(tmp_path / "m.onnx")]) != 0
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+    # A checkpoint that pickles objects still asks for --arch (and --trust-checkpoint).
+    pickled = tmp_path / "pickled.pth"
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    assert read_description(pickled) is None
 
 
 def test_wrong_arch_names_keys_and_suggests_the_fit(nano_weights):
