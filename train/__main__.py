@@ -194,6 +194,7 @@ def _train(args) -> int:
     charset = read_charset(args.charset)
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
                                       None if args.resume else charset)
+    resumed = _resume_state(last, args.ema) if args.resume else None  # before the data loads
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
                                 else 3 if init is not None else 0)
@@ -235,14 +236,9 @@ def _train(args) -> int:
     run = Run(out, ema=args.ema)
     epoch, step = 0, 0
     average = _moving_average(model, args.ema)
-    if args.resume:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if "ema" in state and average is None:
-            raise ToolchainError(f"--resume: {last} keeps a moving average; give "
-                                 f"--ema {state['ema_decay']} again")
+    if resumed is not None:
+        state = resumed
         if average is not None:
-            if "ema" not in state:
-                raise ToolchainError(f"--resume: {last} was written without --ema")
             average.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -314,6 +310,22 @@ def _train(args) -> int:
         print(f"trained {spec.arch} for {step} steps ({epoch} epochs) on {size} process(es); "
               f"best validation accuracy {run.best:.4f}; {out / 'model.pth'}")
     return 0
+
+
+def _resume_state(last: Path, ema: float | None) -> dict:
+    """The contents of ``last.pth`` (read by ``initial_model`` already) for ``--resume``.
+
+    Raises:
+        ToolchainError: ``--ema`` is given for a run written without it, or left out for one
+            written with it.
+    """
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    if "ema" in state and ema is None:
+        raise ToolchainError(f"--resume: {last} keeps a moving average; give "
+                             f"--ema {state['ema_decay']} again")
+    if ema is not None and "ema" not in state:
+        raise ToolchainError(f"--resume: {last} was written without --ema")
+    return state
 
 
 def _out_of_time(began: float, budget: float, size: int) -> bool:

@@ -160,7 +160,8 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
 
 
-def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words, capsys):
+def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words, capsys,
+                                                         caplog):
     common = ("--init", "nano-ocr", "--train", synth_words, "--epochs", 1, "--batch-size", 8,
               "--workers", 1, "--ema", 0.25)
     assert _train(*common, "--out", tmp_path / "one", "--max-steps", 1) == 0
@@ -180,8 +181,10 @@ def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words,
     # --resume needs --ema again, and goes on averaging.
     resume = ("--init", "nano-ocr", "--train", synth_words, "--out", tmp_path / "two",
               "--epochs", 2, "--batch-size", 8, "--workers", 1, "--max-steps", 3, "--resume")
+    caplog.clear()
     assert _train(*resume) != 0
     assert "give --ema 0.25 again" in capsys.readouterr().err
+    assert not any(r.getMessage().startswith("start:") for r in caplog.records)  # no data read
     assert _train(*resume, "--ema", 0.25) == 0
     assert int(torch.load(tmp_path / "two" / "last.pth", weights_only=True)
                ["ema"]["n_averaged"]) == 3
