@@ -268,7 +268,7 @@ def _train(args) -> int:
             images, targets, lengths = make_batch(
                 train_sets, share, spec,
                 np.random.default_rng([args.seed, epoch, step, rank]) if args.augment else None,
-                shapes=args.geometric)
+                tilted=args.geometric)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast("cuda", enabled=bool(args.amp)):
                 scores = log_probs(trained, images, spec)

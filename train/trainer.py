@@ -204,14 +204,14 @@ def tilt(pixels: np.ndarray, degrees: float, slant: float) -> np.ndarray:
 
 
 def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec,
-               augment: np.random.Generator | None = None, shapes: bool = False):
+               augment: np.random.Generator | None = None, tilted: bool = False):
     """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths.
 
     ``augment``: a generator for :func:`photometric` on each sample (and :func:`geometric`
-    first, with ``shapes``), or None (as stored)."""
+    first, with ``tilted``), or None (as stored)."""
     pixels = [sets[s].pixels[i] for s, i in members]
     if augment is not None:
-        if shapes:
+        if tilted:
             pixels = [geometric(p, augment) for p in pixels]
         pixels = [photometric(p, augment) for p in pixels]
     ((_, images),) = batch_inputs(pixels, spec, len(pixels))
