@@ -134,6 +134,10 @@ def _parser():
     parser.add_argument("--geometric", action="store_true",
                         help="with --augment: also rotate (up to 4 degrees) and slant (up to "
                              "0.2) samples about their centre, widths unchanged")
+    parser.add_argument("--unknown-chars", choices=("skip", "drop"), default="skip",
+                        help="a label with characters outside the charset: skip the sample "
+                             "(default), or drop those characters and keep it (the model "
+                             "learns blanks over them; the 0-9a-z protocol ignores them)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
@@ -207,15 +211,19 @@ def _train(args) -> int:
     train_sets = []
     for number, (path, _) in enumerate(sources):
         keep = (lambda i: i % every != 0) if number == 0 and every else None
-        train_sets.append(load_words(path, spec, spec.charset, args.workers, keep))
-    val_sets = ([load_words(p, spec, spec.charset, args.workers) for p in args.val] if args.val
+        train_sets.append(load_words(path, spec, spec.charset, args.workers, keep,
+                                     args.unknown_chars))
+    val_sets = ([load_words(p, spec, spec.charset, args.workers, unknown=args.unknown_chars)
+                 for p in args.val] if args.val
                 else [load_words(first_path, spec, spec.charset, args.workers,
-                                 lambda i: i % every == 0)] if every else [])
+                                 lambda i: i % every == 0, args.unknown_chars)] if every else [])
     ratios = [r for _, r in sources]
     if rank == 0:
         log.warning("start: %s; %d convolutions fixed; %d processes; train %s; validation %s",
                     what, fixed, size,
-                    ", ".join(f"{s.path.name} {len(s)} (skipped {dict(s.skipped)})"
+                    ", ".join(f"{s.path.name} {len(s)} (skipped {dict(s.skipped)}"
+                              + (f"; {s.trimmed} labels lost characters outside the charset"
+                                 if s.trimmed else "") + ")"
                               for s in train_sets),
                     ", ".join(f"{s.path.name} {len(s)}" for s in val_sets) or "none")
 

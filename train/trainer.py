@@ -58,6 +58,8 @@ class WordSet:
         path: the lmdb.
         pixels, targets, texts: one entry per usable sample.
         skipped: reason -> count of samples left out.
+        trimmed: samples kept after characters outside the charset were removed from their
+            labels (``unknown="drop"`` in :func:`load_words`).
     """
 
     path: Path
@@ -65,6 +67,7 @@ class WordSet:
     targets: list[list[int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    trimmed: int = 0
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -83,13 +86,23 @@ def folds_case(charset: Charset) -> bool:
 
 
 def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
-               keep=None) -> WordSet:
+               keep=None, unknown: str = "skip") -> WordSet:
     """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split).
     Labels are lower-cased where the charset has no capitals (:func:`folds_case`).
 
+    ``unknown``: what a label with characters outside the charset does. ``"skip"`` leaves
+    the sample out (counted); ``"drop"`` removes those characters from the label and keeps
+    the sample (counted in :attr:`WordSet.trimmed`; skipped if nothing is left), so the
+    model learns to emit blanks over glyphs it cannot name, as PARSeq's ``CharsetAdapter``
+    does (Bautista and Atienza, ECCV 2022, ``strhub/data/utils.py``). The field's protocol
+    scores 0-9a-z only, so a symbol dropped from a label costs nothing there.
+
     Raises:
         ToolchainError: not an lmdb, or no usable sample (the reasons are named).
+        ValueError: ``unknown`` is neither ``"skip"`` nor ``"drop"``.
     """
+    if unknown not in ("skip", "drop"):
+        raise ValueError(f"unknown must be 'skip' or 'drop', got {unknown!r}")
     found, results = decode_all(path, spec, workers)
     words = WordSet(path)
     fold = folds_case(charset)
@@ -103,9 +116,16 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
             continue
         if fold:
             label = label.lower()
-        if charset.unknown(label):
+        outside = charset.unknown(label)
+        if outside and unknown == "skip":
             words.skipped["characters outside the charset"] += 1
             continue
+        if outside:
+            label = "".join(c for c in label if c not in outside)
+            if not label.strip():
+                words.skipped["nothing left after dropping characters outside the charset"] += 1
+                continue
+            words.trimmed += 1
         targets = charset.encode(label)
         if not targets:
             words.skipped["empty label"] += 1

@@ -109,6 +109,26 @@ def test_load_words_skips_and_counts_what_cannot_train(tmp_path):
     assert needed_frames([1, 1, 2]) == 4
 
 
+def test_unknown_characters_can_be_dropped_from_labels_instead(tmp_path):
+    spec = spec_for_arch("nano-ocr")
+    path = write_lmdb(tmp_path / "symbols", {
+        1: (encode(word_image("good", 100, 32, "RGB")), b"good"),
+        2: (encode(word_image("don't", 100, 32, "RGB")), b"DON'T!"),
+        3: (encode(word_image("cafe", 100, 32, "RGB")), "caf\u00e9".encode()),
+        4: (encode(word_image("%&", 100, 32, "RGB")), b"%&"),  # nothing left
+    }, num_samples=4)
+    skipping = load_words(path, spec, spec.charset)
+    assert skipping.texts == ["good"] and skipping.trimmed == 0
+    assert skipping.skipped["characters outside the charset"] == 3
+    dropping = load_words(path, spec, spec.charset, unknown="drop")
+    assert dropping.texts == ["good", "DONT", "caf"] and dropping.trimmed == 2
+    assert dropping.targets[1] == spec.charset.encode("DONT")
+    assert dict(dropping.skipped) == {
+        "nothing left after dropping characters outside the charset": 1}
+    with pytest.raises(ValueError, match="'skip' or 'drop'"):
+        load_words(path, spec, spec.charset, unknown="keep")
+
+
 def test_plan_epoch_is_seeded_and_equal_width():
     spec = spec_for_arch("nano-ocr")
 
