@@ -224,16 +224,21 @@ def tilt(pixels: np.ndarray, degrees: float, slant: float) -> np.ndarray:
 
 
 def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelSpec,
-               augment: np.random.Generator | None = None, tilted: bool = False):
+               augment: tuple[int, ...] | None = None, tilted: bool = False,
+               first_row: int = 0):
     """Model input ``float32 [B, C, H, W]``, concatenated targets and their lengths.
 
-    ``augment``: a generator for :func:`photometric` on each sample (and :func:`geometric`
-    first, with ``tilted``), or None (as stored)."""
+    ``augment``: the global batch's seed key (``(seed, epoch, step)``), or None (samples as
+    stored). Row ``k`` of the global batch (``members`` are its rows from ``first_row`` on)
+    is augmented by :func:`photometric` (and :func:`geometric` first, with ``tilted``) with
+    ``numpy.random.default_rng([*augment, k])``, so a sample's augmentation does not depend
+    on how the batch is shared across ranks."""
     pixels = [sets[s].pixels[i] for s, i in members]
     if augment is not None:
+        rngs = [np.random.default_rng([*augment, first_row + k]) for k in range(len(pixels))]
         if tilted:
-            pixels = [geometric(p, augment) for p in pixels]
-        pixels = [photometric(p, augment) for p in pixels]
+            pixels = [geometric(p, rng) for p, rng in zip(pixels, rngs)]
+        pixels = [photometric(p, rng) for p, rng in zip(pixels, rngs)]
     ((_, images),) = batch_inputs(pixels, spec, len(pixels))
     targets = [sets[s].targets[i] for s, i in members]
     flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)

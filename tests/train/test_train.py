@@ -220,9 +220,11 @@ def test_a_nan_loss_stops_with_a_clear_error(tmp_path, synth_words, capsys):
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
-    """torchrun with 2 processes (gloo) and 1 process, same global batch: same parameters."""
+    """torchrun with 2 processes (gloo) and 1 process, same global batch: same parameters,
+    with augmentation on (each global row's draw is seeded by its row, not its rank)."""
     common = ["-m", "train", "--init", "nano-ocr", "--train", str(synth_words), "--epochs", "1",
-              "--batch-size", "8", "--max-steps", "3", "--workers", "1", "--val-split", "0.25"]
+              "--batch-size", "8", "--max-steps", "3", "--workers", "1", "--val-split", "0.25",
+              "--augment", "--geometric"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -256,7 +258,7 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
          "not UTF-8 text"),
         (["--train", synth_words, "--out", "/proc/no_run_here"], "cannot be written"),
         (["--train", tmp_path / "no_lmdb", "--out", tmp_path / "g"], "not an lmdb"),
-        (["--train", synth_words, "--out", tmp_path / "h", "--geometric"],
+        (["--train", synth_words, "--out", tmp_path / "h", "--no-augment", "--geometric"],
          "--geometric goes with --augment"),
         (["--train", synth_words, "--out", tmp_path / "i", "--ema", "1"],
          "--ema 1.0: the decay must be between 0 and 1"),
@@ -378,12 +380,14 @@ def test_tilt_slants_and_rotates_about_the_centre_and_keeps_the_shape():
 
 def test_augmented_training_runs_and_differs(tmp_path, synth_words):
     plain, augmented, tilted = tmp_path / "plain", tmp_path / "aug", tmp_path / "tilted"
-    for out, extra in ((plain, []), (augmented, ["--augment"]),
-                       (tilted, ["--augment", "--geometric"])):
+    default = tmp_path / "default"
+    for out, extra in ((plain, ["--no-augment"]), (augmented, ["--augment"]),
+                       (tilted, ["--augment", "--geometric"]), (default, [])):
         assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
                       "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--lr", "1e-3",
                       *extra) == 0
-    one, two, three = (torch.load(p / "model.pth", weights_only=True)["state_dict"]
-                       for p in (plain, augmented, tilted))
+    one, two, three, four = (torch.load(p / "model.pth", weights_only=True)["state_dict"]
+                             for p in (plain, augmented, tilted, default))
+    assert torch.equal(two["fc.weight"], four["fc.weight"])  # fine-tuning augments by default
     assert not torch.equal(one["fc.weight"], two["fc.weight"])  # other pixels, other gradients
     assert not torch.equal(two["fc.weight"], three["fc.weight"])
