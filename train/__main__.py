@@ -199,7 +199,12 @@ def _train(args) -> int:
         raise ToolchainError(f"--resume: {last} does not exist")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise ToolchainError(f"{out}: not empty; give a new folder, or --resume to continue")
-    check_output_file(last, "--out")  # creates the folder; one line if it cannot be written
+    # Every rank has looked at --out before rank 0 writes its probe file there: a rank that
+    # looked later would take the probe for an earlier run's output.
+    if size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        check_output_file(last, "--out")  # creates the folder; one line if it cannot be written
 
     charset = read_charset(args.charset)
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
