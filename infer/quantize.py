@@ -12,6 +12,9 @@ README's results). Quantisation is ONNX Runtime's own (``onnxruntime.quantizatio
   (``--per-tensor`` for one scale per weight);
 - scales from the min/max of every tensor over calibration images (``MinMax``: the
   histogram calibrators need equal shapes, and keep-ratio batches differ in width);
+- convolutions with 1 or 3 input channels (the first one) get zero channels up to 4, an
+  exact rewrite that lets ONNX Runtime run them with its symmetric int8 kernels
+  (:func:`pad_conv_input_channels`; ``--no-pad-channels`` leaves them);
 - ``--reduce-range`` (default on) keeps weights to 7 bits, which avoids the saturation of
   uint8 x int8 products on x86 CPUs without VNNI (ONNX Runtime quantisation guide,
   "when and why do I need to try U8U8 / reduce_range").
@@ -47,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
@@ -118,6 +122,7 @@ class QuantizationResult:
     method: str = "MinMax"
     format: str = "QDQ, uint8 asymmetric activations, int8 symmetric weights"
     lstm: str = "fp32"
+    padded_convs: int = 0
 
 
 def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | None = None,
@@ -174,6 +179,73 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+#: ONNX Runtime's symmetric int8 convolution kernels (MLAS ``ConvSym``, the fast path of
+#: ``QLinearConv`` for int8 weights with zero points 0) need a multiple of this many input
+#: channels; other convolutions fall back to im2col and a general int8 GEMM.
+CONV_SYM_CHANNEL_MULTIPLE = 4
+
+
+def _only_consumer(tensor: gs.Tensor, node: gs.Node) -> bool:
+    return len(tensor.outputs) == 1 and tensor.outputs[0] is node
+
+
+def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MULTIPLE) -> int:
+    """Give every QDQ convolution with int8 symmetric weights a multiple of ``multiple``
+    input channels, so ONNX Runtime runs it with its symmetric int8 kernels; returns how
+    many convolutions were rewritten.
+
+    A CRNN's first convolution reads 1 (grey) or 3 (RGB) channels. Its weights
+    ``[M, C, kh, kw]`` get zero filters for the added channels, and its float input
+    ``[N, C, H, W]`` gets zero channels (``Pad`` before its ``QuantizeLinear``). The added
+    products are all zero, so the rewritten graph computes exactly the same outputs
+    (checked bit for bit on nano-ocr); only the kernel changes. Measured on nano-ocr's
+    int8 model (ONNX Runtime profiler, one thread, IIIT5K): the first convolution went from
+    0.83 to 0.47 s for the 3000 images. A convolution qualifies when it has one group, its
+    weights are a constant int8 tensor behind a ``DequantizeLinear`` with zero points 0,
+    and its input is ``DequantizeLinear(QuantizeLinear(x))`` read by nothing else.
+    """
+    count = 0
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        if conv.attrs.get("group", 1) != 1 or len(conv.inputs) < 2:
+            continue
+        w_dq, x_dq = conv.inputs[1].inputs, conv.inputs[0].inputs
+        if len(w_dq) != 1 or w_dq[0].op != "DequantizeLinear" or len(x_dq) != 1 \
+                or x_dq[0].op != "DequantizeLinear":
+            continue
+        w_dq, x_dq = w_dq[0], x_dq[0]
+        weight, zero = w_dq.inputs[0], (w_dq.inputs[2] if len(w_dq.inputs) > 2 else None)
+        if not isinstance(weight, gs.Constant) or weight.values.dtype != np.int8 \
+                or weight.values.ndim != 4 or not _only_consumer(weight, w_dq) \
+                or not _only_consumer(conv.inputs[1], conv):
+            continue
+        if zero is not None and (not isinstance(zero, gs.Constant) or np.any(zero.values)):
+            continue
+        channels = weight.values.shape[1]
+        padded = -(-channels // multiple) * multiple
+        x_q = x_dq.inputs[0].inputs
+        if padded == channels or len(x_q) != 1 or x_q[0].op != "QuantizeLinear" \
+                or not _only_consumer(conv.inputs[0], conv) \
+                or not _only_consumer(x_dq.inputs[0], x_dq):
+            continue
+        x_q = x_q[0]
+        values = np.zeros((weight.values.shape[0], padded, *weight.values.shape[2:]), np.int8)
+        values[:, :channels] = weight.values
+        w_dq.inputs[0] = gs.Constant(f"{weight.name}_padded{padded}", values)
+        source = x_q.inputs[0]
+        wider = gs.Variable(f"{source.name}_padded{padded}", dtype=source.dtype)
+        pads = gs.Constant(f"{source.name}_pads{padded}",
+                           np.array([0, 0, 0, 0, 0, padded - channels, 0, 0], np.int64))
+        graph.nodes.append(gs.Node("Pad", f"{source.name}_pad{padded}", {"mode": "constant"},
+                                   inputs=[source, pads], outputs=[wider]))
+        x_q.inputs[0] = wider
+        for stale in (x_q.outputs[0], x_dq.outputs[0], w_dq.outputs[0]):
+            stale.shape = None  # channel count changed; ONNX Runtime infers it again
+        count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return count
+
+
 def compare_on(
     fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray], input_name: str
 ) -> tuple[float, float]:
@@ -203,6 +275,7 @@ def quantize_model(
     reduce_range: bool = True,
     min_agreement: float = 0.95,
     lstm: str = "fp32",
+    pad_channels: bool = True,
 ) -> QuantizationResult:
     """Quantise ``source`` (fp32 ONNX from convert.pth2onnx/convert.fix) into ``output``.
 
@@ -217,6 +290,8 @@ def quantize_model(
             each the same answer alone or batched. Offline scoring, where ``parse_testdata``
             and the streamed path build the same batches, uses it (``scripts/run_e2e.sh``).
             The agreement check covers the result either way.
+        pad_channels: apply :func:`pad_conv_input_channels` (exact; faster on ONNX
+            Runtime's CPU provider). The agreement check runs on the rewritten model.
 
     Raises:
         ToolchainError: ``source`` is unreadable or lacks the model description, ONNX
@@ -288,6 +363,12 @@ def quantize_model(
                     logging.getLogger().removeFilter(already)
         except Exception as exc:  # the quantiser raises plain ValueError/RuntimeError/ORT errors
             raise ToolchainError(f"{source}: ONNX Runtime quantisation failed ({exc})") from exc
+        padded = 0
+        if pad_channels:
+            graph = gs.import_onnx(onnx.load(str(int8)))
+            padded = pad_conv_input_channels(graph)
+            if padded:
+                onnx.save(gs.export_onnx(graph), str(int8))
         agreement, worst = compare_on(fp32, int8, calibration.batches, input_name)
         if agreement < min_agreement:
             raise ToolchainError(
@@ -307,6 +388,7 @@ def quantize_model(
             frame_agreement=agreement,
             max_abs_logit_diff=worst,
             lstm="int8 dynamic (DynamicQuantizeLSTM)" if lstm == "int8" else "fp32",
+            padded_convs=padded,
         )
         quantised = onnx.load(str(int8))
         kept = {p.key: p.value for p in quantised.metadata_props}
@@ -352,6 +434,13 @@ def _parser():
         "a sample's result depends on its batch: batched != batch-1)",
     )
     parser.add_argument(
+        "--pad-channels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give convolutions with 1 or 3 input channels zero channels up to 4, so ONNX "
+        "Runtime runs them with its symmetric int8 kernels (exact; faster on the CPU)",
+    )
+    parser.add_argument(
         "--min-agreement",
         type=float,
         default=0.95,
@@ -375,6 +464,7 @@ def _run(args) -> int:
         reduce_range=args.reduce_range,
         min_agreement=args.min_agreement,
         lstm=args.lstm,
+        pad_channels=args.pad_channels,
     )
     print(
         f"quantised {args.input} -> {args.output} (int8 QDQ, "
@@ -383,6 +473,8 @@ def _run(args) -> int:
         f"calibration {result.calibration_samples} images from {calibration.source}, "
         f"{result.calibration_failed} skipped; int8 vs fp32 there: frame agreement "
         f"{result.frame_agreement:.2%}, max |logit diff| {result.max_abs_logit_diff:.3f}; "
+        f"{result.padded_convs} convolution(s) padded to a multiple of "
+        f"{CONV_SYM_CHANNEL_MULTIPLE} input channels; "
         f"{time.perf_counter() - start:.1f} s"
     )
     return 0

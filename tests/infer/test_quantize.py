@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from convert import atc
@@ -81,6 +82,88 @@ def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, caps
     assert batch_dependent(model)
     with pytest.raises(ToolchainError, match="LSTM precision 'int4' is unknown"):
         quantize.quantize_model(source, tmp_path / "x.onnx", None, lstm="int4")
+
+
+def _conv_weight_channels(path) -> list[int]:
+    """Input channels of every 4-D int8 weight initializer (the convolutions), in graph order."""
+    model = onnx.load(str(path))
+    weights = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    return [weights[n.input[0]].dims[1] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in weights
+            and len(weights[n.input[0]].dims) == 4]
+
+
+def test_first_convolution_is_padded_to_four_channels_without_changing_a_bit(
+        tmp_path, tiny_lmdb, fixed_models):
+    source = fixed_models["nano-ocr"]
+    spec = read_onnx_spec(source)
+    calibration = quantize.load_calibration_set(tiny_lmdb, spec)
+    padded, plain = tmp_path / "padded.onnx", tmp_path / "plain.onnx"
+    assert quantize.quantize_model(source, padded, calibration, min_agreement=0.0,
+                                   lstm="int8").padded_convs == 1
+    assert quantize.quantize_model(source, plain, calibration, min_agreement=0.0, lstm="int8",
+                                   pad_channels=False).padded_convs == 0
+    before, after = _conv_weight_channels(plain), _conv_weight_channels(padded)
+    assert before[0] == 1 and after == [4] + before[1:] and len(after) == 6
+    assert _ops(padded)["Pad"] == 1 and _ops(plain)["Pad"] == 0
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(padded)).metadata_props}[
+        QUANTIZATION_METADATA_KEY])
+    assert recorded["padded_convs"] == 1
+    # The model still takes one grey channel, and computes exactly what it did.
+    assert read_onnx_spec(padded) == spec
+    rng = np.random.default_rng(0)
+    batches = calibration.batches + [rng.uniform(-1, 1, (3, 1, 32, w)).astype(np.float32)
+                                     for w in (40, 131)]
+    with OnnxRuntimeRunner(padded) as a, OnnxRuntimeRunner(plain) as b:
+        for batch in batches:
+            assert np.array_equal(a.infer({"imgs": batch})["output1"],
+                                  b.infer({"imgs": batch})["output1"])
+    # A second pass finds nothing left to pad.
+    assert quantize.pad_conv_input_channels(gs.import_onnx(onnx.load(str(padded)))) == 0
+
+
+def _qdq_conv_graph(channels: int, weight_zero_point: int) -> onnx.ModelProto:
+    """x [N, channels, 8, 8] -> Q/DQ -> Conv(16 filters, 3x3, int8 weights behind a DQ) -> y."""
+    h = onnx.helper
+    rng = np.random.default_rng(channels)
+    weights = rng.integers(-60, 60, (16, channels, 3, 3), dtype=np.int8)
+    inits = [
+        onnx.numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+        onnx.numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        onnx.numpy_helper.from_array(weights, "w"),
+        onnx.numpy_helper.from_array(np.full(16, 0.01, np.float32), "ws"),
+        onnx.numpy_helper.from_array(np.full(16, weight_zero_point, np.int8), "wz"),
+    ]
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        h.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        h.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = h.make_graph(
+        nodes, "qdq_conv",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", channels, 8, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize(("channels", "weight_zero_point", "rewritten"),
+                         [(3, 0, 1), (1, 0, 1), (5, 0, 1), (4, 0, 0), (3, 2, 0)])
+def test_channel_padding_rule_on_qdq_convolutions(tmp_path, channels, weight_zero_point,
+                                                   rewritten):
+    """RGB (3) and grey (1) inputs are padded, 5 goes to 8; 4 channels, or asymmetric
+    weights (no symmetric kernel to gain), are left alone. Outputs stay bit-identical."""
+    model = _qdq_conv_graph(channels, weight_zero_point)
+    graph = gs.import_onnx(model)
+    assert quantize.pad_conv_input_channels(graph) == rewritten
+    onnx.save(model, str(tmp_path / "before.onnx"))
+    onnx.save(gs.export_onnx(graph), str(tmp_path / "after.onnx"))
+    x = np.random.default_rng(1).uniform(-2, 2, (2, channels, 8, 8)).astype(np.float32)
+    with OnnxRuntimeRunner(tmp_path / "before.onnx") as a, \
+            OnnxRuntimeRunner(tmp_path / "after.onnx") as b:
+        assert np.array_equal(a.infer({"x": x})["y"], b.infer({"x": x})["y"])
+    padded = {4: 4, 1: 4, 3: 4, 5: 8}[channels] if rewritten else channels
+    assert _conv_weight_channels(tmp_path / "after.onnx") == [padded]
 
 
 def test_int8_models_are_refused_by_quantize_and_atc(tmp_path, tiny_lmdb, fixed_models, capsys):
