@@ -1,7 +1,7 @@
 """Run model inputs through a backend, decode with CTC, and report accuracy and end-to-end time.
 
 Inputs: ``--test-dir LMDB`` reads the lmdb in this process (decoding in worker
-processes, equal-width batches, inference and CTC decoding overlapping; no .npy files), or
+threads, equal-width batches, inference and CTC decoding overlapping; no .npy files), or
 ``--input-npy DIR`` takes what ``preprocess.parse_testdata`` wrote (the ModelZoo two-step
 flow). Both give the same predictions.
 
