@@ -338,7 +338,13 @@ def quantize_model(
         )
         onnx.save(model, str(fp32))
         try:
-            quant_pre_process(str(fp32), str(prepared))
+            try:
+                quant_pre_process(str(fp32), str(prepared))
+            except Exception as exc:  # noqa: BLE001 - ORT's symbolic shape inference gives up
+                if "symbolic shape inference" not in str(exc):  # on some graphs (PP-OCRv4's
+                    raise  # recogniser); ONNX's own shape inference is enough for QDQ
+                log.info("%s: %s; using ONNX shape inference only", source.name, exc)
+                quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared),
                 str(int8),

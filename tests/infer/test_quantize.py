@@ -307,3 +307,22 @@ def test_iiit5k_int8_keeps_the_reference_accuracy(tmp_path, exported, fixed_mode
     )
     # Measured: 130 of 3000 strings change (README), mostly on words both models get wrong.
     assert result["common"] == 3000 and result["differ"] <= 0.06 * 3000
+
+
+def test_ppocr_recogniser_quantises_with_its_rgb_convolution_padded(tmp_path, tiny_lmdb,
+                                                                    ppocr_rec_path):
+    """PP-OCRv4's recogniser: ONNX Runtime's symbolic shape inference gives up on it, so
+    ONNX's own is used; its first convolution reads 3 channels and is padded to 4, exactly."""
+    spec = read_onnx_spec(ppocr_rec_path)
+    calibration = quantize.load_calibration_set(tiny_lmdb, spec)
+    padded, plain = tmp_path / "padded.onnx", tmp_path / "plain.onnx"
+    assert quantize.quantize_model(ppocr_rec_path, padded, calibration,
+                                   min_agreement=0.0).padded_convs == 1
+    quantize.quantize_model(ppocr_rec_path, plain, calibration, min_agreement=0.0,
+                            pad_channels=False)
+    assert _conv_weight_channels(plain)[0] == 3 and _conv_weight_channels(padded)[0] == 4
+    with OnnxRuntimeRunner(padded) as a, OnnxRuntimeRunner(plain) as b:
+        for batch in calibration.batches:
+            assert batch.shape[1] == 3
+            feed = {spec.input_name: batch}
+            assert np.array_equal(a.infer(feed)[spec.output_name], b.infer(feed)[spec.output_name])
