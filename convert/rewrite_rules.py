@@ -35,7 +35,7 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+def producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     """The node of type ``op`` that produces ``tensor``, if that is what produces it."""
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
         return tensor.inputs[0]
@@ -44,8 +44,8 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
 
 def _shape_index(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
     """``(x, i)`` when ``tensor`` is ``Gather(Shape(x), i)``, ``i`` a constant scalar; else None."""
-    gather = _producer(tensor, "Gather")
-    shape = _producer(gather.inputs[0], "Shape") if gather else None
+    gather = producer(tensor, "Gather")
+    shape = producer(gather.inputs[0], "Shape") if gather else None
     if shape is None:
         return None
     index = const_value(gather.inputs[1])
@@ -56,13 +56,13 @@ def _shape_index(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
 
 def _dim_of(tensor: gs.Tensor) -> tuple[gs.Tensor, int] | None:
     """``(x, i)`` when ``tensor`` is ``Unsqueeze(Gather(Shape(x), i))`` (one dim); else None."""
-    unsqueeze = _producer(tensor, "Unsqueeze")
+    unsqueeze = producer(tensor, "Unsqueeze")
     return _shape_index(unsqueeze.inputs[0]) if unsqueeze else None
 
 
 def _is_restore_leading_dims(shape: gs.Tensor, source: gs.Tensor) -> bool:
     """True when ``shape`` is ``Concat(dim(source, 0), dim(source, 1), [-1])``."""
-    concat = _producer(shape, "Concat")
+    concat = producer(shape, "Concat")
     if concat is None or len(concat.inputs) != 3:
         return False
     last = const_value(concat.inputs[2])
@@ -83,11 +83,11 @@ def _is_flatten_keeping_last(shape: gs.Tensor, source: gs.Tensor, last_dim: int)
     value = const_value(shape)
     if value is not None:
         return value.reshape(-1).tolist() == [-1, last_dim]
-    concat = _producer(shape, "Concat")
+    concat = producer(shape, "Concat")
     if concat is None or len(concat.inputs) != 2 or _dim_of(concat.inputs[1]) != (source, 2):
         return False
-    unsqueeze = _producer(concat.inputs[0], "Unsqueeze")
-    mul = _producer(unsqueeze.inputs[0], "Mul") if unsqueeze else None
+    unsqueeze = producer(concat.inputs[0], "Unsqueeze")
+    mul = producer(unsqueeze.inputs[0], "Mul") if unsqueeze else None
     if mul is None:
         return False
     factors = [_shape_index(factor) for factor in mul.inputs]
@@ -107,7 +107,7 @@ def gemm_to_matmul(graph: gs.Graph) -> int:
     """
     count = 0
     for gemm in [n for n in graph.nodes if n.op == "Gemm"]:
-        flatten = _producer(gemm.inputs[0], "Reshape")
+        flatten = producer(gemm.inputs[0], "Reshape")
         if flatten is None or len(gemm.outputs[0].outputs) != 1:
             continue
         restore = gemm.outputs[0].outputs[0]
@@ -154,7 +154,7 @@ def drop_zero_initial_states(graph: gs.Graph) -> int:
     for lstm in [n for n in graph.nodes if n.op in ("LSTM", "GRU", "RNN")]:
         changed = False
         for index in range(5, len(lstm.inputs)):
-            fill = _producer(lstm.inputs[index], "ConstantOfShape")
+            fill = producer(lstm.inputs[index], "ConstantOfShape")
             if fill is None:
                 continue
             value = fill.attrs.get("value")
@@ -193,7 +193,7 @@ def flip_lstm_to_reverse(graph: gs.Graph) -> int:
     """
     count = 0
     for lstm in [n for n in graph.nodes if n.op == "LSTM"]:
-        flip_in = _producer(lstm.inputs[0], "Slice")
+        flip_in = producer(lstm.inputs[0], "Slice")
         if lstm.attrs.get("direction", "forward") != "forward" or not _is_time_flip(flip_in):
             continue
         if any(out.outputs for out in lstm.outputs[1:]) or len(lstm.outputs[0].outputs) != 1:

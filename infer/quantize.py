@@ -56,6 +56,7 @@ from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
 from convert.onnx_io import cpu_session, load_onnx
 from convert.outputs import atomic_path, check_output_file
+from convert.rewrite_rules import producer
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
 from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
@@ -189,6 +190,20 @@ def _only_consumer(tensor: gs.Tensor, node: gs.Node) -> bool:
     return len(tensor.outputs) == 1 and tensor.outputs[0] is node
 
 
+def _pre_process(fp32: Path, prepared: Path, name: str) -> None:
+    """ONNX Runtime's ``quant_pre_process``; where its symbolic shape inference gives up
+    (PP-OCRv4's recogniser), with ONNX's own shape inference only, which QDQ needs no more."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32), str(prepared))
+    except Exception as exc:  # noqa: BLE001 - it raises plain Exception; others re-raised
+        if "symbolic shape inference" not in str(exc):
+            raise
+        log.info("%s: %s; using ONNX shape inference only", name, exc)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+
+
 def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MULTIPLE) -> int:
     """Give every QDQ convolution with int8 symmetric weights a multiple of ``multiple``
     input channels, so ONNX Runtime runs it with its symmetric int8 kernels; returns how
@@ -208,11 +223,10 @@ def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MU
     for conv in [n for n in graph.nodes if n.op == "Conv"]:
         if conv.attrs.get("group", 1) != 1 or len(conv.inputs) < 2:
             continue
-        w_dq, x_dq = conv.inputs[1].inputs, conv.inputs[0].inputs
-        if len(w_dq) != 1 or w_dq[0].op != "DequantizeLinear" or len(x_dq) != 1 \
-                or x_dq[0].op != "DequantizeLinear":
+        x_dq = producer(conv.inputs[0], "DequantizeLinear")
+        w_dq = producer(conv.inputs[1], "DequantizeLinear")
+        if w_dq is None or x_dq is None:
             continue
-        w_dq, x_dq = w_dq[0], x_dq[0]
         weight, zero = w_dq.inputs[0], (w_dq.inputs[2] if len(w_dq.inputs) > 2 else None)
         if not isinstance(weight, gs.Constant) or weight.values.dtype != np.int8 \
                 or weight.values.ndim != 4 or not _only_consumer(weight, w_dq) \
@@ -222,12 +236,10 @@ def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MU
             continue
         channels = weight.values.shape[1]
         padded = -(-channels // multiple) * multiple
-        x_q = x_dq.inputs[0].inputs
-        if padded == channels or len(x_q) != 1 or x_q[0].op != "QuantizeLinear" \
-                or not _only_consumer(conv.inputs[0], conv) \
+        x_q = producer(x_dq.inputs[0], "QuantizeLinear")
+        if padded == channels or x_q is None or not _only_consumer(conv.inputs[0], conv) \
                 or not _only_consumer(x_dq.inputs[0], x_dq):
             continue
-        x_q = x_q[0]
         values = np.zeros((weight.values.shape[0], padded, *weight.values.shape[2:]), np.int8)
         values[:, :channels] = weight.values
         w_dq.inputs[0] = gs.Constant(f"{weight.name}_padded{padded}", values)
@@ -305,8 +317,6 @@ def quantize_model(
         quantize_dynamic,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if lstm not in LSTM_PRECISIONS:
         raise ToolchainError(f"LSTM precision {lstm!r} is unknown; use one of {LSTM_PRECISIONS}")
     source, output = Path(source), check_output_file(output, "the output")
@@ -338,13 +348,7 @@ def quantize_model(
         )
         onnx.save(model, str(fp32))
         try:
-            try:
-                quant_pre_process(str(fp32), str(prepared))
-            except Exception as exc:  # noqa: BLE001 - ORT's symbolic shape inference gives up
-                if "symbolic shape inference" not in str(exc):  # on some graphs (PP-OCRv4's
-                    raise  # recogniser); ONNX's own shape inference is enough for QDQ
-                log.info("%s: %s; using ONNX shape inference only", source.name, exc)
-                quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            _pre_process(fp32, prepared, source.name)
             quantize_static(
                 str(prepared),
                 str(int8),
@@ -369,12 +373,13 @@ def quantize_model(
                     logging.getLogger().removeFilter(already)
         except Exception as exc:  # the quantiser raises plain ValueError/RuntimeError/ORT errors
             raise ToolchainError(f"{source}: ONNX Runtime quantisation failed ({exc})") from exc
-        padded = 0
+        quantised, padded = onnx.load(str(int8)), 0
         if pad_channels:
-            graph = gs.import_onnx(onnx.load(str(int8)))
+            graph = gs.import_onnx(quantised)
             padded = pad_conv_input_channels(graph)
             if padded:
-                onnx.save(gs.export_onnx(graph), str(int8))
+                quantised = gs.export_onnx(graph)
+                onnx.save(quantised, str(int8))
         agreement, worst = compare_on(fp32, int8, calibration.batches, input_name)
         if agreement < min_agreement:
             raise ToolchainError(
@@ -396,7 +401,6 @@ def quantize_model(
             lstm="int8 dynamic (DynamicQuantizeLSTM)" if lstm == "int8" else "fp32",
             padded_convs=padded,
         )
-        quantised = onnx.load(str(int8))
         kept = {p.key: p.value for p in quantised.metadata_props}
         kept.update(metadata)
         kept[QUANTIZATION_METADATA_KEY] = json.dumps(
