@@ -35,7 +35,7 @@ from convert.cli import make_parser, run_main
 from convert.det_spec import DetectorSpec, detector_spec_from_metadata
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
-from convert.outputs import write_texts
+from convert.outputs import check_output_file, write_texts
 from convert.spec import ModelSpec, quantization_of
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,39 @@ def run_atc(argv: list[str], output: str | Path) -> Path:
     return find_om(output)
 
 
+#: Keys every sidecar :func:`write_sidecar` writes has.
+_SIDECAR_KEYS = {"mode", "soc_version", "atc_command", "model"}
+
+
+def _sidecar_written_here(path: Path) -> bool:
+    """Whether ``path`` is a sidecar JSON that :func:`write_sidecar` wrote."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and content.keys() >= _SIDECAR_KEYS
+
+
+def _om_built_here(path: Path) -> bool:
+    """Whether the .om at ``path`` was built by this tool: its sidecar is this tool's."""
+    return _sidecar_written_here(path.with_suffix(".json"))
+
+
+def check_atc_outputs(output: Path) -> None:
+    """Refuse an ``--output`` where ATC or the sidecar would replace files this tool did not
+    write: an .om under either name ATC gives it (``output.om``, ``output_linux_<arch>.om``)
+    without this tool's sidecar beside it, or a sidecar JSON of another shape.
+
+    Raises:
+        ToolchainError: one line naming the file (nothing is touched).
+    """
+    exact = output.with_name(output.name + ".om")
+    for om in [exact, *sorted(output.parent.glob(f"{output.name}_linux_*.om"))]:
+        check_output_file(om, "--output", ours=_om_built_here, tool="convert.atc")
+        check_output_file(om.with_suffix(".json"), "--output", ours=_sidecar_written_here,
+                          tool="convert.atc")
+
+
 def write_sidecar(
     om_path: Path,
     plan: ShapePlan,
@@ -412,6 +445,7 @@ def _parser():
 
 
 def _run(args) -> int:
+    check_atc_outputs(args.output)
     model = load_onnx(args.model)
     if quantization_of(model) is not None:
         raise ToolchainError(

@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.onnx_io import cpu_session, load_onnx
-from convert.outputs import atomic_path, check_output_file
+from convert.onnx_io import check_model_output, cpu_session, load_onnx
+from convert.outputs import atomic_path
 from convert.rewrite_rules import RULES, tidy
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def fix_model(source: str | Path, target: str | Path,
     Raises:
         ToolchainError: unreadable input, lost dynamic axes, or outputs that disagree.
     """
-    check_output_file(target, "the output")
+    check_model_output(target)
     original = load_onnx(source)
     check_fixable(original, source)
     fixed, applied = rewrite(original)

@@ -37,3 +37,31 @@ def cpu_session(model: str | Path | onnx.ModelProto):
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def written_by_toolchain(path: str | Path) -> bool:
+    """Whether ``path`` is an ONNX model this toolchain wrote: one carrying a recogniser or
+    detector description, or int8 settings, in its ``metadata_props`` (what
+    ``convert.pth2onnx``, ``convert.fix``, ``infer.quantize`` and ``convert.weights`` write;
+    a model from elsewhere has none of these keys). An unreadable file is not one."""
+    from convert.det_spec import DET_METADATA_PREFIX
+    from convert.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY
+
+    try:
+        model = load_onnx(path, load_external_data=False)
+    except ToolchainError:
+        return False
+    prefixes = (METADATA_PREFIX, DET_METADATA_PREFIX, QUANTIZATION_METADATA_KEY)
+    return any(p.key.startswith(prefixes) for p in model.metadata_props)
+
+
+def check_model_output(path: str | Path) -> Path:
+    """:func:`convert.outputs.check_output_file` for a model a tool writes: an existing file
+    there is replaced only when it is a model this toolchain wrote (:func:`written_by_toolchain`).
+
+    Raises:
+        ToolchainError: one line naming the path (see ``check_output_file``).
+    """
+    from convert.outputs import check_output_file
+
+    return check_output_file(path, "the output", ours=written_by_toolchain, tool="this toolchain")

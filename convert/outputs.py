@@ -3,7 +3,9 @@
 Every file a tool writes goes to a temporary name in the target's folder and is renamed into
 place only once it is complete (``os.replace`` is atomic within a file system), so an
 interrupt or a write error never leaves a cut-short file, nor a new file beside a stale one
-of the same run. Paths are checked before any long work starts.
+of the same run. Paths are checked before any long work starts, and no tool replaces a file
+it did not write: an existing file is replaced only when the tool recognises it as its own
+earlier output (:func:`check_output_file`'s ``ours``).
 """
 
 from __future__ import annotations
@@ -11,29 +13,40 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from convert.errors import ToolchainError
 
 
-def check_output_file(path: str | Path, flag: str = "output") -> Path:
-    """Check that ``path`` can be written as a file, creating its folder if needed.
+def check_output_file(path: str | Path, flag: str = "output", *,
+                      ours: Callable[[Path], bool] | None = None,
+                      tool: str = "this tool") -> Path:
+    """Check that ``path`` can be written as a file, creating its folder if needed, and that
+    writing it replaces nothing the tool did not write.
 
     Args:
         path: the file to write.
         flag: how the tool names this output in its message (e.g. ``--report``).
+        ours: tells whether an existing file is the tool's own earlier output, which may be
+            replaced; None: no existing file may be. An empty file holds nothing to lose and
+            may always be replaced.
+        tool: how the message names the tool (``tool`` did not write the file).
 
     Returns:
         ``path`` as a :class:`Path`.
 
     Raises:
-        ToolchainError: ``path`` is a folder, its folder cannot be created or is not a
-            folder, or it cannot be written there (one line naming the path).
+        ToolchainError: ``path`` is a folder, a non-empty file ``ours`` does not recognise
+            (nothing is touched), its folder cannot be created or is not a folder, or it
+            cannot be written there (one line naming the path).
     """
     path = Path(path)
     if path.is_dir():
         raise ToolchainError(f"{path}: is a folder; {flag} must name a file")
+    if path.is_file() and path.stat().st_size and not (ours is not None and ours(path)):
+        raise ToolchainError(f"{path}: exists and was not written by {tool}; nothing was "
+                             f"changed; give {flag} a new path (or move that file away)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check-"):

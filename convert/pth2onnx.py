@@ -30,8 +30,8 @@ from torch import nn
 from convert.checkpoint import load_checkpoint, read_description
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.onnx_io import cpu_session
-from convert.outputs import atomic_path, check_output_file
+from convert.onnx_io import check_model_output, cpu_session
+from convert.outputs import atomic_path
 from convert.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
 from convert.spec import ModelSpec
 
@@ -171,7 +171,7 @@ def _run(args) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise ToolchainError(f"--opset {args.opset} is outside what the exporter writes "
                              f"({MIN_OPSET} to {MAX_OPSET}; ATC takes 11)")
-    check_output_file(args.output, "the output")
+    check_model_output(args.output)
     if args.arch:
         spec = spec_for_arch(args.arch)
     else:

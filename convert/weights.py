@@ -179,7 +179,8 @@ def fetch(name: str) -> Path:
     if target.is_file() and (describer is not None or sha256_of(target) == source.sha256):
         log.info("cached: %s", target)
         return target
-    check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)")
+    # A file there with another digest is not one this tool wrote: refused, never replaced.
+    check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)", tool="convert.weights")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         member, partial = Path(tmp) / "member", Path(tmp) / target.name
         _download_member(source, member)

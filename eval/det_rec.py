@@ -136,9 +136,32 @@ def draw_result(image: np.ndarray, words, gts: Sequence[GtWord] = ()) -> Image.I
     return canvas
 
 
+#: Keys every report.json of this tool has.
+_REPORT_KEYS = {"images", "recognised_images", "failures", "dropped_regions", "models"}
+#: Keys of every word in predictions.json.
+_WORD_KEYS = {"points", "text", "confidence"}
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether an existing file is a predictions or report JSON this tool wrote (by its shape:
+    image name -> list of words with points, text and confidence; or the report's keys)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(content, dict):
+        return False
+    if content.keys() >= _REPORT_KEYS:
+        return True
+    return all(isinstance(words, list)
+               and all(isinstance(w, dict) and w.keys() == _WORD_KEYS for w in words)
+               for words in content.values())
+
+
 def check_outputs(args, images: list[Path]) -> None:
-    """Refuse outputs that would overwrite an input or each other, or a --vis folder with
-    files this tool did not write; create what is needed (before any long work).
+    """Refuse outputs that would overwrite an input or each other, a file this tool did not
+    write, or a --vis folder with files this tool did not write; create what is needed
+    (before any long work).
 
     Raises:
         ToolchainError: one line naming the output and the problem.
@@ -152,7 +175,7 @@ def check_outputs(args, images: list[Path]) -> None:
     for flag, path in files:
         if path.resolve() in inputs:
             raise ToolchainError(f"{path}: is one of the inputs; {flag} must name another file")
-        check_output_file(path, flag)
+        check_output_file(path, flag, ours=_written_by_us, tool="eval.det_rec")
     if args.report and args.report.resolve() == args.predictions.resolve():
         raise ToolchainError(f"{args.report}: --report and --predictions name the same file")
     if args.vis:

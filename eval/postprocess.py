@@ -187,10 +187,7 @@ def check_outputs(args) -> None:
     for flag, path in (("--report", args.report), ("--predictions", args.predictions)):
         if not path:
             continue
-        check_output_file(path, flag)
-        if path.is_file() and path.stat().st_size and not _written_by_us(path):
-            raise ToolchainError(f"{path}: exists and is not a {flag[2:]} written by "
-                                 "eval.postprocess; nothing was changed; choose another path")
+        check_output_file(path, flag, ours=_written_by_us, tool="eval.postprocess")
 
 
 def predictions_csv(run: EvalRun) -> str:

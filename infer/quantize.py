@@ -54,8 +54,8 @@ import onnx_graphsurgeon as gs
 
 from convert.cli import make_parser, run_main
 from convert.errors import ToolchainError
-from convert.onnx_io import cpu_session, load_onnx
-from convert.outputs import atomic_path, check_output_file
+from convert.onnx_io import check_model_output, cpu_session, load_onnx
+from convert.outputs import atomic_path
 from convert.rewrite_rules import producer
 from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
 from preprocess.batching import batch_inputs
@@ -319,7 +319,7 @@ def quantize_model(
     )
     if lstm not in LSTM_PRECISIONS:
         raise ToolchainError(f"LSTM precision {lstm!r} is unknown; use one of {LSTM_PRECISIONS}")
-    source, output = Path(source), check_output_file(output, "the output")
+    source, output = Path(source), check_model_output(output)
     model = load_onnx(source)
     spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
@@ -461,7 +461,7 @@ def _parser():
 
 def _run(args) -> int:
     start = time.perf_counter()
-    check_output_file(args.output, "the output")  # before the calibration's long work
+    check_model_output(args.output)  # before the calibration's long work
     spec = read_onnx_spec(args.input)
     calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
     for failure in calibration.failed[:10]:

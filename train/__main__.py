@@ -203,8 +203,9 @@ def _train(args) -> int:
     # looked later would take the probe for an earlier run's output.
     if size > 1:
         torch.distributed.barrier()
-    if rank == 0:
-        check_output_file(last, "--out")  # creates the folder; one line if it cannot be written
+    if rank == 0:  # creates the folder; one line if it cannot be written. With --resume,
+        # last.pth is this run's own checkpoint (read below), replaced at the next epoch's end.
+        check_output_file(last, "--out", ours=lambda _: args.resume, tool="python -m train")
 
     charset = read_charset(args.charset)
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,

@@ -147,6 +147,29 @@ def test_missing_atc_names_set_env(tmp_path, fixed_models, monkeypatch, capsys):
     assert "set_env.sh" in capsys.readouterr().err
 
 
+def test_files_atc_did_not_build_are_not_replaced(tmp_path, fake_atc, fixed_models, capsys):
+    """An .om under either name ATC gives it without this tool's sidecar beside it, or a
+    sidecar path holding another file, is refused before ATC runs and left as it was; the
+    tool's own earlier build is rebuilt."""
+    argv = ["--model", str(fixed_models["nano-ocr"]), "--output", str(tmp_path / "nano"),
+            "--soc_version", "Ascend310P3"]
+    for name in ("nano_linux_x86_64.om", "nano.om", "nano.json"):
+        victim = tmp_path / name
+        victim.write_bytes(b"someone else's")
+        assert atc.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {victim}: exists and was not written by convert.atc; nothing "
+                       "was changed; give --output a new path (or move that file away)"), err
+        assert victim.read_bytes() == b"someone else's"
+        assert not fake_atc.exists()  # ATC never ran
+        victim.unlink()
+    assert atc.main(argv) == 0
+    om = tmp_path / "nano_linux_x86_64.om"
+    om.write_bytes(b"an older build")
+    assert atc.main(argv) == 0  # its own build (its sidecar beside it): replaced
+    assert om.read_bytes() == b"fake om"
+
+
 def test_dry_run_prints_without_running(tmp_path, fixed_models, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no atc: dry run must not need it
     output = tmp_path / "om" / "nano"

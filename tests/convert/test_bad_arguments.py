@@ -145,11 +145,48 @@ def test_files_the_tool_did_not_write_are_not_overwritten(tmp_path, tiny_lmdb, f
     notes.write_text("my own notes\n")
     assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
                              str(fixed_models["nano-ocr"]), "--predictions", str(notes)]) == 1
-    _one_line_error(capsys, f"{notes}: exists and is not a predictions written by")
+    _one_line_error(capsys, f"{notes}: exists and was not written by eval.postprocess")
     assert notes.read_text() == "my own notes\n"
     config = tmp_path / "config.json"
     config.write_text('{"keep": 1}')
     assert postprocess.main(["--test-dir", str(tiny_lmdb), "--onnx-path",
                              str(fixed_models["nano-ocr"]), "--report", str(config)]) == 1
-    _one_line_error(capsys, f"{config}: exists and is not a report written by")
+    _one_line_error(capsys, f"{config}: exists and was not written by eval.postprocess")
     assert config.read_text() == '{"keep": 1}'
+
+
+def test_model_writers_replace_only_models_this_toolchain_wrote(tmp_path, capsys, exported,
+                                                                fixed_models, nano_weights,
+                                                                tiny_lmdb):
+    """pth2onnx, fix and quantize refuse an existing file they did not write, a valid ONNX
+    model from elsewhere (no description in its metadata) as much as any other file, and
+    leave it as it was; their own earlier output is replaced by a second run."""
+    theirs = onnx.load(str(exported["nano-ocr"]))
+    del theirs.metadata_props[:]
+    foreign_model = tmp_path / "theirs.onnx"
+    onnx.save(theirs, str(foreign_model))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    calls = {
+        "pth2onnx": lambda out: pth2onnx.main([str(nano_weights), str(out), "--arch",
+                                               "nano-ocr"]),
+        "fix": lambda out: fix.main([str(exported["nano-ocr"]), str(out)]),
+        "quantize": lambda out: quantize.main([str(fixed_models["nano-ocr"]), str(out),
+                                               "--calibration", str(tiny_lmdb),
+                                               "--min-agreement", "0"]),
+    }
+    for name, call in calls.items():
+        for victim in (foreign_model, notes):
+            before = victim.read_bytes()
+            assert call(victim) == 1, name
+            _one_line_error(capsys, f"{victim}: exists and was not written by this toolchain")
+            assert victim.read_bytes() == before, name
+        own = tmp_path / f"{name}.onnx"
+        assert call(own) == 0
+        earlier = onnx.load(str(own))
+        earlier.metadata_props.add(key="crnn.test_marker", value="the earlier run")
+        onnx.save(earlier, str(own))
+        assert call(own) == 0, name  # its own earlier output: replaced
+        keys = {p.key for p in onnx.load(str(own)).metadata_props}
+        assert "crnn.arch" in keys and "crnn.test_marker" not in keys, name
+    capsys.readouterr()

@@ -60,3 +60,16 @@ def test_an_unwritable_cache_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: /proc/crnn_toolchain_cache/ppocr_v4_rec.onnx: cannot be written")
     assert "\n" not in err
+
+
+def test_a_cached_file_with_another_digest_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """A file at the cache path whose digest is not the expected one was not written by
+    convert.weights (it verifies before renaming into place): refused, left as it was."""
+    monkeypatch.setenv("CRNN_WEIGHTS_DIR", str(tmp_path))
+    target = weights.weights_path("nano-ocr")
+    target.write_bytes(b"my own fine-tuned weights")
+    assert weights.main(["fetch", "nano-ocr"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {target}: exists and was not written by convert.weights")
+    assert "\n" not in err
+    assert target.read_bytes() == b"my own fine-tuned weights"

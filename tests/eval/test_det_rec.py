@@ -78,6 +78,14 @@ def test_bad_images_are_counted_failures(tmp_path, ppocr_det_path, ppocr_rec_pat
     reasons = {f["image"]: f["reason"] for f in data["failures"]}
     assert "over the cap of 1000000" in reasons["big.png"]
     assert "not a decodable image" in reasons["broken.jpg"]
+    # Its own earlier outputs (marked here) are replaced by a second run.
+    predictions.write_text(json.dumps({"blank.png": [], "earlier.png": []}))
+    report.write_text(json.dumps({**data, "earlier": True}))
+    assert det_rec.main(["--images", str(images), "--predictions", str(predictions),
+                         "--report", str(report), "--max-pixels", "1000000",
+                         "--det", str(ppocr_det_path), "--rec", str(ppocr_rec_path)]) == 0
+    assert json.loads(predictions.read_text()) == {"blank.png": []}
+    assert "earlier" not in json.loads(report.read_text())
 
 
 def test_missing_ground_truth_is_one_clear_error(tmp_path, capsys):
@@ -98,15 +106,20 @@ def test_outputs_never_overwrite_inputs_or_foreign_files(tmp_path, capsys):
     photo = images / "img_1.png"
     photo.write_bytes(encode(Image.new("RGB", (64, 64))))
     before = photo.read_bytes()
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"keep": 1}')
     cases = [
         (["--predictions", str(photo)], "is one of the inputs; --predictions"),
         (["--predictions", str(tmp_path / "p.json"), "--report", str(tmp_path / "p.json")],
          "--report and --predictions name the same file"),
         (["--predictions", str(tmp_path / "p.json"), "--vis", str(images)],
          "not empty and not written by det_rec; --vis must name a new or empty folder"),
+        (["--predictions", str(notes)], f"{notes}: exists and was not written by eval.det_rec"),
+        (["--predictions", str(tmp_path / "p.json"), "--report", str(notes)],
+         f"{notes}: exists and was not written by eval.det_rec"),
     ]
     for extra, message in cases:
         assert det_rec.main(["--images", str(images), *extra]) == 1
         assert message in capsys.readouterr().err
     assert photo.read_bytes() == before and sorted(images.iterdir()) == [photo]
-    assert not (tmp_path / "p.json").exists()
+    assert not (tmp_path / "p.json").exists() and notes.read_text() == '{"keep": 1}'
