@@ -143,7 +143,10 @@ def _parser():
                         help="a label with characters outside the charset: skip the sample "
                              "(default), or drop those characters and keep it (the model "
                              "learns blanks over them; the 0-9a-z protocol ignores them)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: float16 with a gradient scaler on CUDA, bfloat16 "
+                             "on a CPU with native bfloat16 (AVX512-BF16 or AMX); weights, "
+                             "CTC loss and optimiser stay float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
     parser.add_argument("--workers", type=positive(int), default=available_cores(),
@@ -151,6 +154,23 @@ def _parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     return parser
+
+
+#: The reduced precision ``--amp`` computes in, per device type (``torch.autocast``).
+AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
+
+
+def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively: the ``avx512_bf16`` or ``amx_bf16`` flag in
+    ``/proc/cpuinfo`` (Linux; elsewhere, False). Without it oneDNN emulates bfloat16, slower
+    than float32."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _setup_distributed(device: str) -> tuple[int, int]:
@@ -180,8 +200,10 @@ def _train(args) -> int:
     rank, size = _setup_distributed(args.device)
     if args.device not in ("cpu", "cuda"):
         raise ToolchainError(f"--device {args.device}: training runs on cpu or cuda")
-    if args.amp and args.device != "cuda":
-        raise ToolchainError("--amp needs --device cuda")
+    if args.amp and args.device == "cpu" and not native_bfloat16():
+        raise ToolchainError("--amp on the CPU needs native bfloat16 (AVX512-BF16 or AMX), "
+                             "which this CPU lacks (emulated it is slower than float32); "
+                             "drop --amp")
     if args.batch_size < size:
         raise ToolchainError(f"--batch-size {args.batch_size} is smaller than the "
                              f"{size} processes")
@@ -272,7 +294,8 @@ def _train(args) -> int:
     if size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model)
     ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="none", zero_infinity=False)
-    scaler = torch.amp.GradScaler("cuda") if args.amp else None
+    # float16 needs its gradients scaled; bfloat16 has float32's exponent range and does not
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     while (epoch < args.epochs and step < total_steps
            and not _out_of_time(began, budget, size)):
         batches = plan_epoch(train_sets, ratios, args.batch_size, args.seed, epoch, size,
@@ -292,7 +315,8 @@ def _train(args) -> int:
                 train_sets, share, spec, (args.seed, epoch, step) if augment else None,
                 tilted=args.geometric, first_row=first)
             images, targets = images.to(device), targets.to(device)
-            with torch.autocast("cuda", enabled=bool(args.amp)):
+            with torch.autocast(device.type, dtype=AMP_DTYPES[device.type],
+                                enabled=bool(args.amp)):
                 scores = log_probs(trained, images, spec)
             frames = torch.full((len(share),), scores.shape[0], dtype=torch.long)
             loss = ctc(scores, targets, frames, lengths).sum() * size / len(members)

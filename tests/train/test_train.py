@@ -21,7 +21,7 @@ from convert.weights import fetch
 from tests.conftest import encode, word_image, write_lmdb
 from train import __main__ as train_cli
 from train.synth import MIN_CONTRAST, Font, find_fonts, read_corpus, render, synthesise
-from train.trainer import load_words, needed_frames, plan_epoch
+from train.trainer import load_words, log_probs, needed_frames, plan_epoch
 
 ROOT = Path(__file__).parents[2]
 WORDS = ["street", "Hotel", "EXIT", "coffee", "42", "Bank", "open", "SALE", "taxi", "Park"]
@@ -246,11 +246,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     assert moved > 1e-4  # the three updates did change the model
 
 
-def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys):
+def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9".encode("latin-1"))
+    monkeypatch.setattr(train_cli, "native_bfloat16", lambda: False)  # a CPU without bfloat16
     for args, message in [
-        (["--train", synth_words, "--out", tmp_path / "a", "--amp"], "--amp needs --device cuda"),
+        (["--train", synth_words, "--out", tmp_path / "a", "--amp"],
+         "--amp on the CPU needs native bfloat16 (AVX512-BF16 or AMX)"),
         (["--train", f"{synth_words}:0", "--out", tmp_path / "b"], "ratio must be > 0"),
         (["--train", synth_words, "--out", tmp_path / "c", "--resume"], "does not exist"),
         (["--train", synth_words, "--out", tmp_path / "d", "--init", "none"], "needs --arch"),
@@ -292,6 +294,40 @@ def test_from_scratch_small_crnn_folds_case_and_exports(tmp_path, synth_words):
 
     assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "s.onnx")]) == 0
     assert fix.main([str(tmp_path / "s.onnx"), str(tmp_path / "s_fixed.onnx")]) == 0
+
+
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 avx512f avx512_vnni", False),
+                          ("fpu avx512f avx512_bf16 avx512_vnni", True),
+                          ("fpu amx_bf16 amx_tile amx_int8", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t:\n")
+        assert train_cli.native_bfloat16(cpuinfo) is native, flags
+    assert train_cli.native_bfloat16(tmp_path / "missing") is False
+
+
+def test_amp_on_the_cpu_runs_the_forward_in_bfloat16(tmp_path, synth_words, monkeypatch):
+    """``--amp`` on the CPU: the forward runs under bfloat16 autocast (checked inside it), the
+    loss and the kept weights stay float32. (Where the CPU has no native bfloat16 the check is
+    bypassed here and oneDNN emulates it: slower, same contract.)"""
+    monkeypatch.setattr(train_cli, "native_bfloat16", lambda: True)
+    seen = []
+
+    def spy(model, images, spec):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        scores = log_probs(model, images, spec)
+        assert scores.dtype == torch.float32  # the CTC loss is computed in float32
+        return scores
+
+    monkeypatch.setattr(train_cli, "log_probs", spy)
+    out = tmp_path / "amp"
+    assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 1,
+                  "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--amp") == 0
+    assert seen == [(True, torch.bfloat16)] * 2
+    state = torch.load(out / "model.pth", weights_only=True)["state_dict"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    start = read_state_dict(fetch("nano-ocr"))
+    assert not torch.equal(state["rnn.weight_ih_l0"], start["rnn.weight_ih_l0"])  # it trained
 
 
 def test_freeze_convolutions_keeps_the_first_layers(tmp_path, synth_words):
