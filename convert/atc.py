@@ -35,7 +35,7 @@ from convert.cli import make_parser, run_main
 from convert.det_spec import DetectorSpec, detector_spec_from_metadata
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
-from convert.outputs import check_output_file, write_texts
+from convert.outputs import check_output_file, json_content, write_texts
 from convert.spec import ModelSpec, quantization_of
 
 log = logging.getLogger(__name__)
@@ -349,10 +349,7 @@ _SIDECAR_KEYS = {"mode", "soc_version", "atc_command", "model"}
 
 def _sidecar_written_here(path: Path) -> bool:
     """Whether ``path`` is a sidecar JSON that :func:`write_sidecar` wrote."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    content = json_content(path)
     return isinstance(content, dict) and content.keys() >= _SIDECAR_KEYS
 
 

@@ -11,6 +11,7 @@ earlier output (:func:`check_output_file`'s ``ours``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -54,6 +55,15 @@ def check_output_file(path: str | Path, flag: str = "output", *,
     except OSError as exc:
         raise ToolchainError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
+
+
+def json_content(path: Path) -> object | None:
+    """The JSON value in ``path``, or None where it cannot be read as UTF-8 JSON; for the
+    ``ours`` checks that tell a tool's own earlier output from any other file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def claim_output_folder(folder: str | Path, tool: str, flag: str = "output folder") -> Path:

@@ -43,7 +43,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
-from convert.outputs import atomic_path, check_output_file, claim_output_folder, write_texts
+from convert.outputs import (
+    atomic_path,
+    check_output_file,
+    claim_output_folder,
+    json_content,
+    write_texts,
+)
 from eval.det_metrics import Detection, score_set
 from eval.postprocess import machine_facts
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
@@ -145,10 +151,7 @@ _WORD_KEYS = {"points", "text", "confidence"}
 def _written_by_us(path: Path) -> bool:
     """Whether an existing file is a predictions or report JSON this tool wrote (by its shape:
     image name -> list of words with points, text and confidence; or the report's keys)."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    content = json_content(path)
     if not isinstance(content, dict):
         return False
     if content.keys() >= _REPORT_KEYS:

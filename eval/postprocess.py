@@ -57,7 +57,7 @@ import numpy as np
 from convert.cli import make_parser, run_main
 from convert.ctc import DECODERS
 from convert.errors import ToolchainError
-from convert.outputs import check_output_file, write_texts
+from convert.outputs import check_output_file, json_content, write_texts
 from convert.registry import ARCHS, GATE_ORDERS
 from convert.spec import ModelSpec
 from eval.blocks import DEFAULT_BLOCK_SIZE, BlockJob, plan_blocks, survey_test_set
@@ -167,13 +167,13 @@ _REPORT_KEYS = {"protocol", "backend", "scored", "failures"}
 
 def _written_by_us(path: Path) -> bool:
     """Whether an existing file is a report.json or predictions.csv this tool wrote."""
+    if path.suffix == ".json":
+        report = json_content(path)
+        return isinstance(report, dict) and report.keys() >= _REPORT_KEYS
     try:
-        with path.open(encoding="utf-8") as handle:
-            if path.suffix == ".json":
-                report = json.load(handle)
-                return isinstance(report, dict) and report.keys() >= _REPORT_KEYS
+        with path.open(encoding="utf-8", newline="") as handle:
             return next(csv.reader(handle), None) == PREDICTION_COLUMNS
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+    except (OSError, UnicodeDecodeError, csv.Error):
         return False
 
 
