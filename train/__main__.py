@@ -4,8 +4,8 @@ The defaults are the fine-tuning recipe measured in the README: from ``--init na
 Adam at 1.5e-4 with a cosine decay over 8 epochs, batch 32, gradient norm clipped at 5,
 BatchNorm statistics and the first 3 convolutions frozen, photometric augmentation, every
 20th index of the first ``--train`` lmdb held out for validation. (The README's command adds
-the data mix, a time cap and ``--unknown-chars drop``.) From scratch (``--init none``) nothing
-is frozen or augmented unless asked.
+the data mix, 16 epochs under a time cap and ``--unknown-chars drop``.) From scratch
+(``--init none``) nothing is frozen or augmented unless asked.
 
 Outputs in ``--out``: ``model.pth`` (the best validation accuracy so far, carrying its model
 description, so ``python -m convert.pth2onnx OUT/model.pth X.onnx`` needs no other flag),
