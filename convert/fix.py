@@ -131,7 +131,7 @@ def fix_model(source: str | Path, target: str | Path,
     Raises:
         ToolchainError: unreadable input, lost dynamic axes, or outputs that disagree.
     """
-    check_model_output(target)
+    check_model_output(target, source)
     original = load_onnx(source)
     check_fixable(original, source)
     fixed, applied = rewrite(original)

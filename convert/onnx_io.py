@@ -55,13 +55,17 @@ def written_by_toolchain(path: str | Path) -> bool:
     return any(p.key.startswith(prefixes) for p in model.metadata_props)
 
 
-def check_model_output(path: str | Path) -> Path:
+def check_model_output(path: str | Path, source: str | Path | None = None) -> Path:
     """:func:`convert.outputs.check_output_file` for a model a tool writes: an existing file
-    there is replaced only when it is a model this toolchain wrote (:func:`written_by_toolchain`).
+    there is replaced only when it is a model this toolchain wrote (:func:`written_by_toolchain`),
+    and never when it is the model the tool reads (``source``), which would be lost.
 
     Raises:
         ToolchainError: one line naming the path (see ``check_output_file``).
     """
     from convert.outputs import check_output_file
 
+    if source is not None and Path(path).resolve() == Path(source).resolve():
+        raise ToolchainError(f"{path}: is the input model; the output must be another file "
+                             "(nothing was changed)")
     return check_output_file(path, "the output", ours=written_by_toolchain, tool="this toolchain")

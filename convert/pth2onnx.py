@@ -171,7 +171,7 @@ def _run(args) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise ToolchainError(f"--opset {args.opset} is outside what the exporter writes "
                              f"({MIN_OPSET} to {MAX_OPSET}; ATC takes 11)")
-    check_model_output(args.output)
+    check_model_output(args.output, args.checkpoint)
     if args.arch:
         spec = spec_for_arch(args.arch)
     else:

@@ -319,7 +319,7 @@ def quantize_model(
     )
     if lstm not in LSTM_PRECISIONS:
         raise ToolchainError(f"LSTM precision {lstm!r} is unknown; use one of {LSTM_PRECISIONS}")
-    source, output = Path(source), check_model_output(output)
+    source, output = Path(source), check_model_output(output, source)
     model = load_onnx(source)
     spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
@@ -461,7 +461,7 @@ def _parser():
 
 def _run(args) -> int:
     start = time.perf_counter()
-    check_model_output(args.output)  # before the calibration's long work
+    check_model_output(args.output, args.input)  # before the calibration's long work
     spec = read_onnx_spec(args.input)
     calibration = load_calibration_set(args.calibration, spec, args.samples, args.batch_size)
     for failure in calibration.failed[:10]:

@@ -190,3 +190,22 @@ def test_model_writers_replace_only_models_this_toolchain_wrote(tmp_path, capsys
         keys = {p.key for p in onnx.load(str(own)).metadata_props}
         assert "crnn.arch" in keys and "crnn.test_marker" not in keys, name
     capsys.readouterr()
+
+
+def test_a_model_writer_never_writes_over_its_input(tmp_path, capsys, fixed_models, nano_weights,
+                                                    tiny_lmdb):
+    """fix and quantize read a model this toolchain wrote; writing the result over it would
+    lose it, so the input path is refused as the output (pth2onnx likewise for its checkpoint)."""
+    model = tmp_path / "nano_fixed.onnx"
+    model.write_bytes(fixed_models["nano-ocr"].read_bytes())
+    weights = tmp_path / "nano.pth"
+    weights.write_bytes(nano_weights.read_bytes())
+    before = model.read_bytes()
+    for call, path in ((lambda: fix.main([str(model), str(model)]), model),
+                       (lambda: quantize.main([str(model), str(tmp_path / "." / model.name),
+                                               "--calibration", str(tiny_lmdb)]), model),
+                       (lambda: pth2onnx.main([str(weights), str(weights), "--arch",
+                                               "nano-ocr"]), weights)):
+        assert call() == 1
+        _one_line_error(capsys, f"{path}: is the input model; the output must be another file")
+    assert model.read_bytes() == before and weights.read_bytes() == nano_weights.read_bytes()
