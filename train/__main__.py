@@ -200,6 +200,9 @@ def _train(args) -> int:
     rank, size = _setup_distributed(args.device)
     if args.device not in ("cpu", "cuda"):
         raise ToolchainError(f"--device {args.device}: training runs on cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ToolchainError("--device cuda: this PyTorch sees no CUDA device "
+                             f"(torch {torch.__version__}); train on --device cpu")
     if args.amp and args.device == "cpu" and not native_bfloat16():
         raise ToolchainError("--amp on the CPU needs native bfloat16 (AVX512-BF16 or AMX), "
                              "which this CPU lacks (emulated it is slower than float32); "
