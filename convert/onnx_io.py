@@ -6,7 +6,10 @@ from pathlib import Path
 
 import onnx
 
+from convert.det_spec import DET_METADATA_PREFIX
 from convert.errors import ToolchainError
+from convert.outputs import check_output_file
+from convert.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -44,9 +47,6 @@ def written_by_toolchain(path: str | Path) -> bool:
     detector description, or int8 settings, in its ``metadata_props`` (what
     ``convert.pth2onnx``, ``convert.fix``, ``infer.quantize`` and ``convert.weights`` write;
     a model from elsewhere has none of these keys). An unreadable file is not one."""
-    from convert.det_spec import DET_METADATA_PREFIX
-    from convert.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY
-
     try:
         model = load_onnx(path, load_external_data=False)
     except ToolchainError:
@@ -63,8 +63,6 @@ def check_model_output(path: str | Path, source: str | Path | None = None) -> Pa
     Raises:
         ToolchainError: one line naming the path (see ``check_output_file``).
     """
-    from convert.outputs import check_output_file
-
     if source is not None and Path(path).resolve() == Path(source).resolve():
         raise ToolchainError(f"{path}: is the input model; the output must be another file "
                              "(nothing was changed)")
