@@ -7,8 +7,8 @@ BatchNorm statistics and the first 3 convolutions frozen, photometric augmentati
 the data mix, 16 epochs under a time cap and ``--unknown-chars drop``.) From scratch
 (``--init none``) nothing is frozen or augmented unless asked.
 
-Outputs in ``--out``: ``model.pth`` (the best validation accuracy so far, carrying its model
-description, so ``python -m convert.pth2onnx OUT/model.pth X.onnx`` needs no other flag),
+Outputs in ``--out``: ``model.pth`` (the best validation word accuracy so far, ties broken by
+the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx OUT/model.pth X.onnx`` needs no other flag),
 ``last.pth`` (model, optimiser, schedule and position, for ``--resume``), ``log.csv`` and
 ``curves.png`` (loss and validation accuracy per epoch). A NaN or infinite loss stops the run
 with an error; the checkpoints of the last good epoch stay.
@@ -290,6 +290,7 @@ def _train(args) -> int:
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         epoch, step, run.best = state["epoch"], state["step"], state["best"]
+        run.best_one_minus_ned = state.get("best_one_minus_ned", -1.0)  # older runs lack it
         run.rows = [dict(zip(state["log_keys"], row)) for row in state["log_rows"]]
         log.warning("resumed from %s at epoch %d, step %d", last, epoch, step)
 
@@ -400,29 +401,38 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
                step: int, losses: list[float], seen: int, seconds: float, size: int) -> None:
     """Validate, keep the best model, write last.pth and the log (rank 0).
 
+    The best model has the highest validation word accuracy; among equal accuracies, the
+    highest 1-NED (one minus the normalised edit distance, ``eval.metrics``), so that a run
+    whose accuracy does not move (a small split, or a charset still on CTC's plateau) keeps
+    the model that reads closest rather than the first one.
+
     With ``--ema`` (``average``), the averaged weights are the ones validated and kept in
     model.pth; last.pth holds both, for ``--resume``.
     """
     kept = model if average is None else average.module
     metrics = (validate(kept, val_sets[0], spec) if val_sets
-               else {"word_accuracy": float("nan")})
+               else {"word_accuracy": float("nan"), "one_minus_ned": float("nan")})
     others = {f"val_accuracy_{s.path.name}": validate(kept, s, spec)["word_accuracy"]
               for s in val_sets[1:]}
     row = {"epoch": epoch, "step": step,
            "train_loss": sum(losses) / max(1, len(losses)),
-           "val_accuracy": metrics["word_accuracy"], **others,
+           "val_accuracy": metrics["word_accuracy"],
+           "val_one_minus_ned": metrics["one_minus_ned"], **others,
            "lr": optimiser.param_groups[0]["lr"], "seconds": seconds,
            "images_per_second": seen / seconds if seconds else 0.0, "processes": size}
-    if not val_sets or metrics["word_accuracy"] > run.best:
-        run.best = metrics["word_accuracy"] if val_sets else run.best
+    score = (metrics["word_accuracy"], metrics["one_minus_ned"])
+    if not val_sets or score > (run.best, run.best_one_minus_ned):
+        if val_sets:
+            run.best, run.best_one_minus_ned = score
         save_checkpoint(run.out / "model.pth", kept, spec, epoch=epoch, step=step)
     run.log_row(row)
     extra = {} if average is None else {"ema": average.state_dict(), "ema_decay": run.ema}
     save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
+                    best_one_minus_ned=run.best_one_minus_ned,
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
                    log_keys=list(row), log_rows=[list(r.values()) for r in run.rows], **extra)
-    log.warning("epoch %d: loss %.4f, validation accuracy %.4f%s, %.0f images/s", epoch,
-                row["train_loss"], row["val_accuracy"],
+    log.warning("epoch %d: loss %.4f, validation accuracy %.4f (1-NED %.4f)%s, %.0f images/s",
+                epoch, row["train_loss"], row["val_accuracy"], row["val_one_minus_ned"],
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),
                 row["images_per_second"])
 

@@ -347,7 +347,8 @@ class Run:
 
     out: Path
     rows: list[dict] = field(default_factory=list)
-    best: float = -1.0
+    best: float = -1.0  # the kept model's validation word accuracy
+    best_one_minus_ned: float = -1.0  # and its 1-NED, which breaks ties in word accuracy
     ema: float | None = None  # --ema's decay, stored in last.pth beside the average
 
     def log_row(self, row: dict) -> None:

@@ -431,3 +431,33 @@ def test_augmented_training_runs_and_differs(tmp_path, synth_words):
     assert torch.equal(two["fc.weight"], four["fc.weight"])  # fine-tuning augments by default
     assert not torch.equal(one["fc.weight"], two["fc.weight"])  # other pixels, other gradients
     assert not torch.equal(two["fc.weight"], three["fc.weight"])
+
+
+def test_equal_word_accuracies_keep_the_epoch_with_the_higher_1ned(tmp_path, monkeypatch):
+    """A flat validation accuracy (a small split, or a charset still on CTC's plateau) keeps
+    the epoch that reads closest, not the first; a higher accuracy still wins outright."""
+    from train.trainer import Run
+
+    spec = spec_for_arch("crnn-small")
+    model = torch.nn.Linear(2, 2)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
+    scripted = iter([(0.0, 0.02), (0.0, 0.05), (0.0, 0.04), (0.5, 0.60), (0.5, 0.55)])
+
+    def validate(kept, words, spec):
+        accuracy, one_minus_ned = next(scripted)
+        return {"word_accuracy": accuracy, "one_minus_ned": one_minus_ned}
+
+    monkeypatch.setattr(train_cli, "validate", validate)
+    run = Run(tmp_path)
+    kept_epochs = []
+    for epoch in range(1, 6):
+        train_cli._end_epoch(run, model, None, spec, [object()], optimiser, schedule, epoch,
+                             epoch, [1.0], 8, 1.0, 1)
+        kept_epochs.append(torch.load(tmp_path / "model.pth", weights_only=True)["epoch"])
+    assert kept_epochs == [1, 2, 2, 4, 4]
+    assert (run.best, run.best_one_minus_ned) == (0.5, 0.60)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [float(r["val_one_minus_ned"]) for r in rows] == [0.02, 0.05, 0.04, 0.60, 0.55]
+    last = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert (last["best"], last["best_one_minus_ned"]) == (0.5, 0.60)
