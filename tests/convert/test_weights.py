@@ -73,3 +73,21 @@ def test_a_cached_file_with_another_digest_is_not_replaced(tmp_path, monkeypatch
     assert err.startswith(f"error: {target}: exists and was not written by convert.weights")
     assert "\n" not in err
     assert target.read_bytes() == b"my own fine-tuned weights"
+
+
+def test_a_foreign_model_at_a_described_cache_path_is_neither_used_nor_replaced(
+        tmp_path, monkeypatch, capsys, fixed_models):
+    """ppocr-v4-rec's cache holds our described copy; a model from elsewhere at that path
+    (here an ONNX model with its metadata stripped) is refused rather than read as PP-OCR."""
+    import onnx
+
+    monkeypatch.setenv("CRNN_WEIGHTS_DIR", str(tmp_path))
+    target = weights.weights_path("ppocr-v4-rec")
+    foreign = onnx.load(str(fixed_models["crnn-meijieru"]))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(target))
+    before = target.read_bytes()
+    assert weights.main(["fetch", "ppocr-v4-rec"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {target}: exists and was not written by convert.weights")
+    assert "\n" not in err and target.read_bytes() == before
