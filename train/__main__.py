@@ -8,9 +8,10 @@ the data mix, 16 epochs under a time cap and ``--unknown-chars drop``.) From scr
 (``--init none``) nothing is frozen or augmented unless asked.
 
 Outputs in ``--out``: ``model.pth`` (the best validation word accuracy so far, ties broken by
-the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx OUT/model.pth X.onnx`` needs no other flag),
-``last.pth`` (model, optimiser, schedule and position, for ``--resume``), ``log.csv`` and
-``curves.png`` (loss and validation accuracy per epoch). A NaN or infinite loss stops the run
+the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx
+OUT/model.pth X.onnx`` needs no other flag), ``last.pth`` (model, optimiser, schedule and
+position, for ``--resume``), ``log.csv`` and ``curves.png`` (loss and validation accuracy per
+epoch). A NaN or infinite loss stops the run
 with an error; the checkpoints of the last good epoch stay.
 
 Many devices: ``torchrun --nproc-per-node N -m train ...`` (gloo on CPU, nccl on CUDA; on
