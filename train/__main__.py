@@ -11,8 +11,8 @@ Outputs in ``--out``: ``model.pth`` (the best validation word accuracy so far, t
 the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx
 OUT/model.pth X.onnx`` needs no other flag), ``last.pth`` (model, optimiser, schedule and
 position, for ``--resume``), ``log.csv`` and ``curves.png`` (loss and validation accuracy per
-epoch). A NaN or infinite loss stops the run
-with an error; the checkpoints of the last good epoch stay.
+epoch). A NaN or infinite loss stops the run with an error; the checkpoints of the last good
+epoch stay.
 
 Many devices: ``torchrun --nproc-per-node N -m train ...`` (gloo on CPU, nccl on CUDA; on
 Ascend, hccl with torch_npu); rank 0 validates, logs and writes the checkpoints.
@@ -431,7 +431,8 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
                     best_one_minus_ned=run.best_one_minus_ned,
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
-                   log_keys=list(row), log_rows=[list(r.values()) for r in run.rows], **extra)
+                   log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
+                   **extra)  # rows of a run resumed from an older last.pth lack the new columns
     log.warning("epoch %d: loss %.4f, validation accuracy %.4f (1-NED %.4f)%s, %.0f images/s",
                 epoch, row["train_loss"], row["val_accuracy"], row["val_one_minus_ned"],
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),

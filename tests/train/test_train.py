@@ -461,3 +461,24 @@ def test_equal_word_accuracies_keep_the_epoch_with_the_higher_1ned(tmp_path, mon
     assert [float(r["val_one_minus_ned"]) for r in rows] == [0.02, 0.05, 0.04, 0.60, 0.55]
     last = torch.load(tmp_path / "last.pth", weights_only=True)
     assert (last["best"], last["best_one_minus_ned"]) == (0.5, 0.60)
+
+
+def test_resuming_a_run_from_before_the_1ned_column_keeps_its_log_aligned(tmp_path, synth_words):
+    """A last.pth written before log.csv had val_one_minus_ned: resumed twice, the old rows
+    keep their values under their own columns (the new column left empty)."""
+    out = tmp_path / "run"
+    common = ("--init", "nano-ocr", "--train", synth_words, "--out", out, "--batch-size", 8,
+              "--workers", 1)
+    assert _train(*common, "--epochs", 1, "--max-steps", 1) == 0
+    state = torch.load(out / "last.pth", weights_only=True)
+    column = state["log_keys"].index("val_one_minus_ned")
+    del state["best_one_minus_ned"], state["log_keys"][column]
+    state["log_rows"] = [row[:column] + row[column + 1:] for row in state["log_rows"]]
+    torch.save(state, out / "last.pth")  # as the earlier code wrote it
+    first_lr = state["log_rows"][0][state["log_keys"].index("lr")]
+    assert _train(*common, "--epochs", 2, "--max-steps", 2, "--resume") == 0
+    assert _train(*common, "--epochs", 3, "--max-steps", 3, "--resume") == 0
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[0]["lr"]) == pytest.approx(first_lr) and rows[0]["val_one_minus_ned"] == ""
+    assert all(0.0 <= float(r["val_one_minus_ned"]) <= 1.0 for r in rows[1:])
