@@ -193,7 +193,11 @@ def _replace(staging: Path, output: Path) -> None:
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
-        staging.rename(output)
+        try:
+            staging.rename(output)
+        except BaseException:  # Ctrl-C or a failed rename: the earlier output goes back
+            old.rename(output)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(output)
