@@ -254,7 +254,9 @@ def _train(args) -> int:
     val_sets = ([load_words(p, spec, spec.charset, args.workers, unknown=args.unknown_chars)
                  for p in args.val] if args.val
                 else [load_words(first_path, spec, spec.charset, args.workers,
-                                 lambda i: i % every == 0, args.unknown_chars)] if every else [])
+                                 lambda i: i % every == 0, args.unknown_chars,
+                                 f"the validation split, every {every}th index; give --val "
+                                 "LMDB, or --val-split 0 for none")] if every else [])
     ratios = [r for _, r in sources]
     if rank == 0:
         log.warning("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "
@@ -359,7 +361,9 @@ def _train(args) -> int:
         torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"trained {spec.arch} for {step} steps ({epoch} epochs) on {size} process(es); "
-              f"best validation accuracy {run.best:.4f}; {out / 'model.pth'}")
+              + (f"best validation accuracy {run.best:.4f}; " if val_sets
+                 else "no validation set, so model.pth is the last epoch; ")
+              + str(out / "model.pth"))
     return 0
 
 

@@ -86,8 +86,9 @@ def folds_case(charset: Charset) -> bool:
 
 
 def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
-               keep=None, unknown: str = "skip") -> WordSet:
-    """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split).
+               keep=None, unknown: str = "skip", role: str = "") -> WordSet:
+    """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split),
+    ``role`` says which (named in the error when nothing is left).
     Labels are lower-cased where the charset has no capitals (:func:`folds_case`).
 
     ``unknown``: what a label with characters outside the charset does. ``"skip"`` leaves
@@ -137,7 +138,8 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
         words.targets.append(targets)
         words.texts.append(label)
     if not words.texts:
-        raise ToolchainError(f"{path}: no usable sample ({dict(words.skipped) or 'empty'})")
+        raise ToolchainError(f"{path}{f' ({role})' if role else ''}: no usable sample "
+                             f"({dict(words.skipped) or 'empty'})")
     return words
 
 

@@ -482,3 +482,22 @@ def test_resuming_a_run_from_before_the_1ned_column_keeps_its_log_aligned(tmp_pa
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert float(rows[0]["lr"]) == pytest.approx(first_lr) and rows[0]["val_one_minus_ned"] == ""
     assert all(0.0 <= float(r["val_one_minus_ned"]) <= 1.0 for r in rows[1:])
+
+
+def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys):
+    """10 samples hold no 20th index: the error names the split and the ways out; with
+    --val-split 0 the run goes on, and says model.pth is the last epoch."""
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("\n".join(WORDS), encoding="utf-8")
+    synthesise(tmp_path / "tiny", read_corpus(corpus), find_fonts([]), 10, seed=0,
+               progress=False)
+    common = ("--init", "nano-ocr", "--train", tmp_path / "tiny", "--batch-size", 4,
+              "--max-steps", 1, "--workers", 1)
+    assert _train(*common, "--out", tmp_path / "a") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'tiny'} (the validation split, every 20th index; give "
+                   "--val LMDB, or --val-split 0 for none): no usable sample (empty)")
+    assert not (tmp_path / "a").exists()
+    assert _train(*common, "--out", tmp_path / "b", "--val-split", 0) == 0
+    assert "no validation set, so model.pth is the last epoch" in capsys.readouterr().out
+    assert (tmp_path / "b" / "model.pth").is_file()
