@@ -104,7 +104,7 @@ def _parser():
                         help="validation lmdb (repeatable; the first chooses model.pth)")
     parser.add_argument("--val-split", type=float, default=0.05,
                         help="without --val: hold out this share of the first --train lmdb "
-                             "(every k-th index)")
+                             "(every k-th index; 0 to 0.5, 0 for no validation)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--init", default="nano-ocr",
                         help="registry name, checkpoint path, or none (from scratch)")
@@ -217,6 +217,9 @@ def _train(args) -> int:
         raise ToolchainError("--geometric goes with --augment (on by default with --init)")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ToolchainError(f"--ema {args.ema}: the decay must be between 0 and 1")
+    if not 0 <= args.val_split <= 0.5:
+        raise ToolchainError(f"--val-split {args.val_split}: the share held out must be between "
+                             "0 (none) and 0.5")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or max(1, available_cores() // size))
     out: Path = args.out

@@ -265,6 +265,10 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
          "--geometric goes with --augment"),
         (["--train", synth_words, "--out", tmp_path / "i", "--ema", "1"],
          "--ema 1.0: the decay must be between 0 and 1"),
+        (["--train", synth_words, "--out", tmp_path / "k", "--val-split", "-1"],
+         "--val-split -1.0: the share held out must be between 0 (none) and 0.5"),
+        (["--train", synth_words, "--out", tmp_path / "l", "--val-split", "1.5"],
+         "--val-split 1.5: the share held out must be between 0 (none) and 0.5"),
         *([(["--train", synth_words, "--out", tmp_path / "j", "--device", "cuda"],
             "--device cuda: this PyTorch sees no CUDA device")]
           if not torch.cuda.is_available() else []),
@@ -274,7 +278,7 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
         assert message in err and "Traceback" not in err, (args, err)
     # A run that stopped before its first checkpoint leaves no empty folder behind; a folder
     # that was there before stays.
-    assert not any((tmp_path / name).exists() for name in "abcdefghij")
+    assert not any((tmp_path / name).exists() for name in "abcdefghijkl")
     (tmp_path / "mine").mkdir()
     assert _train("--train", tmp_path / "no_lmdb", "--out", tmp_path / "mine") != 0
     assert (tmp_path / "mine").is_dir()
