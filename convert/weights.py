@@ -188,12 +188,11 @@ def fetch(name: str) -> Path:
     target = weights_path(name)
     describer = _DESCRIBERS.get(name)
     # A described copy was renamed into place whole and carries our description; an unchanged
-    # member must keep its digest. Anything else there is not ours, and is neither used nor
-    # replaced.
+    # member must keep its digest.
     if target.is_file() and _is_cached_copy(target, source, described=describer is not None):
         log.info("cached: %s", target)
         return target
-    # A file there with another digest is not one this tool wrote: refused, never replaced.
+    # Any other file there (another digest, or no description) is neither used nor replaced.
     check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)", tool="convert.weights")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         member, partial = Path(tmp) / "member", Path(tmp) / target.name
