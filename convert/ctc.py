@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convert.charset import Charset
-from convert.spec import ModelSpec
+from convert.spec import TURNS, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -205,3 +205,23 @@ def decode_output(spec: ModelSpec, scores: np.ndarray, widths: Sequence[int],
     if decoder == "beam":
         return beam_search_decode(scores, spec.charset, beam_width, **common)
     raise ValueError(f"decoder {decoder!r} is unknown; use one of {DECODERS}")
+
+
+def most_confident(confidences: Sequence[float], turns: Sequence[int]) -> int:
+    """Which of one crop's readings to keep (``ModelSpec.tall_crops="turn"``): the position
+    of the highest :attr:`Decoded.confidence`; equal confidences go to the upright reading,
+    then counter-clockwise (the order of ``convert.spec.TURNS``), so the choice does not
+    depend on the order the readings were decoded in.
+
+    Args:
+        confidences: the readings' confidences.
+        turns: each reading's quarter turn (``convert.spec.TURNS``), same length.
+
+    Raises:
+        ValueError: no reading, or the lengths differ.
+    """
+    if not confidences or len(confidences) != len(turns):
+        raise ValueError(f"need one turn per reading, got {len(confidences)} readings and "
+                         f"{len(turns)} turns")
+    return max(range(len(confidences)),
+               key=lambda i: (confidences[i], -TURNS.index(turns[i])))

@@ -36,6 +36,12 @@ CHANNEL_ORDERS = {"grey": 1, "rgb": 3, "bgr": 3}
 OUTPUT_LAYOUTS = ("TNC", "NTC")
 #: ``"logits"``: pre-softmax scores; ``"probabilities"``: a softmax already applied.
 OUTPUT_KINDS = ("logits", "probabilities")
+#: How a tall crop is read: ``"keep"`` as it is; ``"turn"`` as it is and turned 90 degrees
+#: both ways, keeping the most confident reading (:meth:`ModelSpec.reading_turns`).
+TALL_CROPS = ("keep", "turn")
+#: Quarter turns of a crop's readings: 0 none, 1 counter-clockwise (``numpy.rot90``'s
+#: sense, Pillow's ``ROTATE_90``), -1 clockwise; the upright reading first.
+TURNS = (0, 1, -1)
 
 
 def quantization_of(model) -> dict | None:
@@ -128,6 +134,12 @@ class ModelSpec(Description):
         width_gears: the widths an .om was compiled for (``convert.atc`` gears mode), ascending;
             when set, every width the policy gives is snapped to the nearest gear, so inputs
             match the compiled widths exactly and nothing is padded. Empty: any width.
+        tall_crops: ``"keep"`` reads every crop as it is; ``"turn"`` also reads a crop at
+            least ``tall_ratio`` times as high as wide turned 90 degrees both ways and keeps
+            the reading with the highest confidence (words written downwards or upwards in
+            scene photos; PaddleOCR turns such crops one way at the same ratio,
+            ``tools/infer/predict_system.py``, ``get_rotate_crop_image``).
+        tall_ratio: height / width at or above which ``"turn"`` reads a crop three ways.
     """
 
     arch: str
@@ -152,6 +164,8 @@ class ModelSpec(Description):
     frame_offset: int = 1
     min_input_width: int = 4
     width_gears: tuple[int, ...] = ()
+    tall_crops: str = "keep"
+    tall_ratio: float = 1.5
 
     metadata_prefix: ClassVar[str] = METADATA_PREFIX
 
@@ -247,6 +261,13 @@ class ModelSpec(Description):
             return min(self.width_gears, key=lambda gear: (abs(gear - chosen), -gear))
         return chosen
 
+    def reading_turns(self, width: int, height: int) -> tuple[int, ...]:
+        """The quarter turns (:data:`TURNS`) an image of ``width`` x ``height`` pixels is
+        read in: all three for a tall crop under ``tall_crops="turn"``, else ``(0,)``."""
+        if self.tall_crops == "turn" and height >= self.tall_ratio * width:
+            return TURNS
+        return (0,)
+
     def validate(self) -> None:
         """Raise :class:`ToolchainError` when the description is inconsistent."""
 
@@ -261,6 +282,9 @@ class ModelSpec(Description):
         choice("channel_order", CHANNEL_ORDERS)
         choice("output_layout", OUTPUT_LAYOUTS)
         choice("output_kind", OUTPUT_KINDS)
+        choice("tall_crops", TALL_CROPS)
+        if not (isinstance(self.tall_ratio, (int, float)) and self.tall_ratio >= 1.0):
+            raise ToolchainError(f"tall ratio {self.tall_ratio!r} must be a number >= 1")
         if self.channels != CHANNEL_ORDERS[self.channel_order]:
             raise ToolchainError(
                 f"channel order {self.channel_order!r} has "

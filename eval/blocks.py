@@ -127,7 +127,7 @@ class BlockWorker:
         (``pipeline.Recognizer``).
         """
         with self.env.begin() as txn:
-            decoded = decode_indices(txn, self.spec, range(start, stop))
+            decoded = decode_indices(txn, self.spec, range(start, stop), turns=True)
         failed: list[dict] = []
         batches = bucket_batches(decoded, self.spec, self.job.batch_size, failed)
         run = run_batches(self.recognizer, batches, stop - start, warmup=0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from convert.ctc import most_confident
 from convert.errors import EngineError
 from eval.inputs import InputSet
 from pipeline.recognizer import Recognizer
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prediction:
-    """One decoded sample."""
+    """One decoded sample: its reading kept (``turn``, ``convert.spec.TURNS``; 0 unless the
+    model reads tall crops turned) and that reading's input width."""
 
     index: int
     label: str
     prediction: str
     confidence: float
     width: int
+    turn: int = 0
 
 
 @dataclass
@@ -73,16 +76,19 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
     Args:
         recognizer: loaded; its description gives the frames per width and the decoding.
         batches: ``(float32 input batch, samples, seconds spent reading it)``; each sample
-            has ``index``, ``label`` and ``width`` (``eval.inputs.Sample``,
-            ``preprocess.stream.StreamedSample``).
+            has ``index``, ``label``, ``width`` and ``turn`` (``eval.inputs.Sample``,
+            ``preprocess.stream.StreamedSample``). An index may come in several readings
+            (turns, in any batches): the most confident is kept
+            (``convert.ctc.most_confident``), and if any of its readings failed in the
+            engine, the sample is recorded as failed instead.
         total: number of samples expected (for the progress bar).
         warmup: untimed runs of the first batch before timing starts; an engine failure
             there is logged and left to the timed run to record.
         progress: show a tqdm bar.
 
     Returns:
-        Predictions in index order, inference failures (each sample of a batch the engine
-        rejected, with the reason), and timings.
+        Predictions in index order (one per index), inference failures (each sample of a
+        batch the engine rejected, with the reason, once), and timings.
     """
     first = next(batches, None)
     stages = {"read": 0.0, "engine": 0.0, "decode": 0.0}
@@ -97,9 +103,8 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
     bar = tqdm(total=total, unit="img", desc="infer",
                disable=None if progress else True)
     latencies: list[float] = []
-    failed: list[dict] = []
-    predictions: list[Prediction] = []
-    batch_of: dict[int, int] = {}
+    failed: dict[int, dict] = {}
+    readings: dict[int, list[tuple[Prediction, int]]] = {}
 
     def feed():
         stages["read"] += first[2]
@@ -114,15 +119,32 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
         bar.update(len(samples))
         if result.error is not None:
             reason = f"inference failed: {result.error}"
-            failed += [{"index": s.index, "reason": reason, "stage": "infer"} for s in samples]
+            for s in samples:
+                failed.setdefault(s.index, {"index": s.index, "reason": reason, "stage": "infer"})
             continue
         latencies.append(result.engine_seconds)
         stages["decode"] += result.decode_seconds
-        batch_of.update((s.index, len(latencies) - 1) for s in samples)
-        predictions += [Prediction(s.index, s.label, d.text, d.confidence, s.width)
-                        for s, d in zip(samples, result.decoded)]
+        for s, d in zip(samples, result.decoded):
+            readings.setdefault(s.index, []).append(
+                (Prediction(s.index, s.label, d.text, d.confidence, s.width, s.turn),
+                 len(latencies) - 1))
+    predictions, batch_of = _keep_most_confident(readings, failed)
     e2e = time.perf_counter() - start
     bar.close()
     stages["engine"] = float(sum(latencies))
-    predictions.sort(key=lambda p: p.index)
-    return EvalRun(predictions, failed, e2e, stages, latencies, batch_of)
+    return EvalRun(predictions, sorted(failed.values(), key=lambda f: f["index"]), e2e, stages,
+                   latencies, batch_of)
+
+
+def _keep_most_confident(readings: dict[int, list[tuple[Prediction, int]]],
+                         failed: dict[int, dict]) -> tuple[list[Prediction], dict[int, int]]:
+    """One prediction per index not in ``failed`` (its most confident reading), in index
+    order, and the batch each kept reading ran in."""
+    predictions, batch_of = [], {}
+    for index in sorted(readings.keys() - failed.keys()):
+        group = readings[index]
+        kept, batch = group[most_confident([p.confidence for p, _ in group],
+                                           [p.turn for p, _ in group])]
+        predictions.append(kept)
+        batch_of[index] = batch
+    return predictions, batch_of

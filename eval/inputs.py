@@ -25,13 +25,16 @@ _LABEL_LINE = re.compile(r"^test_(\d+)\.npy:(.*)$")
 
 @dataclass
 class Sample:
-    """One scored sample: lmdb index, label (case kept), input file and row, resized width."""
+    """One input: lmdb index, label (case kept), input file and row, resized width, and the
+    quarter turn of the reading (``convert.spec.TURNS``; a crop the model reads turned has
+    one input per turn, under one index)."""
 
     index: int
     label: str
     file: str
     row: int
     width: int
+    turn: int = 0
 
 
 @dataclass
@@ -126,7 +129,7 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             samples = [
-                Sample(s["index"], s["label"], s["file"], s["row"], s["width"])
+                Sample(s["index"], s["label"], s["file"], s["row"], s["width"], s.get("turn", 0))
                 for s in manifest["samples"]
             ]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -26,7 +26,11 @@ block's samples, each recorded with the reason.
 Scoring: word accuracy under the field's protocol (lower-case both sides, keep only
 0-9a-z; a set of mostly non-Latin labels, Chinese say, is scored by exact match instead),
 case-sensitive word accuracy, 1 - normalised edit distance (ICDAR 2019), CER, and
-accuracy by resized width. Every sample of the source set is either scored or listed in
+accuracy by resized width. A model whose description reads tall crops turned
+(``tall_crops="turn"``, or ``--tall-crops turn``) reads each crop at least 1.5 times as high
+as wide three ways (as it is, turned 90 degrees counter-clockwise and clockwise) and keeps
+the most confident reading; the report counts the crops kept turned. Every sample of the
+source set is either scored or listed in
 ``failed`` with the stage and reason. ``e2e_seconds`` runs from the first input read to the
 last decoded sample, warm-up excluded. The ModelZoo guide's equivalent is
 ``python3 postpossess_CRNN_pytorch.py --input_npy input_npy --label label.txt --om_path X.om``.
@@ -141,6 +145,8 @@ def make_report(run: EvalRun, inputs: InputSet, spec: ModelSpec, backend: str, m
         "model": model,
         "arch": spec.arch,
         "policy": inputs.policy,
+        "tall_crops": {"mode": spec.tall_crops, "ratio": spec.tall_ratio,
+                       "kept_turned": sum(1 for p in preds if p.turn)},
         "data": {"path": inputs.source or str(inputs.folder), "num_samples": inputs.num_samples,
                  "synthetic": inputs.synthetic},
         "e2e_seconds": run.e2e_seconds,
@@ -212,11 +218,16 @@ def summary_line(report: dict) -> str:
         f"{'exact match' if report['protocol'] == EXACT_PROTOCOL else 'lower-case 0-9a-z'}), "
         f"case-sensitive {report['accuracy_case_sensitive']:.4f}, 1-NED "
         f"{report['one_minus_ned']:.4f}; {report['samples']} samples, {report['scored']} scored, "
-        f"{report['failed']} failed; E2E {report['e2e_seconds']:.2f} s, "
+        f"{report['failed']} failed{_turned_note(report)}; E2E {report['e2e_seconds']:.2f} s, "
         f"{report['images_per_second']:.0f} img/s "
         f"(engine sum {report['engine_seconds_sum']:.2f} s{_lanes_note(report)}, "
         f"{report['machine']['cores']} cores)"
     )
+
+
+def _turned_note(report: dict) -> str:
+    tall = report.get("tall_crops", {})
+    return f", {tall['kept_turned']} read turned" if tall.get("mode") == "turn" else ""
 
 
 def _lanes_note(report: dict) -> str:
@@ -286,7 +297,7 @@ def _parser():
 
 def _stream_inputs(args, spec: ModelSpec) -> tuple[InputSet, Stream, ModelSpec]:
     """The one-process source: the lmdb streamed into equal-width batches, and the
-    description with the width options applied."""
+    description with the width options (and ``--tall-crops``) applied."""
     spec = spec.replace(**_overrides(args))
     stream = stream_batches(args.test_dir, spec, args.batch_size, args.workers)
     policy = preprocessing_policy(spec, "stream", args.batch_size, 0)
@@ -418,8 +429,8 @@ def evaluate_folder(args) -> dict[str, object]:
         inputs, stream, spec = _stream_inputs(args, spec)
     else:
         if any(v is not None for v in width_overrides(args).values()):
-            raise ToolchainError("width options go with --test-dir; --input-npy was "
-                                 "preprocessed already (give them to parse_testdata)")
+            raise ToolchainError("width options and --tall-crops go with --test-dir; --input-npy "
+                                 "was preprocessed already (give them to parse_testdata)")
         inputs = load_input_set(args.input_npy, args.label)
         fallback = (ModelSpec.from_dict(inputs.model, f"{args.input_npy}/manifest.json")
                     if inputs.model else None)

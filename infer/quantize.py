@@ -144,7 +144,7 @@ def load_calibration_set(lmdb_path: str | Path, spec: ModelSpec, samples: int | 
     missing = missing_range(found)
     if missing and missing["index"] <= wanted:
         failed.append({**missing, "last": wanted, "count": wanted - missing["index"] + 1})
-    for index, _label, pixels, _size, reason in results:
+    for index, _label, pixels, _size, reason, _turn in results:
         if index > wanted:
             break
         if reason is None:

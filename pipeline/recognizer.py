@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from convert.ctc import DECODERS, Decoded, decode_output
+from convert.ctc import DECODERS, Decoded, decode_output, most_confident
 from convert.errors import EngineError, ToolchainError
 from convert.spec import ModelSpec
 from infer.base import Runner
 from preprocess.batching import batch_inputs
-from preprocess.image import SampleError, prepare
+from preprocess.image import SampleError, prepare_readings
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Recognition:
         frames: frames the model produced for this image.
         width: the model input's width in pixels (after the width policy).
         size: the original image's ``(width, height)`` in pixels.
+        turn: the quarter turn of the reading kept (``convert.spec.TURNS``: 0 upright, 1
+            counter-clockwise, -1 clockwise); 0 unless the model reads tall crops turned.
     """
 
     text: str
@@ -51,13 +53,14 @@ class Recognition:
     frames: int
     width: int
     size: tuple[int, int]
+    turn: int = 0
 
     @classmethod
-    def of(cls, decoded: Decoded, width: int, size: tuple[int, int]) -> Recognition:
+    def of(cls, decoded: Decoded, width: int, size: tuple[int, int], turn: int = 0) -> Recognition:
         """The recognition of one decoded row whose input was ``width`` pixels wide, from an
-        image of ``size`` ``(width, height)``."""
+        image of ``size`` ``(width, height)`` read turned by ``turn``."""
         return cls(decoded.text, decoded.confidence, decoded.char_frames, decoded.frames, width,
-                   size)
+                   size, turn)
 
 
 @dataclass(frozen=True)
@@ -291,28 +294,42 @@ class Recognizer:
                 pixels (``[H, W]`` grey or ``[H, W, 3]`` RGB).
 
         Returns:
-            One :class:`Recognition` or :class:`Failure` per image, in input order.
+            One :class:`Recognition` or :class:`Failure` per image, in input order. A tall
+            crop the description reads turned (``ModelSpec.tall_crops``) is read three ways
+            and its most confident reading kept (``convert.ctc.most_confident``); if any of
+            its readings failed in the engine, it is a :class:`Failure`.
         """
         results: list[Recognition | Failure | None] = [None] * len(images)
-        pixels, sizes, origin = [], [], []
+        pixels, sizes, origin, turns = [], [], [], []
         for position, image in enumerate(images):
             try:
-                resized, size = prepare(image, self.spec)
+                readings, size = prepare_readings(image, self.spec)
             except SampleError as exc:
                 results[position] = Failure(str(exc), "decode")
                 continue
-            pixels.append(resized)
-            sizes.append(size)
-            origin.append(position)
+            for turn, resized in readings:
+                pixels.append(resized)
+                sizes.append(size)
+                origin.append(position)
+                turns.append(turn)
         planned = batch_inputs(pixels, self.spec, self.batch_size)
         batches = (
             (members, batch, [pixels[m].shape[1] for m in members]) for members, batch in planned
         )
+        readings_of: dict[int, list[Recognition | Failure]] = {}
         for result in self.recognise_batches(batches):
             for row, member in enumerate(result.key):
                 if result.error is not None:
-                    results[origin[member]] = Failure(str(result.error), "infer")
-                    continue
-                results[origin[member]] = Recognition.of(
-                    result.decoded[row], pixels[member].shape[1], sizes[member])
+                    reading = Failure(str(result.error), "infer")
+                else:
+                    reading = Recognition.of(result.decoded[row], pixels[member].shape[1],
+                                             sizes[member], turns[member])
+                readings_of.setdefault(origin[member], []).append(reading)
+        for position, readings in readings_of.items():
+            failures = [r for r in readings if isinstance(r, Failure)]
+            if failures:
+                results[position] = failures[0]
+                continue
+            results[position] = readings[most_confident([r.confidence for r in readings],
+                                                        [r.turn for r in readings])]
         return results

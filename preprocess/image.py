@@ -234,8 +234,43 @@ def prepare(
     Raises:
         SampleError: with the reason the sample cannot be used.
     """
-    if raw_image is None or isinstance(raw_image, (bytes, bytearray, memoryview)):
-        image = decode_image(None if raw_image is None else bytes(raw_image), spec, max_pixels)
-    else:
-        image = as_image(raw_image)
+    image = _image_of(raw_image, spec, max_pixels)
     return resize(image, spec), (image.width, image.height)
+
+
+def prepare_readings(
+    raw_image: bytes | Image.Image | np.ndarray | None,
+    spec: ModelSpec,
+    max_pixels: int | None = None,
+) -> tuple[list[tuple[int, np.ndarray]], tuple[int, int]]:
+    """Decode (if needed) and resize one image in every orientation the model reads it in.
+
+    A crop the description reads turned (``ModelSpec.reading_turns``: a tall crop under
+    ``tall_crops="turn"``) comes back three times: as it is, turned 90 degrees
+    counter-clockwise, and clockwise; any other image once, as :func:`prepare` gives it.
+
+    Returns:
+        ``[(turn, uint8 resized pixels), ...]``, the upright reading (turn 0) first, and the
+        original ``(width, height)``.
+
+    Raises:
+        SampleError: with the reason the sample cannot be used.
+    """
+    image = _image_of(raw_image, spec, max_pixels)
+    size = (image.width, image.height)
+    return [(turn, resize(turned(image, turn), spec))
+            for turn in spec.reading_turns(*size)], size
+
+
+def turned(image: Image.Image, turn: int) -> Image.Image:
+    """``image`` turned by ``turn`` quarter turns (1: counter-clockwise, -1: clockwise)."""
+    if turn == 0:
+        return image
+    return image.transpose(Image.Transpose.ROTATE_90 if turn == 1 else Image.Transpose.ROTATE_270)
+
+
+def _image_of(raw_image, spec: ModelSpec, max_pixels: int | None) -> Image.Image:
+    """The Pillow image of encoded bytes (decoded into the model's colours) or of pixels."""
+    if raw_image is None or isinstance(raw_image, (bytes, bytearray, memoryview)):
+        return decode_image(None if raw_image is None else bytes(raw_image), spec, max_pixels)
+    return as_image(raw_image)

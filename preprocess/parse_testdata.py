@@ -5,7 +5,10 @@ model's colours: grey, RGB or BGR), resized to the model's height with its filte
 policy, normalised as the model expects, and written; or recorded in ``failed`` with its
 reason. Nothing is dropped silently or replaced. The model description comes from
 ``--model`` (an .onnx from convert.pth2onnx or convert.weights, an .om with its sidecar, or
-the sidecar .json) or ``--arch``; width options override it.
+the sidecar .json) or ``--arch``; width options and ``--tall-crops`` override it. A crop the
+description reads turned (``tall_crops="turn"``: at least ``tall_ratio`` times as high as
+wide) is written three times, as it is and turned 90 degrees both ways; the manifest lists
+each reading with its ``turn``, and ``eval.postprocess`` keeps the most confident.
 
 Layouts:
     bucketed (default): ``batch_00000.npy``... float32 ``[B, C, H, W]``, samples sorted by
@@ -46,7 +49,7 @@ from convert.errors import ToolchainError
 from convert.model_file import describe
 from convert.outputs import check_output_file, current_umask
 from convert.registry import ARCHS, spec_for_arch
-from convert.spec import WIDTH_POLICIES, ModelSpec
+from convert.spec import TALL_CROPS, WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
 from preprocess.image import normalise
 from preprocess.stream import decode_all, missing_range
@@ -124,46 +127,42 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
     if layout not in LAYOUTS:
         raise ToolchainError(f"layout {layout!r} is unknown; use one of {LAYOUTS}")
     check_output(output, overwrite)
-    found, results = decode_all(test_dir, spec, workers)
+    found, results = decode_all(test_dir, spec, workers, turns=True)
     count = found.num_samples
-    samples: dict[int, dict] = {}
-    pixels: dict[int, np.ndarray] = {}
+    # One entry per reading, in index order, each index's readings in TURNS order: the order
+    # the one-process path fills its batches in, so both batch the same rows together.
+    samples: list[dict] = []
+    pixels: list[np.ndarray] = []
     missing = missing_range(found)
     failed: list[dict] = [missing] if missing else []
     with contextlib.closing(results):  # the decoding workers stop here, whatever happens
         decoded = list(tqdm(results, total=found.readable, unit="img", desc="decode",
                             disable=None if progress else True))
-    for index, label, image, size, reason in decoded:
+    for index, label, image, size, reason, turn in decoded:
         if reason is not None:
             failed.append({"index": index, "reason": reason})
             continue
-        samples[index] = {
-            "index": index,
-            "label": label,
-            "width": int(image.shape[1]),
-            "size": list(size),
-        }
-        pixels[index] = image
+        samples.append({"index": index, "label": label, "width": int(image.shape[1]),
+                        "size": list(size), **({"turn": turn} if turn else {})})
+        pixels.append(image)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     output_id = uuid.uuid4().hex
     try:
         staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the output follows the umask
         (staging / MARKER).write_text(json.dumps({"tool": TOOL, "output_id": output_id}))
-        indices = sorted(samples)
         if layout == "per-image":
-            for index in indices:
-                name = f"test_{index}.npy"
-                np.save(staging / name, normalise(pixels[index], spec)[None])
-                samples[index].update(file=name, row=0)
+            for sample, image in zip(samples, pixels):
+                name = per_image_name(sample["index"], sample.get("turn", 0))
+                np.save(staging / name, normalise(image, spec)[None])
+                sample.update(file=name, row=0)
         else:
-            planned = batch_inputs([pixels[i] for i in indices], spec, batch_size, max_pad)
+            planned = batch_inputs(pixels, spec, batch_size, max_pad)
             for number, (positions, batch) in enumerate(planned):
                 name = f"batch_{number:05d}.npy"
-                members = [indices[p] for p in positions]
                 np.save(staging / name, batch)
-                for row, index in enumerate(members):
-                    samples[index].update(file=name, row=row)
+                for row, position in enumerate(positions):
+                    samples[position].update(file=name, row=row)
         manifest = {
             "version": MANIFEST_VERSION,
             "source": str(Path(test_dir).resolve()),
@@ -173,19 +172,28 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
             "synthetic": found.synthetic,
             "model": spec.to_dict(),
             "policy": preprocessing_policy(spec, layout, batch_size, max_pad),
-            "samples": [samples[i] for i in indices],
+            "samples": samples,
             "failed": sorted(failed, key=lambda f: f["index"]),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         if layout == "per-image":  # ModelZoo's label.txt names the test_<index>.npy files
             (staging / "label.txt").write_text(
-                "".join(f"test_{i}.npy:{samples[i]['label']}\n" for i in indices),
-                encoding="utf-8")
+                "".join(f"test_{s['index']}.npy:{s['label']}\n" for s in samples
+                        if not s.get("turn")), encoding="utf-8")
         _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def per_image_name(index: int, turn: int) -> str:
+    """The per-image layout's file of one reading: ``test_{index}.npy`` (ModelZoo's name) for
+    the upright reading, ``turned_{index}_ccw.npy`` / ``_cw.npy`` for a tall crop's turns
+    (named apart, so ModelZoo's scripts, which read label.txt, see the upright ones only)."""
+    if turn == 0:
+        return f"test_{index}.npy"
+    return f"turned_{index}_{'ccw' if turn == 1 else 'cw'}.npy"
 
 
 def _replace(staging: Path, output: Path) -> None:
@@ -219,18 +227,23 @@ def resolve_spec(model: Path | None, arch: str | None, **overrides) -> ModelSpec
 
 
 def add_width_arguments(parser) -> None:
-    """The width-policy options that override a model description (shared with eval.postprocess)."""
+    """The preprocessing options that override a model description (the width policy and
+    ``--tall-crops``; shared with eval.postprocess)."""
     parser.add_argument("--width-policy", choices=WIDTH_POLICIES, help="default: the model's")
     parser.add_argument("--width", type=int, help="fixed-policy width (default: the model's)")
     parser.add_argument("--min-width", type=int, help="keep-ratio clamp (default: the model's)")
     parser.add_argument("--max-width", type=int, help="keep-ratio clamp (default: the model's)")
     parser.add_argument("--width-step", type=int, help="keep-ratio rounding (default: the model's)")
+    parser.add_argument("--tall-crops", choices=TALL_CROPS,
+                        help="keep: read every crop as it is; turn: read crops at least 1.5 "
+                             "times as high as wide also turned 90 degrees both ways, keeping "
+                             "the most confident reading (default: the model's)")
 
 
 def width_overrides(args) -> dict[str, object]:
     """The description fields :func:`add_width_arguments`'s options set (None: not given)."""
-    return {name: getattr(args, name)
-            for name in ("width_policy", "width", "min_width", "max_width", "width_step")}
+    return {name: getattr(args, name) for name in
+            ("width_policy", "width", "min_width", "max_width", "width_step", "tall_crops")}
 
 
 def _parser():
@@ -297,15 +310,19 @@ def _run(args) -> int:
         overwrite=args.overwrite,
     )
     elapsed = time.perf_counter() - start
-    written, failed = len(manifest["samples"]), manifest["failed"]
+    written = len({s["index"] for s in manifest["samples"]})
+    turned = sum(1 for s in manifest["samples"] if s.get("turn"))
+    failed = manifest["failed"]
     for failure in failed[:10]:
         where = (f"samples {failure['index']}..{failure['last']}" if "last" in failure
                  else f"sample {failure['index']}")
         log.warning("%s failed: %s", where, failure["reason"])
     files = len({s["file"] for s in manifest["samples"]})
     print(
-        f"read {manifest['num_samples']}, written {written}, failed {failed_count(failed)} "
-        f"({args.layout}, {files} files, {spec.width_policy} width) in {elapsed:.2f} s "
+        f"read {manifest['num_samples']}, written {written}"
+        f"{f' (+{turned} turned readings of {turned // 2} tall crops)' if turned else ''}, "
+        f"failed {failed_count(failed)} ({args.layout}, {files} files, {spec.width_policy} "
+        f"width) in {elapsed:.2f} s "
         f"-> {args.output_npy}"
     )
     if written == 0 or (args.strict and failed):

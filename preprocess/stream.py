@@ -6,8 +6,10 @@ into equal-width buckets and hands out a batch as soon as a bucket is full (the 
 the set is read), so inference can start while decoding goes on and no .npy files are
 written. One width per batch means nothing is padded, and since the results come in index
 order, each batch holds the same samples as ``preprocess.batching.plan_batches`` gives the
-two-step path (only the order of the batches differs). Samples that cannot be used are
-collected with their reasons, never dropped.
+two-step path (only the order of the batches differs). A crop the model reads turned
+(``convert.spec.ModelSpec.tall_crops``) gives one row per reading, tagged with its turn;
+the caller keeps the most confident (``eval.evaluate.run_batches``). Samples that cannot be
+used are collected with their reasons, never dropped.
 """
 
 from __future__ import annotations
@@ -24,35 +26,46 @@ import numpy as np
 
 from convert.spec import ModelSpec
 from preprocess.batching import batch_inputs
-from preprocess.image import SampleError, decode_label, prepare
+from preprocess.image import SampleError, decode_label, prepare_readings
 from preprocess.lmdb_reader import Survey, open_lmdb, read_sample, survey
 
 CHUNK = 64  # indices per decoding task
 READ_AHEAD = 4  # tasks queued per decoding thread, bounding memory ahead of the consumer
 
 
-def decode_indices(txn, spec: ModelSpec, indices: Iterable[int]) -> list[tuple]:
+def decode_indices(txn, spec: ModelSpec, indices: Iterable[int],
+                   turns: bool = False) -> list[tuple]:
     """Decode and resize the samples at ``indices`` of an open lmdb transaction.
 
+    Args:
+        txn: an open lmdb read transaction.
+        spec: the model description.
+        indices: lmdb indices (1-based).
+        turns: also give the turned readings of the crops the description reads turned
+            (``preprocess.image.prepare_readings``); False: the upright reading only.
+
     Returns:
-        One tuple per index, ``(index, label, uint8 resized pixels | None, (w, h) | None,
-        reason | None)``; a sample that cannot be used has ``reason`` set and no pixels.
+        One tuple per reading, ``(index, label, uint8 resized pixels | None, (w, h) | None,
+        reason | None, turn)``, the upright reading (turn 0) of each index first; a sample
+        that cannot be used has one tuple, with ``reason`` set, no pixels and turn 0.
     """
     results = []
+    reading_spec = spec if turns or spec.tall_crops == "keep" else spec.replace(tall_crops="keep")
     for index in indices:
         try:
             raw = read_sample(txn, index)
         except lmdb.Error as exc:  # a damaged page under this sample's keys
-            results.append((index, None, None, None, f"unreadable lmdb entry ({exc})"))
+            results.append((index, None, None, None, f"unreadable lmdb entry ({exc})", 0))
             continue
         try:
             label = decode_label(raw.label)
-            pixels, size = prepare(raw.image, spec)
+            readings, size = prepare_readings(raw.image, reading_spec)
         except SampleError as exc:
-            results.append((index, None, None, None, str(exc)))
+            results.append((index, None, None, None, str(exc), 0))
             continue
-        results.append((index, label, pixels, size, None))
+        results.extend((index, label, pixels, size, None, turn) for turn, pixels in readings)
     return results
+
 
 
 def _chunks(count: int, size: int) -> Iterator[list[int]]:
@@ -74,16 +87,18 @@ def missing_range(found: Survey) -> dict | None:
                       f"index present is {found.largest})"}
 
 
-def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, Iterator[tuple]]:
+def decode_all(test_dir: Path, spec: ModelSpec, workers: int,
+               turns: bool = False) -> tuple[Survey, Iterator[tuple]]:
     """The lmdb's :class:`Survey` and an iterator of per-sample results over the indices
-    worth reading (``Survey.readable``), in index order, decoded by ``workers`` threads.
+    worth reading (``Survey.readable``), in index order, decoded by ``workers`` threads
+    (with the turned readings where ``turns``: see :func:`decode_indices`).
 
     Pillow releases the GIL while it inflates, converts and resizes, so threads decode in
     parallel with no process to start and no pixels to pickle; results come in index order
     whatever the threads' timing, so everything batched from them is deterministic.
 
-    Each result is ``(index, label, uint8 resized pixels | None, (w, h) | None, reason | None)``;
-    the indices above them are :func:`missing_range`.
+    Each result is a :func:`decode_indices` tuple; the indices above them are
+    :func:`missing_range`.
     """
     env = open_lmdb(test_dir)
     found = survey(env, test_dir)
@@ -95,7 +110,7 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
 
         def decode(indices: list[int]) -> list[tuple]:
             with env.begin() as txn:
-                return decode_indices(txn, spec, indices)
+                return decode_indices(txn, spec, indices, turns)
 
         try:
             if workers <= 1:
@@ -122,11 +137,13 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int) -> tuple[Survey, I
 
 @dataclass(frozen=True)
 class StreamedSample:
-    """One sample of a streamed batch: lmdb index, label (case kept), resized width."""
+    """One reading of a streamed batch: lmdb index, label (case kept), resized width, and
+    the quarter turn of the reading (``convert.spec.TURNS``)."""
 
     index: int
     label: str
     width: int
+    turn: int = 0
 
 
 @dataclass
@@ -163,7 +180,7 @@ def stream_batches(test_dir: Path, spec: ModelSpec, batch_size: int = 16,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    found, results = decode_all(test_dir, spec, workers)
+    found, results = decode_all(test_dir, spec, workers, turns=True)
     stream = Stream(found.num_samples, iter(()), synthetic=found.synthetic)
     missing = missing_range(found)
     if missing:
@@ -182,7 +199,7 @@ def bucket_batches(results: Iterable[tuple], spec: ModelSpec, batch_size: int,
     """Equal-width model input batches of decoded samples, each as soon as its bucket fills.
 
     Args:
-        results: :func:`decode_indices` tuples, in any order.
+        results: :func:`decode_indices` tuples, in any order (each reading is a row).
         spec: the model description (normalisation).
         batch_size: samples per batch (>= 1); the rest of each width comes at the end,
             narrowest first.
@@ -191,19 +208,20 @@ def bucket_batches(results: Iterable[tuple], spec: ModelSpec, batch_size: int,
     Yields:
         ``(float32 [B, C, H, W], samples, seconds spent waiting for ``results``)``.
     """
-    def make(members: list[tuple[int, str, np.ndarray]]) -> tuple[np.ndarray, list]:
-        ((_, batch),) = batch_inputs([pixels for _, _, pixels in members], spec, len(members))
-        return batch, [StreamedSample(i, label, pixels.shape[1]) for i, label, pixels in members]
+    def make(members: list[tuple[int, str, np.ndarray, int]]) -> tuple[np.ndarray, list]:
+        ((_, batch),) = batch_inputs([pixels for _, _, pixels, _ in members], spec, len(members))
+        return batch, [StreamedSample(i, label, pixels.shape[1], turn)
+                       for i, label, pixels, turn in members]
 
-    buckets: dict[int, list[tuple[int, str, np.ndarray]]] = {}
+    buckets: dict[int, list[tuple[int, str, np.ndarray, int]]] = {}
     waited = 0.0
     start = time.perf_counter()
-    for index, label, pixels, _size, reason in results:
+    for index, label, pixels, _size, reason, turn in results:
         if reason is not None:
             failed.append({"index": index, "reason": reason})
             continue
         bucket = buckets.setdefault(pixels.shape[1], [])
-        bucket.append((index, label, pixels))
+        bucket.append((index, label, pixels, turn))
         if len(bucket) == batch_size:
             del buckets[pixels.shape[1]]
             batch, samples = make(bucket)

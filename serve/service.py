@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.ctc import Decoded
+from convert.ctc import Decoded, most_confident
 from convert.det_spec import DetectorSpec
 from convert.errors import ToolchainError
 from convert.onnx_io import load_onnx
@@ -38,6 +38,7 @@ from preprocess.image import (
     SampleError,
     decode_rgb,
     prepare,
+    prepare_readings,
 )
 from serve.batcher import (
     DeadlineExceeded,
@@ -248,14 +249,16 @@ class Service:
         if self.state is State.FAILED:
             raise ServiceError(503, f"the model failed to load: {self.failure}")
 
-    def _prepare(self, images: list[bytes]) -> list[np.ndarray]:
-        pixels = []
+    def _prepare(self, images: list[bytes]) -> list[list[tuple[int, np.ndarray]]]:
+        """Each image's readings (``preprocess.image.prepare_readings``: one, or three for a
+        tall crop the model reads turned)."""
+        readings = []
         for index, raw in enumerate(images):
             try:
-                pixels.append(prepare(raw, self.spec, self.config.max_pixels)[0])
+                readings.append(prepare_readings(raw, self.spec, self.config.max_pixels)[0])
             except SampleError as exc:
                 raise bad_image(exc, f"image {index}: " if len(images) > 1 else "") from None
-        return pixels
+        return readings
 
     def _admit(self, batcher: WidthBatcher, count: int) -> None:
         try:
@@ -341,7 +344,9 @@ class Service:
                 it).
 
         Returns:
-            One :class:`convert.ctc.Decoded` per image, in order.
+            One :class:`convert.ctc.Decoded` per image, in order: for a tall crop the model
+            reads turned, the most confident of its three readings (each is queued, and
+            counts against the queue, on its own).
 
         Raises:
             ServiceError: 400 bad image, 413 too many pixels, 503 not ready / queue full /
@@ -357,14 +362,33 @@ class Service:
         self._admit(self.batcher, len(images))
         loop = asyncio.get_running_loop()
         try:
-            pixels = await loop.run_in_executor(self._preprocess, self._prepare, images)
+            readings = await loop.run_in_executor(self._preprocess, self._prepare, images)
         except BaseException:
             self.batcher.release(len(images))
             raise
-        if time.monotonic() >= deadline:
+        turned = sum(len(r) for r in readings) - len(images)
+        if len(images) + turned > self.config.max_queue:
             self.batcher.release(len(images))
+            raise ServiceError(413, f"{len(images)} images make {len(images) + turned} readings "
+                                    f"(tall crops are read three ways); the queue holds "
+                                    f"{self.config.max_queue} (--max-queue)")
+        if turned:
+            try:
+                self._admit(self.batcher, turned)
+            except ServiceError:
+                self.batcher.release(len(images))
+                raise
+        if time.monotonic() >= deadline:
+            self.batcher.release(len(images) + turned)
             raise ServiceError(504, "the request's deadline passed while it was preprocessed")
-        return await self._gather([self.batcher.submit(p, deadline) for p in pixels], deadline)
+        futures = [self.batcher.submit(p, deadline) for r in readings for _, p in r]
+        decoded = iter(await self._gather(futures, deadline))
+        results = []
+        for image_readings in readings:
+            options = [next(decoded) for _ in image_readings]
+            kept = most_confident([d.confidence for d in options], [t for t, _ in image_readings])
+            results.append(options[kept])
+        return results
 
 
 def load_in_background(service: Service, on_failure: Callable[[str], None]) -> threading.Thread:

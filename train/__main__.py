@@ -43,6 +43,7 @@ from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.outputs import check_output_file
 from convert.registry import ARCHS
+from convert.spec import TALL_CROPS
 from infer.onnxruntime_runner import available_cores
 from train.trainer import (
     Run,
@@ -112,6 +113,13 @@ def _parser():
                         help="architecture (from scratch, or of a checkpoint without one)")
     parser.add_argument("--charset", default="model",
                         help="model, FILE (one character per line) or corpus:FILE")
+    parser.add_argument("--tall-crops", choices=TALL_CROPS, default="turn",
+                        help="how the written model's description has the toolchain read "
+                             "crops at least 1.5 times as high as wide: turn (the default) "
+                             "reads them as they are and turned 90 degrees both ways and keeps "
+                             "the most confident reading; keep reads them as they are. Training "
+                             "and validation read every crop as it is. --resume keeps the "
+                             "run's own")
     parser.add_argument("--epochs", type=positive(int), default=8)
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
     parser.add_argument("--max-minutes", type=positive(float),
@@ -239,6 +247,8 @@ def _train(args) -> int:
     charset = read_charset(args.charset)
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
                                       None if args.resume else charset)
+    if not args.resume:
+        spec = spec.replace(tall_crops=args.tall_crops)
     resumed = _resume_state(last, args.ema) if args.resume else None  # before the data loads
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None

@@ -109,7 +109,7 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
     fold = folds_case(charset)
     if found.num_samples > found.readable:
         words.skipped["no image or label key"] += found.num_samples - found.readable
-    for index, label, pixels, _size, reason in results:
+    for index, label, pixels, _size, reason, _turn in results:
         if keep is not None and not keep(index):
             continue
         if reason is not None:

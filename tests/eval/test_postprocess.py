@@ -279,6 +279,7 @@ def test_compare_exit_status_gates_on_differences(tmp_path, capsys):
 
 def test_width_options_with_input_npy_are_refused(tiny_inputs, fixed_models, capsys):
     """Inputs already preprocessed cannot change width: say so instead of ignoring the flag."""
-    assert postprocess.main(["--input-npy", str(tiny_inputs), "--onnx-path",
-                             str(fixed_models["nano-ocr"]), "--max-width", "160"]) == 1
-    assert "width options go with --test-dir" in capsys.readouterr().err
+    for option in (["--max-width", "160"], ["--tall-crops", "turn"]):
+        assert postprocess.main(["--input-npy", str(tiny_inputs), "--onnx-path",
+                                 str(fixed_models["nano-ocr"]), *option]) == 1
+        assert "width options and --tall-crops go with --test-dir" in capsys.readouterr().err

@@ -163,14 +163,17 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     assert {p.name for p in out.iterdir()} >= {"model.pth", "last.pth", "log.csv", "curves.png"}
     spec = read_description(out / "model.pth")
     assert spec is not None and spec.arch == "nano-ocr"
+    assert spec.tall_crops == "turn"  # --tall-crops' default, carried to every later tool
     state = torch.load(out / "model.pth", weights_only=True)
     assert state[DESCRIPTION_KEY]["alphabet"] == spec.alphabet
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"] and 0.0 <= float(rows[0]["val_accuracy"]) <= 1.0
     # The toolchain takes it with no other flag.
     from convert import pth2onnx
+    from convert.model_file import describe
 
     assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "m.onnx")]) == 0
+    assert describe(tmp_path / "m.onnx").tall_crops == "turn"
     # A folder with a run in it is refused without --resume; --resume goes on.
     assert _train("--train", synth_words, "--out", out) != 0
     assert "--resume" in capsys.readouterr().err
@@ -297,6 +300,10 @@ def test_from_scratch_small_crnn_folds_case_and_exports(tmp_path, synth_words):
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert 1 <= len(rows) < 1000  # stopped by the time budget, with a validated epoch
     assert read_description(out / "model.pth").arch == "crnn-small"
+    assert _train("--init", "none", "--arch", "crnn-small", "--train", synth_words, "--out",
+                  tmp_path / "keep", "--max-steps", 1, "--batch-size", 8, "--workers", 1,
+                  "--tall-crops", "keep") == 0
+    assert read_description(tmp_path / "keep" / "model.pth").tall_crops == "keep"
     from convert import fix, pth2onnx
 
     assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "s.onnx")]) == 0
