@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ToolchainError
+from convert.spec import TURNS
 
 _LABEL_LINE = re.compile(r"^test_(\d+)\.npy:(.*)$")
 
@@ -136,6 +137,10 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
             raise ToolchainError(
                 f"{manifest_path}: not a parse_testdata manifest ({exc!r})"
             ) from exc
+        odd = next((s for s in samples if s.turn not in TURNS), None)
+        if odd is not None:
+            raise ToolchainError(f"{manifest_path}: sample {odd.index} has turn {odd.turn!r}; "
+                                 f"a reading's turn is one of {list(TURNS)}")
         failed = [{**f, "stage": "preprocess"} for f in manifest.get("failed", [])]
         result = InputSet(
             folder,

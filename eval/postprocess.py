@@ -436,6 +436,9 @@ def evaluate_folder(args) -> dict[str, object]:
                     if inputs.model else None)
         runner, spec = open_model(model_path, args.device, fallback=fallback, **options)
         check_compatible(spec, inputs.model, str(model_path))
+        # The inputs hold the readings they were made with: the report names their policy.
+        spec = spec.replace(tall_crops=fallback.tall_crops if fallback else "keep",
+                            tall_ratio=fallback.tall_ratio if fallback else spec.tall_ratio)
     with Recognizer(runner, spec, decoder=args.decoder, beam_width=args.beam_width,
                     lanes=lanes) as recognizer:
         if args.test_dir:

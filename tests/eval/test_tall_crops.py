@@ -145,6 +145,11 @@ def test_turning_reads_more_tall_words_and_every_path_agrees(tmp_path, tall_lmdb
         report = evaluate(layout, "--input-npy", str(inputs))
         assert runs[layout] == runs["one-process"], layout
         assert report["tall_crops"] == turned["tall_crops"]
+    # Inputs made with turned readings are read so whatever the model's own description says.
+    report = evaluate("plain-model", "--input-npy", str(tmp_path / "bucketed"),
+                      model=exported["nano-ocr"])
+    assert runs["plain-model"] == runs["one-process"]
+    assert report["tall_crops"] == turned["tall_crops"]
     labels = (tmp_path / "per-image" / "label.txt").read_text().splitlines()
     assert len(labels) == 50 and all(line.startswith("test_") for line in labels)
     assert (tmp_path / "per-image" / "turned_1_ccw.npy").is_file()
@@ -243,3 +248,18 @@ def test_a_crop_whose_turned_reading_fails_is_failed_once_not_scored_upright(tmp
     assert [(f["index"], f["stage"]) for f in run.failed] == [(1, "infer")]
     assert "width above the compiled range" in run.failed[0]["reason"]
     assert [p.index for p in run.predictions] == [2]
+
+
+def test_a_manifest_reading_with_an_unknown_turn_is_one_line(tmp_path, tiny_lmdb, exported,
+                                                             capsys):
+    inputs = tmp_path / "inputs"
+    assert parse_testdata.main(["--test-dir", str(tiny_lmdb), "--output-npy", str(inputs),
+                                "--model", str(exported["nano-ocr"])]) == 0
+    manifest = json.loads((inputs / "manifest.json").read_text())
+    manifest["samples"][2]["turn"] = 2
+    (inputs / "manifest.json").write_text(json.dumps(manifest))
+    assert postprocess.main(["--input-npy", str(inputs), "--onnx-path",
+                             str(exported["nano-ocr"])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("manifest.json: sample 3 has turn 2; a reading's turn is one of "
+                            "[0, 1, -1]")
