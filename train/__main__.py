@@ -118,8 +118,8 @@ def _parser():
                              "crops at least 1.5 times as high as wide: turn (the default) "
                              "reads them as they are and turned 90 degrees both ways and keeps "
                              "the most confident reading; keep reads them as they are. Training "
-                             "and validation read every crop as it is. --resume keeps the "
-                             "run's own")
+                             "reads every crop as it is; validation as the description says. "
+                             "--resume keeps the run's own")
     parser.add_argument("--epochs", type=positive(int), default=8)
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
     parser.add_argument("--max-minutes", type=positive(float),
@@ -264,12 +264,14 @@ def _train(args) -> int:
         keep = (lambda i: i % every != 0) if number == 0 and every else None
         train_sets.append(load_words(path, spec, spec.charset, args.workers, keep,
                                      args.unknown_chars))
-    val_sets = ([load_words(p, spec, spec.charset, args.workers, unknown=args.unknown_chars)
+    turns = spec.tall_crops == "turn"  # validation reads tall crops as the toolchain will
+    val_sets = ([load_words(p, spec, spec.charset, args.workers, unknown=args.unknown_chars,
+                            turns=turns)
                  for p in args.val] if args.val
                 else [load_words(first_path, spec, spec.charset, args.workers,
                                  lambda i: i % every == 0, args.unknown_chars,
                                  f"the validation split, every {every}th index; give --val "
-                                 "LMDB, or --val-split 0 for none")] if every else [])
+                                 "LMDB, or --val-split 0 for none", turns)] if every else [])
     ratios = [r for _, r in sources]
     if rank == 0:
         log.warning("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "

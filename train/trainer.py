@@ -39,7 +39,7 @@ from torch import nn
 
 from convert.charset import Charset
 from convert.checkpoint import load_checkpoint, read_description
-from convert.ctc import decode_output
+from convert.ctc import Decoded, decode_output, most_confident
 from convert.errors import ToolchainError
 from convert.registry import arch_entry, build_model, spec_for_arch
 from convert.spec import ModelSpec
@@ -56,10 +56,14 @@ class WordSet:
 
     Attributes:
         path: the lmdb.
-        pixels, targets, texts: one entry per usable sample.
+        pixels, targets, texts: one entry per usable sample (``pixels``: its upright
+            reading).
         skipped: reason -> count of samples left out.
         trimmed: samples kept after characters outside the charset were removed from their
             labels (``unknown="drop"`` in :func:`load_words`).
+        turned: sample number -> ``[(turn, uint8 pixels), ...]``, the turned readings of the
+            tall crops a description with ``tall_crops="turn"`` reads three ways (loaded for
+            validation only: ``load_words(turns=True)``).
     """
 
     path: Path
@@ -68,6 +72,7 @@ class WordSet:
     texts: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     trimmed: int = 0
+    turned: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -86,9 +91,11 @@ def folds_case(charset: Charset) -> bool:
 
 
 def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
-               keep=None, unknown: str = "skip", role: str = "") -> WordSet:
+               keep=None, unknown: str = "skip", role: str = "", turns: bool = False) -> WordSet:
     """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split),
-    ``role`` says which (named in the error when nothing is left).
+    ``role`` says which (named in the error when nothing is left). With ``turns`` (for a
+    validation set), the turned readings of the crops ``spec`` reads turned are kept too
+    (:attr:`WordSet.turned`), so validation reads them as the toolchain will.
     Labels are lower-cased where the charset has no capitals (:func:`folds_case`).
 
     ``unknown``: what a label with characters outside the charset does. ``"skip"`` leaves
@@ -104,13 +111,18 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
     """
     if unknown not in ("skip", "drop"):
         raise ValueError(f"unknown must be 'skip' or 'drop', got {unknown!r}")
-    found, results = decode_all(path, spec, workers)
+    found, results = decode_all(path, spec, workers, turns=turns)
     words = WordSet(path)
     fold = folds_case(charset)
     if found.num_samples > found.readable:
         words.skipped["no image or label key"] += found.num_samples - found.readable
-    for index, label, pixels, _size, reason, _turn in results:
+    kept_index = None  # the lmdb index of the last sample kept (its turned readings follow)
+    for index, label, pixels, _size, reason, turn in results:
         if keep is not None and not keep(index):
+            continue
+        if turn:
+            if index == kept_index:
+                words.turned.setdefault(len(words) - 1, []).append((turn, pixels))
             continue
         if reason is not None:
             words.skipped["undecodable: " + reason.split(":")[0][:60]] += 1
@@ -137,6 +149,7 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
         words.pixels.append(pixels)
         words.targets.append(targets)
         words.texts.append(label)
+        kept_index = index
     if not words.texts:
         raise ToolchainError(f"{path}{f' ({role})' if role else ''}: no usable sample "
                              f"({dict(words.skipped) or 'empty'})")
@@ -261,21 +274,31 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     """The report's metrics on ``words`` (``eval.metrics.recognition_metrics``), and
     ``"word_accuracy"``, the same as the report's ``accuracy``: under the protocol
     ``eval.metrics.protocol_for`` picks from the labels (the field's lower-case 0-9a-z for Latin
-    words, exact match for Chinese ones, which 0-9a-z would erase)."""
+    words, exact match for Chinese ones, which 0-9a-z would erase). A sample with turned
+    readings (:attr:`WordSet.turned`) is read all ways and its most confident reading kept
+    (``convert.ctc.most_confident``), as ``eval.postprocess`` does."""
     model.eval()
-    predictions: dict[int, str] = {}
+    readings = [(i, 0, pixels) for i, pixels in enumerate(words.pixels)]
+    readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
+                 for turn, pixels in turned]
+    decoded_of: dict[int, list[tuple[int, Decoded]]] = {}
     by_width: dict[int, list[int]] = {}
-    for i, pixels in enumerate(words.pixels):
-        by_width.setdefault(pixels.shape[1], []).append(i)
+    for r, (_, _, pixels) in enumerate(readings):
+        by_width.setdefault(pixels.shape[1], []).append(r)
     with torch.no_grad():
         for width, members in sorted(by_width.items()):
             for k in range(0, len(members), batch_size):
                 chunk = members[k:k + batch_size]
-                ((_, images),) = batch_inputs([words.pixels[i] for i in chunk], spec, len(chunk))
+                ((_, images),) = batch_inputs([readings[r][2] for r in chunk], spec, len(chunk))
                 scores = model(torch.from_numpy(images)).float().numpy()
                 decoded = decode_output(spec, scores, [width] * len(chunk))
-                predictions.update((i, d.text) for i, d in zip(chunk, decoded))
-    ordered = [predictions[i] for i in range(len(words))]
+                for r, d in zip(chunk, decoded):
+                    decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
+    ordered = []
+    for i in range(len(words)):
+        options = decoded_of[i]
+        kept = most_confident([d.confidence for _, d in options], [t for t, _ in options])
+        ordered.append(options[kept][1].text)
     metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
     metrics["word_accuracy"] = metrics["accuracy"]
     return metrics

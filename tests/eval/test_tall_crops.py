@@ -76,8 +76,13 @@ def test_the_most_confident_reading_is_kept_and_ties_go_upright():
 
 @pytest.fixture(scope="module")
 def tall_lmdb(tmp_path_factory) -> Path:
+    """See :func:`write_tall_lmdb`."""
+    return write_tall_lmdb(tmp_path_factory.mktemp("tall") / "tall_lmdb")
+
+
+def write_tall_lmdb(path: Path) -> Path:
     """The first 40 crops of IC15_train_words at least 1.5 times as high as wide, 10 wide
-    ones, and one undecodable image: 51 indices."""
+    ones, and one undecodable image: 51 indices (skips the test without the data)."""
     if not IC15_TRAIN.is_dir():
         pytest.skip(f"ICDAR 2015 training crops not found at {IC15_TRAIN}")
     tall, wide = [], []
@@ -92,7 +97,7 @@ def tall_lmdb(tmp_path_factory) -> Path:
     env.close()
     samples = tall[:40] + wide[:10] + [(b"not an image", b"broken")]
     entries = {i + 1: sample for i, sample in enumerate(samples)}
-    return write_lmdb(tmp_path_factory.mktemp("tall") / "tall_lmdb", entries, len(entries))
+    return write_lmdb(path, entries, len(entries))
 
 
 @pytest.fixture(scope="module")

@@ -512,3 +512,27 @@ def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys):
     assert _train(*common, "--out", tmp_path / "b", "--val-split", 0) == 0
     assert "no validation set, so model.pth is the last epoch" in capsys.readouterr().out
     assert (tmp_path / "b" / "model.pth").is_file()
+
+
+def test_validation_reads_tall_crops_as_the_description_says(tmp_path):
+    """With ``tall_crops="turn"`` the validation set keeps the turned readings of its tall
+    crops and ``validate`` keeps the most confident, as ``eval.postprocess`` does; the
+    training sets read every crop as it is."""
+    from convert.checkpoint import load_checkpoint
+    from tests.eval.test_tall_crops import write_tall_lmdb
+    from train.trainer import validate
+
+    lmdb_path = write_tall_lmdb(tmp_path / "tall")
+    spec = spec_for_arch("nano-ocr").replace(tall_crops="turn")
+    model = load_checkpoint(fetch("nano-ocr"), spec)
+    upright = load_words(lmdb_path, spec, spec.charset, unknown="drop")
+    turned = load_words(lmdb_path, spec, spec.charset, unknown="drop", turns=True)
+    assert upright.turned == {} and turned.texts == upright.texts
+    assert all([t for t, _ in readings] == [1, -1] for readings in turned.turned.values())
+    assert len(turned.turned) == 40 and len(turned) == 50  # every tall crop, none of the wide
+    before = validate(model, upright, spec)["word_accuracy"]
+    after = validate(model, turned, spec)["word_accuracy"]
+    assert after >= before + 0.15  # 8 -> 20 of 50 words through eval.postprocess
+    odd = load_words(lmdb_path, spec, spec.charset, keep=lambda i: i % 2 == 0, unknown="drop",
+                     turns=True)  # a hold-out split keeps the turns of its own samples only
+    assert len(odd) == 25 and set(odd.turned) == set(range(20))  # tall crops come first
