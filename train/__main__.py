@@ -282,7 +282,9 @@ def _train(args) -> int:
                               + (f"; {s.trimmed} labels lost characters outside the charset"
                                  if s.trimmed else "") + ")"
                               for s in train_sets),
-                    ", ".join(f"{s.path.name} {len(s)}" for s in val_sets) or "none")
+                    ", ".join(f"{s.path.name} {len(s)}" + (f" ({len(s.turned)} tall crops read "
+                                                           "three ways)" if s.turned else "")
+                              for s in val_sets) or "none")
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(parameters, lr=args.lr)

@@ -514,7 +514,7 @@ def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys):
     assert (tmp_path / "b" / "model.pth").is_file()
 
 
-def test_validation_reads_tall_crops_as_the_description_says(tmp_path):
+def test_validation_reads_tall_crops_as_the_description_says(tmp_path, synth_words, caplog):
     """With ``tall_crops="turn"`` the validation set keeps the turned readings of its tall
     crops and ``validate`` keeps the most confident, as ``eval.postprocess`` does; the
     training sets read every crop as it is."""
@@ -536,3 +536,9 @@ def test_validation_reads_tall_crops_as_the_description_says(tmp_path):
     odd = load_words(lmdb_path, spec, spec.charset, keep=lambda i: i % 2 == 0, unknown="drop",
                      turns=True)  # a hold-out split keeps the turns of its own samples only
     assert len(odd) == 25 and set(odd.turned) == set(range(20))  # tall crops come first
+    # The command line: --val reads the tall crops three ways, and says so at the start.
+    assert _train("--init", "nano-ocr", "--train", synth_words, "--val", lmdb_path, "--out",
+                  tmp_path / "run", "--max-steps", 1, "--batch-size", 8, "--workers", 1,
+                  "--unknown-chars", "drop") == 0
+    start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start:"))
+    assert start.endswith("validation tall 50 (40 tall crops read three ways)"), start
