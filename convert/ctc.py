@@ -15,11 +15,14 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from convert.charset import Charset
 from convert.spec import TURNS, ModelSpec
+
+R = TypeVar("R")  # a reading: anything with a ``confidence``
 
 
 @dataclass(frozen=True)
@@ -207,21 +210,19 @@ def decode_output(spec: ModelSpec, scores: np.ndarray, widths: Sequence[int],
     raise ValueError(f"decoder {decoder!r} is unknown; use one of {DECODERS}")
 
 
-def most_confident(confidences: Sequence[float], turns: Sequence[int]) -> int:
-    """Which of one crop's readings to keep (``ModelSpec.tall_crops="turn"``): the position
-    of the highest :attr:`Decoded.confidence`; equal confidences go to the upright reading,
-    then counter-clockwise (the order of ``convert.spec.TURNS``), so the choice does not
-    depend on the order the readings were decoded in.
+def most_confident(readings: Sequence[tuple[int, R]]) -> R:
+    """The reading to keep of one crop's readings (``ModelSpec.tall_crops="turn"``): the one
+    with the highest ``confidence`` (:attr:`Decoded.confidence`); equal confidences go to the
+    upright reading, then counter-clockwise (the order of ``convert.spec.TURNS``), so the
+    choice does not depend on the order the readings were decoded in.
 
     Args:
-        confidences: the readings' confidences.
-        turns: each reading's quarter turn (``convert.spec.TURNS``), same length.
+        readings: ``(quarter turn, reading)`` pairs; each reading has a ``confidence``
+            (a :class:`Decoded`, or a result built from one).
 
     Raises:
-        ValueError: no reading, or the lengths differ.
+        ValueError: no reading.
     """
-    if not confidences or len(confidences) != len(turns):
-        raise ValueError(f"need one turn per reading, got {len(confidences)} readings and "
-                         f"{len(turns)} turns")
-    return max(range(len(confidences)),
-               key=lambda i: (confidences[i], -TURNS.index(turns[i])))
+    if not readings:
+        raise ValueError("no reading to choose from")
+    return max(readings, key=lambda r: (r[1].confidence, -TURNS.index(r[0])))[1]

@@ -104,7 +104,8 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
                disable=None if progress else True)
     latencies: list[float] = []
     failed: dict[int, dict] = {}
-    readings: dict[int, list[tuple[Prediction, int]]] = {}
+    readings: dict[int, list[tuple[int, Prediction]]] = {}
+    batch_of_reading: dict[tuple[int, int], int] = {}  # (index, turn) -> batch number
 
     def feed():
         stages["read"] += first[2]
@@ -126,25 +127,12 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
         stages["decode"] += result.decode_seconds
         for s, d in zip(samples, result.decoded):
             readings.setdefault(s.index, []).append(
-                (Prediction(s.index, s.label, d.text, d.confidence, s.width, s.turn),
-                 len(latencies) - 1))
-    predictions, batch_of = _keep_most_confident(readings, failed)
+                (s.turn, Prediction(s.index, s.label, d.text, d.confidence, s.width, s.turn)))
+            batch_of_reading[s.index, s.turn] = len(latencies) - 1
+    predictions = [most_confident(readings[i]) for i in sorted(readings.keys() - failed.keys())]
+    batch_of = {p.index: batch_of_reading[p.index, p.turn] for p in predictions}
     e2e = time.perf_counter() - start
     bar.close()
     stages["engine"] = float(sum(latencies))
     return EvalRun(predictions, sorted(failed.values(), key=lambda f: f["index"]), e2e, stages,
                    latencies, batch_of)
-
-
-def _keep_most_confident(readings: dict[int, list[tuple[Prediction, int]]],
-                         failed: dict[int, dict]) -> tuple[list[Prediction], dict[int, int]]:
-    """One prediction per index not in ``failed`` (its most confident reading), in index
-    order, and the batch each kept reading ran in."""
-    predictions, batch_of = [], {}
-    for index in sorted(readings.keys() - failed.keys()):
-        group = readings[index]
-        kept, batch = group[most_confident([p.confidence for p, _ in group],
-                                           [p.turn for p, _ in group])]
-        predictions.append(kept)
-        batch_of[index] = batch
-    return predictions, batch_of

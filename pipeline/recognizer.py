@@ -330,6 +330,5 @@ class Recognizer:
             if failures:
                 results[position] = failures[0]
                 continue
-            results[position] = readings[most_confident([r.confidence for r in readings],
-                                                        [r.turn for r in readings])]
+            results[position] = most_confident([(r.turn, r) for r in readings])
         return results

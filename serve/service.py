@@ -385,9 +385,7 @@ class Service:
         decoded = iter(await self._gather(futures, deadline))
         results = []
         for image_readings in readings:
-            options = [next(decoded) for _ in image_readings]
-            kept = most_confident([d.confidence for d in options], [t for t, _ in image_readings])
-            results.append(options[kept])
+            results.append(most_confident([(turn, next(decoded)) for turn, _ in image_readings]))
         return results
 
 

@@ -294,11 +294,7 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
                 decoded = decode_output(spec, scores, [width] * len(chunk))
                 for r, d in zip(chunk, decoded):
                     decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
-    ordered = []
-    for i in range(len(words)):
-        options = decoded_of[i]
-        kept = most_confident([d.confidence for _, d in options], [t for t, _ in options])
-        ordered.append(options[kept][1].text)
+    ordered = [most_confident(decoded_of[i]).text for i in range(len(words))]
     metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
     metrics["word_accuracy"] = metrics["accuracy"]
     return metrics

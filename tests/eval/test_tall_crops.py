@@ -16,7 +16,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from convert.ctc import most_confident
+from convert.ctc import Decoded, most_confident
 from convert.errors import ToolchainError
 from convert.model_file import describe
 from convert.registry import spec_for_arch
@@ -67,11 +67,14 @@ def test_the_description_carries_the_policy_and_refuses_bad_values():
 
 
 def test_the_most_confident_reading_is_kept_and_ties_go_upright():
-    assert most_confident([0.2, 0.9, 0.5], [0, 1, -1]) == 1
-    assert most_confident([0.7, 0.7, 0.7], [-1, 1, 0]) == 2  # whatever the decoding order
-    assert most_confident([0.7, 0.7], [-1, 1]) == 1
+    def readings(confidences, turns):
+        return [(t, Decoded(str(t), c)) for c, t in zip(confidences, turns)]
+
+    assert most_confident(readings([0.2, 0.9, 0.5], [0, 1, -1])).text == "1"
+    assert most_confident(readings([0.7, 0.7, 0.7], [-1, 1, 0])).text == "0"  # whatever order
+    assert most_confident(readings([0.7, 0.7], [-1, 1])).text == "1"
     with pytest.raises(ValueError):
-        most_confident([0.5], [0, 1])
+        most_confident([])
 
 
 @pytest.fixture(scope="module")
