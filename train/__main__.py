@@ -113,13 +113,13 @@ def _parser():
                         help="architecture (from scratch, or of a checkpoint without one)")
     parser.add_argument("--charset", default="model",
                         help="model, FILE (one character per line) or corpus:FILE")
-    parser.add_argument("--tall-crops", choices=TALL_CROPS, default="turn",
+    parser.add_argument("--tall-crops", choices=TALL_CROPS,
                         help="how the written model's description has the toolchain read "
                              "crops at least 1.5 times as high as wide: turn (the default) "
                              "reads them as they are and turned 90 degrees both ways and keeps "
                              "the most confident reading; keep reads them as they are. Training "
                              "reads every crop as it is; validation as the description says. "
-                             "--resume keeps the run's own")
+                             "--resume keeps the run's own (a different one is refused)")
     parser.add_argument("--epochs", type=positive(int), default=8)
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
     parser.add_argument("--max-minutes", type=positive(float),
@@ -248,7 +248,10 @@ def _train(args) -> int:
     model, spec, what = initial_model(str(last) if args.resume else init, args.arch,
                                       None if args.resume else charset)
     if not args.resume:
-        spec = spec.replace(tall_crops=args.tall_crops)
+        spec = spec.replace(tall_crops=args.tall_crops or "turn")
+    elif args.tall_crops not in (None, spec.tall_crops):
+        raise ToolchainError(f"--resume: {last} reads tall crops {spec.tall_crops!r}, and a "
+                             f"resumed run keeps it; drop --tall-crops {args.tall_crops}")
     resumed = _resume_state(last, args.ema) if args.resume else None  # before the data loads
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None

@@ -177,10 +177,15 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     # A folder with a run in it is refused without --resume; --resume goes on.
     assert _train("--train", synth_words, "--out", out) != 0
     assert "--resume" in capsys.readouterr().err
-    assert _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 2,
-                  "--batch-size", 8, "--max-steps", 4, "--workers", 1, "--resume") == 0
+    resume = ("--init", "nano-ocr", "--train", synth_words, "--out", out, "--epochs", 2,
+              "--batch-size", 8, "--max-steps", 4, "--workers", 1, "--resume")
+    # A resumed run keeps its own tall-crop policy: asking for another is refused, not ignored.
+    assert _train(*resume, "--tall-crops", "keep") != 0
+    assert "reads tall crops 'turn'" in capsys.readouterr().err
+    assert _train(*resume, "--tall-crops", "turn") == 0
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
+    assert read_description(out / "model.pth").tall_crops == "turn"
 
 
 def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words, capsys,
