@@ -457,8 +457,9 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
                    log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
                    **extra)  # rows of a run resumed from an older last.pth lack the new columns
-    log.warning("epoch %d: loss %.4f, validation accuracy %.4f (1-NED %.4f)%s, %.0f images/s",
-                epoch, row["train_loss"], row["val_accuracy"], row["val_one_minus_ned"],
+    checked = (f"validation accuracy {row['val_accuracy']:.4f} "
+               f"(1-NED {row['val_one_minus_ned']:.4f})" if val_sets else "no validation set")
+    log.warning("epoch %d: loss %.4f, %s%s, %.0f images/s", epoch, row["train_loss"], checked,
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),
                 row["images_per_second"])
 

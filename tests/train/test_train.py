@@ -500,7 +500,7 @@ def test_resuming_a_run_from_before_the_1ned_column_keeps_its_log_aligned(tmp_pa
     assert all(0.0 <= float(r["val_one_minus_ned"]) <= 1.0 for r in rows[1:])
 
 
-def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys):
+def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys, caplog):
     """10 samples hold no 20th index: the error names the split and the ways out; with
     --val-split 0 the run goes on, and says model.pth is the last epoch."""
     corpus = tmp_path / "words.txt"
@@ -516,6 +516,8 @@ def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert _train(*common, "--out", tmp_path / "b", "--val-split", 0) == 0
     assert "no validation set, so model.pth is the last epoch" in capsys.readouterr().out
+    (epoch,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1")]
+    assert "no validation set," in epoch and "nan" not in epoch  # not 'validation accuracy nan'
     assert (tmp_path / "b" / "model.pth").is_file()
 
 
