@@ -257,7 +257,9 @@ def _train(args) -> int:
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
                                 else 3 if init is not None else 0)
     device = torch.device(args.device)
-    model.to(device)
+    # Channels-last convolution weights (NHWC activations) let oneDNN pick its faster
+    # convolution and pooling kernels: 14-15 % more images/s in training on a Zen 4 (README).
+    model.to(device, memory_format=torch.channels_last)
 
     sources = [parse_source(t) for t in args.train]
     first_path = sources[0][0]
