@@ -124,7 +124,8 @@ def _parser():
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
     parser.add_argument("--max-minutes", type=positive(float),
                         help="stop after this much training time (the learning rate decays "
-                             "by steps or by time, whichever runs out first)")
+                             "by steps or by time, whichever runs out first; a resumed run "
+                             "counts the minutes it spent before)")
     parser.add_argument("--epoch-samples", type=positive(int),
                         help="draws per epoch (default: the sources' total size)")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
@@ -317,7 +318,14 @@ def _train(args) -> int:
         epoch, step, run.best = state["epoch"], state["step"], state["best"]
         run.best_one_minus_ned = state.get("best_one_minus_ned", -1.0)  # older runs lack it
         run.rows = [dict(zip(state["log_keys"], row)) for row in state["log_rows"]]
-        log.warning("resumed from %s at epoch %d, step %d", last, epoch, step)
+        # --max-minutes budgets the whole run: the time already spent counts, so the decay
+        # goes on from where it was (older runs lack it and start their clock afresh)
+        began -= state.get("elapsed", 0.0)
+        log.warning("resumed from %s at epoch %d, step %d, %.1f minutes in", last, epoch, step,
+                    state.get("elapsed", 0.0) / 60)
+        if state.get("elapsed", 0.0) >= budget:
+            log.warning("the run has spent its --max-minutes %g already; give a larger "
+                        "--max-minutes to train on", args.max_minutes)
 
     trained = model
     if size > 1:
@@ -376,7 +384,7 @@ def _train(args) -> int:
         epoch += 1
         if rank == 0:
             _end_epoch(run, model, average, spec, val_sets, optimiser, schedule, epoch, step,
-                       losses, seen, seconds, size)
+                       losses, seen, seconds, size, began)
         if size > 1:
             torch.distributed.barrier()
     if size > 1:
@@ -425,7 +433,8 @@ def _moving_average(model: torch.nn.Module, decay: float | None):
 
 
 def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, epoch: int,
-               step: int, losses: list[float], seen: int, seconds: float, size: int) -> None:
+               step: int, losses: list[float], seen: int, seconds: float, size: int,
+               began: float) -> None:
     """Validate, keep the best model, write last.pth and the log (rank 0).
 
     The best model has the highest validation word accuracy; among equal accuracies, the
@@ -434,7 +443,8 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     the model that reads closest rather than the first one.
 
     With ``--ema`` (``average``), the averaged weights are the ones validated and kept in
-    model.pth; last.pth holds both, for ``--resume``.
+    model.pth; last.pth holds both, for ``--resume``, and the seconds since the run began
+    (``began``, ``time.perf_counter``'s; ``elapsed``), which count against ``--max-minutes``.
     """
     kept = model if average is None else average.module
     metrics = (validate(kept, val_sets[0], spec) if val_sets
@@ -456,6 +466,7 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     extra = {} if average is None else {"ema": average.state_dict(), "ema_decay": run.ema}
     save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
                     best_one_minus_ned=run.best_one_minus_ned,
+                    elapsed=time.perf_counter() - began,
                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
                    log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
                    **extra)  # rows of a run resumed from an older last.pth lack the new columns

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -186,6 +187,24 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
     assert read_description(out / "model.pth").tall_crops == "turn"
+
+
+def test_a_resumed_run_counts_the_minutes_it_already_spent(tmp_path, synth_words, caplog):
+    """--max-minutes budgets the whole run: last.pth keeps the seconds spent, and a resumed
+    run starts its clock there, so a budget already spent trains no further step (a fresh
+    clock, as before, trained on) and a larger one goes on counting from the saved time."""
+    out = tmp_path / "run"
+    common = ("--init", "nano-ocr", "--train", synth_words, "--out", out, "--batch-size", 8,
+              "--workers", 1, "--epochs", 1000, "--val-split", 0, "--resume")
+    assert _train(*common[:-1], "--max-steps", 2, "--max-minutes", 10) == 0
+    first = torch.load(out / "last.pth", weights_only=True)
+    assert first["step"] == 2 and first["elapsed"] > 0
+    assert _train(*common, "--max-steps", 4, "--max-minutes", first["elapsed"] / 60 / 2) == 0
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 2  # nothing trained
+    assert "give a larger --max-minutes to train on" in caplog.text
+    assert _train(*common, "--max-steps", 4, "--max-minutes", 10) == 0
+    second = torch.load(out / "last.pth", weights_only=True)
+    assert second["step"] == 4 and second["elapsed"] > first["elapsed"]
 
 
 def test_ema_keeps_the_moving_average_and_resumes_with_it(tmp_path, synth_words, capsys,
@@ -469,7 +488,7 @@ def test_equal_word_accuracies_keep_the_epoch_with_the_higher_1ned(tmp_path, mon
     kept_epochs = []
     for epoch in range(1, 6):
         train_cli._end_epoch(run, model, None, spec, [object()], optimiser, schedule, epoch,
-                             epoch, [1.0], 8, 1.0, 1)
+                             epoch, [1.0], 8, 1.0, 1, time.perf_counter())
         kept_epochs.append(torch.load(tmp_path / "model.pth", weights_only=True)["epoch"])
     assert kept_epochs == [1, 2, 2, 4, 4]
     assert (run.best, run.best_one_minus_ned) == (0.5, 0.60)
