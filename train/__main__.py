@@ -321,8 +321,9 @@ def _train(args) -> int:
         # --max-minutes budgets the whole run: the time already spent counts, so the decay
         # goes on from where it was (older runs lack it and start their clock afresh)
         began -= state.get("elapsed", 0.0)
-        log.warning("resumed from %s at epoch %d, step %d, %.1f minutes in", last, epoch, step,
-                    state.get("elapsed", 0.0) / 60)
+        log.warning("resumed from %s at epoch %d, step %d, %s", last, epoch, step,
+                    f"{state['elapsed'] / 60:.1f} minutes in" if "elapsed" in state
+                    else "its time so far unknown (written before it was kept)")
         if state.get("elapsed", 0.0) >= budget:
             log.warning("the run has spent its --max-minutes %g already; give a larger "
                         "--max-minutes to train on", args.max_minutes)
