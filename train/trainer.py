@@ -44,7 +44,7 @@ from convert.errors import ToolchainError
 from convert.registry import arch_entry, build_model, spec_for_arch
 from convert.spec import ModelSpec
 from eval.metrics import protocol_for, recognition_metrics
-from preprocess.batching import batch_inputs
+from preprocess.batching import batch_inputs, plan_batches
 from preprocess.stream import decode_all
 
 log = logging.getLogger(__name__)
@@ -282,18 +282,13 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
                  for turn, pixels in turned]
     decoded_of: dict[int, list[tuple[int, Decoded]]] = {}
-    by_width: dict[int, list[int]] = {}
-    for r, (_, _, pixels) in enumerate(readings):
-        by_width.setdefault(pixels.shape[1], []).append(r)
-    with torch.no_grad():
-        for width, members in sorted(by_width.items()):
-            for k in range(0, len(members), batch_size):
-                chunk = members[k:k + batch_size]
-                ((_, images),) = batch_inputs([readings[r][2] for r in chunk], spec, len(chunk))
-                scores = model(torch.from_numpy(images)).float().numpy()
-                decoded = decode_output(spec, scores, [width] * len(chunk))
-                for r, d in zip(chunk, decoded):
-                    decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
+    with torch.no_grad():  # equal-width batches, planned as inference plans them
+        for chunk in plan_batches([pixels.shape[1] for _, _, pixels in readings], batch_size):
+            ((_, images),) = batch_inputs([readings[r][2] for r in chunk], spec, len(chunk))
+            scores = model(torch.from_numpy(images)).float().numpy()
+            decoded = decode_output(spec, scores, [images.shape[-1]] * len(chunk))
+            for r, d in zip(chunk, decoded):
+                decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
     ordered = [most_confident(decoded_of[i]).text for i in range(len(words))]
     metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
     metrics["word_accuracy"] = metrics["accuracy"]
