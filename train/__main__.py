@@ -320,11 +320,12 @@ def _train(args) -> int:
         run.rows = [dict(zip(state["log_keys"], row)) for row in state["log_rows"]]
         # --max-minutes budgets the whole run: the time already spent counts, so the decay
         # goes on from where it was (older runs lack it and start their clock afresh)
-        began -= state.get("elapsed", 0.0)
+        spent = state.get("elapsed")
+        began -= spent or 0.0
         log.warning("resumed from %s at epoch %d, step %d, %s", last, epoch, step,
-                    f"{state['elapsed'] / 60:.1f} minutes in" if "elapsed" in state
+                    f"{spent / 60:.1f} minutes in" if spent is not None
                     else "its time so far unknown (written before it was kept)")
-        if state.get("elapsed", 0.0) >= budget:
+        if spent is not None and spent >= budget:
             log.warning("the run has spent its --max-minutes %g already; give a larger "
                         "--max-minutes to train on", args.max_minutes)
 
