@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from train.trainer import (
     load_words,
     log_probs,
     make_batch,
+    orient_tall_crops,
     plan_epoch,
     validate,
     world,
@@ -117,9 +119,14 @@ def _parser():
                         help="how the written model's description has the toolchain read "
                              "crops at least 1.5 times as high as wide: turn (the default) "
                              "reads them as they are and turned 90 degrees both ways and keeps "
-                             "the most confident reading; keep reads them as they are. Training "
-                             "reads every crop as it is; validation as the description says. "
-                             "--resume keeps the run's own (a different one is refused)")
+                             "the most confident reading; keep reads them as they are. With "
+                             "turn, validation reads them so too; training reads every crop as "
+                             "it is (see --orient-tall-crops). --resume keeps the run's own (a "
+                             "different one is refused)")
+    parser.add_argument("--orient-tall-crops", action="store_true",
+                        help="with --tall-crops turn: train each tall crop in the orientation "
+                             "(as it is, or turned 90 degrees either way) with the lowest CTC "
+                             "loss for its label, chosen again every epoch, instead of as it is")
     parser.add_argument("--epochs", type=positive(int), default=8)
     parser.add_argument("--max-steps", type=positive(int), help="stop after this many updates")
     parser.add_argument("--max-minutes", type=positive(float),
@@ -253,6 +260,9 @@ def _train(args) -> int:
     elif args.tall_crops not in (None, spec.tall_crops):
         raise ToolchainError(f"--resume: {last} reads tall crops {spec.tall_crops!r}, and a "
                              f"resumed run keeps it; drop --tall-crops {args.tall_crops}")
+    if args.orient_tall_crops and spec.tall_crops != "turn":
+        raise ToolchainError(f"--orient-tall-crops goes with tall crops read turned; this run "
+                             f"reads them {spec.tall_crops!r} (--tall-crops turn is the default)")
     resumed = _resume_state(last, args.ema) if args.resume else None  # before the data loads
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
@@ -266,11 +276,13 @@ def _train(args) -> int:
     first_path = sources[0][0]
     every = round(1 / args.val_split) if not args.val and args.val_split > 0 else 0
     train_sets = []
+    # Validation reads tall crops three ways, as the toolchain will, and keeps the most
+    # confident reading; --orient-tall-crops trains each in its orientation of lowest loss.
+    turns = spec.tall_crops == "turn"
     for number, (path, _) in enumerate(sources):
         keep = (lambda i: i % every != 0) if number == 0 and every else None
         train_sets.append(load_words(path, spec, spec.charset, args.workers, keep,
-                                     args.unknown_chars))
-    turns = spec.tall_crops == "turn"  # validation reads tall crops as the toolchain will
+                                     args.unknown_chars, turns=turns and args.orient_tall_crops))
     val_sets = ([load_words(p, spec, spec.charset, args.workers, unknown=args.unknown_chars,
                             turns=turns)
                  for p in args.val] if args.val
@@ -279,6 +291,7 @@ def _train(args) -> int:
                                  f"the validation split, every {every}th index; give --val "
                                  "LMDB, or --val-split 0 for none", turns)] if every else [])
     ratios = [r for _, r in sources]
+    oriented = _orient(model, train_sets, spec, rank, size)
     if rank == 0:
         log.warning("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "
                     "validation %s", what, fixed,
@@ -286,10 +299,13 @@ def _train(args) -> int:
                     if augment else "off", size,
                     ", ".join(f"{s.path.name} {len(s)} (skipped {dict(s.skipped)}"
                               + (f"; {s.trimmed} labels lost characters outside the charset"
-                                 if s.trimmed else "") + ")"
+                                 if s.trimmed else "")
+                              + (f"; {_count(len(s.turned), 'tall crop')}, each trained in "
+                                 "the orientation of its lowest loss" if s.turned else "") + ")"
                               for s in train_sets),
-                    ", ".join(f"{s.path.name} {len(s)}" + (f" ({len(s.turned)} tall crops read "
-                                                           "three ways)" if s.turned else "")
+                    ", ".join(f"{s.path.name} {len(s)}"
+                              + (f" ({_count(len(s.turned), 'tall crop')} read three ways)"
+                                 if s.turned else "")
                               for s in val_sets) or "none")
 
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -335,8 +351,11 @@ def _train(args) -> int:
     ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="none", zero_infinity=False)
     # float16 needs its gradients scaled; bfloat16 has float32's exponent range and does not
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    oriented_at = epoch
     while (epoch < args.epochs and step < total_steps
            and not _out_of_time(began, budget, size)):
+        if epoch != oriented_at:  # the model has moved: choose the orientations again
+            oriented = _orient(model, train_sets, spec, rank, size)
         batches = plan_epoch(train_sets, ratios, args.batch_size, args.seed, epoch, size,
                              args.epoch_samples)
         model.train()
@@ -386,7 +405,7 @@ def _train(args) -> int:
         epoch += 1
         if rank == 0:
             _end_epoch(run, model, average, spec, val_sets, optimiser, schedule, epoch, step,
-                       losses, seen, seconds, size, began)
+                       losses, seen, seconds, size, began, oriented)
         if size > 1:
             torch.distributed.barrier()
     if size > 1:
@@ -415,6 +434,30 @@ def _resume_state(last: Path, ema: float | None) -> dict:
     return state
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 tall crop``, ``2 tall crops``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _orient(model: torch.nn.Module, train_sets: list, spec, rank: int, size: int) -> Counter:
+    """``train.trainer.orient_tall_crops`` on rank 0, its choices sent to every rank so all
+    plan the same batches. Returns quarter turn -> crops trained in it (empty: no tall crop)."""
+    keys = [(s, i) for s, words in enumerate(train_sets) for i in sorted(words.turned)]
+    if not keys:
+        return Counter()
+    if rank == 0:
+        orient_tall_crops(model, train_sets, spec)
+    if size > 1:
+        turns = torch.tensor([train_sets[s].orientation.get(i, 0) for s, i in keys])
+        torch.distributed.broadcast(turns, 0)
+        for (s, i), turn in zip(keys, turns.tolist()):
+            if turn:
+                train_sets[s].orientation[i] = turn
+            else:
+                train_sets[s].orientation.pop(i, None)
+    return Counter(train_sets[s].orientation.get(i, 0) for s, i in keys)
+
+
 def _out_of_time(began: float, budget: float, size: int) -> bool:
     """Whether the time budget is spent; under torchrun rank 0 decides for all ranks, so they
     stop at the same step."""
@@ -436,7 +479,7 @@ def _moving_average(model: torch.nn.Module, decay: float | None):
 
 def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, epoch: int,
                step: int, losses: list[float], seen: int, seconds: float, size: int,
-               began: float) -> None:
+               began: float, oriented: Counter) -> None:
     """Validate, keep the best model, write last.pth and the log (rank 0).
 
     The best model has the highest validation word accuracy; among equal accuracies, the
@@ -447,6 +490,7 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     With ``--ema`` (``average``), the averaged weights are the ones validated and kept in
     model.pth; last.pth holds both, for ``--resume``, and the seconds since the run began
     (``began``, ``time.perf_counter``'s; ``elapsed``), which count against ``--max-minutes``.
+    ``oriented``: the epoch's tall crops by the quarter turn they trained in (``_orient``).
     """
     kept = model if average is None else average.module
     metrics = (validate(kept, val_sets[0], spec) if val_sets
@@ -474,9 +518,11 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
                    **extra)  # rows of a run resumed from an older last.pth lack the new columns
     checked = (f"validation accuracy {row['val_accuracy']:.4f} "
                f"(1-NED {row['val_one_minus_ned']:.4f})" if val_sets else "no validation set")
-    log.warning("epoch %d: loss %.4f, %s%s, %.0f images/s", epoch, row["train_loss"], checked,
+    turned = sum(n for turn, n in oriented.items() if turn)
+    log.warning("epoch %d: loss %.4f, %s%s, %.0f images/s%s", epoch, row["train_loss"], checked,
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),
-                row["images_per_second"])
+                row["images_per_second"],
+                f"; {turned} of {oriented.total()} tall crops trained turned" if oriented else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,9 @@ description, in worker threads), so training sees exactly what inference sees. B
 one resized width each and are normalised by ``preprocess.batching.batch_inputs``: nothing is
 padded. Samples that cannot be used are counted by reason and skipped: undecodable images,
 labels with characters outside the charset, labels longer than the CTC frames of their width.
+Under a description that reads tall crops turned, a training set keeps each tall crop's turned
+readings too, and training reads it in the orientation :func:`orient_tall_crops` picks (the
+lowest CTC loss for its label under the model at the start of the epoch).
 
 Each epoch draws from every source in proportion to its ratio (``--train PATH:RATIO``; 1 by
 default), shuffles within each width, cuts batches of ``--batch-size`` and shuffles the batch
@@ -30,6 +33,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from convert.checkpoint import load_checkpoint, read_description
 from convert.ctc import Decoded, decode_output, most_confident
 from convert.errors import ToolchainError
 from convert.registry import arch_entry, build_model, spec_for_arch
-from convert.spec import ModelSpec
+from convert.spec import TURNS, ModelSpec
 from eval.metrics import protocol_for, recognition_metrics
 from preprocess.batching import batch_inputs, plan_batches
 from preprocess.stream import decode_all
@@ -62,8 +66,11 @@ class WordSet:
         trimmed: samples kept after characters outside the charset were removed from their
             labels (``unknown="drop"`` in :func:`load_words`).
         turned: sample number -> ``[(turn, uint8 pixels), ...]``, the turned readings of the
-            tall crops a description with ``tall_crops="turn"`` reads three ways (loaded for
-            validation only: ``load_words(turns=True)``).
+            tall crops a description with ``tall_crops="turn"`` reads three ways
+            (``load_words(turns=True)``). Validation reads them all; training reads the one
+            :attr:`orientation` names.
+        orientation: sample number -> the quarter turn training reads it in (absent: 0,
+            upright), set by :func:`orient_tall_crops`.
     """
 
     path: Path
@@ -73,9 +80,19 @@ class WordSet:
     skipped: Counter = field(default_factory=Counter)
     trimmed: int = 0
     turned: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    orientation: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def readings(self, number: int) -> list[tuple[int, np.ndarray]]:
+        """Sample ``number``'s readings, ``[(turn, uint8 pixels), ...]``, upright first."""
+        return [(0, self.pixels[number]), *self.turned.get(number, [])]
+
+    def reading(self, number: int) -> np.ndarray:
+        """The pixels training reads sample ``number`` as: in its :attr:`orientation`."""
+        turn = self.orientation.get(number, 0)
+        return dict(self.readings(number))[turn] if turn else self.pixels[number]
 
 
 def needed_frames(targets: list[int]) -> int:
@@ -93,9 +110,11 @@ def folds_case(charset: Charset) -> bool:
 def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
                keep=None, unknown: str = "skip", role: str = "", turns: bool = False) -> WordSet:
     """Decode an lmdb for training; ``keep(index)`` selects indices (a hold-out split),
-    ``role`` says which (named in the error when nothing is left). With ``turns`` (for a
-    validation set), the turned readings of the crops ``spec`` reads turned are kept too
-    (:attr:`WordSet.turned`), so validation reads them as the toolchain will.
+    ``role`` says which (named in the error when nothing is left). With ``turns``, the
+    turned readings of the crops ``spec`` reads turned are kept too (:attr:`WordSet.turned`):
+    validation reads them as the toolchain will, and training reads each in the orientation
+    :func:`orient_tall_crops` picks. Such a crop is kept when any of its readings has the CTC
+    frames its label needs.
     Labels are lower-cased where the charset has no capitals (:func:`folds_case`).
 
     ``unknown``: what a label with characters outside the charset does. ``"skip"`` leaves
@@ -116,13 +135,8 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
     fold = folds_case(charset)
     if found.num_samples > found.readable:
         words.skipped["no image or label key"] += found.num_samples - found.readable
-    kept_index = None  # the lmdb index of the last sample kept (its turned readings follow)
-    for index, label, pixels, _size, reason, turn in results:
+    for index, label, readings, reason in _by_sample(results):
         if keep is not None and not keep(index):
-            continue
-        if turn:
-            if index == kept_index:
-                words.turned.setdefault(len(words) - 1, []).append((turn, pixels))
             continue
         if reason is not None:
             words.skipped["undecodable: " + reason.split(":")[0][:60]] += 1
@@ -143,17 +157,38 @@ def load_words(path: Path, spec: ModelSpec, charset: Charset, workers: int = 1,
         if not targets:
             words.skipped["empty label"] += 1
             continue
-        if needed_frames(targets) > spec.frames(pixels.shape[1]):
+        fits = [turn for turn, p in readings
+                if needed_frames(targets) <= spec.frames(p.shape[1])]
+        if not fits:
             words.skipped["label longer than the frames of its width"] += 1
             continue
-        words.pixels.append(pixels)
+        if len(readings) > 1:
+            words.turned[len(words)] = readings[1:]
+            if fits[0]:  # too narrow upright for its label: train on a turned reading
+                words.orientation[len(words)] = fits[0]
+        words.pixels.append(readings[0][1])
         words.targets.append(targets)
         words.texts.append(label)
-        kept_index = index
     if not words.texts:
         raise ToolchainError(f"{path}{f' ({role})' if role else ''}: no usable sample "
                              f"({dict(words.skipped) or 'empty'})")
     return words
+
+
+def _by_sample(results) -> Iterator[tuple[int, str | None, list[tuple[int, np.ndarray]],
+                                          str | None]]:
+    """``preprocess.stream.decode_all``'s results (one per reading, the upright one of each
+    index first) as ``(index, label, [(turn, pixels), ...], reason)``, one per sample."""
+    current = None
+    for index, label, pixels, _size, reason, turn in results:
+        if current is not None and index == current[0] and turn:
+            current[2].append((turn, pixels))
+            continue
+        if current is not None:
+            yield current
+        current = (index, label, [] if reason is not None else [(turn, pixels)], reason)
+    if current is not None:
+        yield current
 
 
 def plan_epoch(sets: list[WordSet], ratios: list[float], batch_size: int, seed: int,
@@ -172,7 +207,7 @@ def plan_epoch(sets: list[WordSet], ratios: list[float], batch_size: int, seed: 
         order = np.concatenate([rng.permutation(len(words))
                                 for _ in range(math.ceil(draws / len(words)))])[:draws]
         for i in order:
-            by_width.setdefault(words.pixels[i].shape[1], []).append((number, int(i)))
+            by_width.setdefault(words.reading(i).shape[1], []).append((number, int(i)))
     batches = []
     for width in sorted(by_width):
         members = by_width[width]
@@ -248,7 +283,7 @@ def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelS
     is augmented by :func:`photometric` (and :func:`geometric` first, with ``tilted``) with
     ``numpy.random.default_rng([*augment, k])``, so a sample's augmentation does not depend
     on how the batch is shared across ranks."""
-    pixels = [sets[s].pixels[i] for s, i in members]
+    pixels = [sets[s].reading(i) for s, i in members]
     if augment is not None:
         rngs = [np.random.default_rng([*augment, first_row + k]) for k in range(len(pixels))]
         if tilted:
@@ -293,6 +328,53 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
     metrics["word_accuracy"] = metrics["accuracy"]
     return metrics
+
+
+def orient_tall_crops(model: nn.Module, sets: list[WordSet], spec: ModelSpec,
+                      batch_size: int = 64) -> Counter:
+    """Choose the orientation training reads each tall crop in (:attr:`WordSet.orientation`):
+    of its readings (upright and turned a quarter each way, :attr:`WordSet.turned`) that have
+    the CTC frames its label needs, the one whose CTC loss for its label is lowest under
+    ``model`` (ties: upright, then counter-clockwise). A word written downwards is then
+    learnt as the model will read it, turned, rather than squeezed upright. The loss is the
+    label's negative log-likelihood, so readings of different widths compare.
+
+    Readings go through the model in equal-width batches of up to ``batch_size`` (as
+    :func:`validate`'s), without gradients; the model is left in eval mode.
+
+    Returns:
+        quarter turn -> how many crops now train in it (0: upright).
+    """
+    options = [(s, i, turn, pixels) for s, words in enumerate(sets)
+               for i in sorted(words.turned) for turn, pixels in words.readings(i)
+               if needed_frames(words.targets[i]) <= spec.frames(pixels.shape[1])]
+    chosen: Counter = Counter()
+    if not options:
+        return chosen
+    ctc = nn.CTCLoss(blank=spec.blank, reduction="none")
+    device = next(model.parameters()).device
+    loss = np.empty(len(options))
+    model.eval()
+    with torch.no_grad():
+        for chunk in plan_batches([pixels.shape[1] for *_, pixels in options], batch_size):
+            ((_, images),) = batch_inputs([options[k][3] for k in chunk], spec, len(chunk))
+            scores = log_probs(model, torch.from_numpy(images).to(device), spec).cpu()
+            targets = [sets[options[k][0]].targets[options[k][1]] for k in chunk]
+            loss[chunk] = ctc(scores, torch.tensor([c for t in targets for c in t]),
+                              torch.full((len(chunk),), scores.shape[0]),
+                              torch.tensor([len(t) for t in targets])).numpy()
+    best: dict[tuple[int, int], tuple[float, int, int]] = {}
+    for k, (s, i, turn, _) in enumerate(options):
+        key = (float(loss[k]), TURNS.index(turn), turn)
+        if (s, i) not in best or key < best[(s, i)]:
+            best[(s, i)] = key
+    for (s, i), (_, _, turn) in best.items():
+        if turn:
+            sets[s].orientation[i] = turn
+        else:
+            sets[s].orientation.pop(i, None)
+        chosen[turn] += 1
+    return chosen
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

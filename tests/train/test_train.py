@@ -248,10 +248,13 @@ def test_a_nan_loss_stops_with_a_clear_error(tmp_path, synth_words, capsys):
 
 def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     """torchrun with 2 processes (gloo) and 1 process, same global batch: same parameters,
-    with augmentation on (each global row's draw is seeded by its row, not its rank)."""
-    common = ["-m", "train", "--init", "nano-ocr", "--train", str(synth_words), "--epochs", "1",
-              "--batch-size", "8", "--max-steps", "3", "--workers", "1", "--val-split", "0.25",
-              "--augment", "--geometric"]
+    with augmentation on (each global row's draw is seeded by its row, not its rank) and
+    tall crops to orient (rank 0 chooses, every rank trains on its choice)."""
+    turned, _ = _turned_words(synth_words, tmp_path / "turned", 8)
+    common = ["-m", "train", "--init", "nano-ocr", "--train", str(synth_words), "--train",
+              f"{turned}:0.5", "--epochs", "2", "--batch-size", "8", "--workers", "1",
+              "--val-split", "0.25", "--epoch-samples", "24", "--augment", "--geometric",
+              "--orient-tall-crops"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -262,6 +265,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     assert two.returncode == 0, [line for line in two.stderr.splitlines()
                                  if "error" in line.lower()][:20]
     assert "on 2 process(es)" in two.stdout
+    assert "(2 epochs)" in two.stdout and "8 tall crops" in two.stderr  # oriented twice
     a = torch.load(tmp_path / "one" / "model.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two" / "model.pth", weights_only=True)["state_dict"]
     start = read_state_dict(fetch("nano-ocr"))
@@ -270,7 +274,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     print(f"largest parameter difference, 2 processes vs 1: {worst:.2e}")
     assert worst <= 1e-5, worst
     moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in a if k in start)
-    assert moved > 1e-4  # the three updates did change the model
+    assert moved > 1e-4  # the updates did change the model
 
 
 def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
@@ -542,8 +546,7 @@ def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys, caplog
 
 def test_validation_reads_tall_crops_as_the_description_says(tmp_path, synth_words, caplog):
     """With ``tall_crops="turn"`` the validation set keeps the turned readings of its tall
-    crops and ``validate`` keeps the most confident, as ``eval.postprocess`` does; the
-    training sets read every crop as it is."""
+    crops and ``validate`` keeps the most confident, as ``eval.postprocess`` does."""
     from convert.checkpoint import load_checkpoint
     from tests.eval.test_tall_crops import write_tall_lmdb
     from train.trainer import validate
@@ -568,3 +571,115 @@ def test_validation_reads_tall_crops_as_the_description_says(tmp_path, synth_wor
                   "--unknown-chars", "drop") == 0
     start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start:"))
     assert start.endswith("validation tall 50 (40 tall crops read three ways)"), start
+
+
+def _turned_words(source: Path, path: Path, count: int = 24) -> tuple[Path, dict[int, int]]:
+    """An lmdb of the first ``count`` wide renderings in ``source``, turned a quarter
+    (counter-clockwise and clockwise in turn), so each is a tall crop; and index -> the
+    quarter turn (``preprocess.image.turned``'s sign) that stands it upright again."""
+    items = _lmdb_items(source)
+    entries, upright = {}, {}
+    index = 0
+    while len(entries) < count:
+        index += 1
+        image = Image.open(io.BytesIO(items[b"image-%09d" % index]))
+        if image.width < 2 * image.height:
+            continue
+        number = len(entries) + 1
+        ccw = number % 2 == 1
+        entries[number] = (encode(image.transpose(Image.Transpose.ROTATE_90 if ccw
+                                                  else Image.Transpose.ROTATE_270)),
+                           items[b"label-%09d" % index])
+        upright[number] = -1 if ccw else 1
+    return write_lmdb(path, entries, len(entries)), upright
+
+
+def test_training_reads_tall_crops_in_the_orientation_of_lowest_loss(tmp_path, synth_words):
+    """With ``tall_crops="turn"`` a training set keeps the turned readings of its tall crops
+    and reads each in the orientation whose CTC loss for its label is lowest: rendered words
+    turned a quarter either way are read turned back, not squeezed upright."""
+    import torch.nn.functional as F
+
+    from convert.checkpoint import load_checkpoint
+    from preprocess.batching import batch_inputs
+    from train.trainer import make_batch, orient_tall_crops
+
+    path, upright = _turned_words(synth_words, tmp_path / "turned")
+    spec = spec_for_arch("nano-ocr").replace(tall_crops="turn")
+    model = load_checkpoint(fetch("nano-ocr"), spec)
+    words = load_words(path, spec, spec.charset, unknown="drop", turns=True)
+    assert len(words.turned) == len(words) == 24 and words.orientation == {}
+    chosen = orient_tall_crops(model, [words], spec)
+    assert chosen.total() == 24
+    right = sum(words.orientation.get(i, 0) == upright[i + 1] for i in range(len(words)))
+    assert right >= 22, words.orientation  # the way back up, all but a hard one or two
+    for i in range(len(words)):  # each choice has the lowest loss, one reading at a time
+        losses = {}
+        for turn, pixels in words.readings(i):
+            ((_, images),) = batch_inputs([pixels], spec, 1)
+            with torch.no_grad():
+                scores = log_probs(model, torch.from_numpy(images), spec)
+            losses[turn] = float(F.ctc_loss(scores, torch.tensor([words.targets[i]]),
+                                            [scores.shape[0]], [len(words.targets[i])],
+                                            blank=spec.blank, reduction="sum"))
+        turn = words.orientation.get(i, 0)
+        assert losses[turn] <= min(losses.values()) + 1e-3, (i, losses, turn)
+    # Batches read the chosen reading: the turned pixels, not the upright ones.
+    seen = 0
+    for batch in plan_epoch([words], [1.0], 4, seed=0, epoch=0):
+        images, _, _ = make_batch([words], batch, spec)
+        ((_, expected),) = batch_inputs([words.reading(i) for _, i in batch], spec, len(batch))
+        np.testing.assert_array_equal(images.numpy(), expected)
+        for k, (_, i) in enumerate(batch):
+            if words.orientation.get(i, 0):
+                ((_, squeezed),) = batch_inputs([words.pixels[i]], spec, 1)
+                assert not np.array_equal(images.numpy()[k], squeezed[0])
+                seen += 1
+    assert seen >= 12  # plan_epoch leaves out lone rows of a width
+    # Without turns (tall_crops "keep"), nothing is turned.
+    kept = load_words(path, spec.replace(tall_crops="keep"), spec.charset, unknown="drop",
+                      turns=True)
+    assert kept.turned == {} and orient_tall_crops(model, [kept], spec).total() == 0
+
+
+def test_a_tall_crop_too_narrow_upright_for_its_label_trains_turned(tmp_path):
+    """A crop whose label needs more CTC frames than its upright reading has was skipped;
+    with turned readings it is kept and trains turned, where the frames are."""
+    spec = spec_for_arch("nano-ocr").replace(tall_crops="turn")
+    label = "abcdefghijklmnopqrstuvwxyzabcd"  # 30 characters; upright, 96 px give 25 frames
+    tall = word_image(label, 640, 24).transpose(Image.Transpose.ROTATE_90)
+    path = write_lmdb(tmp_path / "long", {1: (encode(tall), label.encode()),
+                                          2: (encode(word_image("good", 100, 32)), b"good")}, 2)
+    upright = load_words(path, spec, spec.charset, turns=False)
+    assert upright.texts == ["good"]
+    assert upright.skipped["label longer than the frames of its width"] == 1
+    words = load_words(path, spec, spec.charset, turns=True)
+    assert words.texts == [label, "good"] and words.orientation == {0: 1}
+    assert needed_frames(words.targets[0]) <= spec.frames(words.reading(0).shape[1])
+    assert needed_frames(words.targets[0]) > spec.frames(words.pixels[0].shape[1])
+
+
+def test_the_training_command_orients_tall_crops_every_epoch_when_asked(
+        tmp_path, synth_words, caplog, capsys, monkeypatch):
+    path, _ = _turned_words(synth_words, tmp_path / "turned", 12)
+    calls = []
+    real = train_cli.orient_tall_crops
+    monkeypatch.setattr(train_cli, "orient_tall_crops",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ("--init", "nano-ocr", "--train", synth_words, "--train", path, "--batch-size", 8,
+              "--workers", 1, "--val-split", 0, "--epoch-samples", 16)
+    assert _train(*common, "--out", tmp_path / "as-is", "--epochs", 1) == 0
+    assert calls == [] and not any("tall crop" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    assert _train(*common, "--out", tmp_path / "run", "--epochs", 3, "--orient-tall-crops") == 0
+    assert len(calls) == 3  # before the first epoch, and again before each later one
+    start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start:"))
+    assert "turned 12 (skipped {}; 12 tall crops, each trained in the orientation of its " \
+           "lowest loss)" in start, start
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 3 and all(" of 12 tall crops trained turned" in e for e in epochs)
+    assert _train(*common, "--out", tmp_path / "keep", "--tall-crops", "keep",
+                  "--orient-tall-crops") != 0
+    assert "--orient-tall-crops goes with tall crops read turned; this run reads them " \
+           "'keep'" in capsys.readouterr().err
+    assert not (tmp_path / "keep").exists()
