@@ -6,9 +6,10 @@ description, in worker threads), so training sees exactly what inference sees. B
 one resized width each and are normalised by ``preprocess.batching.batch_inputs``: nothing is
 padded. Samples that cannot be used are counted by reason and skipped: undecodable images,
 labels with characters outside the charset, labels longer than the CTC frames of their width.
-Under a description that reads tall crops turned, a training set keeps each tall crop's turned
-readings too, and training reads it in the orientation :func:`orient_tall_crops` picks (the
-lowest CTC loss for its label under the model at the start of the epoch).
+With ``--orient-tall-crops`` (under a description that reads tall crops turned), a training
+set keeps each tall crop's turned readings too (``load_words(turns=True)``), and training reads
+it in the orientation :func:`orient_tall_crops` picks (the lowest CTC loss for its label under
+the model at the start of the epoch); otherwise every training crop is read as it is.
 
 Each epoch draws from every source in proportion to its ratio (``--train PATH:RATIO``; 1 by
 default), shuffles within each width, cuts batches of ``--batch-size`` and shuffles the batch
