@@ -479,7 +479,7 @@ def _moving_average(model: torch.nn.Module, decay: float | None):
 
 def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, epoch: int,
                step: int, losses: list[float], seen: int, seconds: float, size: int,
-               began: float, oriented: Counter) -> None:
+               began: float, oriented: Counter | None = None) -> None:
     """Validate, keep the best model, write last.pth and the log (rank 0).
 
     The best model has the highest validation word accuracy; among equal accuracies, the
@@ -490,7 +490,8 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     With ``--ema`` (``average``), the averaged weights are the ones validated and kept in
     model.pth; last.pth holds both, for ``--resume``, and the seconds since the run began
     (``began``, ``time.perf_counter``'s; ``elapsed``), which count against ``--max-minutes``.
-    ``oriented``: the epoch's tall crops by the quarter turn they trained in (``_orient``).
+    ``oriented``: the epoch's tall crops by the quarter turn they trained in (``_orient``;
+    None or empty: no tall crop was oriented).
     """
     kept = model if average is None else average.module
     metrics = (validate(kept, val_sets[0], spec) if val_sets
@@ -518,6 +519,7 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
                    **extra)  # rows of a run resumed from an older last.pth lack the new columns
     checked = (f"validation accuracy {row['val_accuracy']:.4f} "
                f"(1-NED {row['val_one_minus_ned']:.4f})" if val_sets else "no validation set")
+    oriented = oriented or Counter()
     turned = sum(n for turn, n in oriented.items() if turn)
     log.warning("epoch %d: loss %.4f, %s%s, %.0f images/s%s", epoch, row["train_loss"], checked,
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),

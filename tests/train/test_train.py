@@ -133,16 +133,13 @@ def test_unknown_characters_can_be_dropped_from_labels_instead(tmp_path):
 def test_plan_epoch_is_seeded_and_equal_width():
     spec = spec_for_arch("nano-ocr")
 
-    class Fake:
-        def __init__(self, widths):
-            import numpy as np
+    from train.trainer import WordSet
 
-            self.pixels = [np.zeros((32, w), np.uint8) for w in widths]
+    def words(widths: list[int]) -> WordSet:
+        return WordSet(Path("fake"), pixels=[np.zeros((32, w), np.uint8) for w in widths],
+                       texts=["x"] * len(widths), targets=[[1]] * len(widths))
 
-        def __len__(self):
-            return len(self.pixels)
-
-    sets = [Fake([96] * 10 + [120] * 7), Fake([96] * 5)]
+    sets = [words([96] * 10 + [120] * 7), words([96] * 5)]
     a = plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=0)
     assert a == plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=0)
     assert a != plan_epoch(sets, [1.0, 1.0], 4, seed=3, epoch=1)
