@@ -291,10 +291,15 @@ def make_batch(sets: list[WordSet], members: list[tuple[int, int]], spec: ModelS
             pixels = [geometric(p, rng) for p, rng in zip(pixels, rngs)]
         pixels = [photometric(p, rng) for p, rng in zip(pixels, rngs)]
     ((_, images),) = batch_inputs(pixels, spec, len(pixels))
-    targets = [sets[s].targets[i] for s, i in members]
-    flat = torch.tensor([c for t in targets for c in t], dtype=torch.long)
-    lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
-    return torch.from_numpy(images), flat, lengths
+    return (torch.from_numpy(images),
+            *ctc_targets([sets[s].targets[i] for s, i in members]))
+
+
+def ctc_targets(targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.nn.CTCLoss``'s concatenated targets (int64 ``[sum of lengths]``) and their
+    lengths (int64 ``[B]``) for a batch's class sequences."""
+    return (torch.tensor([c for t in targets for c in t], dtype=torch.long),
+            torch.tensor([len(t) for t in targets], dtype=torch.long))
 
 
 def log_probs(model: nn.Module, images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -360,10 +365,10 @@ def orient_tall_crops(model: nn.Module, sets: list[WordSet], spec: ModelSpec,
         for chunk in plan_batches([pixels.shape[1] for *_, pixels in options], batch_size):
             ((_, images),) = batch_inputs([options[k][3] for k in chunk], spec, len(chunk))
             scores = log_probs(model, torch.from_numpy(images).to(device), spec).cpu()
-            targets = [sets[options[k][0]].targets[options[k][1]] for k in chunk]
-            loss[chunk] = ctc(scores, torch.tensor([c for t in targets for c in t]),
-                              torch.full((len(chunk),), scores.shape[0]),
-                              torch.tensor([len(t) for t in targets])).numpy()
+            flat, lengths = ctc_targets([sets[options[k][0]].targets[options[k][1]]
+                                         for k in chunk])
+            loss[chunk] = ctc(scores, flat, torch.full((len(chunk),), scores.shape[0]),
+                              lengths).numpy()
     best: dict[tuple[int, int], tuple[float, int, int]] = {}
     for k, (s, i, turn, _) in enumerate(options):
         key = (float(loss[k]), TURNS.index(turn), turn)
