@@ -14,8 +14,10 @@ position, for ``--resume``), ``log.csv`` and ``curves.png`` (loss and validation
 epoch). A NaN or infinite loss stops the run with an error; the checkpoints of the last good
 epoch stay.
 
-Many devices: ``torchrun --nproc-per-node N -m train ...`` (gloo on CPU, nccl on CUDA; on
-Ascend, hccl with torch_npu); rank 0 validates, logs and writes the checkpoints.
+Devices (``--device``): ``cpu``, ``cuda`` or ``npu`` (Ascend, through torch_npu, imported only
+then). Many devices: ``torchrun --nproc-per-node N -m train ...`` (gloo on CPU, nccl on CUDA,
+hccl on Ascend), each rank on the device of its ``LOCAL_RANK``; rank 0 validates, logs and
+writes the checkpoints.
 
 Examples:
     python -m train --init nano-ocr --train ../shared/data/IC15_train_words --out work/ft
@@ -28,8 +30,11 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -161,10 +166,13 @@ def _parser():
                              "(default), or drop those characters and keep it (the model "
                              "learns blanks over them; the 0-9a-z protocol ignores them)")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: float16 with a gradient scaler on CUDA, bfloat16 "
-                             "on a CPU with native bfloat16 (AVX512-BF16 or AMX); weights, "
-                             "CTC loss and optimiser stay float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+                        help="mixed precision: float16 with a gradient scaler on CUDA and "
+                             "Ascend, bfloat16 on a CPU with native bfloat16 (AVX512-BF16 or "
+                             "AMX); weights, CTC loss and optimiser stay float32")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, or npu (Ascend, needs torch_npu); cuda:N or npu:N "
+                             "picks one device for a single process; under torchrun each rank "
+                             "takes the device of its LOCAL_RANK")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
     parser.add_argument("--workers", type=positive(int), default=available_cores(),
                         help="decoding threads while loading the lmdbs")
@@ -174,7 +182,71 @@ def _parser():
 
 
 #: The reduced precision ``--amp`` computes in, per device type (``torch.autocast``).
-AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
+AMP_DTYPES = {"cuda": torch.float16, "npu": torch.float16, "cpu": torch.bfloat16}
+#: The collective backend of each device type (``torch.distributed.init_process_group``).
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+_TRAINING_DEVICE = re.compile(r"^(cpu|cuda|npu)(?::(\d+))?$")
+
+
+def training_device(text: str, local_rank: int = 0, size: int = 1) -> tuple[str, str]:
+    """The device a training process runs on and its collective backend.
+
+    Args:
+        text: ``--device``: ``cpu``, ``cuda``, ``npu``, or ``cuda:N`` / ``npu:N`` (one
+            process only).
+        local_rank: this process's index on its host (torchrun's ``LOCAL_RANK``).
+        size: the number of processes (torchrun's ``WORLD_SIZE``).
+
+    Returns:
+        ``(device, backend)``: e.g. ``("cpu", "gloo")``, ``("cuda:1", "nccl")`` for local
+        rank 1 under torchrun, ``("npu:0", "hccl")``.
+
+    Raises:
+        ToolchainError: an unknown spelling, or one device index given to several processes
+            (they would share one device).
+    """
+    match = _TRAINING_DEVICE.match(text.strip())
+    if match is None:
+        raise ToolchainError(f"--device {text}: training runs on cpu, cuda or npu "
+                             "(cuda:N or npu:N for one process)")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu":
+        if index is not None:
+            raise ToolchainError(f"--device {text}: the CPU takes no index; give cpu")
+        return "cpu", BACKENDS[kind]
+    if index is not None and size > 1:
+        raise ToolchainError(f"--device {text}: {size} processes would share one device; give "
+                             f"--device {kind}, and each rank takes {kind}:LOCAL_RANK")
+    if index is None and kind == "cuda" and size == 1:
+        return "cuda", BACKENDS[kind]
+    return f"{kind}:{local_rank if index is None else int(index)}", BACKENDS[kind]
+
+
+def _open_device(device: str) -> None:
+    """Make ``device`` usable and current in this process before its process group starts:
+    for ``npu``, import torch_npu (Ascend Extension for PyTorch, which registers the ``npu``
+    device and the ``hccl`` backend) and ``torch_npu.npu.set_device``; for ``cuda``, check
+    that PyTorch sees CUDA and ``torch.cuda.set_device`` an indexed one.
+
+    Raises:
+        ToolchainError: torch_npu cannot be imported, or this PyTorch has no CUDA device.
+    """
+    kind = device.split(":")[0]
+    if kind == "npu":
+        try:
+            torch_npu = importlib.import_module("torch_npu")
+        except ImportError as exc:
+            raise ToolchainError(
+                f"--device npu needs torch_npu (Ascend Extension for PyTorch, built for torch "
+                f"{torch.__version__}) and CANN on an Ascend host; it cannot be imported here "
+                f"({exc})") from exc
+        torch_npu.npu.set_device(device)
+    elif kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ToolchainError(f"--device {device}: this PyTorch sees no CUDA device "
+                                 f"(torch {torch.__version__}); train on --device cpu")
+        if ":" in device:
+            torch.cuda.set_device(torch.device(device))
 
 
 def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -190,13 +262,15 @@ def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _setup_distributed(device: str) -> tuple[int, int]:
+def _setup_distributed(text: str) -> tuple[int, int, str]:
+    """``(rank, world size, device)`` of this process, its device opened and, under torchrun,
+    its process group started on the device's backend."""
     rank, size = world()
+    device, backend = training_device(text, int(os.environ.get("LOCAL_RANK", 0)), size)
+    _open_device(device)
     if size > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return rank, size
+        torch.distributed.init_process_group(backend)
+    return rank, size, device
 
 
 def _run(args) -> int:
@@ -214,13 +288,8 @@ def _run(args) -> int:
 
 
 def _train(args) -> int:
-    rank, size = _setup_distributed(args.device)
-    if args.device not in ("cpu", "cuda"):
-        raise ToolchainError(f"--device {args.device}: training runs on cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ToolchainError("--device cuda: this PyTorch sees no CUDA device "
-                             f"(torch {torch.__version__}); train on --device cpu")
-    if args.amp and args.device == "cpu" and not native_bfloat16():
+    rank, size, device_name = _setup_distributed(args.device)
+    if args.amp and device_name == "cpu" and not native_bfloat16():
         raise ToolchainError("--amp on the CPU needs native bfloat16 (AVX512-BF16 or AMX), "
                              "which this CPU lacks (emulated it is slower than float32); "
                              "drop --amp")
@@ -267,10 +336,12 @@ def _train(args) -> int:
     freeze = args.freeze_bn if args.freeze_bn is not None else init is not None
     fixed = freeze_convolutions(model, args.freeze_convs if args.freeze_convs is not None
                                 else 3 if init is not None else 0)
-    device = torch.device(args.device)
-    # Channels-last convolution weights (NHWC activations) let oneDNN pick its faster
-    # convolution and pooling kernels (README, training speed: 8-16 % more images/s on a Zen 4).
-    model.to(device, memory_format=torch.channels_last)
+    device = torch.device(device_name)
+    # On the CPU, channels-last convolution weights (NHWC activations) let oneDNN pick its
+    # faster convolution and pooling kernels (README, training speed: 8-16 % more images/s on
+    # a Zen 4); other devices keep their own layout.
+    model.to(device, memory_format=torch.channels_last if device.type == "cpu"
+             else torch.preserve_format)
 
     sources = [parse_source(t) for t in args.train]
     first_path = sources[0][0]
@@ -291,7 +362,7 @@ def _train(args) -> int:
                                  f"the validation split, every {every}th index; give --val "
                                  "LMDB, or --val-split 0 for none", turns)] if every else [])
     ratios = [r for _, r in sources]
-    oriented = _orient(model, train_sets, spec, rank, size)
+    oriented = _orient(model, train_sets, spec, rank, size, device)
     if rank == 0:
         log.warning("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "
                     "validation %s", what, fixed,
@@ -347,15 +418,17 @@ def _train(args) -> int:
 
     trained = model
     if size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if device.type == "cpu" else [device])
     ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="none", zero_infinity=False)
     # float16 needs its gradients scaled; bfloat16 has float32's exponent range and does not
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    scaler = (torch.amp.GradScaler(device.type)
+              if args.amp and AMP_DTYPES[device.type] == torch.float16 else None)
     oriented_at = epoch
     while (epoch < args.epochs and step < total_steps
-           and not _out_of_time(began, budget, size)):
+           and not _out_of_time(began, budget, size, device)):
         if epoch != oriented_at:  # the model has moved: choose the orientations again
-            oriented = _orient(model, train_sets, spec, rank, size)
+            oriented = _orient(model, train_sets, spec, rank, size, device)
         batches = plan_epoch(train_sets, ratios, args.batch_size, args.seed, epoch, size,
                              args.epoch_samples)
         model.train()
@@ -365,7 +438,7 @@ def _train(args) -> int:
         bar = tqdm(batches, unit="batch", desc=f"epoch {epoch + 1}",
                    disable=True if rank else None)
         for members in bar:
-            if step >= total_steps or _out_of_time(began, budget, size):
+            if step >= total_steps or _out_of_time(began, budget, size, device):
                 break
             first = len(members) * rank // size
             share = members[first:len(members) * (rank + 1) // size]
@@ -439,16 +512,19 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _orient(model: torch.nn.Module, train_sets: list, spec, rank: int, size: int) -> Counter:
-    """``train.trainer.orient_tall_crops`` on rank 0, its choices sent to every rank so all
-    plan the same batches. Returns quarter turn -> crops trained in it (empty: no tall crop)."""
+def _orient(model: torch.nn.Module, train_sets: list, spec, rank: int, size: int,
+            device: torch.device | str = "cpu") -> Counter:
+    """``train.trainer.orient_tall_crops`` on rank 0, its choices sent to every rank (from
+    ``device``, where the process group's backend works) so all plan the same batches.
+    Returns quarter turn -> crops trained in it (empty: no tall crop)."""
     keys = [(s, i) for s, words in enumerate(train_sets) for i in sorted(words.turned)]
     if not keys:
         return Counter()
     if rank == 0:
         orient_tall_crops(model, train_sets, spec)
     if size > 1:
-        turns = torch.tensor([train_sets[s].orientation.get(i, 0) for s, i in keys])
+        turns = torch.tensor([train_sets[s].orientation.get(i, 0) for s, i in keys],
+                             device=device)
         torch.distributed.broadcast(turns, 0)
         for (s, i), turn in zip(keys, turns.tolist()):
             if turn:
@@ -458,10 +534,11 @@ def _orient(model: torch.nn.Module, train_sets: list, spec, rank: int, size: int
     return Counter(train_sets[s].orientation.get(i, 0) for s, i in keys)
 
 
-def _out_of_time(began: float, budget: float, size: int) -> bool:
-    """Whether the time budget is spent; under torchrun rank 0 decides for all ranks, so they
-    stop at the same step."""
-    spent = torch.tensor([float(time.perf_counter() - began >= budget)])
+def _out_of_time(began: float, budget: float, size: int,
+                 device: torch.device | str = "cpu") -> bool:
+    """Whether the time budget is spent; under torchrun rank 0 decides for all ranks (a
+    broadcast from ``device``), so they stop at the same step."""
+    spent = torch.tensor([float(time.perf_counter() - began >= budget)], device=device)
     if size > 1:
         torch.distributed.broadcast(spent, 0)
     return bool(spent.item())

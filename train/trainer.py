@@ -319,6 +319,7 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     readings (:attr:`WordSet.turned`) is read all ways and its most confident reading kept
     (``convert.ctc.most_confident``), as ``eval.postprocess`` does."""
     model.eval()
+    device = next(model.parameters()).device
     readings = [(i, 0, pixels) for i, pixels in enumerate(words.pixels)]
     readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
                  for turn, pixels in turned]
@@ -326,7 +327,7 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     with torch.no_grad():  # equal-width batches, planned as inference plans them
         for chunk in plan_batches([pixels.shape[1] for _, _, pixels in readings], batch_size):
             ((_, images),) = batch_inputs([readings[r][2] for r in chunk], spec, len(chunk))
-            scores = model(torch.from_numpy(images)).float().numpy()
+            scores = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
             decoded = decode_output(spec, scores, [images.shape[-1]] * len(chunk))
             for r, d in zip(chunk, decoded):
                 decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))

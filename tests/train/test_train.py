@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import subprocess
@@ -300,16 +301,54 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
         *([(["--train", synth_words, "--out", tmp_path / "j", "--device", "cuda"],
             "--device cuda: this PyTorch sees no CUDA device")]
           if not torch.cuda.is_available() else []),
+        *([(["--train", synth_words, "--out", tmp_path / "m", "--device", "npu"],
+            "--device npu needs torch_npu (Ascend Extension for PyTorch")]
+          if importlib.util.find_spec("torch_npu") is None else []),
+        (["--train", synth_words, "--out", tmp_path / "n", "--device", "tpu"],
+         "--device tpu: training runs on cpu, cuda or npu"),
     ]:
         assert _train(*args) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     # A run that stopped before its first checkpoint leaves no empty folder behind; a folder
     # that was there before stays.
-    assert not any((tmp_path / name).exists() for name in "abcdefghijkl")
+    assert not any((tmp_path / name).exists() for name in "abcdefghijklmn")
     (tmp_path / "mine").mkdir()
     assert _train("--train", tmp_path / "no_lmdb", "--out", tmp_path / "mine") != 0
     assert (tmp_path / "mine").is_dir()
+
+
+def test_each_rank_trains_on_the_device_of_its_local_rank():
+    device = train_cli.training_device
+    assert device("cpu") == ("cpu", "gloo") and device("cpu", 1, 2) == ("cpu", "gloo")
+    assert device("cuda") == ("cuda", "nccl") and device("cuda:1") == ("cuda:1", "nccl")
+    assert device("cuda", 1, 2) == ("cuda:1", "nccl")  # torchrun: LOCAL_RANK's GPU
+    assert device("npu") == ("npu:0", "hccl") and device("npu:3") == ("npu:3", "hccl")
+    assert device("npu", 3, 4) == ("npu:3", "hccl")
+    for text, size, message in [("npu:0", 2, "2 processes would share one device"),
+                                ("cuda:0", 2, "2 processes would share one device"),
+                                ("cpu:0", 1, "the CPU takes no index"),
+                                ("gpu", 1, "training runs on cpu, cuda or npu")]:
+        with pytest.raises(train_cli.ToolchainError, match=message):
+            device(text, 0, size)
+
+
+def test_an_npu_rank_imports_torch_npu_and_sets_its_device_first(monkeypatch):
+    """Our side of torch_npu's contract, with a TEST DOUBLE standing in for torch_npu (not
+    installed here, and it needs CANN and an Ascend NPU): ``--device npu`` imports it only
+    then, and sets the rank's device (``torch_npu.npu.set_device``) before the process group
+    starts, as Ascend's DDP examples do; the backend is hccl."""
+    import types
+
+    calls = []
+    double = types.ModuleType("torch_npu", "TEST DOUBLE for Ascend's torch_npu")
+    double.npu = types.SimpleNamespace(set_device=calls.append)
+    monkeypatch.setitem(sys.modules, "torch_npu", double)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no process group to start here
+    assert train_cli._setup_distributed("npu") == (6, 1, "npu:2")
+    assert calls == ["npu:2"]
 
 
 def test_from_scratch_small_crnn_folds_case_and_exports(tmp_path, synth_words):
