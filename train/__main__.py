@@ -527,10 +527,7 @@ def _orient(model: torch.nn.Module, train_sets: list, spec, rank: int, size: int
                              device=device)
         torch.distributed.broadcast(turns, 0)
         for (s, i), turn in zip(keys, turns.tolist()):
-            if turn:
-                train_sets[s].orientation[i] = turn
-            else:
-                train_sets[s].orientation.pop(i, None)
+            train_sets[s].orient(i, turn)
     return Counter(train_sets[s].orientation.get(i, 0) for s, i in keys)
 
 

@@ -95,6 +95,13 @@ class WordSet:
         turn = self.orientation.get(number, 0)
         return dict(self.readings(number))[turn] if turn else self.pixels[number]
 
+    def orient(self, number: int, turn: int) -> None:
+        """Train sample ``number`` in quarter turn ``turn`` (0: upright) from now on."""
+        if turn:
+            self.orientation[number] = turn
+        else:
+            self.orientation.pop(number, None)
+
 
 def needed_frames(targets: list[int]) -> int:
     """CTC frames a target sequence needs: one per class, plus a blank between repeats."""
@@ -310,6 +317,16 @@ def log_probs(model: nn.Module, images: torch.Tensor, spec: ModelSpec) -> torch.
     return output.float().log_softmax(2)
 
 
+def _batches_on(model: nn.Module, pixels: list[np.ndarray], spec: ModelSpec, batch_size: int
+                ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``(positions in pixels, float32 [B, C, H, W] on the model's device)`` in equal-width
+    batches of up to ``batch_size``, planned and normalised as inference does."""
+    device = next(model.parameters()).device
+    for chunk in plan_batches([p.shape[1] for p in pixels], batch_size):
+        ((_, images),) = batch_inputs([pixels[k] for k in chunk], spec, len(chunk))
+        yield chunk, torch.from_numpy(images).to(device)
+
+
 def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int = 64
              ) -> dict[str, float]:
     """The report's metrics on ``words`` (``eval.metrics.recognition_metrics``), and
@@ -319,15 +336,14 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     readings (:attr:`WordSet.turned`) is read all ways and its most confident reading kept
     (``convert.ctc.most_confident``), as ``eval.postprocess`` does."""
     model.eval()
-    device = next(model.parameters()).device
     readings = [(i, 0, pixels) for i, pixels in enumerate(words.pixels)]
     readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
                  for turn, pixels in turned]
     decoded_of: dict[int, list[tuple[int, Decoded]]] = {}
     with torch.no_grad():  # equal-width batches, planned as inference plans them
-        for chunk in plan_batches([pixels.shape[1] for _, _, pixels in readings], batch_size):
-            ((_, images),) = batch_inputs([readings[r][2] for r in chunk], spec, len(chunk))
-            scores = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
+        for chunk, images in _batches_on(model, [pixels for *_, pixels in readings], spec,
+                                         batch_size):
+            scores = model(images).float().cpu().numpy()
             decoded = decode_output(spec, scores, [images.shape[-1]] * len(chunk))
             for r, d in zip(chunk, decoded):
                 decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
@@ -359,13 +375,12 @@ def orient_tall_crops(model: nn.Module, sets: list[WordSet], spec: ModelSpec,
     if not options:
         return chosen
     ctc = nn.CTCLoss(blank=spec.blank, reduction="none")
-    device = next(model.parameters()).device
     loss = np.empty(len(options))
     model.eval()
     with torch.no_grad():
-        for chunk in plan_batches([pixels.shape[1] for *_, pixels in options], batch_size):
-            ((_, images),) = batch_inputs([options[k][3] for k in chunk], spec, len(chunk))
-            scores = log_probs(model, torch.from_numpy(images).to(device), spec).cpu()
+        for chunk, images in _batches_on(model, [pixels for *_, pixels in options], spec,
+                                         batch_size):
+            scores = log_probs(model, images, spec).cpu()
             flat, lengths = ctc_targets([sets[options[k][0]].targets[options[k][1]]
                                          for k in chunk])
             loss[chunk] = ctc(scores, flat, torch.full((len(chunk),), scores.shape[0]),
@@ -376,10 +391,7 @@ def orient_tall_crops(model: nn.Module, sets: list[WordSet], spec: ModelSpec,
         if (s, i) not in best or key < best[(s, i)]:
             best[(s, i)] = key
     for (s, i), (_, _, turn) in best.items():
-        if turn:
-            sets[s].orientation[i] = turn
-        else:
-            sets[s].orientation.pop(i, None)
+        sets[s].orient(i, turn)
         chosen[turn] += 1
     return chosen
 
