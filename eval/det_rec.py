@@ -52,6 +52,7 @@ from convert.outputs import (
 )
 from eval.det_metrics import Detection, score_set
 from eval.postprocess import machine_facts
+from infer.device import DEVICE_SPELLINGS
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
 from preprocess.icdar_gt import GtWord, read_gt_file
 from preprocess.image import SampleError, decode_rgb
@@ -196,7 +197,8 @@ def _parser():
                         help="detector file or registry name")
     parser.add_argument("--rec", default=DEFAULT_RECOGNIZER,
                         help="recogniser file or registry name (ppocr-v4-rec, nano-ocr)")
-    parser.add_argument("--device", help="cpu (default), cuda, or npu:N for .om models")
+    parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: cpu; npu for .om "
+                                         "models)")
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
     parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels fail (checked before decoding)")

@@ -44,7 +44,7 @@ def parse_device_list(text: str) -> list[int]:
         if device.kind != "npu":
             raise ToolchainError(f"--device {text}: a device list names NPUs (0,1,... or "
                                  f"npu:0,npu:1,...), not {device}")
-        devices.append(device.index)
+        devices.append(device.ordinal)
     if len(set(devices)) != len(devices):
         raise ToolchainError(f"--device {text}: a device is named twice")
     return devices

@@ -78,6 +78,7 @@ from eval.metrics import (
 )
 from eval.ray_executor import run_on_ray
 from infer import describe, open_model
+from infer.device import DEVICE_SPELLINGS, parse_device
 from infer.onnxruntime_runner import available_cores
 from infer.open import backend_of
 from pipeline import Recognizer
@@ -257,7 +258,7 @@ def _parser():
         "--gate-order", default="ifgo", choices=GATE_ORDERS, help="stored LSTM gate order of --pth"
     )
     parser.add_argument(
-        "--device", help="cpu, cuda or npu:N (default: npu:0 for --om-path, else cpu)"
+        "--device", help=f"{DEVICE_SPELLINGS} (default: npu:0 for --om-path, else cpu)"
     )
     parser.add_argument(
         "--sidecar", type=Path, help="sidecar JSON of --om-path (default: beside it)"
@@ -334,6 +335,9 @@ def _check_scale_out(args) -> str | None:
                              "leave out the device list (or use --executor local)")
     if args.address and args.executor != "ray":
         raise ToolchainError("--address goes with --executor ray")
+    if args.executor == "ray" and args.device and parse_device(args.device).index is not None:
+        raise ToolchainError(f"--device {args.device}: Ray gives each actor its own device; "
+                             f"give {parse_device(args.device).kind} without an index")
     return "ray" if args.executor == "ray" else "devices"
 
 

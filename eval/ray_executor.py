@@ -8,8 +8,9 @@ scores them exactly as one process does. We write no cluster code: scheduling, p
 actor restarts are Ray's.
 
 Resources per actor: 1 CPU for ONNX Runtime and PyTorch on the CPU, ``num_gpus=1`` with
-``--device cuda``, ``resources={"NPU": 1}`` for an .om (Ray sets
-``ASCEND_RT_VISIBLE_DEVICES``, so each actor uses its one visible NPU as ``npu:0``).
+``--device cuda`` (Ray sets ``CUDA_VISIBLE_DEVICES``, so ``cuda:N`` is refused),
+``resources={"NPU": 1}`` for an .om (Ray sets ``ASCEND_RT_VISIBLE_DEVICES``, so each actor
+uses its one visible NPU as ``npu:0``).
 Without ``address`` a local Ray starts with ``workers`` CPUs; with ``address`` (``auto`` on a
 node of the cluster, or the head's ``HOST:6379``) the driver joins that cluster. Ray Client
 addresses (``ray://``) are refused: Ray Data does not run through Ray Client in Ray 2.60
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from convert.errors import ToolchainError
 from eval.blocks import BlockJob, BlockWorker, MergedRun, empty_rows, extend_rows, merge_rows
+from infer.device import parse_device
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def _actor_resources(device: str | None, backend: str) -> tuple[str, dict]:
     """The resource an actor needs (for the capacity check) and its map_batches arguments."""
     if backend == "ais_bench":
         return "NPU", {"resources": {"NPU": 1}}
-    if device == "cuda":
+    if device is not None and parse_device(device).kind == "cuda":
         return "GPU", {"num_gpus": 1}
     return "CPU", {"num_cpus": 1}
 

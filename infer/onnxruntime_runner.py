@@ -12,6 +12,7 @@ import numpy as np
 
 from convert.errors import ToolchainError
 from infer.base import InputSpec, Runner
+from infer.device import parse_device
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -40,7 +41,8 @@ class OnnxRuntimeRunner(Runner):
     Args:
         model_path: the .onnx file.
         device: ``"cpu"`` (CPU execution provider, intra-op threads = available cores,
-            full graph optimisation) or ``"cuda"`` (needs onnxruntime-gpu).
+            full graph optimisation), or ``"cuda"`` / ``"cuda:N"`` (the CUDA execution
+            provider's ``device_id`` N, 0 by default; needs onnxruntime-gpu).
         threads: intra-op threads; default: :func:`available_cores`.
         spin: whether idle intra-op threads spin-wait for work (ONNX Runtime's default,
             fastest when the engine has the cores to itself); False where other threads
@@ -55,10 +57,11 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
                  spin: bool = True):
         super().__init__()
-        if device not in PROVIDERS:
-            raise ToolchainError(f"device {device!r} is unknown; use one of {list(PROVIDERS)}")
+        parsed = parse_device(device)
+        if parsed.kind not in PROVIDERS:
+            raise ToolchainError(f"device {device!r}: ONNX Runtime runs on cpu or cuda[:N]")
         self.model_path = Path(model_path)
-        self.device = device
+        self.device, self._device = str(parsed), parsed
         self.threads = threads or available_cores()
         self.spin = spin
         self.session = None
@@ -68,13 +71,16 @@ class OnnxRuntimeRunner(Runner):
 
         if not self.model_path.is_file():
             raise ToolchainError(f"{self.model_path}: no such ONNX model")
-        provider = PROVIDERS[self.device]
+        provider = PROVIDERS[self._device.kind]
         if provider not in ort.get_available_providers():
             raise ToolchainError(
                 f"{provider} is not available in this onnxruntime "
                 f"({ort.get_available_providers()});"
                 " install onnxruntime-gpu matching your CUDA for --device cuda"
             )
+        # (name, options) is ONNX Runtime's way to give a provider options: the GPU's index
+        chosen = ((provider, {"device_id": self._device.ordinal})
+                  if self._device.kind == "cuda" else provider)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -83,7 +89,8 @@ class OnnxRuntimeRunner(Runner):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.engine_errors = ort_errors()
         try:
-            self.session = ort.InferenceSession(str(self.model_path), options, providers=[provider])
+            self.session = ort.InferenceSession(str(self.model_path), options,
+                                                providers=[chosen])
         except self.engine_errors as exc:
             raise ToolchainError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
         self._outputs = [o.name for o in self.session.get_outputs()]

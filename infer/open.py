@@ -8,15 +8,12 @@ The suffix chooses the backend (ultralytics' one table):
 | ``.om`` | ais_bench (``npu:N``) | the sidecar JSON ``convert.atc`` writes |
 | ``.pth``, ``.pt`` | PyTorch (``cpu``, ``cuda``) | the architecture's registry entry (``arch``) |
 
-Devices are spelled the same in every tool: ``cpu``, ``cuda`` (``cuda:N`` is not
-supported: one GPU per process) and ``npu:N``; a bare ``N`` means ``npu:N`` (ais_bench's
-``--device`` habit).
+Devices are spelled the same in every tool (``infer.device``): ``cpu``, ``cuda`` or
+``cuda:N``, ``npu`` or ``npu:N``; a bare ``N`` means ``npu:N`` (ais_bench's ``--device`` habit).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import ToolchainError
@@ -24,38 +21,14 @@ from convert.model_file import SUFFIXES, backend_of, describe
 from convert.spec import ModelSpec
 from infer.ais_bench_runner import AisBenchRunner
 from infer.base import Runner
+from infer.device import Device, parse_device
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from infer.torch_runner import TorchRunner
 
 __all__ = ["SUFFIXES", "Device", "backend_of", "describe", "open_model", "parse_device"]
 #: Devices each backend runs on.
 BACKEND_DEVICES = {"onnxruntime": ("cpu", "cuda"), "torch": ("cpu", "cuda"), "ais_bench": ("npu",)}
-_DEVICE = re.compile(r"^(cpu|cuda|npu:(\d+)|(\d+))$")
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where a model runs: ``kind`` is ``"cpu"``, ``"cuda"`` or ``"npu"``; ``index`` the NPU."""
-
-    kind: str
-    index: int = 0
-
-    def __str__(self) -> str:
-        return f"npu:{self.index}" if self.kind == "npu" else self.kind
-
-
-def parse_device(text: str) -> Device:
-    """``"cpu"``, ``"cuda"``, ``"npu:N"`` or ``"N"`` (= ``npu:N``) as a :class:`Device`.
-
-    Raises:
-        ToolchainError: any other spelling.
-    """
-    match = _DEVICE.match(text.strip())
-    if match is None:
-        raise ToolchainError(f"device {text!r} is unknown; use cpu, cuda or npu:N")
-    if match.group(1) in ("cpu", "cuda"):
-        return Device(match.group(1))
-    return Device("npu", int(match.group(2) or match.group(3)))
+_NAMED = {"cpu": "cpu", "cuda": "cuda[:N]", "npu": "npu[:N]"}
 
 
 def open_model(
@@ -75,7 +48,8 @@ def open_model(
 
     Args:
         path: the model file; its suffix chooses the backend (see the module docstring).
-        device: ``cpu``, ``cuda`` or ``npu:N``; default: ``npu:0`` for an .om, else ``cpu``.
+        device: a :class:`Device` or its spelling (``cpu``, ``cuda[:N]``, ``npu[:N]``, ``N``);
+            default: ``npu:0`` for an .om, else ``cpu``.
         threads: ONNX Runtime intra-op threads (default: the available cores), or PyTorch's
             CPU threads (default: its own).
         spin: ONNX Runtime's idle threads spin-wait (see ``OnnxRuntimeRunner``).
@@ -97,13 +71,13 @@ def open_model(
     if device.kind not in BACKEND_DEVICES[backend]:
         raise ToolchainError(
             f"{path.name} runs on {backend}, which takes device "
-            f"{' or '.join(d if d != 'npu' else 'npu:N' for d in BACKEND_DEVICES[backend])}, "
+            f"{' or '.join(_NAMED[kind] for kind in BACKEND_DEVICES[backend])}, "
             f"not {device}"
             + ("; build an .om with convert.atc for the NPU" if device.kind == "npu" else "")
         )
     spec = describe(path, arch, sidecar, fallback)
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, device.kind, threads, spin), spec
+        return OnnxRuntimeRunner(path, str(device), threads, spin), spec
     if backend == "ais_bench":
-        return AisBenchRunner(path, device.index, sidecar), spec
-    return TorchRunner(path, spec, device.kind, rnn_layout, gate_order, trust, threads), spec
+        return AisBenchRunner(path, device.ordinal, sidecar), spec
+    return TorchRunner(path, spec, str(device), rnn_layout, gate_order, trust, threads), spec

@@ -9,6 +9,7 @@ import numpy as np
 from convert.errors import ToolchainError
 from convert.spec import ModelSpec
 from infer.base import InputSpec, Runner
+from infer.device import parse_device
 
 
 class TorchRunner(Runner):
@@ -18,7 +19,7 @@ class TorchRunner(Runner):
         checkpoint: the .pth file.
         spec: model description (``convert.registry.spec_for_arch``); names the input and
             output tensors and gives the input's channels and height.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         rnn_layout, gate_order, trust: see ``convert.checkpoint.load_checkpoint``.
         threads: CPU threads for PyTorch's ops (``torch.set_num_threads``, process-wide);
             None: PyTorch's default.
@@ -32,9 +33,11 @@ class TorchRunner(Runner):
                  rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False,
                  threads: int | None = None):
         super().__init__()
-        if device not in ("cpu", "cuda"):
-            raise ToolchainError(f"device {device!r} is unknown for PyTorch; use cpu or cuda")
-        self.checkpoint, self.spec, self.device = Path(checkpoint), spec, device
+        parsed = parse_device(device)
+        if parsed.kind not in ("cpu", "cuda"):
+            raise ToolchainError(f"device {device!r}: PyTorch runs here on cpu or cuda[:N]")
+        self.checkpoint, self.spec, self.device = Path(checkpoint), spec, str(parsed)
+        self._cuda = parsed if parsed.kind == "cuda" else None
         self.rnn_layout, self.gate_order, self.trust = rnn_layout, gate_order, trust
         self.threads = threads
         self.model = None
@@ -44,8 +47,13 @@ class TorchRunner(Runner):
 
         from convert.checkpoint import load_checkpoint
 
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ToolchainError("device cuda asked for, but torch sees no CUDA device")
+        if self._cuda is not None:
+            if not torch.cuda.is_available():
+                raise ToolchainError(f"device {self.device} asked for, but torch sees no CUDA "
+                                     "device")
+            if self._cuda.ordinal >= torch.cuda.device_count():
+                raise ToolchainError(f"device {self.device} asked for, but torch sees "
+                                     f"{torch.cuda.device_count()} CUDA device(s)")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         model = load_checkpoint(self.checkpoint, self.spec, self.rnn_layout, self.gate_order,
@@ -63,8 +71,8 @@ class TorchRunner(Runner):
         torch = self._torch
         with torch.inference_mode():
             scores = self.model(torch.from_numpy(images).to(self.device))
-            if self.device == "cuda":
-                torch.cuda.synchronize()
+            if self._cuda is not None:
+                torch.cuda.synchronize(self.device)
         return scores.cpu().numpy()
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

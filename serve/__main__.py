@@ -37,6 +37,7 @@ from pathlib import Path
 from convert.cli import make_parser, positive, run_main
 from convert.errors import ToolchainError
 from convert.registry import ARCHS
+from infer.device import DEVICE_SPELLINGS
 
 logger = logging.getLogger("serve")
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most images of one input size per detector call")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture of a .pth")
     parser.add_argument("--sidecar", type=Path, help="an .om's sidecar JSON (default: beside)")
-    parser.add_argument("--device", help="cpu, cuda or npu:N (default: npu:0 for .om, else cpu)")
+    parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: npu:0 for .om, else cpu)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=_port, default=8080,
                         help="port to listen on (0: any free port, printed at start)")

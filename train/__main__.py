@@ -34,7 +34,6 @@ import importlib
 import logging
 import math
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from convert.errors import ToolchainError
 from convert.outputs import check_output_file
 from convert.registry import ARCHS
 from convert.spec import TALL_CROPS
+from infer.device import DEVICE_SPELLINGS, parse_device
 from infer.onnxruntime_runner import available_cores
 from train.trainer import (
     Run,
@@ -170,9 +170,9 @@ def _parser():
                              "Ascend, bfloat16 on a CPU with native bfloat16 (AVX512-BF16 or "
                              "AMX); weights, CTC loss and optimiser stay float32")
     parser.add_argument("--device", default="cpu",
-                        help="cpu, cuda, or npu (Ascend, needs torch_npu); cuda:N or npu:N "
-                             "picks one device for a single process; under torchrun each rank "
-                             "takes the device of its LOCAL_RANK")
+                        help=f"{DEVICE_SPELLINGS}; npu is Ascend and needs torch_npu; an index "
+                             "picks one device for a single process; under torchrun give none, "
+                             "and each rank takes the device of its LOCAL_RANK")
     parser.add_argument("--threads", type=positive(int), help="torch threads per process")
     parser.add_argument("--workers", type=positive(int), default=available_cores(),
                         help="decoding threads while loading the lmdbs")
@@ -185,15 +185,14 @@ def _parser():
 AMP_DTYPES = {"cuda": torch.float16, "npu": torch.float16, "cpu": torch.bfloat16}
 #: The collective backend of each device type (``torch.distributed.init_process_group``).
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-_TRAINING_DEVICE = re.compile(r"^(cpu|cuda|npu)(?::(\d+))?$")
 
 
 def training_device(text: str, local_rank: int = 0, size: int = 1) -> tuple[str, str]:
     """The device a training process runs on and its collective backend.
 
     Args:
-        text: ``--device``: ``cpu``, ``cuda``, ``npu``, or ``cuda:N`` / ``npu:N`` (one
-            process only).
+        text: ``--device``, spelled as in every tool (``infer.device``: ``cpu``, ``cuda[:N]``,
+            ``npu[:N]``, or ``N`` for ``npu:N``); an index only for one process.
         local_rank: this process's index on its host (torchrun's ``LOCAL_RANK``).
         size: the number of processes (torchrun's ``WORLD_SIZE``).
 
@@ -205,21 +204,17 @@ def training_device(text: str, local_rank: int = 0, size: int = 1) -> tuple[str,
         ToolchainError: an unknown spelling, or one device index given to several processes
             (they would share one device).
     """
-    match = _TRAINING_DEVICE.match(text.strip())
-    if match is None:
-        raise ToolchainError(f"--device {text}: training runs on cpu, cuda or npu "
-                             "(cuda:N or npu:N for one process)")
-    kind, index = match.group(1), match.group(2)
-    if kind == "cpu":
-        if index is not None:
-            raise ToolchainError(f"--device {text}: the CPU takes no index; give cpu")
-        return "cpu", BACKENDS[kind]
-    if index is not None and size > 1:
+    device = parse_device(text)
+    if device.kind == "cpu":
+        return "cpu", BACKENDS["cpu"]
+    if device.index is not None and size > 1:
         raise ToolchainError(f"--device {text}: {size} processes would share one device; give "
-                             f"--device {kind}, and each rank takes {kind}:LOCAL_RANK")
-    if index is None and kind == "cuda" and size == 1:
-        return "cuda", BACKENDS[kind]
-    return f"{kind}:{local_rank if index is None else int(index)}", BACKENDS[kind]
+                             f"--device {device.kind}, and each rank takes "
+                             f"{device.kind}:LOCAL_RANK")
+    if device.index is None and device.kind == "cuda" and size == 1:
+        return "cuda", BACKENDS["cuda"]
+    index = local_rank if device.index is None else device.index
+    return f"{device.kind}:{index}", BACKENDS[device.kind]
 
 
 def _open_device(device: str) -> None:

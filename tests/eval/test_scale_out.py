@@ -107,6 +107,9 @@ def test_plan_blocks_cover_every_index_once():
     (["--device", "1,1", "--om-path", "m.om"], "named twice"),
     (["--address", "auto", "--onnx-path", "m.onnx"], "--address goes with --executor ray"),
     (["--executor", "ray", "--device", "0,1", "--om-path", "m.om"], "leave out the device list"),
+    (["--executor", "ray", "--device", "cuda:1", "--onnx-path", "m.onnx"],
+     "Ray gives each actor its own device; give cuda without an index"),
+    (["--device", "npu,npu:0", "--om-path", "m.om"], "named twice"),  # npu is npu:0
 ])
 def test_options_that_do_not_go_together_are_one_line(tmp_path, small_lmdb, capsys, args,
                                                       message):

@@ -15,25 +15,52 @@ from infer.open import Device
 
 
 @pytest.mark.parametrize(
-    ("text", "device"),
-    [("cpu", Device("cpu")), ("cuda", Device("cuda")), ("npu:3", Device("npu", 3)),
-     ("2", Device("npu", 2)), (" cpu ", Device("cpu"))],
+    ("text", "device", "ordinal"),
+    [("cpu", Device("cpu"), 0), ("cuda", Device("cuda"), 0), ("cuda:1", Device("cuda", 1), 1),
+     ("npu", Device("npu"), 0), ("npu:3", Device("npu", 3), 3), ("2", Device("npu", 2), 2),
+     (" cpu ", Device("cpu"), 0)],
 )
-def test_device_spellings(text, device):
-    assert parse_device(text) == device
+def test_device_spellings(text, device, ordinal):
+    parsed = parse_device(text)
+    assert parsed == device and parsed.ordinal == ordinal
+    assert parse_device(str(parsed)) == parsed  # what a message prints reads back the same
 
 
-@pytest.mark.parametrize("text", ["gpu", "cuda:1", "npu", "npu:x", "-1", ""])
-def test_bad_device_spellings(text):
-    with pytest.raises(ToolchainError, match="use cpu, cuda or npu:N"):
+@pytest.mark.parametrize(("text", "message"), [
+    *[(text, "use cpu, cuda, cuda:N, npu or npu:N") for text in
+      ["gpu", "CPU", "npu:x", "cuda:", "-1", "", "npu:1,2"]],
+    ("cpu:0", "the CPU takes no index"),
+])
+def test_bad_device_spellings(text, message):
+    with pytest.raises(ToolchainError, match=message):
         parse_device(text)
+
+
+def test_an_indexed_gpu_reaches_its_engine(fixed_models, crnn_checkpoints):
+    """cuda:N is the CUDA execution provider's device_id N and torch's cuda:N; without CUDA
+    here, loading says so in one line (the index checks need a GPU, not lent here)."""
+    onnx_runner, _ = open_model(fixed_models["nano-ocr"], "cuda:1")
+    assert onnx_runner.device == "cuda:1" and onnx_runner._device.ordinal == 1
+    torch_runner, _ = open_model(crnn_checkpoints["modelzoo"], " cuda:1 ", arch="crnn",
+                                 gate_order="igfo")
+    assert torch_runner.device == "cuda:1"
+    import onnxruntime
+    import torch
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ToolchainError, match="CUDAExecutionProvider is not available"):
+            onnx_runner.load()
+    if not torch.cuda.is_available():
+        with pytest.raises(ToolchainError, match="device cuda:1 asked for, but torch sees no"):
+            torch_runner.load()
 
 
 def test_onnx_opens_on_onnxruntime_with_its_description(fixed_models):
     runner, spec = open_model(fixed_models["nano-ocr"], threads=1)
     assert isinstance(runner, OnnxRuntimeRunner) and runner.threads == 1 and runner.device == "cpu"
     assert spec == read_onnx_spec(fixed_models["nano-ocr"]) and not runner.loaded
-    with pytest.raises(ToolchainError, match="takes device cpu or cuda, not npu:0; build an .om"):
+    with pytest.raises(ToolchainError,
+                       match=r"takes device cpu or cuda\[:N\], not npu:0; build an .om"):
         open_model(fixed_models["nano-ocr"], "npu:0")
 
 
@@ -57,7 +84,7 @@ def test_om_opens_on_ais_bench_from_its_sidecar(tmp_path, fixed_models):
     assert isinstance(runner, AisBenchRunner) and runner.device_id == 5 and described == spec
     assert open_model(om)[0].device_id == 0  # an .om defaults to npu:0
     assert describe(sidecar) == spec  # parse_testdata --model takes the sidecar too
-    with pytest.raises(ToolchainError, match="takes device npu:N, not cpu"):
+    with pytest.raises(ToolchainError, match=r"takes device npu\[:N\], not cpu"):
         open_model(om, "cpu")
     json.loads(sidecar.read_text())  # still a plain JSON file
 

@@ -305,7 +305,7 @@ def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
             "--device npu needs torch_npu (Ascend Extension for PyTorch")]
           if importlib.util.find_spec("torch_npu") is None else []),
         (["--train", synth_words, "--out", tmp_path / "n", "--device", "tpu"],
-         "--device tpu: training runs on cpu, cuda or npu"),
+         "device 'tpu' is unknown; use cpu, cuda, cuda:N, npu or npu:N"),
     ]:
         assert _train(*args) != 0
         err = capsys.readouterr().err
@@ -325,10 +325,12 @@ def test_each_rank_trains_on_the_device_of_its_local_rank():
     assert device("cuda", 1, 2) == ("cuda:1", "nccl")  # torchrun: LOCAL_RANK's GPU
     assert device("npu") == ("npu:0", "hccl") and device("npu:3") == ("npu:3", "hccl")
     assert device("npu", 3, 4) == ("npu:3", "hccl")
+    assert device("2") == ("npu:2", "hccl")  # the spelling every tool takes (infer.device)
     for text, size, message in [("npu:0", 2, "2 processes would share one device"),
                                 ("cuda:0", 2, "2 processes would share one device"),
                                 ("cpu:0", 1, "the CPU takes no index"),
-                                ("gpu", 1, "training runs on cpu, cuda or npu")]:
+                                ("2", 2, "2 processes would share one device"),
+                                ("gpu", 1, "device 'gpu' is unknown; use cpu, cuda")]:
         with pytest.raises(train_cli.ToolchainError, match=message):
             device(text, 0, size)
 
