@@ -55,6 +55,30 @@ def test_an_indexed_gpu_reaches_its_engine(fixed_models, crnn_checkpoints):
             torch_runner.load()
 
 
+def test_the_cuda_provider_gets_the_gpu_index(monkeypatch, fixed_models):
+    """Our side of ONNX Runtime's provider options, with a TEST DOUBLE standing in for an
+    onnxruntime-gpu session (no GPU here): ``cuda:N`` is ``("CUDAExecutionProvider",
+    {"device_id": N})``, bare ``cuda`` device 0; the CPU provider gets no options."""
+    import onnxruntime
+
+    seen = []
+
+    class SessionDouble:  # TEST DOUBLE for onnxruntime.InferenceSession
+        def __init__(self, path, options, providers):
+            seen.append(providers)
+
+        def get_outputs(self):
+            return []
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", SessionDouble)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    for device in ("cuda:1", "cuda", "cpu"):
+        open_model(fixed_models["nano-ocr"], device)[0].load()
+    assert seen == [[("CUDAExecutionProvider", {"device_id": 1})],
+                    [("CUDAExecutionProvider", {"device_id": 0})], ["CPUExecutionProvider"]]
+
+
 def test_onnx_opens_on_onnxruntime_with_its_description(fixed_models):
     runner, spec = open_model(fixed_models["nano-ocr"], threads=1)
     assert isinstance(runner, OnnxRuntimeRunner) and runner.threads == 1 and runner.device == "cpu"
