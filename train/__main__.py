@@ -466,11 +466,15 @@ def _train(args) -> int:
             if average is not None:
                 average.update_parameters(model)
             step += 1
-            losses.append(value)
+            losses.append(float(loss.detach()) / size)  # this rank's share of the batch mean
             seen += len(members)
             bar.set_postfix(loss=f"{value:.3f}")
         seconds = time.perf_counter() - start
         epoch += 1
+        if size > 1 and losses:  # the shares summed over the ranks: each batch's mean loss
+            shares = torch.tensor(losses, dtype=torch.float32, device=device)
+            torch.distributed.all_reduce(shares)
+            losses = shares.tolist()
         if rank == 0:
             _end_epoch(run, model, average, spec, val_sets, optimiser, schedule, epoch, step,
                        losses, seen, seconds, size, began, oriented)

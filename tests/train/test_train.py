@@ -273,6 +273,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     assert worst <= 1e-5, worst
     moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in a if k in start)
     assert moved > 1e-4  # the updates did change the model
+    # the logged training loss is the whole batch's on rank 0 too, not rank 0's half
+    logged = [[float(row["train_loss"]) for row in
+               csv.DictReader((tmp_path / run / "log.csv").read_text().splitlines())]
+              for run in ("one", "two")]
+    assert len(logged[0]) == len(logged[1]) == 2
+    assert logged[1] == pytest.approx(logged[0], rel=1e-5), logged
 
 
 def test_bad_arguments_are_one_line(tmp_path, synth_words, capsys, monkeypatch):
