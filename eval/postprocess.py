@@ -335,9 +335,10 @@ def _check_scale_out(args) -> str | None:
                              "leave out the device list (or use --executor local)")
     if args.address and args.executor != "ray":
         raise ToolchainError("--address goes with --executor ray")
-    if args.executor == "ray" and args.device and parse_device(args.device).index is not None:
+    named = parse_device(args.device) if args.executor == "ray" and args.device else None
+    if named is not None and named.index is not None:
         raise ToolchainError(f"--device {args.device}: Ray gives each actor its own device; "
-                             f"give {parse_device(args.device).kind} without an index")
+                             f"give {named.kind} without an index")
     return "ray" if args.executor == "ray" else "devices"
 
 

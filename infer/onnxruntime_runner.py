@@ -61,10 +61,15 @@ class OnnxRuntimeRunner(Runner):
         if parsed.kind not in PROVIDERS:
             raise ToolchainError(f"device {device!r}: ONNX Runtime runs on cpu or cuda[:N]")
         self.model_path = Path(model_path)
-        self.device, self._device = str(parsed), parsed
+        self._device = parsed
         self.threads = threads or available_cores()
         self.spin = spin
         self.session = None
+
+    @property
+    def device(self) -> str:
+        """The device, spelled as ``infer.device`` spells it (``cpu``, ``cuda``, ``cuda:N``)."""
+        return str(self._device)
 
     def _load(self) -> None:
         import onnxruntime as ort

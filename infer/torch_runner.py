@@ -36,22 +36,26 @@ class TorchRunner(Runner):
         parsed = parse_device(device)
         if parsed.kind not in ("cpu", "cuda"):
             raise ToolchainError(f"device {device!r}: PyTorch runs here on cpu or cuda[:N]")
-        self.checkpoint, self.spec, self.device = Path(checkpoint), spec, str(parsed)
-        self._cuda = parsed if parsed.kind == "cuda" else None
+        self.checkpoint, self.spec, self._device = Path(checkpoint), spec, parsed
         self.rnn_layout, self.gate_order, self.trust = rnn_layout, gate_order, trust
         self.threads = threads
         self.model = None
+
+    @property
+    def device(self) -> str:
+        """The device, spelled as ``infer.device`` spells it (``cpu``, ``cuda``, ``cuda:N``)."""
+        return str(self._device)
 
     def _load(self) -> None:
         import torch
 
         from convert.checkpoint import load_checkpoint
 
-        if self._cuda is not None:
+        if self._device.kind == "cuda":
             if not torch.cuda.is_available():
                 raise ToolchainError(f"device {self.device} asked for, but torch sees no CUDA "
                                      "device")
-            if self._cuda.ordinal >= torch.cuda.device_count():
+            if self._device.ordinal >= torch.cuda.device_count():
                 raise ToolchainError(f"device {self.device} asked for, but torch sees "
                                      f"{torch.cuda.device_count()} CUDA device(s)")
         if self.threads is not None:
@@ -71,7 +75,7 @@ class TorchRunner(Runner):
         torch = self._torch
         with torch.inference_mode():
             scores = self.model(torch.from_numpy(images).to(self.device))
-            if self._cuda is not None:
+            if self._device.kind == "cuda":
                 torch.cuda.synchronize(self.device)
         return scores.cpu().numpy()
 

@@ -226,8 +226,8 @@ def _open_device(device: str) -> None:
     Raises:
         ToolchainError: torch_npu cannot be imported, or this PyTorch has no CUDA device.
     """
-    kind = device.split(":")[0]
-    if kind == "npu":
+    opened = parse_device(device)
+    if opened.kind == "npu":
         try:
             torch_npu = importlib.import_module("torch_npu")
         except ImportError as exc:
@@ -236,12 +236,12 @@ def _open_device(device: str) -> None:
                 f"{torch.__version__}) and CANN on an Ascend host; it cannot be imported here "
                 f"({exc})") from exc
         torch_npu.npu.set_device(device)
-    elif kind == "cuda":
+    elif opened.kind == "cuda":
         if not torch.cuda.is_available():
             raise ToolchainError(f"--device {device}: this PyTorch sees no CUDA device "
                                  f"(torch {torch.__version__}); train on --device cpu")
-        if ":" in device:
-            torch.cuda.set_device(torch.device(device))
+        if opened.index is not None:
+            torch.cuda.set_device(opened.index)
 
 
 def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -446,7 +446,8 @@ def _train(args) -> int:
                 scores = log_probs(trained, images, spec)
             frames = torch.full((len(share),), scores.shape[0], dtype=torch.long)
             loss = ctc(scores, targets, frames, lengths).sum() * size / len(members)
-            value = float(loss.detach()) / size * len(members) / len(share)
+            part = float(loss.detach()) / size  # this rank's share of the batch's mean loss
+            value = part * len(members) / len(share)  # its own samples' mean
             if not math.isfinite(value):
                 raise ToolchainError(
                     f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
@@ -466,7 +467,7 @@ def _train(args) -> int:
             if average is not None:
                 average.update_parameters(model)
             step += 1
-            losses.append(float(loss.detach()) / size)  # this rank's share of the batch mean
+            losses.append(part)
             seen += len(members)
             bar.set_postfix(loss=f"{value:.3f}")
         seconds = time.perf_counter() - start
