@@ -79,6 +79,24 @@ def _load_file(path: Path, trust: bool) -> object:
         ) from exc
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole contents of a checkpoint written as a dict of tensors and plain values (as
+    :func:`save_checkpoint` writes them), read without unpickling objects.
+
+    Raises:
+        ToolchainError: the file is missing, is not a PyTorch checkpoint, pickles objects, or
+            is not a dict (one line naming it).
+    """
+    path = Path(path)
+    try:
+        obj = _load_file(path, trust=False)
+    except UnsafeCheckpoint as exc:
+        raise ToolchainError(str(exc).split("; if you trust")[0]) from None
+    if not isinstance(obj, dict):
+        raise ToolchainError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
 def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
 

@@ -9,7 +9,8 @@ the data mix, 16 epochs under a time cap and ``--unknown-chars drop``.) From scr
 
 Outputs in ``--out``: ``model.pth`` (the best validation word accuracy so far, ties broken by
 the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx
-OUT/model.pth X.onnx`` needs no other flag), ``last.pth`` (model, optimiser, schedule and
+OUT/model.pth X.onnx`` needs no other flag, and the ``--init`` it started from, for
+``python -m train.wise``), ``last.pth`` (model, optimiser, schedule and
 position, for ``--resume``), ``log.csv`` and ``curves.png`` (loss and validation accuracy per
 epoch). A NaN or infinite loss stops the run with an error; the checkpoints of the last good
 epoch stay.
@@ -388,7 +389,11 @@ def _train(args) -> int:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * progress(step))))
-    run = Run(out, ema=args.ema)
+    if resumed is not None:
+        recorded = resumed.get("init")  # older runs lack it
+    else:  # a checkpoint path is recorded whole, so train.wise finds it from anywhere
+        recorded = init if init is None or not Path(init).exists() else str(Path(init).resolve())
+    run = Run(out, ema=args.ema, init=recorded)
     epoch, step = 0, 0
     average = _moving_average(model, args.ema)
     if resumed is not None:
@@ -582,15 +587,16 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
     if not val_sets or score > (run.best, run.best_one_minus_ned):
         if val_sets:
             run.best, run.best_one_minus_ned = score
-        save_checkpoint(run.out / "model.pth", kept, spec, epoch=epoch, step=step)
+        save_checkpoint(run.out / "model.pth", kept, spec, epoch=epoch, step=step,
+                        init=run.init)
     run.log_row(row)
     extra = {} if average is None else {"ema": average.state_dict(), "ema_decay": run.ema}
-    save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, best=run.best,
-                    best_one_minus_ned=run.best_one_minus_ned,
+    save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, init=run.init,
+                    best=run.best, best_one_minus_ned=run.best_one_minus_ned,
                     elapsed=time.perf_counter() - began,
-                   optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
-                   log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
-                   **extra)  # rows of a run resumed from an older last.pth lack the new columns
+                    optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
+                    log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
+                    **extra)  # rows of a run resumed from an older last.pth lack the new columns
     checked = (f"validation accuracy {row['val_accuracy']:.4f} "
                f"(1-NED {row['val_one_minus_ned']:.4f})" if val_sets else "no validation set")
     oriented = oriented or Counter()

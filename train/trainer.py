@@ -467,6 +467,8 @@ class Run:
     best: float = -1.0  # the kept model's validation word accuracy
     best_one_minus_ned: float = -1.0  # and its 1-NED, which breaks ties in word accuracy
     ema: float | None = None  # --ema's decay, stored in last.pth beside the average
+    init: str | None = None  # --init (a registry name or a path; None: from scratch),
+    # recorded in model.pth and last.pth for train.wise
 
     def log_row(self, row: dict) -> None:
         self.rows.append(row)

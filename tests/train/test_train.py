@@ -21,12 +21,12 @@ from convert.checkpoint import DESCRIPTION_KEY, read_description, read_state_dic
 from convert.registry import spec_for_arch
 from convert.weights import fetch
 from tests.conftest import encode, word_image, write_lmdb
+from tests.train.conftest import WORDS
 from train import __main__ as train_cli
 from train.synth import MIN_CONTRAST, Font, find_fonts, read_corpus, render, synthesise
 from train.trainer import load_words, log_probs, needed_frames, plan_epoch
 
 ROOT = Path(__file__).parents[2]
-WORDS = ["street", "Hotel", "EXIT", "coffee", "42", "Bank", "open", "SALE", "taxi", "Park"]
 
 
 def _lmdb_items(path: Path) -> dict[bytes, bytes]:
@@ -35,17 +35,6 @@ def _lmdb_items(path: Path) -> dict[bytes, bytes]:
         items = dict(txn.cursor())
     env.close()
     return items
-
-
-@pytest.fixture(scope="module")
-def synth_words(tmp_path_factory) -> Path:
-    """80 rendered words (DejaVu fonts, augmented), seed 0."""
-    folder = tmp_path_factory.mktemp("synth")
-    corpus = folder / "words.txt"
-    corpus.write_text("\n".join(f"{w}\t{n}" for n, w in enumerate(WORDS)), encoding="utf-8")
-    synthesise(folder / "lmdb", read_corpus(corpus), find_fonts([]), 80, seed=0,
-               progress=False)
-    return folder / "lmdb"
 
 
 def test_synth_is_deterministic_by_seed(tmp_path, synth_words):
