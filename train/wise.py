@@ -34,6 +34,13 @@ log = logging.getLogger("train.wise")
 WISE_KEY = "wise_ft"  # what OUT.pth records: alpha, the initial model and the fine-tuned file
 
 
+def check_alpha(alpha: float) -> None:
+    """Raises ToolchainError (one line) unless 0 < alpha <= 1."""
+    if not 0 < alpha <= 1:
+        raise ToolchainError(f"--alpha {alpha}: must be above 0 and at most 1 "
+                             "(the fine-tuned model's weight)")
+
+
 def interpolate(initial: dict, fine_tuned: dict, alpha: float) -> dict:
     """``(1 - alpha) * initial + alpha * fine_tuned`` for every floating-point tensor.
 
@@ -50,9 +57,7 @@ def interpolate(initial: dict, fine_tuned: dict, alpha: float) -> dict:
         ToolchainError: alpha is outside (0, 1], or a tensor is missing from one model or
             differs in shape (one line naming it).
     """
-    if not 0 < alpha <= 1:
-        raise ToolchainError(f"--alpha {alpha:g}: must be above 0 and at most 1 "
-                             "(the fine-tuned model's weight)")
+    check_alpha(alpha)
     names = set(initial) ^ set(fine_tuned)
     if names:
         shown = ", ".join(sorted(names)[:3]) + (" ..." if len(names) > 3 else "")
@@ -106,8 +111,7 @@ def _run(args) -> int:
     from convert.outputs import check_output_file
     from train.trainer import initial_model
 
-    if not 0 < args.alpha <= 1:  # before any model is read
-        interpolate({}, {}, args.alpha)
+    check_alpha(args.alpha)  # before any model is read
     if args.output.resolve() == args.finetuned.resolve():
         raise ToolchainError(f"{args.output}: is the fine-tuned checkpoint; give a new path")
     spec = read_description(args.finetuned)
