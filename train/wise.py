@@ -15,8 +15,11 @@ must be the same architecture with tensors of the same shapes: a model whose cha
 in fine-tuning has a classifier with no initial counterpart, and is refused. OUT.pth carries
 the model description, so ``python -m convert.pth2onnx OUT.pth X.onnx`` needs no other flag.
 
+The WiSE-FT paper interpolates the model at the end of fine-tuning: ``last.pth``, which the
+README measures as steadier than the ``model.pth`` a small validation split chose.
+
 Examples:
-    python -m train.wise work/ft/model.pth work/ft/model_wise.pth --alpha 0.8
+    python -m train.wise work/ft/last.pth work/ft/model_wise.pth --alpha 0.7
     python -m train.wise run/model.pth run/wise.pth --alpha 0.5 --init nano-ocr
 """
 
@@ -91,7 +94,7 @@ def _is_ours(path: Path) -> bool:
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("finetuned", type=Path,
-                        help="the fine-tuned checkpoint (train's model.pth)")
+                        help="the fine-tuned checkpoint (train's last.pth or model.pth)")
     parser.add_argument("output", type=Path, help="the interpolated checkpoint to write")
     parser.add_argument("--alpha", type=float, required=True,
                         help="the fine-tuned model's weight, 0 < A <= 1 (the README measures "

@@ -24,9 +24,13 @@ def fine_tuned(tmp_path_factory, synth_words) -> Path:
     return out / "model.pth"
 
 
-def test_train_records_its_initial_model(fine_tuned):
+def test_train_records_its_initial_model_and_last_pth_interpolates_too(tmp_path, fine_tuned):
+    last = fine_tuned.parent / "last.pth"
     assert read_checkpoint(fine_tuned)["init"] == "nano-ocr"
-    assert read_checkpoint(fine_tuned.parent / "last.pth")["init"] == "nano-ocr"
+    assert read_checkpoint(last)["init"] == "nano-ocr"
+    # last.pth (with its optimiser state beside the weights) is taken as well
+    assert wise.main([str(last), str(tmp_path / "w.pth"), "--alpha", "0.7"]) == 0
+    assert read_description(tmp_path / "w.pth") == read_description(last)
 
 
 def test_the_output_is_the_interpolation_and_goes_through_the_toolchain(tmp_path, fine_tuned,
