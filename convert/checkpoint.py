@@ -239,9 +239,19 @@ def read_description(path: str | Path) -> ModelSpec | None:
         obj = _load_file(path, trust=False)
     except UnsafeCheckpoint:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get(DESCRIPTION_KEY), dict):
+    return description_in(obj, path)
+
+
+def description_in(contents: object, path: str | Path) -> ModelSpec | None:
+    """The model description in a checkpoint's loaded ``contents`` (as :func:`read_checkpoint`
+    returns them), or None where it carries none; ``path`` names it in errors.
+
+    Raises:
+        ToolchainError: the description is malformed.
+    """
+    if not isinstance(contents, dict) or not isinstance(contents.get(DESCRIPTION_KEY), dict):
         return None
-    return ModelSpec.from_dict(obj[DESCRIPTION_KEY], f"{path} ({DESCRIPTION_KEY})")
+    return ModelSpec.from_dict(contents[DESCRIPTION_KEY], f"{path} ({DESCRIPTION_KEY})")
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,

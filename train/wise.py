@@ -106,9 +106,9 @@ def _parser():
 
 def _run(args) -> int:
     from convert.checkpoint import (
+        description_in,
         load_checkpoint,
         read_checkpoint,
-        read_description,
         save_checkpoint,
     )
     from convert.outputs import check_output_file
@@ -117,11 +117,12 @@ def _run(args) -> int:
     check_alpha(args.alpha)  # before any model is read
     if args.output.resolve() == args.finetuned.resolve():
         raise ToolchainError(f"{args.output}: is the fine-tuned checkpoint; give a new path")
-    spec = read_description(args.finetuned)
+    stored = read_checkpoint(args.finetuned)  # its description and recorded init, one read
+    spec = description_in(stored, args.finetuned)
     if spec is None:
         raise ToolchainError(f"{args.finetuned}: carries no model description (not written by "
                              "python -m train)")
-    init = args.init or read_checkpoint(args.finetuned).get("init")
+    init = args.init or stored.get("init")
     if not init:
         raise ToolchainError(f"{args.finetuned}: records no initial model (written before "
                              "train recorded it, or trained from scratch); give --init")
