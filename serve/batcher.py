@@ -259,22 +259,29 @@ class WidthBatcher:
                 if self.on_batch is not None:
                     self.on_batch(BatchStats(0, 0.0, expired))
                 continue
-            self._dispatch(live, expired)
+            try:
+                self._dispatch(live, expired)
+            except Exception as exc:  # noqa: BLE001 - fail this batch, keep the thread serving
+                self._fail(live, exc)
+
+    @staticmethod
+    def _fail(requests: list[_Request], exc: Exception) -> None:
+        """Answer every still-open request of a failed batch with :class:`EngineFailed`
+        (the service's 500); an error that is not an ``EngineError`` is logged with its trace."""
+        if not isinstance(exc, EngineError):
+            logger.error("a batch of %d requests failed", len(requests), exc_info=exc)
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(EngineFailed(str(exc) or type(exc).__name__))
 
     def _dispatch(self, live: list[_Request], expired: int) -> None:
         """Run one batch of live requests (engine thread): the recogniser's engine now, CTC
         decoding on its decode thread."""
         pixels = [request.pixels for request in live]
-        try:
-            ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
-            ordered = [live[m] for m in members]
-            widths = [pixels[m].shape[1] for m in members]
-            done = self.recognizer.submit(ordered, batch, widths)
-        except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-            logger.exception("batch of %d requests failed before the engine", len(live))
-            for request in live:
-                request.future.set_exception(exc)
-            return
+        ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
+        ordered = [live[m] for m in members]
+        widths = [pixels[m].shape[1] for m in members]
+        done = self.recognizer.submit(ordered, batch, widths)
         done.add_done_callback(
             lambda finished, rows=ordered, n=expired: self._resolve(finished, rows, n))
 
@@ -315,12 +322,7 @@ class DetectorBatcher(WidthBatcher):
         return pixels.shape
 
     def _dispatch(self, live: list[_Request], expired: int) -> None:
-        try:
-            maps = self.detector.probability_maps(np.stack([r.pixels for r in live]))
-        except EngineError as exc:
-            for request in live:
-                request.future.set_exception(EngineFailed(str(exc)))
-            return
+        maps = self.detector.probability_maps(np.stack([r.pixels for r in live]))
         seconds = self.detector.runner.last_engine_seconds
         for row, request in enumerate(live):
             try:

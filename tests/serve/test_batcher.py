@@ -12,8 +12,14 @@ from infer import open_model
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from pipeline import Recognizer
 from preprocess.image import prepare
-from serve.batcher import DeadlineExceeded, EngineFailed, QueueFull, WidthBatcher
-from tests.conftest import encode, word_image
+from serve.batcher import (
+    DeadlineExceeded,
+    DetectorBatcher,
+    EngineFailed,
+    QueueFull,
+    WidthBatcher,
+)
+from tests.conftest import encode, render_line, word_image
 
 
 class RecordingRunner(OnnxRuntimeRunner):
@@ -146,3 +152,36 @@ def test_reservations_bound_the_queue(parts):
     assert batcher.depth == 3
     with pytest.raises(ValueError):
         WidthBatcher(Recognizer(runner, spec), max_batch_size=0, max_wait_s=0, max_queue=1)
+
+
+class BrokenOnceRunner(OnnxRuntimeRunner):
+    """Test double: the real ONNX Runtime runner, raising a plain RuntimeError (a bug, not an
+    EngineError) on its first call only."""
+
+    calls = 0
+
+    def infer(self, feed):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("test double: a bug in the detector's engine call")
+        return super().infer(feed)
+
+
+def test_a_detector_bug_fails_its_batch_and_the_engine_thread_keeps_serving(ppocr_det_path):
+    from pipeline.detector import Detector, detector_input
+
+    _, spec = open_model(ppocr_det_path)
+    detector = Detector(BrokenOnceRunner(ppocr_det_path), spec).load()
+    line = render_line(["OPEN", "DAILY"])[0]
+    pixels = detector_input(line, spec)
+    size = (line.shape[1], line.shape[0])
+    batcher = DetectorBatcher(detector, max_batch_size=2, max_wait_s=0.01, max_queue=8)
+    batcher.start()
+    try:
+        batcher.reserve(2)
+        with pytest.raises(EngineFailed, match="a bug in the detector"):
+            batcher.submit(pixels, time.monotonic() + 10, size).result(10)
+        boxes = batcher.submit(pixels, time.monotonic() + 10, size).result(10)
+    finally:
+        batcher.close()
+    assert boxes  # the second request was served by the same, still running, thread
