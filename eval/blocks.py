@@ -36,10 +36,11 @@ from preprocess.stream import bucket_batches, decode_indices
 DEFAULT_BLOCK_SIZE = 256
 
 #: Columns of a result row: lmdb index, label, prediction ("" when failed), confidence,
-#: resized width, failure stage and reason ("" when scored), the worker
+#: resized width, the reading kept (``turn``, ``convert.spec.TURNS``; 0 when failed), failure
+#: stage and reason ("" when scored), the worker
 #: (``host:pid device``), the block's first index, and the engine seconds of the sample's
 #: batch with that batch's number within the worker (``batch``: for latency percentiles).
-RESULT_COLUMNS = ("index", "label", "prediction", "confidence", "width", "stage", "reason",
+RESULT_COLUMNS = ("index", "label", "prediction", "confidence", "width", "turn", "stage", "reason",
                   "worker", "block", "batch", "batch_engine_seconds")
 
 
@@ -136,9 +137,10 @@ class BlockWorker:
     def _rows(self, block: int, run: EvalRun, failed_decoding: list[dict]) -> dict[str, list]:
         rows = empty_rows()
 
-        def add(index, label, prediction, confidence, width, stage, reason, batch, seconds):
+        def add(index, label, prediction, confidence, width, turn, stage, reason, batch,
+                seconds):
             for name, value in zip(RESULT_COLUMNS, (index, label, prediction, confidence, width,
-                                                   stage, reason, self.name, block, batch,
+                                                   turn, stage, reason, self.name, block, batch,
                                                    seconds)):
                 rows[name].append(value)
 
@@ -146,12 +148,13 @@ class BlockWorker:
         # equal widths per batch, so rebuild each sample's batch from run_batches' order.
         for prediction, batch, seconds in _with_batches(run):
             add(prediction.index, prediction.label, prediction.prediction, prediction.confidence,
-                prediction.width, "", "", batch + self.batches_done, seconds)
+                prediction.width, prediction.turn, "", "", batch + self.batches_done, seconds)
         self.batches_done += len(run.batch_latencies)
         for failure in failed_decoding:
-            add(failure["index"], "", "", 0.0, 0, "preprocess", failure["reason"], -1, 0.0)
+            add(failure["index"], "", "", 0.0, 0, 0, "preprocess", failure["reason"], -1, 0.0)
         for failure in run.failed:
-            add(failure["index"], "", "", 0.0, 0, failure["stage"], failure["reason"], -1, 0.0)
+            add(failure["index"], "", "", 0.0, 0, 0, failure["stage"], failure["reason"], -1,
+                0.0)
         return rows
 
     def __call__(self, blocks: Mapping[str, np.ndarray]) -> dict[str, list]:
@@ -222,7 +225,8 @@ def merge_rows(rows: Mapping[str, Sequence], blocks: Sequence[tuple[int, int]],
         worker["blocks"].add(int(row["block"]))
         if row["stage"] == "":
             predictions.append(Prediction(index, row["label"], row["prediction"],
-                                          float(row["confidence"]), int(row["width"])))
+                                          float(row["confidence"]), int(row["width"]),
+                                          int(row["turn"])))
             latencies[(row["worker"], int(row["batch"]))] = float(row["batch_engine_seconds"])
         elif row["stage"] == "preprocess":
             failed_decoding.append({"index": index, "reason": row["reason"]})

@@ -23,7 +23,7 @@ from convert.registry import spec_for_arch
 from convert.spec import ModelSpec
 from convert.weights import save_described
 from eval import postprocess
-from eval.blocks import BlockJob, BlockWorker
+from eval.blocks import BlockJob, BlockWorker, merge_rows
 from infer import open_model
 from pipeline import Recognizer
 from preprocess import parse_testdata
@@ -169,6 +169,9 @@ def test_turning_reads_more_tall_words_and_every_path_agrees(tmp_path, tall_lmdb
         worker.close()
     scored = {i: p for i, p, s in zip(rows["index"], rows["prediction"], rows["stage"]) if not s}
     assert scored == {i: text for i, (text, _) in runs["one-process"].items()}
+    # Scale-out (Ray actors, one process per NPU) merges such rows: the turns survive.
+    merged = merge_rows(rows, [(1, 52)], {}, 0.0)
+    assert sum(1 for p in merged.run.predictions if p.turn) == turned["tall_crops"]["kept_turned"]
 
     images = _images(tall_lmdb, 50)
     runner, spec = open_model(turn_model)
