@@ -35,6 +35,7 @@ import importlib
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -360,7 +361,7 @@ def _train(args) -> int:
     ratios = [r for _, r in sources]
     oriented = _orient(model, train_sets, spec, rank, size, device)
     if rank == 0:
-        log.warning("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "
+        log.info("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "
                     "validation %s", what, fixed,
                     ("photometric and geometric" if args.geometric else "photometric")
                     if augment else "off", size,
@@ -409,7 +410,7 @@ def _train(args) -> int:
         # goes on from where it was (older runs lack it and start their clock afresh)
         spent = state.get("elapsed")
         began -= spent or 0.0
-        log.warning("resumed from %s at epoch %d, step %d, %s", last, epoch, step,
+        log.info("resumed from %s at epoch %d, step %d, %s", last, epoch, step,
                     f"{spent / 60:.1f} minutes in" if spent is not None
                     else "its time so far unknown (written before it was kept)")
         if spent is not None and spent >= budget:
@@ -435,8 +436,9 @@ def _train(args) -> int:
         if freeze:
             freeze_batchnorm(model)
         losses, seen, start = [], 0, time.perf_counter()
-        bar = tqdm(batches, unit="batch", desc=f"epoch {epoch + 1}",
-                   disable=True if rank else None)
+        # One bar per epoch on rank 0; into a log file (not a terminal) a line every 30 s.
+        bar = tqdm(batches, unit="batch", desc=f"epoch {epoch + 1}", disable=bool(rank),
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         for members in bar:
             if step >= total_steps or _out_of_time(began, budget, size, device):
                 break
@@ -589,19 +591,21 @@ def _end_epoch(run: Run, model, average, spec, val_sets, optimiser, schedule, ep
             run.best, run.best_one_minus_ned = score
         save_checkpoint(run.out / "model.pth", kept, spec, epoch=epoch, step=step,
                         init=run.init)
-    run.log_row(row)
+    run.rows.append(row)
+    keys = run.log_keys()  # a resumed run's rows may lack columns (another --val set)
     extra = {} if average is None else {"ema": average.state_dict(), "ema_decay": run.ema}
     save_checkpoint(run.out / "last.pth", model, spec, epoch=epoch, step=step, init=run.init,
                     best=run.best, best_one_minus_ned=run.best_one_minus_ned,
                     elapsed=time.perf_counter() - began,
                     optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
-                    log_keys=list(row), log_rows=[[r.get(k, "") for k in row] for r in run.rows],
-                    **extra)  # rows of a run resumed from an older last.pth lack the new columns
+                    log_keys=keys, log_rows=[[r.get(k, "") for k in keys] for r in run.rows],
+                    **extra)
+    run.write_log()
     checked = (f"validation accuracy {row['val_accuracy']:.4f} "
                f"(1-NED {row['val_one_minus_ned']:.4f})" if val_sets else "no validation set")
     oriented = oriented or Counter()
     turned = sum(n for turn, n in oriented.items() if turn)
-    log.warning("epoch %d: loss %.4f, %s%s, %.0f images/s%s", epoch, row["train_loss"], checked,
+    log.info("epoch %d: loss %.4f, %s%s, %.0f images/s%s", epoch, row["train_loss"], checked,
                 "".join(f", {k[13:]} {v:.4f}" for k, v in others.items()),
                 row["images_per_second"],
                 f"; {turned} of {oriented.total()} tall crops trained turned" if oriented else "")

@@ -470,13 +470,21 @@ class Run:
     init: str | None = None  # --init (a registry name or a path; None: from scratch),
     # recorded in model.pth and last.pth for train.wise
 
-    def log_row(self, row: dict) -> None:
-        self.rows.append(row)
+    def log_keys(self) -> list[str]:
+        """Every column of the log's rows, in order of first appearance: a resumed run whose
+        ``--val`` sets differ has rows with different columns."""
+        return list(dict.fromkeys(key for row in self.rows for key in row))
+
+    def write_log(self) -> None:
+        """Write ``log.csv`` (whole, or not at all; a column a row lacks is empty) and
+        ``curves.png`` from :attr:`rows`."""
         path = self.out / "log.csv"
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.log_keys(), restval="")
             writer.writeheader()
             writer.writerows(self.rows)
+        os.replace(partial, path)
         plot(self.rows, self.out / "curves.png")
 
 

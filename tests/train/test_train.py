@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -174,6 +175,22 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
     assert read_description(out / "model.pth").tall_crops == "turn"
+
+
+def test_a_run_resumed_with_other_validation_sets_logs_every_epoch(tmp_path, synth_words):
+    """The log's columns are the union over the run: an epoch validated on fewer --val sets
+    than the epochs before it leaves their columns empty, and last.pth is written."""
+    second = tmp_path / "second_val"
+    shutil.copytree(synth_words, second)
+    out = tmp_path / "run"
+    common = ("--init", "nano-ocr", "--train", synth_words, "--out", out, "--batch-size", 8,
+              "--workers", 1, "--val", synth_words)
+    assert _train(*common, "--val", second, "--epochs", 1, "--max-steps", 1) == 0
+    assert _train(*common, "--epochs", 2, "--max-steps", 2, "--resume") == 0
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows[0]["val_accuracy_second_val"] != "" and rows[1]["val_accuracy_second_val"] == ""
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 
 
 def test_a_resumed_run_counts_the_minutes_it_already_spent(tmp_path, synth_words, caplog):
