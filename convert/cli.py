@@ -49,6 +49,22 @@ def positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def probability(text: str) -> float:
+    """An argparse ``type`` parsing a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse ``type`` parsing a float >= 0."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def make_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argparse parser whose help is the module docstring, with defaults shown."""
     return argparse.ArgumentParser(prog=_prog(), description=doc, formatter_class=_HelpFormatter)

@@ -29,7 +29,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from convert.cli import make_parser, positive, run_main
+from convert.cli import make_parser, positive, probability, run_main
 from convert.errors import ToolchainError
 from convert.outputs import (
     atomic_path,
@@ -55,13 +54,11 @@ from eval.postprocess import machine_facts
 from infer.device import DEVICE_SPELLINGS
 from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
 from preprocess.icdar_gt import GtWord, read_gt_file
-from preprocess.image import SampleError, decode_rgb
+from preprocess.image import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-#: Default cap on an image's pixels (width x height), checked before decoding.
-DEFAULT_MAX_PIXELS = 40_000_000
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -202,7 +199,7 @@ def _parser():
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
     parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels fail (checked before decoding)")
-    parser.add_argument("--min-confidence", type=_probability, default=0.5,
+    parser.add_argument("--min-confidence", type=probability, default=0.5,
                         help="regions read with a lower recogniser confidence are dropped")
     parser.add_argument("--no-split-words", dest="split_words", action="store_false",
                         help="keep line boxes whole (no cut at recognised spaces)")
@@ -218,13 +215,6 @@ def _parser():
     db.add_argument("--use-dilation", action="store_true", default=None)
     parser.add_argument("--limit", type=positive(int), help="only the first N images")
     return parser
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 _DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ratio",

@@ -30,7 +30,7 @@ After quantising, the int8 and fp32 models are run on the calibration images and
 frame-wise arg-max classes compared (the path greedy CTC decoding reads); the tool fails if
 the agreement is below ``--min-agreement``. The int8 model keeps the ``crnn.*`` metadata and
 records its settings under ``crnn_toolchain.quantization``. It is for ONNX Runtime's CPU
-provider; give ``atc`` and ``--provider cuda`` the fp32 model.
+provider; give ``atc`` and the CUDA device the fp32 model.
 
 Example:
     python -m infer.quantize nano_fixed.onnx nano_int8.onnx \\

@@ -124,6 +124,12 @@ def decode_image(
         return to_grey(image) if spec is None else to_model_colours(image, spec)
 
 
+#: The default cap on an image's pixels (width x height), checked in its header before
+#: decoding, for every tool and the service: photos from cameras of up to 50 MP
+#: passes; a decompression bomb does not. Decoding one at the cap takes 120 MB as RGB.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
 def decode_rgb(raw: bytes | None, max_pixels: int | None = None) -> np.ndarray:
     """Decode encoded image bytes to uint8 ``[h, w, 3]`` RGB pixels (grey and 16-bit images
     as :func:`to_rgb` converts them; EXIF orientation is not applied).

@@ -34,10 +34,11 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, positive, run_main
+from convert.cli import make_parser, non_negative, positive, probability, run_main
 from convert.errors import ToolchainError
 from convert.registry import ARCHS
 from infer.device import DEVICE_SPELLINGS
+from preprocess.image import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("serve")
 
@@ -72,13 +73,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     parser.add_argument("--model", required=True,
@@ -98,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
     parser.add_argument("--max-batch-size", type=positive(int), default=16,
                         help="most requests per engine call")
-    parser.add_argument("--max-wait-ms", type=_non_negative, default=2.0,
+    parser.add_argument("--max-wait-ms", type=non_negative, default=2.0,
                         help="longest a width's oldest request waits for its batch to fill")
     parser.add_argument("--max-queue", type=positive(int), default=256,
                         help="most requests waiting for the engine; beyond: 503 + Retry-After")
@@ -107,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs the request")
     parser.add_argument("--max-body-bytes", type=positive(int), default=8 << 20,
                         help="largest request body; beyond: 413")
-    parser.add_argument("--max-pixels", type=positive(int), default=16_000_000,
+    parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help="largest image (width x height) decoded; beyond: 413")
+    parser.add_argument("--min-confidence", type=probability, default=0.5,
+                        help="/ocr: regions read with a lower recogniser confidence are dropped")
+    parser.add_argument("--no-split-words", dest="split_words", action="store_false",
+                        help="/ocr: keep line boxes whole (no cut at recognised spaces)")
     parser.add_argument("--threads", type=positive(int),
                         help="engine intra-op threads (default: the available cores)")
     parser.add_argument("--preprocess-threads", type=positive(int), default=1,
@@ -116,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", type=Path,
                         help="file holding a bearer token every request but the health "
                              "probes must carry (Authorization: Bearer TOKEN)")
-    parser.add_argument("--drain-seconds", type=_non_negative, default=0.0,
+    parser.add_argument("--drain-seconds", type=non_negative, default=0.0,
                         help="on SIGTERM, keep serving this long with readiness 503 "
                              "(for load balancers to notice) before stopping")
     parser.add_argument("--access-log", action="store_true", help="log every request")
@@ -138,13 +136,15 @@ def read_token(path: Path) -> str:
     return token
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def config_of(args: argparse.Namespace):
+    """The :class:`serve.service.ServeConfig` of parsed command-line arguments.
 
-    from serve.app import create_app
-    from serve.service import ServeConfig, Service, State, load_in_background
+    Raises:
+        ToolchainError: ``--token-file`` is unreadable or holds no token.
+    """
+    from serve.service import ServeConfig
 
-    config = ServeConfig(
+    return ServeConfig(
         model=args.model,
         name=args.name or Path(args.model).stem,
         det=args.det,
@@ -158,10 +158,21 @@ def serve(args: argparse.Namespace) -> int:
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
+        split_words=args.split_words,
+        min_confidence=args.min_confidence,
         threads=args.threads,
         preprocess_threads=args.preprocess_threads,
         token=read_token(args.token_file) if args.token_file else None,
     )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.service import Service, State, load_in_background
+
+    config = config_of(args)
     service = Service(config)  # opens the description; the engine loads after binding
     sock = listen(args.host, args.port)
     failure: list[str] = []

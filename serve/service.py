@@ -34,6 +34,7 @@ from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
 from pipeline.recognizer import Recognition, Recognizer
 from preprocess.image import (
     DECODABLE_FORMATS,
+    DEFAULT_MAX_PIXELS,
     ImageTooLarge,
     SampleError,
     decode_rgb,
@@ -100,7 +101,7 @@ class ServeConfig:
     max_queue: int = 256
     timeout_ms: float = 10_000.0
     max_body_bytes: int = 8 << 20
-    max_pixels: int = 16_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
     preprocess_threads: int = 1
     token: str | None = None

@@ -120,3 +120,18 @@ def test_ocr_without_a_detector_is_404(exported):
     with ServerProcess(["--model", str(exported["nano-ocr"])]) as running:
         answer = httpx.post(running.url + "/ocr", content=b"x", timeout=30)
     assert answer.status_code == 404 and "--det" in answer.json()["error"]
+
+
+def test_the_pipeline_flags_reach_the_service_and_share_the_image_cap_with_det_rec():
+    from eval.det_rec import _parser as det_rec_parser
+    from preprocess.image import DEFAULT_MAX_PIXELS
+    from serve.__main__ import build_parser, config_of
+
+    config = config_of(build_parser().parse_args(
+        ["--model", "rec.onnx", "--det", "det.onnx", "--no-split-words",
+         "--min-confidence", "0.8"]))
+    assert config.split_words is False and config.min_confidence == 0.8
+    default = config_of(build_parser().parse_args(["--model", "rec.onnx"]))
+    assert default.split_words is True and default.min_confidence == 0.5
+    det_rec = det_rec_parser().parse_args(["--images", "photos", "--predictions", "p.json"])
+    assert default.max_pixels == det_rec.max_pixels == DEFAULT_MAX_PIXELS
