@@ -26,9 +26,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import REPO_ROOT, make_parser, positive, run_main
-from convert.errors import ToolchainError
-from convert.outputs import claim_output_folder
+from common.cli import REPO_ROOT, make_parser, positive, run_main
+from common.errors import ToolchainError
+from common.outputs import claim_output_folder
 from eval.det_metrics import Detection, score_set
 from eval.det_rec import list_images, read_ground_truth
 

@@ -5,12 +5,12 @@
 2. torch-eager: what nano-ocr's ``read_batch`` does: PIL decode, grey, resize, one eager
    PyTorch forward per image, CTC decode.
 3. toolchain default: ``python -m eval.postprocess --test-dir`` on the int8 copy
-   (``infer.quantize --lstm int8``, as ``scripts/run_e2e.sh`` builds it) of the rewritten
+   (``convert.quantize --lstm int8``, as ``scripts/run_e2e.sh`` builds it) of the rewritten
    ONNX model: one process, decoding threads, streamed equal-width batches.
 4. toolchain two-step: ``preprocess.parse_testdata`` then ``eval.postprocess --input-npy``
    (the ModelZoo flow) on the same int8 model.
 5. toolchain, fp32 LSTM: the one-process path on the int8 copy whose LSTM stays fp32
-   (``infer.quantize``'s default; batch-invariant, what a service with request batching needs).
+   (``convert.quantize``'s default; batch-invariant, what a service with request batching needs).
 6. toolchain fp32: the one-process path on the fp32 rewritten model, to show what int8 adds.
 
 Every path runs in a fresh child process of its own, so each one's peak memory is its own
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 from eval.metrics import recognition_metrics
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
@@ -179,9 +179,8 @@ def build_models(workdir: Path, calibration: Path) -> tuple[Path, Path, Path, Pa
         (weights, fp32 rewritten model, int8 model with an int8 LSTM, int8 model with an
         fp32 LSTM, seconds the build took).
     """
-    from convert import fix, pth2onnx
-    from convert.weights import fetch
-    from infer import quantize
+    from convert import fix, pth2onnx, quantize
+    from models.weights import fetch
 
     weights = fetch("nano-ocr")
     start = time.perf_counter()

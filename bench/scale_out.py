@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.e2e import build_models
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 from eval.compare import compare, read_predictions
 from infer.onnxruntime_runner import available_cores
 from preprocess.lmdb_reader import default_calibration_set, default_test_set

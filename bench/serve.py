@@ -39,9 +39,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, positive, run_main
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file, write_texts
+from common.cli import make_parser, positive, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file, write_texts
 from infer import open_model
 from pipeline import Recognition, Recognizer
 from preprocess.lmdb_reader import (

@@ -8,7 +8,7 @@ nano-ocr; 48 px: PP-OCR). The table is printed as Markdown (paste it into the RE
 
 Example (the README's tables):
     python -m bench.width_policy --model work/nano_fixed.onnx
-    python -m bench.width_policy --model "$(python -m convert.weights path ppocr-v4-rec)"
+    python -m bench.width_policy --model "$(python -m models.weights path ppocr-v4-rec)"
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
+from common.cli import make_parser, run_main
 from eval.evaluate import run_evaluation
 from eval.inputs import load_input_set
 from eval.metrics import recognition_metrics

@@ -21,22 +21,21 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
-from convert.det_spec import DetectorSpec, detector_spec_from_metadata
-from convert.errors import ToolchainError
-from convert.onnx_io import load_onnx
-from convert.outputs import check_output_file, json_content, write_texts
-from convert.spec import ModelSpec, quantization_of
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file
+from models.det_spec import DetectorSpec, detector_spec_from_metadata
+from models.onnx_file import load_onnx
+from models.sidecar import InputPlan, ShapePlan, om_built_here, sidecar_written_here, write_sidecar
+from models.spec import ModelSpec, quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -49,83 +48,6 @@ SET_ENV_HINT = (
     "(or your CANN install's set_env.sh) so that `atc` is on PATH"
 )
 _SOC_PATTERN = re.compile(r"^Ascend\d{3}[A-Za-z0-9]*$")
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    """The shape of one model input in an ATC build.
-
-    Attributes:
-        name: the input's name (from the model description).
-        dims: one entry per dimension: an int for a static dimension, ``(min, max)`` for a
-            dimension that varies in a range (range mode), or -1 for one that takes the gear
-            values (gears mode).
-    """
-
-    name: str
-    dims: tuple[int | tuple[int, int], ...]
-
-    def atc_dims(self) -> str:
-        """``--input_shape`` text for this input: ``1~16,1,32,96~192`` or ``16,1,32,-1``."""
-        return ",".join(f"{d[0]}~{d[1]}" if isinstance(d, tuple) else str(d) for d in self.dims)
-
-    def ranges(self) -> dict[int, tuple[int, int]]:
-        """``{axis: (min, max)}`` of the ranged dimensions."""
-        return {axis: d for axis, d in enumerate(self.dims) if isinstance(d, tuple)}
-
-    def gear_axes(self) -> list[int]:
-        """Axes whose value comes from the gears."""
-        return [axis for axis, d in enumerate(self.dims) if d == -1]
-
-
-@dataclass(frozen=True)
-class ShapePlan:
-    """The dynamic-shape plan of one build: a plan per input, and the gears if any.
-
-    Attributes:
-        mode: ``"range"`` or ``"gears"``.
-        inputs: one :class:`InputPlan` per model input.
-        gears: gears mode: each gear lists the values of every -1 dimension, inputs in
-            order, as ATC's ``--dynamic_dims`` takes them; ascending.
-    """
-
-    mode: str
-    inputs: tuple[InputPlan, ...]
-    gears: tuple[tuple[int, ...], ...] = field(default=())
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form used in the sidecar."""
-        return {
-            "mode": self.mode,
-            "inputs": [
-                {"name": i.name, "dims": [list(d) if isinstance(d, tuple) else d for d in i.dims]}
-                for i in self.inputs
-            ],
-            "gears": [list(g) for g in self.gears],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str) -> ShapePlan:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            ToolchainError: the dict is not a plan written by :meth:`to_dict`.
-        """
-        try:
-            inputs = tuple(
-                InputPlan(
-                    i["name"], tuple(tuple(d) if isinstance(d, list) else int(d) for d in i["dims"])
-                )
-                for i in data["inputs"]
-            )
-            plan = cls(
-                data["mode"], inputs, tuple(tuple(int(v) for v in g) for g in data.get("gears", []))
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ToolchainError(f"{source}: not a shape plan of convert.atc ({exc!r})") from None
-        if plan.mode not in ("range", "gears") or not plan.inputs:
-            raise ToolchainError(f"{source}: shape plan mode must be range or gears, with inputs")
-        return plan
 
 
 def supports_shape_range(soc_version: str) -> bool:
@@ -343,21 +265,6 @@ def run_atc(argv: list[str], output: str | Path) -> Path:
     return find_om(output)
 
 
-#: Keys every sidecar :func:`write_sidecar` writes has.
-_SIDECAR_KEYS = {"mode", "soc_version", "atc_command", "model"}
-
-
-def _sidecar_written_here(path: Path) -> bool:
-    """Whether ``path`` is a sidecar JSON that :func:`write_sidecar` wrote."""
-    content = json_content(path)
-    return isinstance(content, dict) and content.keys() >= _SIDECAR_KEYS
-
-
-def _om_built_here(path: Path) -> bool:
-    """Whether the .om at ``path`` was built by this tool: its sidecar is this tool's."""
-    return _sidecar_written_here(path.with_suffix(".json"))
-
-
 def check_atc_outputs(output: Path) -> None:
     """Refuse an ``--output`` where ATC or the sidecar would replace files this tool did not
     write: an .om under either name ATC gives it (``output.om``, ``output_linux_<arch>.om``)
@@ -368,34 +275,9 @@ def check_atc_outputs(output: Path) -> None:
     """
     exact = output.with_name(output.name + ".om")
     for om in [exact, *sorted(output.parent.glob(f"{output.name}_linux_*.om"))]:
-        check_output_file(om, "--output", ours=_om_built_here, tool="convert.atc")
-        check_output_file(om.with_suffix(".json"), "--output", ours=_sidecar_written_here,
+        check_output_file(om, "--output", ours=om_built_here, tool="convert.atc")
+        check_output_file(om.with_suffix(".json"), "--output", ours=sidecar_written_here,
                           tool="convert.atc")
-
-
-def write_sidecar(
-    om_path: Path,
-    plan: ShapePlan,
-    spec: ModelSpec | DetectorSpec,
-    soc_version: str,
-    argv: list[str],
-    onnx_path: Path,
-) -> Path:
-    """Write ``<om stem>.json`` with everything inference needs; return its path.
-
-    Keys: ``mode``, ``inputs`` and ``gears`` (:meth:`ShapePlan.to_dict`), ``soc_version``,
-    ``onnx``, ``atc_command`` and ``model`` (the model description). In gears mode the
-    description's ``width_gears`` are the compiled widths, so preprocessing for this model
-    (``parse_testdata --model X.om``) resizes to exactly those widths and nothing is padded.
-    """
-    if (isinstance(spec, ModelSpec) and plan.mode == "gears" and len(plan.inputs) == 1
-            and plan.inputs[0].gear_axes() == [3]):
-        spec = spec.replace(width_gears=tuple(g[0] for g in plan.gears))
-    sidecar = om_path.with_suffix(".json")
-    content = {**plan.to_dict(), "soc_version": soc_version, "onnx": str(onnx_path),
-               "atc_command": argv, "model": spec.to_dict()}
-    write_texts({sidecar: json.dumps(content, indent=2, ensure_ascii=False)})
-    return sidecar
 
 
 def _parser():
@@ -446,7 +328,7 @@ def _run(args) -> int:
     model = load_onnx(args.model)
     if quantization_of(model) is not None:
         raise ToolchainError(
-            f"{args.model} is an int8 model for ONNX Runtime (infer.quantize); "
+            f"{args.model} is an int8 model for ONNX Runtime (convert.quantize); "
             "give atc the fp32 model from convert.fix"
         )
     detector = detector_spec_from_metadata({p.key: p.value for p in model.metadata_props},

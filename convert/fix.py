@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
-from convert.onnx_io import check_model_output, cpu_session, load_onnx
-from convert.outputs import atomic_path
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import atomic_path
 from convert.rewrite_rules import RULES, tidy
+from models.onnx_file import check_model_output, cpu_session, load_onnx
 
 log = logging.getLogger(__name__)
 

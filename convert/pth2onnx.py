@@ -1,7 +1,7 @@
 """Export a CTC recogniser checkpoint (.pth) to dynamic-shape ONNX and check it against PyTorch.
 
 The graph is image in, logits out, with the tensor names, shapes and frames rule of the
-architecture's description (``convert.registry``): for crnn and nano-ocr, input ``imgs``
+architecture's description (``models.registry``): for crnn and nano-ocr, input ``imgs``
 float32 ``[batch, 1, 32, width]`` (batch and width dynamic) and output ``output1`` float32
 ``[T, batch, classes]`` of raw logits (pre-softmax), ``T = width // 4 + 1``, the names the
 Ascend ModelZoo tooling expects. The model description (architecture, alphabet, blank,
@@ -27,13 +27,13 @@ import onnx
 import torch
 from torch import nn
 
-from convert.checkpoint import load_checkpoint, read_description
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
-from convert.onnx_io import check_model_output, cpu_session
-from convert.outputs import atomic_path
-from convert.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
-from convert.spec import ModelSpec
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import atomic_path
+from models.checkpoint import load_checkpoint, read_description
+from models.onnx_file import check_model_output, cpu_session
+from models.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
+from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _run(args) -> int:
     if arch_entry(spec.arch).build is None:
         raise ToolchainError(
             f"{spec.arch} has no PyTorch definition here (it ships as ONNX: "
-            f"python -m convert.weights fetch {spec.arch})"
+            f"python -m models.weights fetch {spec.arch})"
         )
     model = load_checkpoint(
         args.checkpoint,

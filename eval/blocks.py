@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from eval.evaluate import EvalRun, Prediction, run_batches
 from infer import open_model
 from pipeline import Recognizer
@@ -36,7 +36,7 @@ from preprocess.stream import bucket_batches, decode_indices
 DEFAULT_BLOCK_SIZE = 256
 
 #: Columns of a result row: lmdb index, label, prediction ("" when failed), confidence,
-#: resized width, the reading kept (``turn``, ``convert.spec.TURNS``; 0 when failed), failure
+#: resized width, the reading kept (``turn``, ``models.spec.TURNS``; 0 when failed), failure
 #: stage and reason ("" when scored), the worker
 #: (``host:pid device``), the block's first index, and the engine seconds of the sample's
 #: batch with that batch's number within the worker (``batch``: for latency percentiles).

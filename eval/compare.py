@@ -15,8 +15,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 
 
 def read_predictions(path: Path) -> dict[int, str]:

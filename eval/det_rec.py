@@ -3,7 +3,7 @@
 Runs the detector and the recogniser as one pipeline (``pipeline.ocr``): DB text detection,
 perspective crops, recognition in equal-width batches, and word boxes cut from line boxes at
 the recognised spaces (CTC frame positions). Models are files or registry names whose
-weights ``convert.weights`` fetches: ``--det ppocr-v4-det`` (default), ``--rec ppocr-v4-rec``
+weights ``models.weights`` fetches: ``--det ppocr-v4-det`` (default), ``--rec ppocr-v4-rec``
 (default) or ``--rec nano-ocr`` (its PyTorch checkpoint), or any recogniser file the
 toolchain makes (.onnx, int8 .onnx, .om with its sidecar).
 
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from convert.cli import make_parser, positive, probability, run_main
-from convert.errors import ToolchainError
-from convert.outputs import (
+from common.cli import make_parser, positive, probability, run_main
+from common.errors import ToolchainError
+from common.outputs import (
     atomic_path,
     check_output_file,
     claim_output_folder,

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from eval.blocks import BlockJob, BlockWorker, MergedRun, empty_rows, extend_rows, merge_rows
 from infer.open import parse_device
 

@@ -6,7 +6,7 @@ on another thread, so both overlap the engine. ``e2e_seconds`` is the wall time 
 first input read to the last decoded sample, warm-up excluded; ``stages`` are the seconds
 each stage spent (they overlap, so they can add up to more than ``e2e_seconds``).
 ``engine_seconds_sum`` is the ModelZoo postprocess's "E2E time" (the sum of engine calls),
-kept for comparison. A batch the engine rejects (:class:`convert.errors.EngineError`) is
+kept for comparison. A batch the engine rejects (:class:`common.errors.EngineError`) is
 recorded against each of its samples; any other error stops the run.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from convert.ctc import most_confident
-from convert.errors import EngineError
+from common.errors import EngineError
 from eval.inputs import InputSet
+from models.ctc import most_confident
 from pipeline.recognizer import Recognizer
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prediction:
-    """One decoded sample: its reading kept (``turn``, ``convert.spec.TURNS``; 0 unless the
+    """One decoded sample: its reading kept (``turn``, ``models.spec.TURNS``; 0 unless the
     model reads tall crops turned) and that reading's input width."""
 
     index: int
@@ -79,7 +79,7 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
             has ``index``, ``label``, ``width`` and ``turn`` (``eval.inputs.Sample``,
             ``preprocess.stream.StreamedSample``). An index may come in several readings
             (turns, in any batches): the most confident is kept
-            (``convert.ctc.most_confident``), and if any of its readings failed in the
+            (``models.ctc.most_confident``), and if any of its readings failed in the
             engine, the sample is recorded as failed instead.
         total: number of samples expected (for the progress bar).
         warmup: untimed runs of the first batch before timing starts; an engine failure

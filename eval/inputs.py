@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ToolchainError
-from convert.spec import TURNS
+from common.errors import ToolchainError
+from models.spec import TURNS
 
 _LABEL_LINE = re.compile(r"^test_(\d+)\.npy:(.*)$")
 
@@ -27,7 +27,7 @@ _LABEL_LINE = re.compile(r"^test_(\d+)\.npy:(.*)$")
 @dataclass
 class Sample:
     """One input: lmdb index, label (case kept), input file and row, resized width, and the
-    quarter turn of the reading (``convert.spec.TURNS``; a crop the model reads turned has
+    quarter turn of the reading (``models.spec.TURNS``; a crop the model reads turned has
     one input per turn, under one index)."""
 
     index: int

@@ -58,12 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.cli import make_parser, run_main
-from convert.ctc import DECODERS
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file, json_content, write_texts
-from convert.registry import ARCHS, GATE_ORDERS
-from convert.spec import ModelSpec
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file, json_content, write_texts
 from eval.blocks import DEFAULT_BLOCK_SIZE, BlockJob, plan_blocks, survey_test_set
 from eval.devices import parse_device_list, run_on_devices
 from eval.evaluate import EvalRun, run_batches, run_evaluation
@@ -81,6 +78,9 @@ from infer import describe, open_model
 from infer.device import DEVICE_SPELLINGS, parse_device
 from infer.onnxruntime_runner import available_cores
 from infer.open import backend_of
+from models.ctc import DECODERS
+from models.registry import ARCHS, GATE_ORDERS
+from models.spec import ModelSpec
 from pipeline import Recognizer
 from preprocess.parse_testdata import (
     add_width_arguments,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from eval.blocks import BlockJob, BlockWorker, MergedRun, empty_rows, extend_rows, merge_rows
 from infer.device import parse_device
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ToolchainError
-from convert.model_file import read_sidecar
+from common.errors import ToolchainError
 from infer.base import InputSpec, Runner
+from models.sidecar import read_sidecar
 from preprocess.batching import PAD_VALUE
 
 INSTALL_HINT = (

@@ -4,7 +4,7 @@ A runner has a cheap constructor, ``load()``, ``infer(feed) -> outputs`` on dict
 numpy arrays, and ``close()``, and is a context manager. The base class checks the feed
 against the engine's input metadata (names, dtypes, ranks, static dimensions, and any
 shape range), times only the engine call, and turns the engine's own exceptions (the
-backend's :attr:`Runner.engine_errors`) into :class:`convert.errors.EngineError`; each
+backend's :attr:`Runner.engine_errors`) into :class:`common.errors.EngineError`; each
 backend implements ``_load``, ``_infer``, ``_close`` and ``input_specs``. Backends take
 tensor names and shapes from the model description, never from literals.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convert.errors import EngineError, ToolchainError
+from common.errors import EngineError, ToolchainError
 
 
 @dataclass(frozen=True)

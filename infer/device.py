@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 __all__ = ["DEVICE_SPELLINGS", "Device", "parse_device"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from infer.base import InputSpec, Runner
 from infer.device import parse_device
 

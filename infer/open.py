@@ -4,7 +4,7 @@ The suffix chooses the backend (ultralytics' one table):
 
 | suffix | backend | description from |
 | --- | --- | --- |
-| ``.onnx`` | ONNX Runtime (``cpu``, ``cuda``) | ONNX metadata (convert.pth2onnx, convert.weights) |
+| ``.onnx`` | ONNX Runtime (``cpu``, ``cuda``) | ONNX metadata (convert.pth2onnx, models.weights) |
 | ``.om`` | ais_bench (``npu:N``) | the sidecar JSON ``convert.atc`` writes |
 | ``.pth``, ``.pt`` | PyTorch (``cpu``, ``cuda``) | the architecture's registry entry (``arch``) |
 
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.errors import ToolchainError
-from convert.model_file import SUFFIXES, backend_of, describe
-from convert.spec import ModelSpec
+from common.errors import ToolchainError
 from infer.ais_bench_runner import AisBenchRunner
 from infer.base import Runner
 from infer.device import Device, parse_device
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from infer.torch_runner import TorchRunner
+from models.describe import SUFFIXES, backend_of, describe
+from models.spec import ModelSpec
 
 __all__ = ["SUFFIXES", "Device", "backend_of", "describe", "open_model", "parse_device"]
 #: Devices each backend runs on.
@@ -55,7 +55,7 @@ def open_model(
         spin: ONNX Runtime's idle threads spin-wait (see ``OnnxRuntimeRunner``).
         sidecar: an .om's sidecar JSON (default: beside it).
         arch: architecture of a checkpoint (see :func:`describe`).
-        rnn_layout, gate_order, trust: checkpoint loading (``convert.checkpoint``).
+        rnn_layout, gate_order, trust: checkpoint loading (``models.checkpoint``).
         fallback: see :func:`describe`.
 
     Raises:

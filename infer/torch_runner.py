@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ToolchainError
-from convert.spec import ModelSpec
+from common.errors import ToolchainError
 from infer.base import InputSpec, Runner
 from infer.device import parse_device
+from models.spec import ModelSpec
 
 
 class TorchRunner(Runner):
@@ -17,10 +17,10 @@ class TorchRunner(Runner):
 
     Args:
         checkpoint: the .pth file.
-        spec: model description (``convert.registry.spec_for_arch``); names the input and
+        spec: model description (``models.registry.spec_for_arch``); names the input and
             output tensors and gives the input's channels and height.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        rnn_layout, gate_order, trust: see ``convert.checkpoint.load_checkpoint``.
+        rnn_layout, gate_order, trust: see ``models.checkpoint.load_checkpoint``.
         threads: CPU threads for PyTorch's ops (``torch.set_num_threads``, process-wide);
             None: PyTorch's default.
     """
@@ -49,7 +49,7 @@ class TorchRunner(Runner):
     def _load(self) -> None:
         import torch
 
-        from convert.checkpoint import load_checkpoint
+        from models.checkpoint import load_checkpoint
 
         if self._device.kind == "cuda":
             if not torch.cuda.is_available():

@@ -1,10 +1,10 @@
 """The in-memory text detector: whole images in, text boxes out.
 
 ``Detector(runner, spec)`` resizes each image by the detector description's rule
-(:meth:`convert.det_spec.DetectorSpec.input_size`, OpenCV bilinear), normalises it in the
+(:meth:`models.det_spec.DetectorSpec.input_size`, OpenCV bilinear), normalises it in the
 model's channel order, runs images whose inputs have the same size as one batch (no padding,
 so a result equals the batch-1 result) and turns each probability map into boxes with
-:func:`pipeline.db_postprocess.boxes_from_map`.
+:func:`models.db_postprocess.boxes_from_map`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from convert.det_spec import DetectorSpec
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from infer.base import Runner
-from pipeline.db_postprocess import TextBox, boxes_from_map
+from models.db_postprocess import TextBox, boxes_from_map
+from models.det_spec import DetectorSpec
 from preprocess.image import normalise
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from convert.errors import ToolchainError
-from convert.spec import ModelSpec
-from pipeline.db_postprocess import TextBox
+from common.errors import ToolchainError
+from models.db_postprocess import TextBox
+from models.spec import ModelSpec
 from pipeline.detector import Detector
 from pipeline.recognizer import Failure, Recognition, Recognizer
 
@@ -40,7 +40,7 @@ class OcrWord:
         points: float32 ``[4, 2]`` corners in pixels of the original image, clockwise from
             the top-left of the text.
         text: the recognised string.
-        confidence: the recogniser's confidence (``convert.ctc.Decoded``), in ``[0, 1]``.
+        confidence: the recogniser's confidence (``models.ctc.Decoded``), in ``[0, 1]``.
         box_score: the detector's score of the region it came from.
     """
 
@@ -299,7 +299,7 @@ class OcrPipeline:
         return self.recognise_boxes(images, self.detector(images))
 
 
-#: Default models of :func:`open_pipeline` (registry names; see ``convert.weights``).
+#: Default models of :func:`open_pipeline` (registry names; see ``models.weights``).
 DEFAULT_DETECTOR = "ppocr-v4-det"
 DEFAULT_RECOGNIZER = "ppocr-v4-rec"
 
@@ -313,8 +313,8 @@ def resolve_model(model: str | Path) -> tuple[Path, str | None]:
     Raises:
         ToolchainError: neither an existing file nor a fetchable name, or the fetch fails.
     """
-    from convert import weights
-    from convert.registry import ARCHS
+    from models import weights
+    from models.registry import ARCHS
 
     path = Path(model)
     if path.exists():
@@ -356,8 +356,8 @@ def open_pipeline(
         ToolchainError: a missing model, a detector file without a detector description,
             a recogniser file with one, or an invalid override.
     """
-    from convert.det_spec import DetectorSpec
     from infer.open import open_model
+    from models.det_spec import DetectorSpec
 
     det_path, _ = resolve_model(detector)
     det_runner, det_spec = open_model(det_path, device, threads=threads, spin=spin)

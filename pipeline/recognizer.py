@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from convert.ctc import DECODERS, Decoded, decode_output, most_confident
-from convert.errors import EngineError, ToolchainError
-from convert.spec import ModelSpec
+from common.errors import EngineError, ToolchainError
 from infer.base import Runner
+from models.ctc import DECODERS, Decoded, decode_output, most_confident
+from models.spec import ModelSpec
 from preprocess.batching import batch_inputs
 from preprocess.image import SampleError, prepare_readings
 
@@ -38,12 +38,12 @@ class Recognition:
 
     Attributes:
         text: the decoded string (the model's charset, case kept).
-        confidence: see :class:`convert.ctc.Decoded`.
+        confidence: see :class:`models.ctc.Decoded`.
         char_frames: CTC frame of each character (greedy decoding; empty for beam).
         frames: frames the model produced for this image.
         width: the model input's width in pixels (after the width policy).
         size: the original image's ``(width, height)`` in pixels.
-        turn: the quarter turn of the reading kept (``convert.spec.TURNS``: 0 upright, 1
+        turn: the quarter turn of the reading kept (``models.spec.TURNS``: 0 upright, 1
             counter-clockwise, -1 clockwise); 0 unless the model reads tall crops turned.
     """
 
@@ -77,7 +77,7 @@ class BatchResult:
 
     Attributes:
         key: the caller's key for the batch, passed through.
-        decoded: one :class:`convert.ctc.Decoded` per row, or None when the engine failed.
+        decoded: one :class:`models.ctc.Decoded` per row, or None when the engine failed.
         error: the engine's failure (then ``decoded`` is None).
         engine_seconds: time in the engine call(s) alone.
         decode_seconds: time spent in CTC decoding (on the worker thread).
@@ -296,7 +296,7 @@ class Recognizer:
         Returns:
             One :class:`Recognition` or :class:`Failure` per image, in input order. A tall
             crop the description reads turned (``ModelSpec.tall_crops``) is read three ways
-            and its most confident reading kept (``convert.ctc.most_confident``); if any of
+            and its most confident reading kept (``models.ctc.most_confident``); if any of
             its readings failed in the engine, it is a :class:`Failure`.
         """
         results: list[Recognition | Failure | None] = [None] * len(images)

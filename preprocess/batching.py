@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from convert.spec import ModelSpec
+from models.spec import ModelSpec
 from preprocess.image import normalise
 
 #: Value written into padded columns: normalised 0.0, i.e. the value the first

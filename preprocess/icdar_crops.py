@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 from preprocess.icdar_gt import GtWord, read_gt_file
 from preprocess.lmdb_writer import write_word_lmdb
 

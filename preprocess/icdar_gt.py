@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 DONT_CARE_TEXT = "###"
 

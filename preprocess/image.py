@@ -17,7 +17,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from convert.spec import Description, ModelSpec
+from models.spec import Description, ModelSpec
 
 _FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lmdb
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 log = logging.getLogger(__name__)
 

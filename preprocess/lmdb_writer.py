@@ -17,8 +17,8 @@ from pathlib import Path
 
 import lmdb
 
-from convert.errors import ToolchainError
-from convert.outputs import current_umask
+from common.errors import ToolchainError
+from common.outputs import current_umask
 
 
 def write_word_lmdb(output: Path, entries: Iterable[tuple[bytes, str]], map_size: int = 1 << 30,

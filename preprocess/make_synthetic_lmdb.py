@@ -20,8 +20,8 @@ import lmdb
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 from preprocess.lmdb_reader import SYNTHETIC_KEY
 
 WORDS = ("PARKING PRIVATE EXIT open Coffee HOTEL street 2024 sale Police bank London Taxi "

@@ -4,7 +4,7 @@ Every index 1..num-samples is accounted for: decoded (any Pillow format, convert
 model's colours: grey, RGB or BGR), resized to the model's height with its filter and width
 policy, normalised as the model expects, and written; or recorded in ``failed`` with its
 reason. Nothing is dropped silently or replaced. The model description comes from
-``--model`` (an .onnx from convert.pth2onnx or convert.weights, an .om with its sidecar, or
+``--model`` (an .onnx from convert.pth2onnx or models.weights, an .om with its sidecar, or
 the sidecar .json) or ``--arch``; width options and ``--tall-crops`` override it. A crop the
 description reads turned (``tall_crops="turn"``: at least ``tall_ratio`` times as high as
 wide) is written three times, as it is and turned 90 degrees both ways; the manifest lists
@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
-from convert.model_file import describe
-from convert.outputs import check_output_file, current_umask
-from convert.registry import ARCHS, spec_for_arch
-from convert.spec import TALL_CROPS, WIDTH_POLICIES, ModelSpec
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file, current_umask
+from models.describe import describe
+from models.registry import ARCHS, spec_for_arch
+from models.spec import TALL_CROPS, WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
 from preprocess.image import normalise
 from preprocess.stream import decode_all, missing_range

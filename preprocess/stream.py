@@ -7,7 +7,7 @@ the set is read), so inference can start while decoding goes on and no .npy file
 written. One width per batch means nothing is padded, and since the results come in index
 order, each batch holds the same samples as ``preprocess.batching.plan_batches`` gives the
 two-step path (only the order of the batches differs). A crop the model reads turned
-(``convert.spec.ModelSpec.tall_crops``) gives one row per reading, tagged with its turn;
+(``models.spec.ModelSpec.tall_crops``) gives one row per reading, tagged with its turn;
 the caller keeps the most confident (``eval.evaluate.run_batches``). Samples that cannot be
 used are collected with their reasons, never dropped.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from convert.spec import ModelSpec
+from models.spec import ModelSpec
 from preprocess.batching import batch_inputs
 from preprocess.image import SampleError, decode_label, prepare_readings
 from preprocess.lmdb_reader import Survey, open_lmdb, read_sample, survey
@@ -138,7 +138,7 @@ def decode_all(test_dir: Path, spec: ModelSpec, workers: int,
 @dataclass(frozen=True)
 class StreamedSample:
     """One reading of a streamed batch: lmdb index, label (case kept), resized width, and
-    the quarter turn of the reading (``convert.spec.TURNS``)."""
+    the quarter turn of the reading (``models.spec.TURNS``)."""
 
     index: int
     label: str

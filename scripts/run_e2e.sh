@@ -8,11 +8,11 @@
 #                           [--output DIR] [--soc-version Ascend310P3] [--device N] [--two-step]
 # Data: --data, else $IIIT5K_LMDB, else ../shared/data/IIIT5K_3000; a path that does not exist
 # is an error. --synthetic scores (and calibrates on) generated words instead, labelled SYNTHETIC.
-# ONNX Runtime runs the int8 model (infer.quantize) by default, calibrated on --calibration,
+# ONNX Runtime runs the int8 model (convert.quantize) by default, calibrated on --calibration,
 # else $IIIT5K_CALIB_LMDB, else ../shared/data/IIIT5K_train_500; --precision fp32 skips it.
 # Its LSTM is int8 too (--lstm int8, ONNX Runtime's dynamic quantisation: about 18 % less engine
 # time; a sample's text then depends on its batch, which both flows build alike); --lstm fp32
-# keeps it float (infer.quantize's default, what a service batching requests should run).
+# keeps it float (convert.quantize's default, what a service batching requests should run).
 # Scoring runs in one process from the lmdb (eval.postprocess --test-dir); --two-step runs the
 # ModelZoo flow instead (preprocess.parse_testdata to .npy files, then eval.postprocess).
 # Relative paths are taken from the folder you run the script in.
@@ -81,7 +81,7 @@ work="$output/work"
 mkdir -p "$work"
 
 echo "== weights"
-weights="$("$py" -m convert.weights fetch nano-ocr)"
+weights="$("$py" -m models.weights fetch nano-ocr)"
 
 om_args=()
 if [ "$backend" != torch ]; then
@@ -110,8 +110,8 @@ fi
 
 onnx_model="$work/nano_fixed.onnx"
 if [ -n "$quantise" ]; then
-  echo "== int8 for ONNX Runtime CPU (infer.quantize), calibrated on $calibration"
-  "$py" -m infer.quantize "$work/nano_fixed.onnx" "$work/nano_int8.onnx" --calibration "$calibration" \
+  echo "== int8 for ONNX Runtime CPU (convert.quantize), calibrated on $calibration"
+  "$py" -m convert.quantize "$work/nano_fixed.onnx" "$work/nano_int8.onnx" --calibration "$calibration" \
     --lstm "$lstm"
   onnx_model="$work/nano_int8.onnx"
 fi

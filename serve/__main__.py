@@ -34,10 +34,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, non_negative, positive, probability, run_main
-from convert.errors import ToolchainError
-from convert.registry import ARCHS
+from common.cli import make_parser, non_negative, positive, probability, run_main
+from common.errors import ToolchainError
 from infer.device import DEVICE_SPELLINGS
+from models.registry import ARCHS
 from preprocess.image import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("serve")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.errors import EngineError
-from pipeline.db_postprocess import boxes_from_map
+from common.errors import EngineError
+from models.db_postprocess import boxes_from_map
 from pipeline.detector import Detector
 from pipeline.recognizer import BatchResult, Recognizer
 from preprocess.batching import batch_inputs
@@ -153,7 +153,7 @@ class WidthBatcher:
             deadline: ``time.monotonic()`` after which the request is dropped unrun.
 
         Returns:
-            A future of the request's :class:`convert.ctc.Decoded`, or failing with
+            A future of the request's :class:`models.ctc.Decoded`, or failing with
             :class:`DeadlineExceeded`, :class:`EngineFailed` or :class:`Stopped`. Cancelling
             it before the engine call drops the request.
         """
@@ -309,7 +309,7 @@ class DetectorBatcher(WidthBatcher):
 
     Each request is a float32 ``[3, H, W]`` input (``pipeline.detector.detector_input``) with
     its original image's ``(width, height)`` as ``extra``; its future gets the image's
-    ``pipeline.db_postprocess.TextBox`` list (DB post-processing runs on the engine thread).
+    ``models.db_postprocess.TextBox`` list (DB post-processing runs on the engine thread).
     Admission, deadlines, buckets and the due rules are :class:`WidthBatcher`'s.
     """
 

@@ -19,8 +19,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import REPO_ROOT
-from convert.errors import ToolchainError
+from common.cli import REPO_ROOT
+from common.errors import ToolchainError
 
 
 def free_port() -> int:

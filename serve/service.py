@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.ctc import Decoded, most_confident
-from convert.det_spec import DetectorSpec
-from convert.errors import ToolchainError
-from convert.onnx_io import load_onnx
-from convert.spec import batch_dependent
+from common.errors import ToolchainError
 from infer.open import open_model
+from models.ctc import Decoded, most_confident
+from models.det_spec import DetectorSpec
+from models.onnx_file import load_onnx
+from models.spec import batch_dependent
 from pipeline.detector import Detector, detector_input
 from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
 from pipeline.recognizer import Recognition, Recognizer
@@ -113,7 +113,7 @@ class ServeConfig:
 
 def _batch_dependent(model: Path) -> bool:
     """Whether ``model`` is an .onnx whose results depend on the batch
-    (:func:`convert.spec.batch_dependent`)."""
+    (:func:`models.spec.batch_dependent`)."""
     if model.suffix != ".onnx":
         return False
     return batch_dependent(load_onnx(model, load_external_data=False))
@@ -142,7 +142,7 @@ class Service:
         self.spec = spec
         self.platform = runner.name
         if config.max_batch_size > 1 and _batch_dependent(Path(model)):
-            logger.warning("%s: its LSTM is quantised dynamically (infer.quantize --lstm int8), "
+            logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm int8), "
                            "so an answer can change with the requests batched beside it; serve "
                            "a model quantised with --lstm fp32 (the default) or use "
                            "--max-batch-size 1", model)
@@ -345,7 +345,7 @@ class Service:
                 it).
 
         Returns:
-            One :class:`convert.ctc.Decoded` per image, in order: for a tall crop the model
+            One :class:`models.ctc.Decoded` per image, in order: for a tall crop the model
             reads turned, the most confident of its three readings (each is queued, and
             counts against the queue, on its own).
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.checkpoint import reorder_gates
-from convert.registry import build_model, spec_for_arch
+from models.checkpoint import reorder_gates
+from models.registry import build_model, spec_for_arch
 from preprocess.lmdb_reader import default_test_set
 
 IIIT5K = default_test_set()
@@ -46,7 +46,7 @@ def meijieru_to_modelzoo(state: dict[str, torch.Tensor]) -> dict:
 @pytest.fixture(scope="session")
 def nano_weights() -> Path:
     """The real nano-ocr 0.1.0 checkpoint, fetched into the cache once."""
-    from convert.weights import fetch
+    from models.weights import fetch
 
     return fetch("nano-ocr")
 
@@ -67,8 +67,8 @@ def crnn_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, nano_weights, crnn_checkpoints) -> dict[str, Path]:
     """ONNX exports (convert.pth2onnx) of nano-ocr (real weights) and crnn in both layouts."""
-    from convert.checkpoint import load_checkpoint
     from convert.pth2onnx import export_onnx
+    from models.checkpoint import load_checkpoint
 
     folder = tmp_path_factory.mktemp("onnx")
     nano_spec, crnn_spec = spec_for_arch("nano-ocr"), spec_for_arch("crnn")
@@ -158,7 +158,7 @@ def tiny_lmdb(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def ppocr_rec_path() -> Path:
     """The real PP-OCRv4 recogniser (RapidOCR 1.4.4 wheel), fetched into the cache once."""
-    from convert.weights import fetch
+    from models.weights import fetch
 
     return fetch("ppocr-v4-rec")
 
@@ -166,7 +166,7 @@ def ppocr_rec_path() -> Path:
 @pytest.fixture(scope="session")
 def ppocr_det_path() -> Path:
     """The real PP-OCRv4 DB text detector (RapidOCR 1.4.4 wheel), fetched once."""
-    from convert.weights import fetch
+    from models.weights import fetch
 
     return fetch("ppocr-v4-det")
 

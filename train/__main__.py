@@ -44,15 +44,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from convert.charset import Charset
-from convert.checkpoint import save_checkpoint
-from convert.cli import make_parser, positive, run_main
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file
-from convert.registry import ARCHS
-from convert.spec import TALL_CROPS
+from common.cli import make_parser, positive, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file
 from infer.device import DEVICE_SPELLINGS, parse_device
 from infer.onnxruntime_runner import available_cores
+from models.charset import Charset
+from models.checkpoint import save_checkpoint
+from models.registry import ARCHS
+from models.spec import TALL_CROPS
 from train.trainer import (
     Run,
     freeze_batchnorm,

@@ -40,9 +40,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from convert.cli import make_parser, positive, run_main
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file
+from common.cli import make_parser, positive, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file
 from preprocess.lmdb_reader import SYNTHETIC_KEY, open_lmdb
 from preprocess.lmdb_writer import write_word_lmdb
 

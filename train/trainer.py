@@ -23,7 +23,7 @@ Distributed", VLDB 2020, for DDP's gradient averaging). Leftover batches smaller
 number of ranks (and single rows) are dropped for that epoch. BatchNorm statistics are frozen
 when fine-tuning (``--freeze-bn``, the default with ``--init``).
 
-Validation: greedy CTC decoding (``convert.ctc.decode_output``) and the report's metrics
+Validation: greedy CTC decoding (``models.ctc.decode_output``) and the report's metrics
 (``eval.metrics.recognition_metrics``): word accuracy under the field's protocol.
 """
 
@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert.charset import Charset
-from convert.checkpoint import load_checkpoint, read_description
-from convert.ctc import Decoded, decode_output, most_confident
-from convert.errors import ToolchainError
-from convert.registry import arch_entry, build_model, spec_for_arch
-from convert.spec import TURNS, ModelSpec
+from common.errors import ToolchainError
 from eval.metrics import protocol_for, recognition_metrics
+from models.charset import Charset
+from models.checkpoint import load_checkpoint, read_description
+from models.ctc import Decoded, decode_output, most_confident
+from models.registry import arch_entry, build_model, spec_for_arch
+from models.spec import TURNS, ModelSpec
 from preprocess.batching import batch_inputs, plan_batches
 from preprocess.stream import decode_all
 
@@ -334,7 +334,7 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     ``eval.metrics.protocol_for`` picks from the labels (the field's lower-case 0-9a-z for Latin
     words, exact match for Chinese ones, which 0-9a-z would erase). A sample with turned
     readings (:attr:`WordSet.turned`) is read all ways and its most confident reading kept
-    (``convert.ctc.most_confident``), as ``eval.postprocess`` does."""
+    (``models.ctc.most_confident``), as ``eval.postprocess`` does."""
     model.eval()
     readings = [(i, 0, pixels) for i, pixels in enumerate(words.pixels)]
     readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
@@ -423,7 +423,7 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
         charset: replaces the model's characters and blank (None: keep them);
             layers whose shapes change (the classifier) start from scratch.
     """
-    from convert.weights import fetch
+    from models.weights import fetch
 
     if init is None:
         if arch is None:

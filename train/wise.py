@@ -29,8 +29,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
 
 log = logging.getLogger("train.wise")
 
@@ -83,7 +83,7 @@ def interpolate(initial: dict, fine_tuned: dict, alpha: float) -> dict:
 
 def _is_ours(path: Path) -> bool:
     """Whether ``path`` is a checkpoint this tool wrote (which it may replace)."""
-    from convert.checkpoint import read_checkpoint
+    from models.checkpoint import read_checkpoint
 
     try:
         return WISE_KEY in read_checkpoint(path)
@@ -105,13 +105,13 @@ def _parser():
 
 
 def _run(args) -> int:
-    from convert.checkpoint import (
+    from common.outputs import check_output_file
+    from models.checkpoint import (
         description_in,
         load_checkpoint,
         read_checkpoint,
         save_checkpoint,
     )
-    from convert.outputs import check_output_file
     from train.trainer import initial_model
 
     check_alpha(args.alpha)  # before any model is read

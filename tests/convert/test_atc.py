@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
+from common.errors import ToolchainError
 from convert import atc
-from convert.errors import ToolchainError
 
 FAKE_ATC = textwrap.dedent(f"""\
     #!{sys.executable}

@@ -11,9 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from convert import fix, pth2onnx
+from convert import fix, pth2onnx, quantize
 from eval import postprocess
-from infer import quantize
 from preprocess import parse_testdata
 
 

@@ -7,9 +7,9 @@ import json
 import onnx
 import pytest
 
+from common.errors import ToolchainError
 from convert import fix
-from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from models.onnx_file import read_onnx_spec
 
 VARIANTS = ["nano-ocr", "crnn-meijieru", "crnn-modelzoo"]
 

@@ -7,11 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from common.errors import ToolchainError
 from convert import pth2onnx
-from convert.checkpoint import load_checkpoint
-from convert.errors import ToolchainError
-from convert.registry import spec_for_arch
-from convert.spec import read_onnx_spec
+from models.checkpoint import load_checkpoint
+from models.onnx_file import read_onnx_spec
+from models.registry import spec_for_arch
 
 
 def _input_dims(path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from eval.det_metrics import Detection, normalise_word, score_image, score_set
 from preprocess.icdar_gt import GtWord, read_gt_file
 

@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from convert.spec import read_onnx_spec
+from convert import quantize
 from eval import compare, postprocess
 from eval.evaluate import run_evaluation
 from eval.inputs import load_input_set
-from infer import OnnxRuntimeRunner, quantize
+from infer import OnnxRuntimeRunner
 from infer.onnxruntime_runner import available_cores
+from models.onnx_file import read_onnx_spec
 from pipeline import Recognizer
 from preprocess import parse_testdata
 from preprocess.lmdb_reader import default_calibration_set

@@ -16,12 +16,13 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from convert.atc import plan_shape, write_sidecar
-from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from common.errors import ToolchainError
+from convert.atc import plan_shape
 from eval import postprocess
 from eval.blocks import BlockJob, plan_blocks
 from eval.ray_executor import run_on_ray
+from models.onnx_file import read_onnx_spec
+from models.sidecar import write_sidecar
 from tests.conftest import IIIT5K, encode, word_image, write_lmdb
 
 FAKE = Path(__file__).parents[1] / "infer" / "fake_ais_bench"

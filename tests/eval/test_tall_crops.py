@@ -16,15 +16,15 @@ import onnx
 import pytest
 from PIL import Image
 
-from convert.ctc import Decoded, most_confident
-from convert.errors import ToolchainError
-from convert.model_file import describe
-from convert.registry import spec_for_arch
-from convert.spec import ModelSpec
-from convert.weights import save_described
+from common.errors import ToolchainError
 from eval import postprocess
 from eval.blocks import BlockJob, BlockWorker, merge_rows
 from infer import open_model
+from models.ctc import Decoded, most_confident
+from models.describe import describe
+from models.registry import spec_for_arch
+from models.spec import ModelSpec
+from models.weights import save_described
 from pipeline import Recognizer
 from preprocess import parse_testdata
 from preprocess.image import prepare, prepare_readings

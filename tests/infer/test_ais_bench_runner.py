@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.atc import plan_shape, write_sidecar
-from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from common.errors import ToolchainError
+from convert.atc import plan_shape
 from infer import AisBenchRunner, OnnxRuntimeRunner
+from models.onnx_file import read_onnx_spec
+from models.sidecar import write_sidecar
 from tests.conftest import IIIT5K
 
 FAKE = Path(__file__).parent / "fake_ais_bench"

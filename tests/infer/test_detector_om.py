@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from convert import atc
-from convert.det_spec import DetectorSpec
-from convert.model_file import describe
 from infer import open_model
+from models.describe import describe
+from models.det_spec import DetectorSpec
 from pipeline.detector import Detector
 from tests.conftest import render_line
 from tests.infer.test_ais_bench_runner import fake_ais_bench  # noqa: F401 - fixture

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from convert.atc import plan_shape, write_sidecar
-from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from common.errors import ToolchainError
+from convert.atc import plan_shape
 from infer import AisBenchRunner, OnnxRuntimeRunner, TorchRunner, describe, open_model, parse_device
 from infer.open import Device
+from models.onnx_file import read_onnx_spec
+from models.sidecar import write_sidecar
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.atc import plan_shape, write_sidecar
-from convert.errors import EngineError, ToolchainError
-from convert.registry import spec_for_arch
-from convert.spec import read_onnx_spec
+from common.errors import EngineError, ToolchainError
+from convert.atc import plan_shape
 from infer import BACKENDS, AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner
+from models.onnx_file import read_onnx_spec
+from models.registry import spec_for_arch
+from models.sidecar import write_sidecar
 
 FAKE_AIS_BENCH = Path(__file__).parent / "fake_ais_bench"
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.atc import plan_shape, write_sidecar
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
+from convert.atc import plan_shape
 from infer import OnnxRuntimeRunner, open_model
+from models.sidecar import write_sidecar
 from pipeline import Failure, Recognition, Recognizer
 from preprocess.lmdb_reader import open_lmdb, read_sample
 from tests.conftest import IIIT5K, encode, word_image
@@ -143,7 +144,7 @@ def test_lanes_are_refused_where_the_engine_runs_one_batch_at_a_time(nano_weight
 @pytest.mark.skipif(not IIIT5K.is_dir(), reason=f"IIIT5K lmdb not found at {IIIT5K}")
 def test_ppocr_v4_rec_reads_real_words():
     """The foreign recogniser through the same interface: BGR, height 48, [N, T, C] output."""
-    from convert.weights import fetch
+    from models.weights import fetch
 
     runner, spec = open_model(fetch("ppocr-v4-rec"))
     assert (spec.input_name, spec.channels, spec.height, spec.output_layout) == ("x", 3, 48, "NTC")

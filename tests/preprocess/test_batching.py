@@ -38,7 +38,7 @@ def test_pad_to_batch_right_pads():
 
 
 def test_batch_inputs_normalise_plan_and_pad():
-    from convert.registry import spec_for_arch
+    from models.registry import spec_for_arch
     from preprocess.batching import batch_inputs
 
     spec = spec_for_arch("nano-ocr")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.errors import ToolchainError
-from convert.registry import spec_for_arch
-from infer import quantize
+from common.errors import ToolchainError
+from convert import quantize
+from models.registry import spec_for_arch
 from preprocess import parse_testdata
 from tests.conftest import IIIT5K, encode, word_image, write_lmdb
 

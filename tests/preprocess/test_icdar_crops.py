@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from eval import postprocess
 from preprocess import icdar_crops
 from preprocess.lmdb_reader import open_lmdb, read_sample
@@ -129,6 +129,6 @@ def test_real_ic15_test_half_gives_the_scored_words(tmp_path):
 
 
 def _nano():
-    from convert.weights import fetch
+    from models.weights import fetch
 
     return fetch("nano-ocr")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.registry import spec_for_arch
+from models.registry import spec_for_arch
 from preprocess.image import SampleError, decode_image, decode_label, normalise, prepare, to_grey
 from tests.conftest import encode
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from preprocess import parse_testdata
 from preprocess.make_synthetic_lmdb import WORDS, write_synthetic_lmdb
 

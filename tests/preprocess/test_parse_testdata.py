@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 from preprocess import parse_testdata
 from tests.conftest import IIIT5K, write_lmdb
 

@@ -6,7 +6,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from convert.registry import spec_for_arch
+from models.registry import spec_for_arch
 from preprocess import parse_testdata
 from preprocess.batching import plan_batches
 from preprocess.lmdb_reader import open_lmdb

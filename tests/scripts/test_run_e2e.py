@@ -47,7 +47,7 @@ def test_run_e2e_on_synthetic_data_int8_by_default(tmp_path):
 def test_run_e2e_fp32_skips_quantisation_two_step(tmp_path):
     proc, report = _synthetic_run(tmp_path, "--precision", "fp32", "--width-policy", "fixed",
                                   "--two-step")
-    assert "infer.quantize" not in proc.stdout
+    assert "convert.quantize" not in proc.stdout
     assert report["model"].endswith("nano_fixed.onnx")
     assert report["policy"]["width_policy"] == "fixed"
     assert report["policy"]["layout"] == "bucketed"  # the ModelZoo flow through .npy files

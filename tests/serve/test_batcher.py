@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from convert.errors import EngineError
+from common.errors import EngineError
 from infer import open_model
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from pipeline import Recognizer

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer import open_model, quantize
+from convert import quantize
+from infer import open_model
 from pipeline import Recognition, Recognizer
 from preprocess.lmdb_reader import open_lmdb, read_sample
 from serve.process import ServerProcess
@@ -371,7 +372,7 @@ def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path):
     import subprocess
     import sys
 
-    from convert.cli import REPO_ROOT
+    from common.cli import REPO_ROOT
 
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not an onnx model")
@@ -408,7 +409,7 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(model):
     import subprocess
     import sys
 
-    from convert.cli import REPO_ROOT
+    from common.cli import REPO_ROOT
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -425,7 +426,7 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(model):
 
 def test_a_model_with_a_dynamically_quantised_lstm_is_flagged(tmp_path, tiny_lmdb, fixed_models,
                                                              caplog):
-    """infer.quantize --lstm int8 takes the LSTM's scales from each batch: a batching service
+    """convert.quantize --lstm int8 takes the LSTM's scales from each batch: a batching service
     says so at start-up (an answer would depend on the requests beside it)."""
     int8_lstm = tmp_path / "int8_lstm.onnx"
     assert quantize.main([str(fixed_models["nano-ocr"]), str(int8_lstm), "--calibration",

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from convert.checkpoint import DESCRIPTION_KEY, read_description, read_state_dict
-from convert.registry import spec_for_arch
-from convert.weights import fetch
+from models.checkpoint import DESCRIPTION_KEY, read_description, read_state_dict
+from models.registry import spec_for_arch
+from models.weights import fetch
 from tests.conftest import encode, word_image, write_lmdb
 from tests.train.conftest import WORDS
 from train import __main__ as train_cli
@@ -159,7 +159,7 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     assert [r["epoch"] for r in rows] == ["1"] and 0.0 <= float(rows[0]["val_accuracy"]) <= 1.0
     # The toolchain takes it with no other flag.
     from convert import pth2onnx
-    from convert.model_file import describe
+    from models.describe import describe
 
     assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "m.onnx")]) == 0
     assert describe(tmp_path / "m.onnx").tall_crops == "turn"
@@ -439,7 +439,7 @@ def test_validation_of_a_chinese_charset_is_exact_match():
     right; Chinese labels are validated by exact match (eval.metrics.protocol_for)."""
     import numpy as np
 
-    from convert.charset import Charset
+    from models.charset import Charset
     from train.trainer import WordSet, initial_model, validate
 
     model, spec, _ = initial_model(None, "crnn-small", Charset("春眠不觉晓处闻啼鸟", 0))
@@ -597,7 +597,7 @@ def test_a_validation_split_with_nothing_in_it_is_named(tmp_path, capsys, caplog
 def test_validation_reads_tall_crops_as_the_description_says(tmp_path, synth_words, caplog):
     """With ``tall_crops="turn"`` the validation set keeps the turned readings of its tall
     crops and ``validate`` keeps the most confident, as ``eval.postprocess`` does."""
-    from convert.checkpoint import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from tests.eval.test_tall_crops import write_tall_lmdb
     from train.trainer import validate
 
@@ -650,7 +650,7 @@ def test_training_reads_tall_crops_in_the_orientation_of_lowest_loss(tmp_path, s
     turned a quarter either way are read turned back, not squeezed upright."""
     import torch.nn.functional as F
 
-    from convert.checkpoint import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from preprocess.batching import batch_inputs
     from train.trainer import make_batch, orient_tall_crops
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.checkpoint import read_checkpoint, read_description, read_state_dict
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
+from models.checkpoint import read_checkpoint, read_description, read_state_dict
 from train import __main__ as train_cli
 from train import wise
 from train.trainer import initial_model
@@ -78,7 +78,7 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, fine_tuned, caps
 
 
 def test_another_architecture_or_charset_is_refused(tmp_path, fine_tuned, capsys):
-    from convert.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
 
     small, spec, _ = initial_model(None, "crnn-small", None)
     other = tmp_path / "small.pth"

@@ -1,13 +1,14 @@
-"""convert.weights: the registry's weights, the PP-OCRv4 recogniser's description, the CLI."""
+"""models.weights: the registry's weights, the PP-OCRv4 recogniser's description, the CLI."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
 
-from convert import atc, weights
-from convert.errors import ToolchainError
-from convert.spec import read_onnx_spec
+from common.errors import ToolchainError
+from convert import atc
+from models import weights
+from models.onnx_file import read_onnx_spec
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +65,13 @@ def test_an_unwritable_cache_is_one_line(monkeypatch, capsys):
 
 def test_a_cached_file_with_another_digest_is_not_replaced(tmp_path, monkeypatch, capsys):
     """A file at the cache path whose digest is not the expected one was not written by
-    convert.weights (it verifies before renaming into place): refused, left as it was."""
+    models.weights (it verifies before renaming into place): refused, left as it was."""
     monkeypatch.setenv("CRNN_WEIGHTS_DIR", str(tmp_path))
     target = weights.weights_path("nano-ocr")
     target.write_bytes(b"my own fine-tuned weights")
     assert weights.main(["fetch", "nano-ocr"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {target}: exists and was not written by convert.weights")
+    assert err.startswith(f"error: {target}: exists and was not written by models.weights")
     assert "\n" not in err
     assert target.read_bytes() == b"my own fine-tuned weights"
 
@@ -89,5 +90,5 @@ def test_a_foreign_model_at_a_described_cache_path_is_neither_used_nor_replaced(
     before = target.read_bytes()
     assert weights.main(["fetch", "ppocr-v4-rec"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {target}: exists and was not written by convert.weights")
+    assert err.startswith(f"error: {target}: exists and was not written by models.weights")
     assert "\n" not in err and target.read_bytes() == before

@@ -1,12 +1,12 @@
-"""convert.outputs: an existing file is replaced only when the tool recognises it as its own."""
+"""common.outputs: an existing file is replaced only when the tool recognises it as its own."""
 
 from __future__ import annotations
 
 import pytest
 
-from convert.errors import ToolchainError
-from convert.onnx_io import written_by_toolchain
-from convert.outputs import check_output_file
+from common.errors import ToolchainError
+from common.outputs import check_output_file
+from models.onnx_file import written_by_toolchain
 
 
 def test_a_file_the_tool_did_not_write_is_refused_and_left_alone(tmp_path):

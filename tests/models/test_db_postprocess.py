@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from convert.det_spec import DetectorSpec
-from pipeline.db_postprocess import boxes_from_map, order_clockwise, unclip
+from models.db_postprocess import boxes_from_map, order_clockwise, unclip
+from models.det_spec import DetectorSpec
 
 SPEC = DetectorSpec(arch="test", unclip_ratio=1.5, box_thresh=0.6, thresh=0.3)
 

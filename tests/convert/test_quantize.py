@@ -1,4 +1,4 @@
-"""infer.quantize: int8 QDQ models from real exports, calibrated on real or tiny lmdbs."""
+"""convert.quantize: int8 QDQ models from real exports, calibrated on real or tiny lmdbs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from convert import atc
-from convert.errors import ToolchainError
-from convert.spec import QUANTIZATION_METADATA_KEY, batch_dependent, read_onnx_spec
+from common.errors import ToolchainError
+from convert import atc, quantize
 from eval import compare, postprocess
-from infer import quantize
 from infer.onnxruntime_runner import OnnxRuntimeRunner
+from models.onnx_file import read_onnx_spec
+from models.spec import QUANTIZATION_METADATA_KEY, batch_dependent
 from preprocess import parse_testdata
 from preprocess.lmdb_reader import default_calibration_set
 from tests.conftest import IIIT5K

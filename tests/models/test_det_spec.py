@@ -5,11 +5,11 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from convert import weights
-from convert.det_spec import DetectorSpec, description_from_dict
-from convert.errors import ToolchainError
-from convert.model_file import describe
-from convert.spec import ModelSpec
+from common.errors import ToolchainError
+from models import weights
+from models.describe import describe
+from models.det_spec import DetectorSpec, description_from_dict
+from models.spec import ModelSpec
 
 SPEC = DetectorSpec(arch="ppocr-v4-det")
 

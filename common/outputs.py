@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 
 def check_output_file(path: str | Path, flag: str = "output", *,

@@ -1,7 +1,7 @@
 """The architectures this toolchain knows: one entry each (doctr ``default_cfgs`` style).
 
 An entry holds everything that is particular to one architecture: its default
-:class:`convert.spec.ModelSpec`, the PyTorch builder (None for a model shipped only as ONNX),
+:class:`models.spec.ModelSpec`, the PyTorch builder (None for a model shipped only as ONNX),
 the recurrent layouts its checkpoints come in, and where its public weights come from.
 Builders import torch on first use, so reading the registry stays light.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from convert.det_spec import DetectorSpec
-from convert.errors import ToolchainError
-from convert.spec import ModelSpec
+from common.errors import ToolchainError
+from models.det_spec import DetectorSpec
+from models.spec import ModelSpec
 
-#: Gate orders of stored LSTM weights (``convert.checkpoint``); PyTorch's is "ifgo", Ascend's
+#: Gate orders of stored LSTM weights (``models.checkpoint``); PyTorch's is "ifgo", Ascend's
 #: NPU-trained ModelZoo checkpoints store "igfo".
 GATE_ORDERS = ("ifgo", "igfo")
 
@@ -48,7 +48,7 @@ class ArchEntry:
         name: the registry key (``--arch``).
         summary: one line for help texts and the README.
         spec: the default description. For a foreign model whose charset ships with its
-            weights, ``alphabet`` is empty here and filled by ``convert.weights fetch``.
+            weights, ``alphabet`` is empty here and filled by ``models.weights fetch``.
         build: ``(spec, rnn_layout) -> torch.nn.Module`` in eval mode, or None.
         rnn_layouts: checkpoint layouts of the recurrent part (the first is the default).
         weights: public weights, or None.
@@ -63,19 +63,19 @@ class ArchEntry:
 
 
 def _build_crnn(spec: ModelSpec, rnn_layout: str):
-    from convert.models import CRNN
+    from models.networks import CRNN
 
     return CRNN(spec.num_classes, layout=rnn_layout).eval()
 
 
 def _build_crnn_small(spec: ModelSpec, rnn_layout: str):
-    from convert.models import CRNN
+    from models.networks import CRNN
 
     return CRNN(spec.num_classes, layout=rnn_layout, hidden=128, width=32).eval()
 
 
 def _build_nano(spec: ModelSpec, rnn_layout: str):
-    from convert.models import NanoOCR
+    from models.networks import NanoOCR
 
     return NanoOCR(spec.num_classes).eval()
 
@@ -243,7 +243,7 @@ def spec_for_arch(name: str) -> ModelSpec:
     if not entry.spec.alphabet:
         raise ToolchainError(
             f"{name}'s charset ships with its weights: run `python -m "
-            f"convert.weights fetch {name}` and use the file it prints"
+            f"models.weights fetch {name}` and use the file it prints"
         )
     return entry.spec
 

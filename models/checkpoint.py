@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convert.errors import ToolchainError
-from convert.registry import ARCHS, GATE_ORDERS, arch_entry, build_model
-from convert.spec import ModelSpec
+from common.errors import ToolchainError
+from models.registry import ARCHS, GATE_ORDERS, arch_entry, build_model
+from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def load_checkpoint(
         path: the .pth file.
         spec: model description (its ``arch`` chooses the network).
         rnn_layout: recurrent layout, one of the architecture's ``rnn_layouts``
-            (``convert.registry``) or ``"auto"`` (detected from the keys).
+            (``models.registry``) or ``"auto"`` (detected from the keys).
         gate_order: gate order of the stored LSTM parameters (:data:`GATE_ORDERS`);
             ``"igfo"`` for ModelZoo NPU-trained checkpoints.
         trust: see :func:`read_state_dict`.
@@ -258,7 +258,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
                    **extra: object) -> None:
     """Write ``model``'s state dict with its description (and ``extra`` plain values) to
     ``path``, whole or not at all (written aside, then renamed)."""
-    from convert.outputs import atomic_path
+    from common.outputs import atomic_path
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(Path(path)) as partial:

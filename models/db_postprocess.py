@@ -19,7 +19,7 @@ import numpy as np
 import pyclipper
 from shapely.geometry import Polygon
 
-from convert.det_spec import DetectorSpec
+from models.det_spec import DetectorSpec
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def boxes_from_map(prob: np.ndarray, spec: DetectorSpec,
 
     Args:
         prob: float32 ``[H, W]`` text probabilities of the resized input.
-        spec: thresholds and unclip ratio (:class:`convert.det_spec.DetectorSpec`).
+        spec: thresholds and unclip ratio (:class:`models.det_spec.DetectorSpec`).
         image_size: the original image's ``(width, height)``; boxes are scaled to it.
 
     Returns:

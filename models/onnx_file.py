@@ -1,4 +1,5 @@
-"""Load ONNX files with errors that name the file."""
+"""The ONNX file format's owner: loading with errors that name the file, the description in
+its metadata, and whether this toolchain wrote a given file."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import onnx
 
-from convert.det_spec import DET_METADATA_PREFIX
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file
-from convert.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY
+from common.errors import ToolchainError
+from common.outputs import check_output_file
+from models.det_spec import DET_METADATA_PREFIX
+from models.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY, ModelSpec
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -25,6 +26,15 @@ def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf's DecodeError and friends share no useful base
         raise ToolchainError(f"{path}: not a readable ONNX model ({exc})") from exc
+
+
+def read_onnx_spec(path: str | Path) -> ModelSpec:
+    """The :class:`ModelSpec` stored in an ONNX model's ``metadata_props``.
+
+    Raises:
+        ToolchainError: the file is missing, not ONNX, or carries no description.
+    """
+    return ModelSpec.from_onnx(load_onnx(path, load_external_data=False), str(path))
 
 
 def cpu_session(model: str | Path | onnx.ModelProto):
@@ -45,7 +55,7 @@ def cpu_session(model: str | Path | onnx.ModelProto):
 def written_by_toolchain(path: str | Path) -> bool:
     """Whether ``path`` is an ONNX model this toolchain wrote: one carrying a recogniser or
     detector description, or int8 settings, in its ``metadata_props`` (what
-    ``convert.pth2onnx``, ``convert.fix``, ``infer.quantize`` and ``convert.weights`` write;
+    ``convert.pth2onnx``, ``convert.fix``, ``convert.quantize`` and ``models.weights`` write;
     a model from elsewhere has none of these keys). An unreadable file is not one."""
     try:
         model = load_onnx(path, load_external_data=False)
@@ -56,7 +66,7 @@ def written_by_toolchain(path: str | Path) -> bool:
 
 
 def check_model_output(path: str | Path, source: str | Path | None = None) -> Path:
-    """:func:`convert.outputs.check_output_file` for a model a tool writes: an existing file
+    """:func:`common.outputs.check_output_file` for a model a tool writes: an existing file
     there is replaced only when it is a model this toolchain wrote (:func:`written_by_toolchain`),
     and never when it is the model the tool reads (``source``), which would be lost.
 

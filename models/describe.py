@@ -7,44 +7,19 @@ inference engine.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from convert.atc import ShapePlan
-from convert.det_spec import Description, description_from_dict, detector_spec_from_metadata
-from convert.errors import ToolchainError
-from convert.registry import spec_for_arch
-from convert.spec import METADATA_PREFIX, ModelSpec
+from common.errors import ToolchainError
+from models.det_spec import Description, detector_spec_from_metadata
+from models.registry import spec_for_arch
+from models.sidecar import read_sidecar
+from models.spec import METADATA_PREFIX, ModelSpec
 
 log = logging.getLogger(__name__)
 
 #: Model file suffix -> backend name (a key of ``infer.BACKENDS``).
 SUFFIXES = {".onnx": "onnxruntime", ".om": "ais_bench", ".pth": "torch", ".pt": "torch"}
-
-
-def read_sidecar(om_path: Path, sidecar: Path | None = None) -> tuple[ShapePlan, Description]:
-    """The shape plan and model description in the sidecar JSON of an .om
-    (default ``<om stem>.json``): a recogniser's ``ModelSpec`` or a detector's
-    ``DetectorSpec``.
-
-    Raises:
-        ToolchainError: missing or unreadable sidecar, or one without a plan or a model
-            description.
-    """
-    path = sidecar or om_path.with_suffix(".json")
-    if not path.is_file():
-        raise ToolchainError(
-            f"{path}: no sidecar JSON beside {om_path.name}; build the model with "
-            "`python -m convert.atc` (it writes one) or give the sidecar's path"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ToolchainError(f"{path}: unreadable sidecar ({exc})") from exc
-    if not isinstance(data, dict) or not data.get("model"):
-        raise ToolchainError(f"{path}: sidecar lacks the model description ('model')")
-    return ShapePlan.from_dict(data, str(path)), description_from_dict(data["model"], str(path))
 
 
 def backend_of(path: str | Path) -> str:
@@ -93,7 +68,7 @@ def describe(
     if backend == "ais_bench":
         return read_sidecar(path, Path(sidecar) if sidecar else None)[1]
     if backend == "onnxruntime":
-        from convert.onnx_io import load_onnx
+        from models.onnx_file import load_onnx
 
         model = load_onnx(path, load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
@@ -113,7 +88,7 @@ def describe(
             return spec_for_arch(arch)
         return ModelSpec.from_onnx(model, str(path))
     if arch is None:
-        from convert.checkpoint import read_description
+        from models.checkpoint import read_description
 
         described = read_description(path)
         if described is None:

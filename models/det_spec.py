@@ -1,7 +1,7 @@
 """Detector descriptions: what the pipeline needs to know about a DB text detector.
 
-A :class:`DetectorSpec` travels with the detector as :class:`convert.spec.ModelSpec` does
-with a recogniser: ``convert.weights`` writes it into the ONNX ``metadata_props`` (keys
+A :class:`DetectorSpec` travels with the detector as :class:`models.spec.ModelSpec` does
+with a recogniser: ``models.weights`` writes it into the ONNX ``metadata_props`` (keys
 prefixed :data:`DET_METADATA_PREFIX`) and ``convert.atc`` into the .om's sidecar. It names
 the tensors, the input's colour order and normalisation, the resize rule (which side is
 limited, to how many pixels, and the stride both sides are rounded to) and the DB
@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from convert.errors import ToolchainError
-from convert.spec import CHANNEL_ORDERS, Description, ModelSpec
+from common.errors import ToolchainError
+from models.spec import CHANNEL_ORDERS, Description, ModelSpec
 
 #: Prefix of the detector description's keys in ONNX ``metadata_props``.
 DET_METADATA_PREFIX = "crnn_det."
@@ -34,7 +34,7 @@ class DetectorSpec(Description):
     """Everything the pipeline needs to run one DB text detector.
 
     Attributes:
-        arch: registry name (``convert.registry.DETECTORS``).
+        arch: registry name (``models.registry.DETECTORS``).
         task: always :data:`DETECTION_TASK` (tells the two kinds of description apart).
         input_name, output_name: the engine's tensors: input float32 ``[N, 3, H, W]``,
             output the text probability map float32 ``[N, 1, H, W]``.

@@ -1,12 +1,12 @@
 """Model descriptions: what every later step needs to know about a CTC recogniser, in one place.
 
-A :class:`ModelSpec` travels with the model: ``convert.pth2onnx`` and ``convert.weights``
+A :class:`ModelSpec` travels with the model: ``convert.pth2onnx`` and ``models.weights``
 write it into the ONNX ``metadata_props`` and ``convert.atc`` into the sidecar JSON beside the
 .om, so that preprocessing, inference and decoding need no repeated flags. It names the
 input and output tensors, the input's channels, colour order, height and normalisation, the
 width policy, the output layout (``[T, N, C]`` or ``[N, T, C]``), whether the output holds
 logits or probabilities, and the frames rule ``T = W // downsample + frame_offset``. The
-architectures themselves are registered in :mod:`convert.registry`. This module imports no
+architectures themselves are registered in :mod:`models.registry`. This module imports no
 torch.
 """
 
@@ -17,15 +17,14 @@ import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import ClassVar
 
-from convert.charset import Charset
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
+from models.charset import Charset
 
 #: Prefix of every key this project writes into ONNX ``metadata_props``.
 METADATA_PREFIX = "crnn."
-#: ``metadata_props`` key that marks an int8 model written by ``infer.quantize`` (JSON settings).
+#: ``metadata_props`` key that marks an int8 model written by ``convert.quantize`` (JSON settings).
 QUANTIZATION_METADATA_KEY = "crnn_toolchain.quantization"
 
 WIDTH_POLICIES = ("fixed", "keep-ratio")
@@ -45,7 +44,7 @@ TURNS = (0, 1, -1)
 
 
 def quantization_of(model) -> dict | None:
-    """The settings ``infer.quantize`` recorded in a loaded ``onnx.ModelProto``; None for fp32."""
+    """The settings ``convert.quantize`` recorded in a loaded ``onnx.ModelProto``; None for fp32."""
     value = next(
         (p.value for p in model.metadata_props if p.key == QUANTIZATION_METADATA_KEY), None
     )
@@ -54,7 +53,7 @@ def quantization_of(model) -> dict | None:
 
 def batch_dependent(model) -> bool:
     """Whether a loaded ``onnx.ModelProto`` gives a sample a result that depends on the rest
-    of its batch: ``infer.quantize --lstm int8`` (``DynamicQuantizeLSTM``) takes the LSTM's
+    of its batch: ``convert.quantize --lstm int8`` (``DynamicQuantizeLSTM``) takes the LSTM's
     activation scales from each call's inputs."""
     settings = quantization_of(model) or {}
     return str(settings.get("lstm", "fp32")).startswith("int8")
@@ -62,7 +61,7 @@ def batch_dependent(model) -> bool:
 
 class Description:
     """What every model description shares (:class:`ModelSpec` here, and
-    ``convert.det_spec.DetectorSpec``): validated copies, plain dicts, and the ONNX
+    ``models.det_spec.DetectorSpec``): validated copies, plain dicts, and the ONNX
     ``metadata_props`` form, whose keys carry the class's :attr:`metadata_prefix`."""
 
     metadata_prefix: ClassVar[str]
@@ -111,9 +110,9 @@ class ModelSpec(Description):
     written before a field existed read back unchanged.
 
     Attributes:
-        arch: architecture name, a key of :data:`convert.registry.ARCHS`.
+        arch: architecture name, a key of :data:`models.registry.ARCHS`.
         alphabet: the characters of the non-blank classes, in class order (see
-            :class:`convert.charset.Charset`); ``num_classes == len(alphabet) + 1``.
+            :class:`models.charset.Charset`); ``num_classes == len(alphabet) + 1``.
         blank: index of the CTC blank class in the output's class axis.
         input_name, output_name: the engine's tensor names.
         height: input height in pixels.
@@ -240,7 +239,7 @@ class ModelSpec(Description):
 
     def output_shape_of(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """:meth:`output_shape` for an input of shape ``(N, C, H, W)`` (the form every
-        description answers, ``convert.det_spec.DetectorSpec`` too)."""
+        description answers, ``models.det_spec.DetectorSpec`` too)."""
         return self.output_shape(input_shape[0], input_shape[3])
 
     def resized_width(self, width: int, height: int) -> int:
@@ -338,13 +337,13 @@ class ModelSpec(Description):
 
         Raises:
             ToolchainError: ``props`` holds no description (a model neither exported by
-                ``convert.pth2onnx`` nor fetched by ``convert.weights``).
+                ``convert.pth2onnx`` nor fetched by ``models.weights``).
         """
         data = cls.metadata_fields(props)
         if not data:
             raise ToolchainError(
                 f"{source} carries no model description in its metadata (it was neither "
-                "exported by convert.pth2onnx nor fetched by convert.weights)"
+                "exported by convert.pth2onnx nor fetched by models.weights)"
             )
         return cls.from_dict(data, source)
 
@@ -353,13 +352,3 @@ class ModelSpec(Description):
         """The description in a loaded ``onnx.ModelProto``'s metadata (:meth:`from_metadata`)."""
         return cls.from_metadata({p.key: p.value for p in model.metadata_props}, source)
 
-
-def read_onnx_spec(path: str | Path) -> ModelSpec:
-    """The :class:`ModelSpec` stored in an ONNX model's ``metadata_props``.
-
-    Raises:
-        ToolchainError: the file is missing, not ONNX, or carries no description.
-    """
-    from convert.onnx_io import load_onnx  # local: keeps `import convert.spec` light
-
-    return ModelSpec.from_onnx(load_onnx(path, load_external_data=False), str(path))

@@ -4,7 +4,7 @@ ICML 2006): greedy (best path) decoding, vectorised over the batch, and prefix b
 Inputs are logits or log-probabilities (``probabilities=False``: both go through a softmax,
 and ``softmax(log_softmax(x)) == softmax(x)``) or probabilities (``probabilities=True``,
 used as they are), laid out ``(T, N, C)`` (``time_major=True``) or ``(N, T, C)``. Classes
-map to characters through a :class:`convert.charset.Charset`. ``lengths`` gives each
+map to characters through a :class:`models.charset.Charset`. ``lengths`` gives each
 sample's number of valid frames; frames past it come from batch padding and are ignored.
 :func:`decode_output` reads the layout and kind from a model description.
 """
@@ -19,8 +19,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from convert.charset import Charset
-from convert.spec import TURNS, ModelSpec
+from models.charset import Charset
+from models.spec import TURNS, ModelSpec
 
 R = TypeVar("R")  # a reading: anything with a ``confidence``
 
@@ -213,7 +213,7 @@ def decode_output(spec: ModelSpec, scores: np.ndarray, widths: Sequence[int],
 def most_confident(readings: Sequence[tuple[int, R]]) -> R:
     """The reading to keep of one crop's readings (``ModelSpec.tall_crops="turn"``): the one
     with the highest ``confidence`` (:attr:`Decoded.confidence`); equal confidences go to the
-    upright reading, then counter-clockwise (the order of ``convert.spec.TURNS``), so the
+    upright reading, then counter-clockwise (the order of ``models.spec.TURNS``), so the
     choice does not depend on the order the readings were decoded in.
 
     Args:

@@ -1,11 +1,11 @@
 """Fetch public model weights into a local cache (never committed).
 
-Every architecture of ``convert.registry`` with public weights can be fetched:
+Every architecture of ``models.registry`` with public weights can be fetched:
     ``nano-ocr``: the checkpoint ``nano_ocr/model/nano_ocr_ftr.pth`` of the ``nano-ocr==0.1.0``
     wheel (MIT), for ``convert.pth2onnx``.
     ``ppocr-v4-det``: ``ch_PP-OCRv4_det_infer.onnx`` of the same wheel, the PP-OCRv4 DB text
     detector (input ``x`` float32 [N, 3, H, W], H and W multiples of 32; output the text
-    probability map [N, 1, H, W]), copied with its ``convert.det_spec.DetectorSpec``.
+    probability map [N, 1, H, W]), copied with its ``models.det_spec.DetectorSpec``.
     ``ppocr-v4-rec``: ``ch_PP-OCRv4_rec_infer.onnx`` of the ``rapidocr-onnxruntime==1.4.4``
     wheel (Apache-2.0). The cached file is a copy carrying this project's model description
     in its ONNX metadata (charset from the model's ``character`` key plus a space, blank 0,
@@ -19,9 +19,9 @@ is reused. ``path NAME`` prints where the file is (or would be).
 The cache is ``$CRNN_WEIGHTS_DIR``, else ``.cache/weights`` in the repository.
 
 Example:
-    python -m convert.weights fetch nano-ocr
-    python -m convert.weights fetch ppocr-v4-rec
-    python -m convert.weights fetch ppocr-v4-det
+    python -m models.weights fetch nano-ocr
+    python -m models.weights fetch ppocr-v4-rec
+    python -m models.weights fetch ppocr-v4-det
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
-from convert.outputs import check_output_file
-from convert.registry import ARCHS, DETECTORS, WeightSource, arch_entry
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import check_output_file
+from models.registry import ARCHS, DETECTORS, WeightSource, arch_entry
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
         ToolchainError: the file has no ``character`` metadata, or its output's class axis
             does not match the charset.
     """
-    from convert.charset import Charset
-    from convert.onnx_io import load_onnx
+    from models.charset import Charset
+    from models.onnx_file import load_onnx
 
     model = load_onnx(model_path)
     props = {p.key: p.value for p in model.metadata_props}
@@ -150,7 +150,7 @@ def describe_ppocr_det(model_path: Path, output: Path) -> None:
     Raises:
         ToolchainError: the file's input or output is not the one the description names.
     """
-    from convert.onnx_io import load_onnx
+    from models.onnx_file import load_onnx
 
     model = load_onnx(model_path)
     spec = DETECTORS["ppocr-v4-det"].spec
@@ -171,7 +171,7 @@ def _is_cached_copy(target: Path, source: WeightSource, *, described: bool) -> b
     sha256), or for a described model an ONNX file carrying this toolchain's description."""
     if not described:
         return sha256_of(target) == source.sha256
-    from convert.onnx_io import written_by_toolchain  # onnx, only for described models
+    from models.onnx_file import written_by_toolchain  # onnx, only for described models
 
     return written_by_toolchain(target)
 
@@ -193,7 +193,7 @@ def fetch(name: str) -> Path:
         log.info("cached: %s", target)
         return target
     # Any other file there (another digest, or no description) is neither used nor replaced.
-    check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)", tool="convert.weights")
+    check_output_file(target, "the weights cache ($CRNN_WEIGHTS_DIR)", tool="models.weights")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         member, partial = Path(tmp) / "member", Path(tmp) / target.name
         _download_member(source, member)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert.checkpoint import (
+from common.errors import ToolchainError
+from models.checkpoint import (
     detect_layout,
     load_checkpoint,
     read_description,
@@ -13,8 +14,7 @@ from convert.checkpoint import (
     reorder_gates,
     save_checkpoint,
 )
-from convert.errors import ToolchainError
-from convert.registry import build_model, spec_for_arch
+from models.registry import build_model, spec_for_arch
 
 CRNN = spec_for_arch("crnn")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.charset import Charset
-from convert.ctc import beam_search_decode, greedy_decode
+from models.charset import Charset
+from models.ctc import beam_search_decode, greedy_decode
 
 ALPHABET = Charset("ab")  # classes: 0 blank, 1 'a', 2 'b'
 
@@ -107,7 +107,7 @@ def test_charset_round_trip(text, classes):
 
 
 def test_charset_errors():
-    from convert.errors import ToolchainError
+    from common.errors import ToolchainError
 
     with pytest.raises(ToolchainError, match="character 'c' is not in the charset"):
         ALPHABET.encode("abc")

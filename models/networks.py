@@ -1,7 +1,7 @@
 """PyTorch definitions of the CRNN architectures, named so their checkpoints load as saved.
 
 All models map an image batch float32 ``[N, 1, 32, W]`` to raw logits float32 ``[T, N, C]``
-with ``T = W // 4 + 1`` (see :meth:`convert.spec.ModelSpec.frames`) and ``C = num_classes``;
+with ``T = W // 4 + 1`` (see :meth:`models.spec.ModelSpec.frames`) and ``C = num_classes``;
 softmax/log-softmax is left to the decoder (it does not change the greedy path, and
 ``softmax(log_softmax(x)) == softmax(x)``, so confidences are the same either way).
 
@@ -13,7 +13,7 @@ Architectures:
     backward one reading the time-flipped sequence).
     ``nano-ocr``: the nano-ocr 0.1.0 package's CRNN (six convolutions, one BiLSTM).
 
-Models are built through :func:`convert.registry.build_model`.
+Models are built through :func:`models.registry.build_model`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ records its settings under ``crnn_toolchain.quantization``. It is for ONNX Runti
 provider; give ``atc`` and the CUDA device the fp32 model.
 
 Example:
-    python -m infer.quantize nano_fixed.onnx nano_int8.onnx \\
+    python -m convert.quantize nano_fixed.onnx nano_int8.onnx \\
         --calibration ../shared/data/IIIT5K_train_500
 """
 
@@ -52,12 +52,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from convert.cli import make_parser, run_main
-from convert.errors import ToolchainError
-from convert.onnx_io import check_model_output, cpu_session, load_onnx
-from convert.outputs import atomic_path
+from common.cli import make_parser, run_main
+from common.errors import ToolchainError
+from common.outputs import atomic_path
 from convert.rewrite_rules import producer
-from convert.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of, read_onnx_spec
+from models.onnx_file import check_model_output, cpu_session, load_onnx, read_onnx_spec
+from models.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of
 from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
 from preprocess.stream import decode_all, missing_range
@@ -324,7 +324,7 @@ def quantize_model(
     spec = ModelSpec.from_onnx(model, str(source))  # fails early without the description
     if quantization_of(model) is not None:
         raise ToolchainError(
-            f"{source} is already an int8 model (infer.quantize); "
+            f"{source} is already an int8 model (convert.quantize); "
             "quantise the fp32 model from convert.fix"
         )
     metadata = {p.key: p.value for p in model.metadata_props}

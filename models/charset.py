@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convert.errors import ToolchainError
+from common.errors import ToolchainError
 
 
 @dataclass(frozen=True)

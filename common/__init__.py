@@ -1,0 +1,1 @@
+"""Plumbing every layer shares: typed errors, command-line helpers, output ownership."""
