@@ -9,11 +9,13 @@ Engine lanes (``--lanes``, ``pipeline.Recognizer(lanes=N)``): N batches in the e
 each on its own thread with ``--threads`` intra-op threads. An .onnx on the CPU gets one
 one-thread lane per core by default; ais_bench and PyTorch run one batch at a time.
 
-Models: ``--onnx-path`` (ONNX Runtime, ``--device cpu`` by default or ``cuda``),
-``--om-path`` (ais_bench on an Ascend NPU, ``--device npu:N``; ranges or gears from the
-sidecar JSON that convert.atc writes), or ``--pth`` with ``--arch`` (PyTorch, the reference
-path). The ModelZoo spellings ``--input_npy``, ``--onnx_path`` and ``--om_path`` are
-accepted too. Labels come from the input folder's manifest.json; ``--label`` takes a
+Models: ``--model X`` with the backend chosen by the file's suffix from the backend table
+(``models.backends``): ``.onnx`` (ONNX Runtime, ``--device cpu`` by default or ``cuda``),
+``.om`` (ais_bench on an Ascend NPU, ``--device npu:N``; ranges or gears from the sidecar JSON
+that convert.atc writes), or ``.pth`` with ``--arch`` (PyTorch, the reference path).
+``--onnx-path``, ``--om-path`` and ``--pth`` are the same option, and the ModelZoo spellings
+``--input_npy``, ``--onnx_path`` and ``--om_path`` are accepted too. Labels come from the
+input folder's manifest.json; ``--label`` takes a
 ModelZoo label.txt.
 
 Scale-out (``--test-dir`` only): ``--executor ray --workers N [--address auto|HOST:6379]``
@@ -243,15 +245,12 @@ def _parser():
                         help="lmdb test set, read, decoded and batched in this process (one step)")
     source.add_argument("--input-npy", "--input_npy", dest="input_npy", type=Path,
                         help="parse_testdata output (the two-step ModelZoo flow)")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument(
-        "--onnx-path", "--onnx_path", dest="onnx_path", type=Path, help="ONNX model (ONNX Runtime)"
-    )
-    model.add_argument(
-        "--om-path", "--om_path", dest="om_path", type=Path, help="Ascend .om model (ais_bench)"
-    )
-    model.add_argument("--pth", type=Path, help="PyTorch checkpoint (needs --arch unless it "
-                                                "carries its description, as train's do)")
+    parser.add_argument(
+        "--model", "--onnx-path", "--onnx_path", "--om-path", "--om_path", "--pth",
+        dest="model", type=Path, required=True,
+        help="the model file; its suffix chooses the backend (models.backends): .onnx (ONNX "
+             "Runtime), .om (ais_bench, with its sidecar JSON), .pth/.pt (PyTorch; needs --arch "
+             "unless it carries its description, as train's do)")
     parser.add_argument("--arch", choices=list(ARCHS), help="architecture of --pth")
     parser.add_argument("--rnn-layout", default="auto", help="recurrent layout of --pth")
     parser.add_argument(
@@ -325,7 +324,7 @@ def _check_scale_out(args) -> str | None:
     if not args.test_dir:
         raise ToolchainError("--executor ray and device lists read the lmdb: give --test-dir "
                              "(--input-npy is the two-step flow, in one process)")
-    if devices and not args.om_path:
+    if devices and backend_of(args.model).name != "ais_bench":
         raise ToolchainError(f"--device {args.device}: a device list runs one process per NPU "
                              "and needs --om-path (ONNX Runtime and PyTorch run on one device)")
     if devices:
@@ -348,7 +347,7 @@ def _evaluate_in_blocks(args, executor: str, model_path: Path, options: dict):
     Returns:
         ``(EvalRun, InputSet, spec, backend, executor facts for the report)``.
     """
-    backend = backend_of(model_path)
+    backend = backend_of(model_path).name
     spec = describe(model_path, args.arch, args.sidecar).replace(**_overrides(args))
     found = survey_test_set(args.test_dir)
     blocks = plan_blocks(found.readable, args.block_size)
@@ -393,7 +392,7 @@ def engine_lanes(args) -> tuple[int, int | None]:
     """
     if args.lanes is not None or args.threads is not None:
         return args.lanes or 1, args.threads
-    if args.onnx_path and (args.device or "cpu") == "cpu":
+    if backend_of(args.model).name == "onnxruntime" and (args.device or "cpu") == "cpu":
         return available_cores(), 1
     return 1, None
 
@@ -405,7 +404,7 @@ def evaluate_folder(args) -> dict[str, object]:
         ToolchainError: bad arguments, unreadable inputs or model, or inputs made for
             another model.
     """
-    model_path = args.onnx_path or args.om_path or args.pth
+    model_path = args.model
     check_outputs(args)
     if args.beam_width < 1:
         raise ToolchainError(f"--beam-width must be >= 1, got {args.beam_width}")

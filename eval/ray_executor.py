@@ -40,6 +40,7 @@ from tqdm import tqdm
 from common.errors import ToolchainError
 from eval.blocks import BlockJob, BlockWorker, MergedRun, empty_rows, extend_rows, merge_rows
 from infer.device import parse_device
+from models.backends import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,11 @@ def _import_ray():
 
 
 def _actor_resources(device: str | None, backend: str) -> tuple[str, dict]:
-    """The resource an actor needs (for the capacity check) and its map_batches arguments."""
-    if backend == "ais_bench":
-        return "NPU", {"resources": {"NPU": 1}}
-    if device is not None and parse_device(device).kind == "cuda":
-        return "GPU", {"num_gpus": 1}
-    return "CPU", {"num_cpus": 1}
+    """The resource an actor needs (for the capacity check) and its map_batches arguments:
+    the backend row's (``models.backends``) for the device kind, default its first."""
+    row = BACKENDS[backend]
+    kind = parse_device(device).kind if device is not None else row.devices[0]
+    return row.ray_resources(kind)
 
 
 def run_on_ray(job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int, *,
@@ -140,7 +140,7 @@ def run_on_ray(job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int, *
                 f"{available:g}" + ("; start the NPU nodes with `ray start --resources "
                                     "'{\"NPU\": N}'` if Ray does not detect them"
                                     if resource == "NPU" else ""))
-        actor_device = "npu:0" if backend == "ais_bench" else device
+        actor_device = "npu:0" if resource == "NPU" else device
         merged, seconds = _execute(ray, job, blocks, workers, actor_device, arguments, progress)
     finally:
         if started_here:

@@ -49,6 +49,11 @@ class AisBenchRunner(Runner):
     requires = "ais_bench"
     engine_errors = (RuntimeError,)  # aclruntime reports failed executions as RuntimeError
 
+    @classmethod
+    def from_file(cls, path, spec, device, options):
+        """See :meth:`infer.base.Runner.from_file`."""
+        return cls(path, device.ordinal, options.sidecar)
+
     def __init__(self, om_path: str | Path, device_id: int = 0, sidecar: str | Path | None = None):
         super().__init__()
         self.om_path, self.device_id = Path(om_path), device_id

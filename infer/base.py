@@ -15,6 +15,7 @@ import importlib.util
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,27 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | None, ...]
     ranges: dict[int, tuple[int, int]] | None = None
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """Backend-specific settings for opening a model file (``infer.open_model``); each
+    backend reads the ones it has and ignores the rest.
+
+    Attributes:
+        threads: ONNX Runtime intra-op threads (default: the available cores), or PyTorch's
+            CPU threads (default: its own).
+        spin: ONNX Runtime's idle threads spin-wait.
+        sidecar: an .om's sidecar JSON (default: beside it).
+        rnn_layout, gate_order, trust: checkpoint loading (``models.checkpoint``).
+    """
+
+    threads: int | None = None
+    spin: bool = True
+    sidecar: Path | None = None
+    rnn_layout: str = "auto"
+    gate_order: str = "ifgo"
+    trust: bool = False
 
 
 class Runner:
@@ -65,6 +87,13 @@ class Runner:
     @last_engine_seconds.setter
     def last_engine_seconds(self, seconds: float) -> None:
         self._timing.seconds = seconds
+
+    @classmethod
+    def from_file(cls, path: Path, spec, device, options: OpenOptions) -> Runner:
+        """The runner (not loaded) for model file ``path`` described by ``spec`` (a
+        ``ModelSpec`` or ``DetectorSpec``) on ``device`` (an ``infer.device.Device`` of a kind
+        the backend's row lists); what ``infer.open_model`` calls for the backend's row."""
+        raise NotImplementedError(f"{cls.__name__} does not open model files")
 
     @classmethod
     def is_available(cls) -> bool:

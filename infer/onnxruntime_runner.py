@@ -39,7 +39,8 @@ class OnnxRuntimeRunner(Runner):
     """Runs an .onnx model with ONNX Runtime.
 
     Args:
-        model_path: the .onnx file.
+        model_path: the .onnx file, or a loaded ``onnx.ModelProto`` (an in-memory model:
+            the export, rewrite and int8 checks compare one before writing it).
         device: ``"cpu"`` (CPU execution provider, intra-op threads = available cores,
             full graph optimisation), or ``"cuda"`` / ``"cuda:N"`` (the CUDA execution
             provider's ``device_id`` N, 0 by default; needs onnxruntime-gpu).
@@ -54,12 +55,22 @@ class OnnxRuntimeRunner(Runner):
     #: ``InferenceSession.run`` is thread-safe (ONNX Runtime's threading documentation).
     concurrent_infer = True
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
+    @classmethod
+    def from_file(cls, path, spec, device, options):
+        """See :meth:`infer.base.Runner.from_file`."""
+        return cls(path, str(device), options.threads, options.spin)
+
+    def __init__(self, model_path, device: str = "cpu", threads: int | None = None,
                  spin: bool = True):
         super().__init__()
         parsed = parse_device(device)
         if parsed.kind not in PROVIDERS:
             raise ToolchainError(f"device {device!r}: ONNX Runtime runs on cpu or cuda[:N]")
+        #: the serialised model of an in-memory ModelProto, else None (then model_path).
+        self._model_bytes = None
+        if hasattr(model_path, "SerializeToString"):
+            self._model_bytes = model_path.SerializeToString()
+            model_path = f"<in-memory {model_path.graph.name or 'ONNX'} model>"
         self.model_path = Path(model_path)
         self._device = parsed
         self.threads = threads or available_cores()
@@ -74,7 +85,7 @@ class OnnxRuntimeRunner(Runner):
     def _load(self) -> None:
         import onnxruntime as ort
 
-        if not self.model_path.is_file():
+        if self._model_bytes is None and not self.model_path.is_file():
             raise ToolchainError(f"{self.model_path}: no such ONNX model")
         provider = PROVIDERS[self._device.kind]
         if provider not in ort.get_available_providers():
@@ -94,8 +105,8 @@ class OnnxRuntimeRunner(Runner):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.engine_errors = ort_errors()
         try:
-            self.session = ort.InferenceSession(str(self.model_path), options,
-                                                providers=[chosen])
+            self.session = ort.InferenceSession(self._model_bytes or str(self.model_path),
+                                                options, providers=[chosen])
         except self.engine_errors as exc:
             raise ToolchainError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
         self._outputs = [o.name for o in self.session.get_outputs()]

@@ -1,4 +1,6 @@
-"""PyTorch backend: the checkpoint through the project's model definitions (the reference path)."""
+"""PyTorch backend: a checkpoint through the project's model definitions (the reference path),
+or a live ``torch.nn.Module`` (:meth:`TorchRunner.from_module`: training's validation, the
+export check)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,25 @@ class TorchRunner(Runner):
     requires = "torch"
     engine_errors = (RuntimeError,)  # torch raises RuntimeError for shape and kernel failures
 
+    @classmethod
+    def from_file(cls, path, spec, device, options):
+        """See :meth:`infer.base.Runner.from_file`."""
+        return cls(path, spec, str(device), options.rnn_layout, options.gate_order, options.trust,
+                   options.threads)
+
+    @classmethod
+    def from_module(cls, module, spec: ModelSpec) -> TorchRunner:
+        """A runner over a live ``torch.nn.Module`` that outputs ``spec``'s logits, on the
+        device its parameters are on. Loading does not copy, move or reload it; the runner
+        puts it in eval mode and runs it under ``torch.inference_mode``; closing drops the
+        runner's reference only.
+        """
+        device = str(next(module.parameters()).device)
+        runner = cls(f"<module {type(module).__name__}>", spec,
+                     "cpu" if device == "cpu" else device)
+        runner._module = module
+        return runner
+
     def __init__(self, checkpoint: str | Path, spec: ModelSpec, device: str = "cpu",
                  rnn_layout: str = "auto", gate_order: str = "ifgo", trust: bool = False,
                  threads: int | None = None):
@@ -40,6 +61,7 @@ class TorchRunner(Runner):
         self.rnn_layout, self.gate_order, self.trust = rnn_layout, gate_order, trust
         self.threads = threads
         self.model = None
+        self._module = None  # a live module (from_module), used instead of the checkpoint
 
     @property
     def device(self) -> str:
@@ -58,12 +80,15 @@ class TorchRunner(Runner):
             if self._device.ordinal >= torch.cuda.device_count():
                 raise ToolchainError(f"device {self.device} asked for, but torch sees "
                                      f"{torch.cuda.device_count()} CUDA device(s)")
+        self._torch = torch
+        if self._module is not None:
+            self.model = self._module.eval()
+            return
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         model = load_checkpoint(self.checkpoint, self.spec, self.rnn_layout, self.gate_order,
                                 self.trust)
         self.model = model.to(self.device)
-        self._torch = torch
 
     def input_specs(self) -> list[InputSpec]:
         spec = self.spec
@@ -77,7 +102,7 @@ class TorchRunner(Runner):
             scores = self.model(torch.from_numpy(images).to(self.device))
             if self._device.kind == "cuda":
                 torch.cuda.synchronize(self.device)
-        return scores.cpu().numpy()
+        return scores.float().cpu().numpy()
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {self.spec.output_name: self._timed(self._run, feed[self.spec.input_name])}

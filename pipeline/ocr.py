@@ -183,9 +183,10 @@ class Crop:
     box: TextBox
 
 
-def cut_crops(image: np.ndarray, boxes: Sequence[TextBox], tall_ratio: float = 1.5) -> list[Crop]:
+def cut_crops(image: np.ndarray, boxes: Sequence[TextBox], tall_ratio: float) -> list[Crop]:
     """The :class:`Crop` of each box (:func:`crop_box`); crops at least ``tall_ratio`` times
-    as high as wide are turned 90 degrees counter-clockwise."""
+    as high as wide are turned 90 degrees counter-clockwise. ``tall_ratio`` is the
+    recogniser description's (``ModelSpec.tall_ratio``), the one tall-crop setting."""
     crops = []
     for box in boxes:
         pixels, matrix = crop_box(image, box.points)
@@ -241,14 +242,15 @@ class OcrPipeline:
             the frames word splitting needs.
         split_words: cut line boxes into word boxes at recognised spaces.
         min_confidence: regions read with a lower recogniser confidence are dropped (counted).
-        tall_ratio: crops at least this many times as high as wide are turned 90 degrees.
+
+    Crops at least the recogniser description's ``tall_ratio`` times as high as wide are
+    turned 90 degrees (:func:`cut_crops`).
     """
 
     detector: Detector
     recognizer: Recognizer
     split_words: bool = True
     min_confidence: float = 0.5
-    tall_ratio: float = 1.5
     #: Seconds spent cutting crops and in the recogniser, summed over calls.
     crop_seconds: float = 0.0
     recognise_seconds: float = 0.0
@@ -279,7 +281,7 @@ class OcrPipeline:
             boxes: each image's detected boxes.
         """
         start = time.perf_counter()
-        crops = [cut_crops(image, image_boxes, self.tall_ratio)
+        crops = [cut_crops(image, image_boxes, self.recognizer.spec.tall_ratio)
                  for image, image_boxes in zip(images, boxes)]
         flat = [crop for image_crops in crops for crop in image_crops]
         self.crop_seconds += time.perf_counter() - start
@@ -360,14 +362,11 @@ def open_pipeline(
     from models.det_spec import DetectorSpec
 
     det_path, _ = resolve_model(detector)
-    det_runner, det_spec = open_model(det_path, device, threads=threads, spin=spin)
-    if not isinstance(det_spec, DetectorSpec):
-        raise ToolchainError(f"{det_path}: not a text detector (its description is a "
-                             f"recogniser's, {det_spec.arch})")
+    det_runner, det_spec = open_model(det_path, device, expect=DetectorSpec, threads=threads,
+                                      spin=spin)
     rec_path, arch = resolve_model(recognizer)
-    rec_runner, rec_spec = open_model(rec_path, device, threads=threads, spin=spin, arch=arch)
-    if isinstance(rec_spec, DetectorSpec):
-        raise ToolchainError(f"{rec_path}: a text detector, not a recogniser")
+    rec_runner, rec_spec = open_model(rec_path, device, expect=ModelSpec, threads=threads,
+                                      spin=spin, arch=arch)
     det_spec = det_spec.replace(**(detector_changes or {}))
     rec_spec = rec_spec.replace(**(recognizer_changes or {}))
     return OcrPipeline(Detector(det_runner, det_spec),

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -284,6 +284,49 @@ class Recognizer:
             return BatchResult(key, None, exc)
         return self._decode(key, scores, widths, engine_seconds)
 
+    def read(
+        self, readings: Sequence[Sequence[tuple[int, np.ndarray]]],
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Recognition | Failure]:
+        """The reading loop: recognise prepared images, each given as its readings, and give one
+        answer per image (:func:`collapse`).
+
+        Args:
+            readings: per image, ``(quarter turn, uint8 pixels [H, W] or [H, W, C])`` pairs,
+                prepared for ``spec`` (``preprocess.image.prepare_readings``): one, or three
+                for a tall crop the description reads turned.
+            sizes: each image's original ``(width, height)`` in pixels (default: its first
+                reading's).
+
+        Returns:
+            One :class:`Recognition` or :class:`Failure` (``stage="infer"``) per image, in
+            order.
+        """
+        pixels, origin, turns = [], [], []
+        for position, image_readings in enumerate(readings):
+            if not image_readings:
+                raise ToolchainError(f"image {position} has no reading to recognise")
+            for turn, resized in image_readings:
+                pixels.append(resized)
+                origin.append(position)
+                turns.append(turn)
+        if sizes is None:
+            sizes = [(r[0][1].shape[1], r[0][1].shape[0]) for r in readings]
+        planned = batch_inputs(pixels, self.spec, self.batch_size)
+        batches = (
+            (members, batch, [pixels[m].shape[1] for m in members]) for members, batch in planned
+        )
+        readings_of: dict[int, list[tuple[int, Recognition | Failure]]] = {}
+        for result in self.recognise_batches(batches):
+            for row, member in enumerate(result.key):
+                if result.error is not None:
+                    reading = Failure(str(result.error), "infer")
+                else:
+                    reading = Recognition.of(result.decoded[row], pixels[member].shape[1],
+                                             sizes[origin[member]], turns[member])
+                readings_of.setdefault(origin[member], []).append((turns[member], reading))
+        return [collapse(readings_of[position]) for position in range(len(readings))]
+
     def __call__(
         self, images: Sequence[bytes | Image.Image | np.ndarray],
     ) -> list[Recognition | Failure]:
@@ -294,41 +337,44 @@ class Recognizer:
                 pixels (``[H, W]`` grey or ``[H, W, 3]`` RGB).
 
         Returns:
-            One :class:`Recognition` or :class:`Failure` per image, in input order. A tall
-            crop the description reads turned (``ModelSpec.tall_crops``) is read three ways
-            and its most confident reading kept (``models.ctc.most_confident``); if any of
-            its readings failed in the engine, it is a :class:`Failure`.
+            One :class:`Recognition` or :class:`Failure` per image, in input order: an image
+            that does not decode is a ``Failure`` of stage ``"decode"``; the rest go through
+            :meth:`read` (a tall crop the description reads turned is read three ways, and
+            its most confident reading kept).
         """
         results: list[Recognition | Failure | None] = [None] * len(images)
-        pixels, sizes, origin, turns = [], [], [], []
+        prepared, sizes, positions = [], [], []
         for position, image in enumerate(images):
             try:
                 readings, size = prepare_readings(image, self.spec)
             except SampleError as exc:
                 results[position] = Failure(str(exc), "decode")
                 continue
-            for turn, resized in readings:
-                pixels.append(resized)
-                sizes.append(size)
-                origin.append(position)
-                turns.append(turn)
-        planned = batch_inputs(pixels, self.spec, self.batch_size)
-        batches = (
-            (members, batch, [pixels[m].shape[1] for m in members]) for members, batch in planned
-        )
-        readings_of: dict[int, list[Recognition | Failure]] = {}
-        for result in self.recognise_batches(batches):
-            for row, member in enumerate(result.key):
-                if result.error is not None:
-                    reading = Failure(str(result.error), "infer")
-                else:
-                    reading = Recognition.of(result.decoded[row], pixels[member].shape[1],
-                                             sizes[member], turns[member])
-                readings_of.setdefault(origin[member], []).append(reading)
-        for position, readings in readings_of.items():
-            failures = [r for r in readings if isinstance(r, Failure)]
-            if failures:
-                results[position] = failures[0]
-                continue
-            results[position] = most_confident([(r.turn, r) for r in readings])
+            prepared.append(readings)
+            sizes.append(size)
+            positions.append(position)
+        for position, result in zip(positions, self.read(prepared, sizes)):
+            results[position] = result
         return results
+
+
+R = TypeVar("R")
+
+
+def collapse(readings: Sequence[tuple[int, R | Failure]]) -> R | Failure:
+    """One image's answer from its readings: the first :class:`Failure` if any reading failed
+    (the image is recorded as failed, never silently read from fewer readings), else the most
+    confident reading (``models.ctc.most_confident``: ties go upright, then
+    counter-clockwise).
+
+    Args:
+        readings: ``(quarter turn, reading or Failure)`` pairs; a reading has a
+            ``confidence``.
+
+    Raises:
+        ValueError: no reading.
+    """
+    for _, reading in readings:
+        if isinstance(reading, Failure):
+            return reading
+    return most_confident(readings)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import check_output_file, current_umask
-from models.describe import describe
+from models.backends import describe
 from models.registry import ARCHS, spec_for_arch
 from models.spec import TALL_CROPS, WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs

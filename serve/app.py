@@ -42,7 +42,6 @@ from starlette.requests import ClientDisconnect
 from serve import kserve
 from serve.service import Service, ServiceError, State
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch", "ais_bench": "ascend_om"}
 SERVER_NAME = "crnn-ascend-toolchain"
 
 
@@ -243,7 +242,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             service.check_token(request.headers.get("authorization"))
             check_model(model)
             return _json(kserve.model_metadata(
-                name, PLATFORMS.get(service.platform, service.platform)))
+                name, service.platform))
 
         return await answer("metadata", work)
 

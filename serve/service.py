@@ -25,13 +25,14 @@ import numpy as np
 
 from common.errors import ToolchainError
 from infer.open import open_model
-from models.ctc import Decoded, most_confident
+from models.backends import backend_of
+from models.ctc import Decoded
 from models.det_spec import DetectorSpec
 from models.onnx_file import load_onnx
-from models.spec import batch_dependent
+from models.spec import ModelSpec, batch_dependent
 from pipeline.detector import Detector, detector_input
 from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
-from pipeline.recognizer import Recognition, Recognizer
+from pipeline.recognizer import Recognition, Recognizer, collapse
 from preprocess.image import (
     DECODABLE_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -134,13 +135,12 @@ class Service:
         # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
         model, arch = resolve_model(config.model)
-        runner, spec = open_model(model, config.device, threads=config.threads,
+        runner, spec = open_model(model, config.device, expect=ModelSpec, threads=config.threads,
                                   spin=False, sidecar=config.sidecar, arch=config.arch or arch)
-        if isinstance(spec, DetectorSpec):
-            raise ToolchainError(f"{model}: a text detector; give it as --det, and a "
-                                 f"recogniser as --model")
         self.spec = spec
-        self.platform = runner.name
+        #: The backend's row (``models.backends``): its name, and the KServe platform.
+        self.backend = backend_of(model)
+        self.platform = self.backend.platform
         if config.max_batch_size > 1 and _batch_dependent(Path(model)):
             logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm int8), "
                            "so an answer can change with the requests batched beside it; serve "
@@ -158,10 +158,8 @@ class Service:
         self.det_batcher: DetectorBatcher | None = None
         if config.det is not None:
             det_path, _ = resolve_model(config.det)
-            det_runner, det_spec = open_model(det_path, config.device, threads=config.threads,
-                                              spin=False)
-            if not isinstance(det_spec, DetectorSpec):
-                raise ToolchainError(f"--det {det_path}: not a text detector")
+            det_runner, det_spec = open_model(det_path, config.device, expect=DetectorSpec,
+                                              threads=config.threads, spin=False)
             self.detector = Detector(det_runner, det_spec, config.det_max_batch_size)
             self.det_batcher = DetectorBatcher(self.detector, config.det_max_batch_size,
                                                config.max_wait_ms / 1000.0, config.max_queue)
@@ -187,7 +185,7 @@ class Service:
         with self._lock:
             if self.state is State.LOADING:
                 self.state = State.READY
-        logger.info("model %s loaded (%s); ready", self.config.model, self.platform)
+        logger.info("model %s loaded (%s); ready", self.config.model, self.backend.name)
 
     def warm_up(self) -> None:
         """One engine call at batch 1 and at ``max_batch_size`` for the narrowest and widest
@@ -297,7 +295,7 @@ class Service:
         return rgb, detector_input(rgb, self.detector.spec)
 
     def _prepare_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
-        crops = cut_crops(rgb, boxes)
+        crops = cut_crops(rgb, boxes, self.spec.tall_ratio)
         return crops, [prepare(c.pixels, self.spec)[0] for c in crops]
 
     async def ocr(self, raw: bytes, arrival: float) -> ImageResult:
@@ -386,7 +384,7 @@ class Service:
         decoded = iter(await self._gather(futures, deadline))
         results = []
         for image_readings in readings:
-            results.append(most_confident([(turn, next(decoded)) for turn, _ in image_readings]))
+            results.append(collapse([(turn, next(decoded)) for turn, _ in image_readings]))
         return results
 
 

@@ -20,8 +20,8 @@ from common.errors import ToolchainError
 from eval import postprocess
 from eval.blocks import BlockJob, BlockWorker, merge_rows
 from infer import open_model
+from models.backends import describe
 from models.ctc import Decoded, most_confident
-from models.describe import describe
 from models.registry import spec_for_arch
 from models.spec import ModelSpec
 from models.weights import save_described

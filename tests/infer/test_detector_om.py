@@ -11,7 +11,7 @@ import pytest
 
 from convert import atc
 from infer import open_model
-from models.describe import describe
+from models.backends import describe
 from models.det_spec import DetectorSpec
 from pipeline.detector import Detector
 from tests.conftest import render_line
@@ -53,10 +53,10 @@ def test_detector_runs_on_ais_bench_like_onnxruntime(tmp_path, ppocr_det_path, s
     line, _ = render_line(["OPEN", "DAILY"])
     image = np.full((500, 960, 3), 255, np.uint8)  # input 512 high: gear 544 pads it
     image[200:200 + line.shape[0], 100:100 + line.shape[1]] = line
-    runner, spec = open_model(om, "npu:0")
+    runner, spec = open_model(om, "npu:0", expect=DetectorSpec)
     with Detector(runner, spec) as on_npu:
         boxes = on_npu([image])[0]
-    reference_runner, reference_spec = open_model(ppocr_det_path)
+    reference_runner, reference_spec = open_model(ppocr_det_path, expect=DetectorSpec)
     with Detector(reference_runner, reference_spec) as on_cpu:
         reference = on_cpu([image])[0]
     assert len(boxes) == len(reference) >= 1

@@ -11,7 +11,8 @@ import pytest
 
 from common.errors import EngineError, ToolchainError
 from convert.atc import plan_shape
-from infer import BACKENDS, AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner
+from infer import AisBenchRunner, OnnxRuntimeRunner, Runner, TorchRunner, runner_class
+from models.backends import BACKENDS
 from models.onnx_file import read_onnx_spec
 from models.registry import spec_for_arch
 from models.sidecar import write_sidecar
@@ -20,11 +21,14 @@ FAKE_AIS_BENCH = Path(__file__).parent / "fake_ais_bench"
 
 
 def test_backends_table():
-    assert {"onnxruntime": OnnxRuntimeRunner, "ais_bench": AisBenchRunner,
-                        "torch": TorchRunner} == BACKENDS
-    for name, runner in BACKENDS.items():
+    runners = {name: runner_class(row) for name, row in BACKENDS.items()}
+    assert runners == {"onnxruntime": OnnxRuntimeRunner, "ais_bench": AisBenchRunner,
+                       "torch": TorchRunner}
+    for name, runner in runners.items():
         assert issubclass(runner, Runner) and runner.name == name and runner.requires
-    assert BACKENDS["onnxruntime"].is_available() and BACKENDS["torch"].is_available()
+    assert runners["onnxruntime"].is_available() and runners["torch"].is_available()
+    assert {suffix for row in BACKENDS.values() for suffix in row.suffixes} == {
+        ".onnx", ".om", ".pth", ".pt"}
 
 
 @pytest.fixture(params=["onnxruntime", "torch", "ais_bench"])

@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import ToolchainError
 from models import weights
-from models.describe import describe
+from models.backends import describe
 from models.det_spec import DetectorSpec, description_from_dict
 from models.spec import ModelSpec
 

@@ -10,6 +10,7 @@ import pytest
 from common.errors import EngineError
 from infer import open_model
 from infer.onnxruntime_runner import OnnxRuntimeRunner
+from models.det_spec import DetectorSpec
 from pipeline import Recognizer
 from preprocess.image import prepare
 from serve.batcher import (
@@ -170,7 +171,7 @@ class BrokenOnceRunner(OnnxRuntimeRunner):
 def test_a_detector_bug_fails_its_batch_and_the_engine_thread_keeps_serving(ppocr_det_path):
     from pipeline.detector import Detector, detector_input
 
-    _, spec = open_model(ppocr_det_path)
+    _, spec = open_model(ppocr_det_path, expect=DetectorSpec)
     detector = Detector(BrokenOnceRunner(ppocr_det_path), spec).load()
     line = render_line(["OPEN", "DAILY"])[0]
     pixels = detector_input(line, spec)

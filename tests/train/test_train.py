@@ -159,7 +159,7 @@ def test_fine_tune_writes_described_outputs_and_resumes(tmp_path, synth_words, c
     assert [r["epoch"] for r in rows] == ["1"] and 0.0 <= float(rows[0]["val_accuracy"]) <= 1.0
     # The toolchain takes it with no other flag.
     from convert import pth2onnx
-    from models.describe import describe
+    from models.backends import describe
 
     assert pth2onnx.main([str(out / "model.pth"), str(tmp_path / "m.onnx")]) == 0
     assert describe(tmp_path / "m.onnx").tall_crops == "turn"
