@@ -27,7 +27,9 @@ from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import atomic_path
 from convert.rewrite_rules import RULES, tidy
-from models.onnx_file import check_model_output, cpu_session, load_onnx
+from infer.compare import compare_runners
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from models.onnx_file import check_model_output, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +78,34 @@ def dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
 def compare_outputs(original: onnx.ModelProto, fixed: onnx.ModelProto,
                     pairs: Sequence[tuple[int, int]] = VERIFY_PAIRS,
                     tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> float:
-    """Run both models on the same random ``[batch, C, H, width]`` inputs with ONNX Runtime.
+    """Run both models on the same random ``[batch, C, H, width]`` inputs (uniform in
+    [-1, 1)) with ONNX Runtime, from memory, through ``infer.compare.compare_runners``.
 
     Returns:
-        The largest absolute output difference over all pairs.
+        The largest absolute output difference over all pairs and outputs.
 
     Raises:
-        ToolchainError: a difference above ``tolerance``.
+        ToolchainError: a difference above ``tolerance``, or a changed output shape.
     """
-    sessions = [cpu_session(m) for m in (original, fixed)]
-    (feed,) = sessions[0].get_inputs()
-    channels, height = feed.shape[1], feed.shape[2]
     rng = np.random.default_rng(seed)
+    with OnnxRuntimeRunner(original) as before, \
+            OnnxRuntimeRunner(fixed) as after:
+        (feed,) = before.input_specs()
+        channels, height = feed.shape[1], feed.shape[2]
+        feeds = [{feed.name: rng.uniform(-1, 1, (batch, channels, height, width))
+                  .astype(np.float32)} for batch, width in pairs]
+        try:
+            compared = compare_runners(before, after, feeds)
+        except ToolchainError as exc:
+            raise ToolchainError(f"the rewritten model changed an output: {exc}") from None
     worst = 0.0
-    for batch, width in pairs:
-        imgs = rng.uniform(-1, 1, (batch, channels, height, width)).astype(np.float32)
-        expected, actual = (s.run(None, {feed.name: imgs})[0] for s in sessions)
-        if actual.shape != expected.shape:
-            raise ToolchainError(f"rewritten model changed the output shape at batch {batch}, "
-                                 f"width {width}: {expected.shape} -> {actual.shape}")
-        diff = float(np.max(np.abs(actual - expected)))
-        worst = max(worst, diff)
-        if diff > tolerance:
-            raise ToolchainError(f"rewritten model differs by {diff:.3g} (> {tolerance:g}) at "
-                                 f"batch {batch}, width {width}; not writing it")
+    for found in compared:
+        batch, width = pairs[found.feed]
+        worst = max(worst, found.max_abs_diff)
+        if found.max_abs_diff > tolerance:
+            raise ToolchainError(f"rewritten model differs by {found.max_abs_diff:.3g} "
+                                 f"(> {tolerance:g}) at batch {batch}, width {width}; not "
+                                 "writing it")
     return worst
 
 

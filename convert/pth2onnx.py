@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -30,8 +29,11 @@ from torch import nn
 from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import atomic_path
+from infer.compare import compare_runners
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from infer.torch_runner import TorchRunner
 from models.checkpoint import load_checkpoint, read_description
-from models.onnx_file import check_model_output, cpu_session
+from models.onnx_file import check_model_output
 from models.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
 from models.spec import ModelSpec
 
@@ -99,7 +101,8 @@ def check_parity(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
 ) -> list[tuple[int, int, float]]:
-    """Compare ONNX Runtime with PyTorch on the same random inputs.
+    """Compare ONNX Runtime with PyTorch on the same random inputs (uniform in [-1, 1)), one
+    feed per ``(batch, width)`` pair, through ``infer.compare.compare_runners``.
 
     Returns:
         ``(batch, width, max_abs_diff)`` for each pair.
@@ -107,25 +110,22 @@ def check_parity(
     Raises:
         ToolchainError: a difference is above ``tolerance`` or an output shape differs.
     """
-    session = cpu_session(onnx_path)
     generator = torch.Generator().manual_seed(seed)
+    feeds = [{spec.input_name: (torch.rand(*spec.input_shape(batch, width), generator=generator)
+                                * 2 - 1).numpy()} for batch, width in pairs]
+    try:
+        with TorchRunner.from_module(model, spec) as reference, \
+                OnnxRuntimeRunner(onnx_path) as candidate:
+            compared = compare_runners(reference, candidate, feeds, [spec.output_name])
+    except ToolchainError as exc:
+        raise ToolchainError(f"{onnx_path}: {exc}") from None
     results = []
-    for batch, width in pairs:
-        images = torch.rand(*spec.input_shape(batch, width), generator=generator) * 2 - 1
-        with torch.no_grad():
-            expected = model(images).numpy()
-        (actual,) = session.run([spec.output_name], {spec.input_name: images.numpy()})
-        if actual.shape != expected.shape:
+    for (batch, width), found in zip(pairs, compared):
+        results.append((batch, width, found.max_abs_diff))
+        if found.max_abs_diff > tolerance:
             raise ToolchainError(
-                f"{onnx_path}: output shape {actual.shape} != PyTorch {expected.shape} "
-                f"at batch {batch}, width {width}"
-            )
-        diff = float(np.max(np.abs(actual - expected)))
-        results.append((batch, width, diff))
-        if diff > tolerance:
-            raise ToolchainError(
-                f"{onnx_path}: ONNX Runtime differs from PyTorch by {diff:.3g} (> {tolerance:g}) "
-                f"at batch {batch}, width {width}"
+                f"{onnx_path}: ONNX Runtime differs from PyTorch by {found.max_abs_diff:.3g} "
+                f"(> {tolerance:g}) at batch {batch}, width {width}"
             )
     return results
 

@@ -56,7 +56,9 @@ from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import atomic_path
 from convert.rewrite_rules import producer
-from models.onnx_file import check_model_output, cpu_session, load_onnx, read_onnx_spec
+from infer.compare import compare_runners
+from infer.onnxruntime_runner import OnnxRuntimeRunner
+from models.onnx_file import check_model_output, load_onnx, read_onnx_spec
 from models.spec import QUANTIZATION_METADATA_KEY, ModelSpec, quantization_of
 from preprocess.batching import batch_inputs
 from preprocess.lmdb_reader import default_calibration_set
@@ -261,22 +263,17 @@ def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MU
 def compare_on(
     fp32_path: Path, int8_path: Path, batches: Sequence[np.ndarray], input_name: str
 ) -> tuple[float, float]:
-    """(frame-wise arg-max agreement, max absolute output difference) of two models.
+    """(frame-wise arg-max agreement, max absolute output difference) of two models, through
+    ``infer.compare.compare_runners``.
 
     Both models take the batches (float32 ``[B, C, H, W]``) as ``input_name`` and return
     one output whose last axis is the classes.
     """
-    reference, quantised = cpu_session(fp32_path), cpu_session(int8_path)
-    name = input_name
-    same = frames = 0
-    worst = 0.0
-    for batch in batches:
-        expected = reference.run(None, {name: batch})[0]
-        actual = quantised.run(None, {name: batch})[0]
-        same += int((expected.argmax(-1) == actual.argmax(-1)).sum())
-        frames += expected.shape[0] * expected.shape[1]
-        worst = max(worst, float(np.abs(expected - actual).max()))
-    return same / frames, worst
+    with OnnxRuntimeRunner(fp32_path) as reference, OnnxRuntimeRunner(int8_path) as quantised:
+        compared = compare_runners(reference, quantised, ({input_name: b} for b in batches))
+    same = sum(c.same_argmax for c in compared)
+    positions = sum(c.positions for c in compared)
+    return same / positions, max((c.max_abs_diff for c in compared), default=0.0)
 
 
 def quantize_model(

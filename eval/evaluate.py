@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from common.errors import EngineError
 from eval.inputs import InputSet
-from models.ctc import most_confident
-from pipeline.recognizer import Recognizer
+from pipeline.recognizer import Failure, Recognizer, collapse
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
             has ``index``, ``label``, ``width`` and ``turn`` (``eval.inputs.Sample``,
             ``preprocess.stream.StreamedSample``). An index may come in several readings
             (turns, in any batches): the most confident is kept
-            (``models.ctc.most_confident``), and if any of its readings failed in the
+            (``pipeline.recognizer.collapse``), and if any of its readings failed in the
             engine, the sample is recorded as failed instead.
         total: number of samples expected (for the progress bar).
         warmup: untimed runs of the first batch before timing starts; an engine failure
@@ -103,8 +102,7 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
     bar = tqdm(total=total, unit="img", desc="infer",
                disable=None if progress else True)
     latencies: list[float] = []
-    failed: dict[int, dict] = {}
-    readings: dict[int, list[tuple[int, Prediction]]] = {}
+    readings: dict[int, list[tuple[int, Prediction | Failure]]] = {}
     batch_of_reading: dict[tuple[int, int], int] = {}  # (index, turn) -> batch number
 
     def feed():
@@ -119,9 +117,9 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
         samples = result.key
         bar.update(len(samples))
         if result.error is not None:
-            reason = f"inference failed: {result.error}"
+            failure = Failure(f"inference failed: {result.error}", "infer")
             for s in samples:
-                failed.setdefault(s.index, {"index": s.index, "reason": reason, "stage": "infer"})
+                readings.setdefault(s.index, []).append((s.turn, failure))
             continue
         latencies.append(result.engine_seconds)
         stages["decode"] += result.decode_seconds
@@ -129,10 +127,13 @@ def run_batches(recognizer: Recognizer, batches: Iterator[tuple[np.ndarray, list
             readings.setdefault(s.index, []).append(
                 (s.turn, Prediction(s.index, s.label, d.text, d.confidence, s.width, s.turn)))
             batch_of_reading[s.index, s.turn] = len(latencies) - 1
-    predictions = [most_confident(readings[i]) for i in sorted(readings.keys() - failed.keys())]
+    answers = {index: collapse(found) for index, found in sorted(readings.items())}
+    failed = [{"index": index, "reason": answer.reason, "stage": answer.stage}
+              for index, answer in answers.items() if isinstance(answer, Failure)]
+    predictions = [answer for answer in answers.values() if not isinstance(answer, Failure)]
     batch_of = {p.index: batch_of_reading[p.index, p.turn] for p in predictions}
     e2e = time.perf_counter() - start
     bar.close()
     stages["engine"] = float(sum(latencies))
-    return EvalRun(predictions, sorted(failed.values(), key=lambda f: f["index"]), e2e, stages,
+    return EvalRun(predictions, failed, e2e, stages,
                    latencies, batch_of)

@@ -37,21 +37,6 @@ def read_onnx_spec(path: str | Path) -> ModelSpec:
     return ModelSpec.from_onnx(load_onnx(path, load_external_data=False), str(path))
 
 
-def cpu_session(model: str | Path | onnx.ModelProto):
-    """An ONNX Runtime session on the CPU provider with default options.
-
-    Args:
-        model: an ONNX file or a loaded ``onnx.ModelProto``.
-
-    Returns:
-        ``onnxruntime.InferenceSession`` (onnxruntime is imported here, on first use).
-    """
-    import onnxruntime as ort
-
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-
-
 def written_by_toolchain(path: str | Path) -> bool:
     """Whether ``path`` is an ONNX model this toolchain wrote: one carrying a recogniser or
     detector description, or int8 settings, in its ``metadata_props`` (what

@@ -44,11 +44,12 @@ from torch import nn
 
 from common.errors import ToolchainError
 from eval.metrics import protocol_for, recognition_metrics
+from infer.torch_runner import TorchRunner
 from models.charset import Charset
 from models.checkpoint import load_checkpoint, read_description
-from models.ctc import Decoded, decode_output, most_confident
 from models.registry import arch_entry, build_model, spec_for_arch
 from models.spec import TURNS, ModelSpec
+from pipeline.recognizer import Failure, Recognizer
 from preprocess.batching import batch_inputs, plan_batches
 from preprocess.stream import decode_all
 
@@ -332,22 +333,22 @@ def validate(model: nn.Module, words: WordSet, spec: ModelSpec, batch_size: int 
     """The report's metrics on ``words`` (``eval.metrics.recognition_metrics``), and
     ``"word_accuracy"``, the same as the report's ``accuracy``: under the protocol
     ``eval.metrics.protocol_for`` picks from the labels (the field's lower-case 0-9a-z for Latin
-    words, exact match for Chinese ones, which 0-9a-z would erase). A sample with turned
-    readings (:attr:`WordSet.turned`) is read all ways and its most confident reading kept
-    (``models.ctc.most_confident``), as ``eval.postprocess`` does."""
-    model.eval()
-    readings = [(i, 0, pixels) for i, pixels in enumerate(words.pixels)]
-    readings += [(i, turn, pixels) for i, turned in sorted(words.turned.items())
-                 for turn, pixels in turned]
-    decoded_of: dict[int, list[tuple[int, Decoded]]] = {}
-    with torch.no_grad():  # equal-width batches, planned as inference plans them
-        for chunk, images in _batches_on(model, [pixels for *_, pixels in readings], spec,
-                                         batch_size):
-            scores = model(images).float().cpu().numpy()
-            decoded = decode_output(spec, scores, [images.shape[-1]] * len(chunk))
-            for r, d in zip(chunk, decoded):
-                decoded_of.setdefault(readings[r][0], []).append((readings[r][1], d))
-    ordered = [most_confident(decoded_of[i]).text for i in range(len(words))]
+    words, exact match for Chinese ones, which 0-9a-z would erase).
+
+    The live model runs through the same reading loop as inference (``pipeline.Recognizer.read``
+    over ``infer.TorchRunner.from_module``): equal-width batches of up to ``batch_size``, and
+    a sample with turned readings (:attr:`WordSet.turned`) read all ways with its most
+    confident reading kept, as ``eval.postprocess`` does. The model is left in eval mode.
+
+    Raises:
+        ToolchainError: the engine failed on a batch (named with its reason).
+    """
+    with Recognizer(TorchRunner.from_module(model, spec), spec, batch_size) as recognizer:
+        answers = recognizer.read([words.readings(i) for i in range(len(words))])
+    for number, answer in enumerate(answers):
+        if isinstance(answer, Failure):
+            raise ToolchainError(f"validation sample {number}: {answer.reason}")
+    ordered = [answer.text for answer in answers]
     metrics = recognition_metrics(ordered, words.texts, protocol_for(words.texts))
     metrics["word_accuracy"] = metrics["accuracy"]
     return metrics
