@@ -21,7 +21,7 @@ Building the models (export, rewrite, quantisation with its calibration) is a on
 outside the timings, like ATC on the NPU; its time is printed separately. Speed-ups are
 per-image time ratios: reference / row and torch-eager / row.
 
-Example (the README's table):
+Example (docs/results/README.md's table):
     python -m bench.e2e
 """
 

@@ -14,7 +14,7 @@ cluster instead). Columns:
 * ratios against the one-process row of the same run, and whether every prediction equals
   the one-process run's (``eval.compare``).
 
-Example (the README's table):
+Example (docs/results/README.md's table):
     python -m bench.scale_out --workers 1,2
 """
 

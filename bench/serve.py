@@ -22,9 +22,9 @@ include the client's cost. Every load level is bounded in requests (--requests) 
 
 With ``--predictions P.csv`` the texts the batched service answered at 32 in flight are
 written as an ``eval.postprocess``-style predictions file (index, prediction, confidence), for
-``python -m eval.compare`` against the offline batch-1 path (see the README).
+``python -m eval.compare`` against the offline batch-1 path (see docs/results/README.md).
 
-Example (the README's table):
+Example (docs/results/README.md's table):
     python -m bench.serve
 """
 

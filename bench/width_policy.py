@@ -4,9 +4,9 @@ For each policy (fixed width, and keep-ratio with several clamps and rounding st
 set is preprocessed with ``preprocess.parse_testdata`` (bucketed, equal-width batches) and
 evaluated with ``eval`` through the model's runner, all in this process, so the rows are
 comparable. The policies measured depend on the model's input height (32 px: crnn and
-nano-ocr; 48 px: PP-OCR). The table is printed as Markdown (paste it into the README).
+nano-ocr; 48 px: PP-OCR). The table is printed as Markdown (paste it into docs/results/README.md).
 
-Example (the README's tables):
+Example (docs/results/README.md's tables):
     python -m bench.width_policy --model work/nano_fixed.onnx
     python -m bench.width_policy --model "$(python -m models.weights path ppocr-v4-rec)"
 """

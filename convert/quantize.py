@@ -3,7 +3,7 @@
 The CPU counterpart of ATC's model build: the Ascend path compiles the fp32 rewritten model
 with ``atc``; the ONNX Runtime CPU path runs an int8 copy of the same model, about 2.5x
 faster on this project's 2-core x86 benchmark machine at a small accuracy cost (see the
-README's results). Quantisation is ONNX Runtime's own (``onnxruntime.quantization``):
+docs/results/README.md). Quantisation is ONNX Runtime's own (``onnxruntime.quantization``):
 
 - format QDQ (QuantizeLinear/DequantizeLinear pairs around Conv and MatMul; ONNX Runtime
   fuses them into integer kernels); the LSTM stays fp32 (QDQ has no int8 LSTM) unless

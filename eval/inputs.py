@@ -8,7 +8,6 @@ widths are read from the arrays. ``--label`` overrides labels in either case.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import numpy as np
 
 from common.errors import ToolchainError
 from models.spec import TURNS
+from preprocess.manifest import MANIFEST, read_manifest
 
 _LABEL_LINE = re.compile(r"^test_(\d+)\.npy:(.*)$")
 
@@ -125,15 +125,15 @@ def load_input_set(folder: str | Path, label_file: str | Path | None = None) -> 
     if not folder.is_dir():
         raise ToolchainError(f"{folder}: no such input folder")
     labels = read_label_file(Path(label_file)) if label_file else None
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
+    manifest_path = folder / MANIFEST
+    manifest = read_manifest(folder)
+    if manifest is not None:
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             samples = [
                 Sample(s["index"], s["label"], s["file"], s["row"], s["width"], s.get("turn", 0))
                 for s in manifest["samples"]
             ]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise ToolchainError(
                 f"{manifest_path}: not a parse_testdata manifest ({exc!r})"
             ) from exc

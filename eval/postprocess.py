@@ -92,7 +92,7 @@ from preprocess.parse_testdata import (
 )
 from preprocess.stream import Stream, missing_range, stream_batches
 
-#: Samples per batch of the one-process path (``--test-dir``); see the README's measurements.
+#: Samples per batch of the one-process path (``--test-dir``); see docs/results/README.md.
 DEFAULT_BATCH_SIZE = 16
 
 log = logging.getLogger(__name__)

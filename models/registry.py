@@ -46,7 +46,7 @@ class ArchEntry:
 
     Attributes:
         name: the registry key (``--arch``).
-        summary: one line for help texts and the README.
+        summary: one line for help texts and docs/reference.md.
         spec: the default description. For a foreign model whose charset ships with its
             weights, ``alphabet`` is empty here and filled by ``models.weights fetch``.
         build: ``(spec, rnn_layout) -> torch.nn.Module`` in eval mode, or None.
@@ -118,7 +118,7 @@ ARCHS: dict[str, ArchEntry] = {
             summary="nano-ocr 0.1.0 CRNN (MIT), 65 characters",
             # Trained at fixed 32x128 with bilinear resizing. The default policy, keep-ratio
             # clamped to [96, 192], was chosen by measurement on IIIT5K (`python -m
-            # bench.width_policy`): 0.7927 against 0.7760 for fixed 128; see the README.
+            # bench.width_policy`): 0.7927 against 0.7760 for fixed 128; see docs/results/README.md.
             spec=ModelSpec(
                 arch="nano-ocr",
                 alphabet="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.- ",
@@ -143,7 +143,8 @@ ARCHS: dict[str, ArchEntry] = {
             # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels (RapidOCR and
             # PaddleOCR read images with cv2.imread); output softmax probabilities [N, W//8, 6625];
             # blank 0, the charset in the ONNX metadata key `character` plus a space, appended
-            # last. The width policy was chosen with `python -m bench.width_policy`: see the README.
+            # last. The width policy was chosen with `python -m bench.width_policy`: see
+            # docs/results/README.md.
             spec=ModelSpec(
                 arch="ppocr-v4-rec",
                 alphabet="",
@@ -193,7 +194,8 @@ DETECTORS: dict[str, DetectorEntry] = {
             summary="PP-OCRv4 DB text detector (Apache-2.0), RapidOCR 1.4.4",
             # Input x float32 [N, 3, H, W], H and W multiples of 32; output the text
             # probability map [N, 1, H, W]. Normalisation, resize rule and DB settings were
-            # chosen by measurement on IC15 (`python -m bench.det_rec --sweep`): see the README.
+            # chosen by measurement on IC15 (`python -m bench.det_rec --sweep`): see
+            # docs/results/README.md.
             spec=DetectorSpec(arch="ppocr-v4-det"),
             weights=WeightSource(
                 package="rapidocr-onnxruntime",

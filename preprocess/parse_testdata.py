@@ -52,13 +52,12 @@ from models.registry import ARCHS, spec_for_arch
 from models.spec import TALL_CROPS, WIDTH_POLICIES, ModelSpec
 from preprocess.batching import PAD_VALUE, batch_inputs
 from preprocess.image import normalise
+from preprocess.manifest import MANIFEST_VERSION, read_manifest, write_manifest
 from preprocess.stream import decode_all, missing_range
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("bucketed", "per-image")
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 #: The file that marks a folder as this tool's output (with the manifest's ``output_id``).
 MARKER = ".parse_testdata-output.json"
 TOOL = "preprocess.parse_testdata"
@@ -82,8 +81,8 @@ def owns(output: Path) -> bool:
     same output id (a file name alone, which anyone can have, is not enough)."""
     try:
         marker = json.loads((output / MARKER).read_text())
-        manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_manifest(output)
+    except (OSError, ValueError, ToolchainError):
         return False
     return (isinstance(marker, dict) and isinstance(manifest, dict) and marker.get("tool") == TOOL
             and marker.get("output_id") is not None
@@ -175,7 +174,7 @@ def write_inputs(test_dir: Path, output: Path, spec: ModelSpec, layout: str = "b
             "samples": samples,
             "failed": sorted(failed, key=lambda f: f["index"]),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        write_manifest(staging, manifest)
         if layout == "per-image":  # ModelZoo's label.txt names the test_<index>.npy files
             (staging / "label.txt").write_text(
                 "".join(f"test_{s['index']}.npy:{s['label']}\n" for s in samples

@@ -1,11 +1,12 @@
 """Train or fine-tune a CTC recogniser: ``python -m train`` (see ``train.trainer``).
 
-The defaults are the fine-tuning recipe measured in the README: from ``--init nano-ocr``,
-Adam at 1.5e-4 with a cosine decay over 8 epochs, batch 32, gradient norm clipped at 5,
-BatchNorm statistics and the first 3 convolutions frozen, photometric augmentation, every
-20th index of the first ``--train`` lmdb held out for validation. (The README's command adds
-the data mix, 16 epochs under a time cap and ``--unknown-chars drop``.) From scratch
-(``--init none``) nothing is frozen or augmented unless asked.
+The defaults are the fine-tuning recipe measured in docs/results/training.md: from
+``--init nano-ocr``, Adam at 1.5e-4 with a cosine decay over 8 epochs, batch 32, gradient
+norm clipped at 5, BatchNorm statistics and the first 3 convolutions frozen, photometric
+augmentation, every 20th index of the first ``--train`` lmdb held out for validation.
+(docs/training.md's command adds the data mix, 16 epochs under a time cap and
+``--unknown-chars drop``.) From scratch (``--init none``) nothing is frozen or augmented
+unless asked.
 
 Outputs in ``--out``: ``model.pth`` (the best validation word accuracy so far, ties broken by
 the higher validation 1-NED, carrying its model description, so ``python -m convert.pth2onnx
@@ -335,8 +336,8 @@ def _train(args) -> int:
                                 else 3 if init is not None else 0)
     device = torch.device(device_name)
     # On the CPU, channels-last convolution weights (NHWC activations) let oneDNN pick its
-    # faster convolution and pooling kernels (README, training speed: 8-16 % more images/s on
-    # a Zen 4); other devices keep their own layout.
+    # faster convolution and pooling kernels (docs/results/training.md, training speed: 8-16 %
+    # more images/s on a Zen 4); other devices keep their own layout.
     model.to(device, memory_format=torch.channels_last if device.type == "cpu"
              else torch.preserve_format)
 

@@ -6,7 +6,7 @@ al., "Robust fine-tuning of zero-shot models" (CVPR 2022, section 2, "WiSE-FT").
 moves a recogniser towards its new domain and away from what it read before; the
 interpolated weights keep most of the first and give back much of the second (for nano-ocr
 fine-tuned on ICDAR 2015 crops, the IIIT5K word accuracy it had lost; measured in the
-README, training target 1). Integer buffers (BatchNorm's batch counter) are the fine-tuned
+docs/results/training.md, target 1). Integer buffers (BatchNorm's batch counter) are the fine-tuned
 model's.
 
 The initial model is ``--init`` (a registry name with weights, such as ``nano-ocr``, or a
@@ -16,7 +16,7 @@ in fine-tuning has a classifier with no initial counterpart, and is refused. OUT
 the model description, so ``python -m convert.pth2onnx OUT.pth X.onnx`` needs no other flag.
 
 The WiSE-FT paper interpolates the model at the end of fine-tuning: ``last.pth``, which the
-README measures as steadier than the ``model.pth`` a small validation split chose.
+docs/results/training.md measures as steadier than the ``model.pth`` a small validation split chose.
 
 Examples:
     python -m train.wise work/ft/last.pth work/ft/model_wise.pth --alpha 0.7
@@ -97,8 +97,8 @@ def _parser():
                         help="the fine-tuned checkpoint (train's last.pth or model.pth)")
     parser.add_argument("output", type=Path, help="the interpolated checkpoint to write")
     parser.add_argument("--alpha", type=float, required=True,
-                        help="the fine-tuned model's weight, 0 < A <= 1 (the README measures "
-                             "0.5-0.9 for nano-ocr fine-tuned on ICDAR 2015)")
+                        help="the fine-tuned model's weight, 0 < A <= 1 (docs/results/training.md "
+                             "measures 0.5-0.9 for nano-ocr fine-tuned on ICDAR 2015)")
     parser.add_argument("--init", help="the initial model: a registry name (nano-ocr) or a "
                                        "checkpoint (default: the one train recorded)")
     return parser

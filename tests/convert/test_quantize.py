@@ -305,7 +305,8 @@ def test_iiit5k_int8_keeps_the_reference_accuracy(tmp_path, exported, fixed_mode
         compare.read_predictions(tmp_path / "fp32.csv"),
         compare.read_predictions(tmp_path / "int8.csv"),
     )
-    # Measured: 130 of 3000 strings change (README), mostly on words both models get wrong.
+    # Measured: 130 of 3000 strings change (docs/results/README.md), mostly on words both
+    # models get wrong.
     assert result["common"] == 3000 and result["differ"] <= 0.06 * 3000
 
 
