@@ -9,6 +9,7 @@ Read here for the scorer (``eval.det_metrics``) and for cutting word crops
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def read_gt_file(path: str | Path) -> list[GtWord]:
     UTF-8 with or without a byte-order mark; the transcription may contain commas.
 
     Raises:
-        ToolchainError: unreadable file, or a line without 8 numbers and a transcription
-            (names the file and line).
+        ToolchainError: unreadable file, or a line without 8 finite numbers and a
+            transcription (names the file and line).
     """
     path = Path(path)
     try:
@@ -53,6 +54,8 @@ def read_gt_file(path: str | Path) -> list[GtWord]:
             if len(fields) != 9:
                 raise ValueError("need 8 coordinates and a transcription")
             coords = [float(v) for v in fields[:8]]
+            if not all(math.isfinite(c) for c in coords):
+                raise ValueError("a coordinate is not a finite number (nan or inf)")
         except ValueError as exc:
             raise ToolchainError(f"{path}:{number}: not an ICDAR 2015 line ({exc})") from None
         points = tuple((coords[i], coords[i + 1]) for i in range(0, 8, 2))

@@ -100,6 +100,21 @@ def test_missing_ground_truth_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("coordinate", ["nan", "inf", "-inf"])
+def test_ground_truth_with_a_coordinate_that_is_not_finite_is_refused_before_any_work(
+        tmp_path, capsys, coordinate):
+    images, gts = tmp_path / "images", tmp_path / "gts"
+    images.mkdir()
+    gts.mkdir()
+    (images / "img_1.png").write_bytes(encode(Image.new("RGB", (64, 64))))
+    (gts / "gt_img_1.txt").write_text(f"1,2,3,2,3,4,1,4,ok\n1,2,{coordinate},2,3,4,1,4,word\n")
+    code = det_rec.main(["--images", str(images), "--gts", str(gts), "--predictions",
+                         str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "gt_img_1.txt:2: not an ICDAR 2015 line" in err and "finite" in err
+    assert "Traceback" not in err and not (tmp_path / "p.json").exists()
+
+
 def test_outputs_never_overwrite_inputs_or_foreign_files(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
