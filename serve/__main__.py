@@ -124,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 def read_token(path: Path) -> str:
     """The bearer token in ``path`` (surrounding whitespace stripped).
 
+    A token is printable ASCII (RFC 6750's ``b64token`` is a subset): HTTP clients send header
+    bytes that servers read as Latin-1, so a non-ASCII token could never match.
+
     Raises:
-        ToolchainError: the file is unreadable or holds no token.
+        ToolchainError: the file is unreadable, holds no token, or a token with spaces or
+            characters outside printable ASCII.
     """
     try:
         token = path.read_text(encoding="utf-8").strip()
@@ -133,6 +137,10 @@ def read_token(path: Path) -> str:
         raise ToolchainError(f"--token-file {path}: cannot read it ({exc})") from None
     if not token or any(c.isspace() for c in token):
         raise ToolchainError(f"--token-file {path}: must hold one token without spaces")
+    odd = next((c for c in token if not (c.isascii() and c.isprintable())), None)
+    if odd is not None:
+        raise ToolchainError(f"--token-file {path}: the token holds {odd!r}; a bearer token is "
+                             "printable ASCII (RFC 6750), as HTTP headers carry it")
     return token
 
 

@@ -439,3 +439,19 @@ def test_a_model_with_a_dynamically_quantised_lstm_is_flagged(tmp_path, tiny_lmd
         Service(ServeConfig(model=int8_lstm, name="crnn", max_batch_size=1)).close()
         Service(ServeConfig(model=fixed_models["nano-ocr"], name="crnn")).close()
     assert "quantised dynamically" not in caplog.text
+
+
+def test_a_token_that_http_cannot_carry_is_refused_at_start(tmp_path, model):
+    import subprocess
+    import sys
+
+    from common.cli import REPO_ROOT
+
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret-tök\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(model), "--port", "0",
+                           "--token-file", str(token)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last.startswith("error: --token-file ") and "'ö'" in last and "ASCII" in last
