@@ -99,9 +99,9 @@ def pipeline_request_image(body: bytes) -> bytes:
             length, no ``image`` key, value not base64).
     """
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(400, f"the body is not JSON ({exc})") from None
+        data = kserve.load_json(body, "the body")
+    except kserve.ProtocolError as exc:
+        raise ServiceError(400, str(exc)) from None
     if not isinstance(data, dict):
         raise ServiceError(400, 'the body must be {"key": ["image"], "value": [base64]}')
     keys, values = data.get("key"), data.get("value")

@@ -56,6 +56,22 @@ class InferRequest:
     outputs: list[tuple[str, bool]]
 
 
+def load_json(text: bytes | str, what: str) -> object:
+    """``json.loads`` for a request body: its failures as one :class:`ProtocolError` naming
+    ``what``, nesting too deep for the parser included (``json`` raises RecursionError there,
+    which would otherwise surface as a 500 with a traceback).
+
+    Raises:
+        ProtocolError: not UTF-8, not JSON, or nested too deep.
+    """
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply to parse") from None
+
+
 def model_metadata(name: str, platform: str) -> dict:
     """``GET /v2/models/{name}``: the model's name, versions, platform and tensors."""
     return {
@@ -136,10 +152,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError(f"{HEADER_LENGTH} {length} is outside the body "
                                 f"({len(body)} bytes)")
         header, binary = body[:length], body[length:]
-    try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"the request header is not JSON ({exc})") from None
+    request = load_json(header, "the request header")
     if not isinstance(request, dict):
         raise ProtocolError("the request must be a JSON object")
     inputs = request.get("inputs")

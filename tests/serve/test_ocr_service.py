@@ -70,6 +70,7 @@ def test_paddle_serving_pipeline_format(server, offline):
 
 @pytest.mark.parametrize("body, status, message", [
     (b"not json", 400, "not JSON"),
+    (b'{"key": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
     (json.dumps({"key": ["img"], "value": ["AAAA"]}).encode(), 400, 'no "image"'),
     (json.dumps({"key": ["image"], "value": ["@@@"]}).encode(), 400, "not base64"),
     (json.dumps({"key": ["image"], "value": [base64.b64encode(b"junk").decode()]}).encode(),

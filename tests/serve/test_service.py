@@ -188,6 +188,9 @@ def test_kserve_v2_json_body_with_base64(client, model):
     (json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                              "data": ["aGk="], "parameters": [1]}]}).encode(),
      "'parameters' must be a JSON object"),
+    (b'{"inputs": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested too deeply"),
+    (b'{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": '
+     + b"[" * 900 + b'"aGk="' + b"]" * 900 + b"}]}", "not a decodable image"),
 ])
 def test_kserve_v2_malformed_requests_are_400(client, body, message):
     answer = client.post("/v2/models/crnn/infer", content=body)
