@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,12 +39,13 @@ def _prog() -> str | None:
 
 
 def positive(kind: type) -> Callable[[str], float]:
-    """An argparse ``type`` parsing ``kind`` (int or float) and refusing values <= 0."""
+    """An argparse ``type`` parsing ``kind`` (int or float) and refusing values <= 0, and NaN
+    and infinity."""
 
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     return parse

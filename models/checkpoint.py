@@ -257,9 +257,19 @@ def description_in(contents: object, path: str | Path) -> ModelSpec | None:
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
                    **extra: object) -> None:
     """Write ``model``'s state dict with its description (and ``extra`` plain values) to
-    ``path``, whole or not at all (written aside, then renamed)."""
+    ``path``, whole or not at all (written aside, then renamed).
+
+    Raises:
+        ToolchainError: the file cannot be written (a full disk, a file size limit, no
+            permission), naming ``path``; nothing is left at ``path`` or beside it.
+    """
     from common.outputs import atomic_path
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(Path(path)) as partial:
-        torch.save({"state_dict": state, DESCRIPTION_KEY: spec.to_dict(), **extra}, partial)
+        try:
+            torch.save({"state_dict": state, DESCRIPTION_KEY: spec.to_dict(), **extra}, partial)
+        except (OSError, RuntimeError) as exc:  # torch's writer reports a failed write as
+            # RuntimeError ("PytorchStreamWriter failed writing file ...")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ToolchainError(f"{path}: cannot be written ({reason})") from None

@@ -71,6 +71,9 @@ from train.trainer import (
 log = logging.getLogger("train")
 
 
+#: Adam's learning rate when --lr is not given (the fine-tuning recipe).
+DEFAULT_LR = 1.5e-4
+
 def parse_source(text: str) -> tuple[Path, float]:
     """``PATH`` or ``PATH:RATIO`` (ratio > 0)."""
     path, _, ratio = text.rpartition(":")
@@ -144,7 +147,8 @@ def _parser():
     parser.add_argument("--epoch-samples", type=positive(int),
                         help="draws per epoch (default: the sources' total size)")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
-    parser.add_argument("--lr", type=positive(float), default=1.5e-4)
+    parser.add_argument("--lr", type=positive(float), default=None,
+                        help="Adam's learning rate (default 1.5e-4); a resumed run keeps its own")
     parser.add_argument("--clip", type=positive(float), default=5.0, help="gradient norm cap")
     parser.add_argument("--freeze-bn", action="store_true", default=None,
                         help="keep BatchNorm statistics fixed (default: on with --init)")
@@ -309,6 +313,9 @@ def _train(args) -> int:
     last = out / "last.pth"
     if args.resume and not last.is_file():
         raise ToolchainError(f"--resume: {last} does not exist")
+    if args.resume and args.lr is not None:
+        raise ToolchainError(f"--resume continues {last} with its own learning rate and "
+                             "schedule; leave out --lr (or start a new run with it)")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise ToolchainError(f"{out}: not empty; give a new folder, or --resume to continue")
     # Every rank has looked at --out before rank 0 writes its probe file there: a rank that
@@ -378,7 +385,7 @@ def _train(args) -> int:
                               for s in val_sets) or "none")
 
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(parameters, lr=args.lr)
+    optimiser = torch.optim.Adam(parameters, lr=args.lr or DEFAULT_LR)
     steps_per_epoch = len(plan_epoch(train_sets, ratios, args.batch_size, args.seed, 0, size,
                                      args.epoch_samples))
     total_steps = min(args.max_steps or 1 << 62, steps_per_epoch * args.epochs)
@@ -457,9 +464,11 @@ def _train(args) -> int:
             part = float(loss.detach()) / size  # this rank's share of the batch's mean loss
             value = part * len(members) / len(share)  # its own samples' mean
             if not math.isfinite(value):
+                kept = (f"the last good checkpoints in {out} are kept"
+                        if (out / "last.pth").is_file() else "no checkpoint was written yet")
                 raise ToolchainError(
                     f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
-                    f"stopped; the last good checkpoints in {out} are kept (try a lower --lr)")
+                    f"stopped; {kept} (try a lower --lr)")
             optimiser.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -733,3 +733,57 @@ def test_the_training_command_orients_tall_crops_every_epoch_when_asked(
     assert "--orient-tall-crops goes with tall crops read turned; this run reads them " \
            "'keep'" in capsys.readouterr().err
     assert not (tmp_path / "keep").exists()
+
+
+def test_bad_learning_rates_and_a_resumed_lr_are_one_line_errors(tmp_path, synth_words, capsys):
+    base = ("--init", "nano-ocr", "--train", synth_words, "--batch-size", 8, "--workers", 1,
+            "--val-split", 0)
+    for bad in ("nan", "inf", "0"):
+        with pytest.raises(SystemExit):
+            _train(*base, "--out", tmp_path / "bad", "--lr", bad)
+        assert "must be a finite number > 0" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert _train(*base, "--out", out, "--epochs", 1, "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert _train(*base, "--out", out, "--epochs", 2, "--resume", "--lr", "1e-3") == 1
+    assert "leave out --lr" in capsys.readouterr().err
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_a_loss_that_diverges_before_any_checkpoint_says_none_was_written(tmp_path,
+                                                                          synth_words, capsys):
+    out = tmp_path / "run"
+    code = _train("--init", "nano-ocr", "--train", synth_words, "--out", out, "--batch-size", 8,
+                  "--workers", 1, "--val-split", 0, "--lr", "1e30", "--epochs", 1,
+                  "--max-steps", 6)
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss became" in err and "no checkpoint was written yet" in err
+    assert not (out / "last.pth").exists() and not (out / "log.csv").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_log_is_not_ahead(tmp_path,
+                                                                                   synth_words):
+    """A real write failure: the process's file size limit (RLIMIT_FSIZE, with SIGXFSZ
+    ignored, so the write fails with EFBIG as on a full disk) is below a checkpoint's size."""
+    import subprocess
+    import sys
+
+    from common.cli import REPO_ROOT
+
+    out = tmp_path / "run"
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+              "from train.__main__ import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, "--init", "nano-ocr", "--train",
+                           str(synth_words), "--out", str(out), "--batch-size", "8",
+                           "--workers", "1", "--val-split", "0", "--epochs", "1",
+                           "--max-steps", "1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("error: ") and ".pth: cannot be written" in last
+    left = list(out.iterdir()) if out.exists() else []  # a fresh run's folder may go whole
+    assert not [p.name for p in left if p.name in ("log.csv", "last.pth", "model.pth")
+                or ".partial-" in p.name], last
