@@ -29,8 +29,10 @@ Examples:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import stat
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,18 +60,52 @@ from preprocess.image import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why an entry named like an image is not read (a folder, a dangling or looping
+    symbolic link, a FIFO, a device, a socket), or None for a regular file (or a link to
+    one). A FIFO or a link to ``/dev/zero`` would block or never end a read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link that loops"
+        if path.is_symlink():
+            return "a dangling symbolic link"
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"{kind}, not an image file"
+
+
+def skipped_entries(folder: Path) -> list[dict[str, str]]:
+    """The entries of ``folder`` named like images (by suffix) that :func:`list_images`
+    leaves out, each as ``{"image": name, "reason": ...}`` (:func:`not_a_file`), by name."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            reason = not_a_file(path)
+            if reason is not None:
+                found.append({"image": path.name, "reason": reason})
+    return found
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (by suffix), in natural order (``img_2`` before ``img_10``).
+    """The image files of ``folder`` (by suffix, regular files only: see
+    :func:`skipped_entries` for the rest), in natural order (``img_2`` before ``img_10``).
 
     Raises:
         ToolchainError: not a folder, or no image in it.
     """
     if not folder.is_dir():
         raise ToolchainError(f"{folder}: not a folder of images")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in folder.iterdir()
+             if p.suffix.lower() in IMAGE_SUFFIXES and not_a_file(p) is None]
     if not files:
         raise ToolchainError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
 
@@ -224,6 +260,9 @@ _DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ra
 def run(args) -> dict[str, object]:
     """Run the pipeline over ``args.images`` and write the outputs; return the report."""
     images = list_images(args.images)[: args.limit]
+    skipped = skipped_entries(args.images)
+    for entry in skipped:
+        log.warning("%s: %s", args.images / entry["image"], entry["reason"])
     gts = read_ground_truth(args.gts, images) if args.gts is not None else None
     check_outputs(args, images)
     changes = {k: getattr(args, k) for k in _DB_FIELDS if getattr(args, k) is not None}
@@ -232,7 +271,7 @@ def run(args) -> dict[str, object]:
                              split_words=args.split_words, min_confidence=args.min_confidence)
     predictions: dict[str, list] = {}
     results: dict[str, ImageResult] = {}
-    failures: list[dict[str, str]] = []
+    failures: list[dict[str, str]] = list(skipped)  # counted, never scored
     with pipeline:
         warm = np.full((64, 64, 3), 255, np.uint8)
         pipeline([warm])  # loads lazily-initialised kernels; not timed
@@ -268,7 +307,7 @@ def run(args) -> dict[str, object]:
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
     report: dict[str, object] = {
-        "images": len(images),
+        "images": len(images) + len(skipped),
         "recognised_images": len(results),
         "failed": len(failures),
         "failures": failures,

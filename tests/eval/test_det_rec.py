@@ -88,6 +88,37 @@ def test_bad_images_are_counted_failures(tmp_path, ppocr_det_path, ppocr_rec_pat
     assert "earlier" not in json.loads(report.read_text())
 
 
+def test_entries_that_are_not_image_files_are_listed_with_their_reason(tmp_path, ppocr_det_path,
+                                                                      ppocr_rec_path):
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "blank.png").write_bytes(encode(Image.new("RGB", (400, 300), "white")))
+    (images / "still.gif").write_bytes(encode(Image.new("P", (300, 200), 0), "GIF"))
+    os.symlink("loop_b.jpg", images / "loop_a.jpg")
+    os.symlink("loop_a.jpg", images / "loop_b.jpg")
+    os.symlink(tmp_path / "gone.png", images / "dangling.png")
+    os.mkfifo(images / "pipe.png")
+    (images / "folder.jpg").mkdir()
+    os.symlink("/dev/zero", images / "zero.png")
+    (images / "notes.txt").write_text("not named like an image: not listed")
+    predictions, report = tmp_path / "p.json", tmp_path / "r.json"
+    assert det_rec.main(["--images", str(images), "--predictions", str(predictions),
+                         "--report", str(report), "--det", str(ppocr_det_path),
+                         "--rec", str(ppocr_rec_path)]) == 0
+    assert json.loads(predictions.read_text()) == {"blank.png": [], "still.gif": []}
+    data = json.loads(report.read_text())
+    reasons = {f["image"]: f["reason"] for f in data["failures"]}
+    assert reasons == {"loop_a.jpg": "a symbolic link that loops",
+                       "loop_b.jpg": "a symbolic link that loops",
+                       "dangling.png": "a dangling symbolic link",
+                       "pipe.png": "a FIFO, not an image file",
+                       "folder.jpg": "a folder, not an image file",
+                       "zero.png": "a character device, not an image file"}
+    assert data["failed"] == 6 and data["images"] == 8 and data["recognised_images"] == 2
+
+
 def test_missing_ground_truth_is_one_clear_error(tmp_path, capsys):
     images, gts = tmp_path / "images", tmp_path / "gts"
     images.mkdir()
