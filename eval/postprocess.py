@@ -47,6 +47,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -238,6 +239,17 @@ def _lanes_note(report: dict) -> str:
     return f" over {lanes} engine lanes" if lanes > 1 else ""
 
 
+class _OneModel(argparse.Action):
+    """``--model`` and its aliases name one model: a second is an error, not the last wins."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(namespace, self.dest, None)
+        if given is not None:
+            parser.error(f"one model only: {option_string} {value} after {given} (--model and "
+                         "its aliases --onnx-path, --om-path, --pth are one option)")
+        setattr(namespace, self.dest, value)
+
+
 def _parser():
     parser = make_parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -247,8 +259,8 @@ def _parser():
                         help="parse_testdata output (the two-step ModelZoo flow)")
     parser.add_argument(
         "--model", "--onnx-path", "--onnx_path", "--om-path", "--om_path", "--pth",
-        dest="model", type=Path, required=True,
-        help="the model file; its suffix chooses the backend (models.backends): .onnx (ONNX "
+        dest="model", type=Path, required=True, action=_OneModel,
+        help="the model file (one); its suffix chooses the backend (models.backends): .onnx (ONNX "
              "Runtime), .om (ais_bench, with its sidecar JSON), .pth/.pt (PyTorch; needs --arch "
              "unless it carries its description, as train's do)")
     parser.add_argument("--arch", choices=list(ARCHS), help="architecture of --pth")

@@ -284,3 +284,13 @@ def test_width_options_with_input_npy_are_refused(tiny_inputs, fixed_models, cap
         assert postprocess.main(["--input-npy", str(tiny_inputs), "--onnx-path",
                                  str(fixed_models["nano-ocr"]), *option]) == 1
         assert "width options and --tall-crops go with --test-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("second", ["--onnx-path", "--om_path", "--pth", "--model"])
+def test_two_models_are_refused_rather_than_the_last_one_used(tiny_lmdb, fixed_models, capsys,
+                                                              second):
+    with pytest.raises(SystemExit) as exited:
+        postprocess.main(["--test-dir", str(tiny_lmdb), "--model", str(fixed_models["nano-ocr"]),
+                          second, "other.onnx"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"one model only: {second} other.onnx after" in err
