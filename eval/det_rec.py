@@ -83,29 +83,25 @@ def not_a_file(path: Path) -> str | None:
     return f"{kind}, not an image file"
 
 
-def skipped_entries(folder: Path) -> list[dict[str, str]]:
-    """The entries of ``folder`` named like images (by suffix) that :func:`list_images`
-    leaves out, each as ``{"image": name, "reason": ...}`` (:func:`not_a_file`), by name."""
-    found = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            reason = not_a_file(path)
-            if reason is not None:
-                found.append({"image": path.name, "reason": reason})
-    return found
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (by suffix, regular files only: see
-    :func:`skipped_entries` for the rest), in natural order (``img_2`` before ``img_10``).
+def scan_images(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """One pass over ``folder``: its image files (by suffix, regular files only), in natural
+    order (``img_2`` before ``img_10``), and the entries named like images that are not image
+    files, each as ``{"image": name, "reason": ...}`` (:func:`not_a_file`), by name.
 
     Raises:
         ToolchainError: not a folder, or no image in it.
     """
     if not folder.is_dir():
         raise ToolchainError(f"{folder}: not a folder of images")
-    files = [p for p in folder.iterdir()
-             if p.suffix.lower() in IMAGE_SUFFIXES and not_a_file(p) is None]
+    files, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        reason = not_a_file(path)
+        if reason is None:
+            files.append(path)
+        else:
+            skipped.append({"image": path.name, "reason": reason})
     if not files:
         raise ToolchainError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
 
@@ -113,7 +109,16 @@ def list_images(folder: Path) -> list[Path]:
         digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
         return (path.stem.rstrip("0123456789"), [int(d) for d in digits], path.name)
 
-    return sorted(files, key=natural)
+    return sorted(files, key=natural), skipped
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (:func:`scan_images`).
+
+    Raises:
+        ToolchainError: not a folder, or no image in it.
+    """
+    return scan_images(folder)[0]
 
 
 def gt_path(gts: Path, image: Path) -> Path:
@@ -259,8 +264,8 @@ _DB_FIELDS = ("limit_type", "limit_side_len", "thresh", "box_thresh", "unclip_ra
 
 def run(args) -> dict[str, object]:
     """Run the pipeline over ``args.images`` and write the outputs; return the report."""
-    images = list_images(args.images)[: args.limit]
-    skipped = skipped_entries(args.images)
+    images, skipped = scan_images(args.images)
+    images = images[: args.limit]
     for entry in skipped:
         log.warning("%s: %s", args.images / entry["image"], entry["reason"])
     gts = read_ground_truth(args.gts, images) if args.gts is not None else None
