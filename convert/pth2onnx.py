@@ -113,12 +113,13 @@ def check_parity(
     generator = torch.Generator().manual_seed(seed)
     feeds = [{spec.input_name: (torch.rand(*spec.input_shape(batch, width), generator=generator)
                                 * 2 - 1).numpy()} for batch, width in pairs]
-    try:
-        with TorchRunner.from_module(model, spec) as reference, \
-                OnnxRuntimeRunner(onnx_path) as candidate:
+    # The runners' own errors name the file already; the comparison's are named here.
+    with TorchRunner.from_module(model, spec) as reference, \
+            OnnxRuntimeRunner(onnx_path) as candidate:
+        try:
             compared = compare_runners(reference, candidate, feeds, [spec.output_name])
-    except ToolchainError as exc:
-        raise ToolchainError(f"{onnx_path}: {exc}") from None
+        except ToolchainError as exc:
+            raise ToolchainError(f"{onnx_path}: {exc}") from None
     results = []
     for (batch, width), found in zip(pairs, compared):
         results.append((batch, width, found.max_abs_diff))

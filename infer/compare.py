@@ -60,13 +60,13 @@ def compare_runners(reference: Runner, candidate: Runner,
     found = []
     for number, feed in enumerate(feeds):
         expected, actual = reference.infer(feed), candidate.infer(feed)
-        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
         for name in outputs if outputs is not None else expected:
             if name not in actual:
                 raise ToolchainError(f"{candidate.name} has no output {name!r} (it has "
                                      f"{', '.join(actual)})")
             want, got = expected[name], actual[name]
             if want.shape != got.shape:
+                shapes = ", ".join(f"{key} {list(array.shape)}" for key, array in feed.items())
                 raise ToolchainError(f"output {name} has shape {list(got.shape)} under "
                                      f"{candidate.name}, {list(want.shape)} under "
                                      f"{reference.name}, for inputs {shapes}")

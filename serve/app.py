@@ -242,7 +242,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             service.check_token(request.headers.get("authorization"))
             check_model(model)
             return _json(kserve.model_metadata(
-                name, service.platform))
+                name, service.backend.platform))
 
         return await answer("metadata", work)
 

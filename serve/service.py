@@ -140,7 +140,6 @@ class Service:
         self.spec = spec
         #: The backend's row (``models.backends``): its name, and the KServe platform.
         self.backend = backend_of(model)
-        self.platform = self.backend.platform
         if config.max_batch_size > 1 and _batch_dependent(Path(model)):
             logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm int8), "
                            "so an answer can change with the requests batched beside it; serve "
