@@ -60,10 +60,11 @@ def probability(text: str) -> float:
 
 
 def non_negative(text: str) -> float:
-    """An argparse ``type`` parsing a float >= 0."""
+    """An argparse ``type`` parsing a finite float >= 0 (NaN and infinity refused, as
+    :func:`positive` refuses them)."""
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 

@@ -131,6 +131,6 @@ def describe(
     if not path.exists():
         raise ToolchainError(f"{path}: no such model file")
     if path.suffix.lower() == ".json":  # an .om's sidecar, read in place of the .om
-        return describe_om(path)
+        return describe_om(path.with_suffix(".om"), sidecar=path)
     row = backend_of(path)
     return row.describe(path, arch, Path(sidecar) if sidecar else None, fallback)

@@ -49,14 +49,12 @@ def describe_onnx(path: Path, arch: str | None = None, sidecar: Path | None = No
 
 def describe_om(path: Path, arch: str | None = None, sidecar: Path | None = None,
                 fallback: ModelSpec | None = None) -> Description:
-    """The description in an .om's sidecar JSON (``sidecar``, default beside the .om; a
-    ``.json`` path is the sidecar itself). ``arch`` and ``fallback`` are unused.
+    """The description in an .om's sidecar JSON (``sidecar``, default beside the .om).
+    ``arch`` and ``fallback`` are unused.
 
     Raises:
         ToolchainError: see :func:`models.sidecar.read_sidecar`.
     """
-    if path.suffix.lower() == ".json":
-        return read_sidecar(path.with_suffix(".om"), path)[1]
     return read_sidecar(path, sidecar)[1]
 
 

@@ -148,7 +148,8 @@ def _parser():
                         help="draws per epoch (default: the sources' total size)")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
     parser.add_argument("--lr", type=positive(float), default=None,
-                        help="Adam's learning rate (default 1.5e-4); a resumed run keeps its own")
+                        help=f"Adam's learning rate (default {DEFAULT_LR:g}); a resumed run keeps "
+                             "its own")
     parser.add_argument("--clip", type=positive(float), default=5.0, help="gradient norm cap")
     parser.add_argument("--freeze-bn", action="store_true", default=None,
                         help="keep BatchNorm statistics fixed (default: on with --init)")
