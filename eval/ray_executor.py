@@ -19,11 +19,14 @@ the workers as Ray ``py_modules``; every node needs the Python environment (requ
 and requirements-ray.txt) and the data and model at the same paths.
 
 Failures: each actor holds one block at a time, so an actor that dies while recognising a
-block loses only that block; Ray restarts it (at most :data:`MAX_RESTARTS` times per actor)
-and the block is not retried: Ray Data skips it
+block loses only that block; the block is not retried: Ray Data skips it
 (``DataContext.max_errored_blocks``), and its samples are recorded as failed with the reason.
-An actor that cannot start (the data or the model unreadable on its node) stops the run
-with one line naming the node.
+Ray restarts a dead actor as often as it dies (``max_restarts=-1``, Ray Data's own default):
+with a bounded count, a pool whose every actor had died past it left Ray Data's executor
+spinning with blocks to hand out and no actor to take them. Each death costs one block, so
+even a worker that dies on every block ends the run after as many deaths as there are
+blocks, all of them recorded as lost. An actor that cannot start (the data or the model
+unreadable on its node) stops the run with one line naming the node.
 """
 
 from __future__ import annotations
@@ -44,8 +47,6 @@ from models.backends import BACKENDS
 
 log = logging.getLogger(__name__)
 
-#: Restarts Ray grants each actor after it dies (each death fails only its block).
-MAX_RESTARTS = 3
 #: The project's packages a worker imports (shipped to the cluster as Ray ``py_modules``).
 PACKAGES = ("convert", "preprocess", "infer", "pipeline", "eval")
 INSTALL_HINT = "install it with: pip install -r requirements-ray.txt"
@@ -166,7 +167,7 @@ def _execute(ray, job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int
             BlockWorker, fn_constructor_args=(job, device), batch_size=None,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                 size=workers, max_tasks_in_flight_per_actor=1),
-            max_restarts=MAX_RESTARTS, max_task_retries=0, **arguments)
+            max_restarts=-1, max_task_retries=0, **arguments)
     rows = empty_rows()
     total = sum(stop - begin for begin, stop in blocks)
     bar = tqdm(total=total, unit="img", desc="ray", disable=None if progress else True)

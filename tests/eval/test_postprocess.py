@@ -139,6 +139,27 @@ def test_engine_failures_are_recorded_per_sample(tmp_path, tiny_lmdb, exported, 
     assert len(run.predictions) == 6
 
 
+def test_report_says_what_its_accuracy_is_over(tmp_path, tiny_lmdb, exported, fixed_models):
+    """With a failed sample, accuracy (over the scored ones) and accuracy over all samples
+    differ: the report names its basis and the summary line gives both."""
+    inputs = _narrow_inputs(tmp_path, tiny_lmdb, exported)
+    spec = read_onnx_spec(exported["nano-ocr"])
+    with Recognizer(RejectsWide(fixed_models["nano-ocr"]), spec) as recognizer:
+        run = run_evaluation(recognizer, inputs)
+    report = postprocess.make_report(run, inputs, spec, "onnxruntime", "m.onnx", "greedy")
+    assert report["accuracy_basis"].startswith("scored samples")
+    assert report["accuracy"] == report["correct"] / report["scored"]
+    assert report["accuracy_over_all_samples"] == report["correct"] / report["samples"]
+    line = postprocess.summary_line(report)
+    assert (f"word accuracy {report['accuracy']:.4f} ({report['correct']}/{report['scored']} "
+            "scored") in line
+    assert f"over all samples {report['accuracy_over_all_samples']:.4f}" in line
+    run.failed.clear()  # nothing failed: one figure
+    inputs.failed.clear()
+    assert "over all samples" not in postprocess.summary_line(
+        postprocess.make_report(run, inputs, spec, "onnxruntime", "m.onnx", "greedy"))
+
+
 def test_a_bug_in_the_runner_is_not_recorded_as_a_failure(tmp_path, tiny_lmdb, exported,
                                                          fixed_models):
     class Buggy(OnnxRuntimeRunner):

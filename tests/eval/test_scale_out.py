@@ -69,6 +69,7 @@ def local_ray(tmp_path_factory):
         patch.setenv("PYTHONPATH", str(FAKE))
         patch.setenv("FAKE_AIS_BENCH_LOG", str(folder / "calls.jsonl"))
         patch.setenv("FAKE_AIS_BENCH_DIE_ONCE", str(folder / "died"))
+        patch.setenv("FAKE_AIS_BENCH_DIE_ALWAYS", str(folder / "die_always"))
         ray.init(num_cpus=2, resources={"NPU": 2}, include_dashboard=False)
     yield folder
     ray.shutdown()
@@ -180,6 +181,27 @@ def test_ray_worker_death_fails_only_its_block(tmp_path, local_ray, small_lmdb, 
     # Each actor ran on its one visible NPU, as npu:0.
     calls = [json.loads(line) for line in (local_ray / "calls.jsonl").read_text().splitlines()]
     assert {c["device_id"] for c in calls} == {0}
+
+
+def test_ray_run_whose_every_actor_died_past_its_restarts_ends(tmp_path, local_ray, small_lmdb,
+                                                               fake_om, capsys):
+    """Every infer kills its actor: the pool runs out of restarts, and the run still ends
+    (it used to spin at 100 % CPU with no report), every sample counted as lost."""
+    (local_ray / "die_always").touch()
+    try:
+        out = tmp_path / "ray"
+        out.mkdir()
+        code, err = _run(capsys, "--test-dir", small_lmdb, "--om-path", fake_om, "--executor",
+                         "ray", "--workers", 2, "--block-size", 4, "--report",
+                         out / "report.json", "--predictions", out / "predictions.csv")
+    finally:
+        (local_ray / "die_always").unlink()
+    assert code == 1, err  # nothing scored
+    report = json.loads((out / "report.json").read_text())
+    assert report["scored"] == 0 and report["failed"] == 42
+    assert report["executor"]["lost_samples"] == 40
+    lost = [f for f in report["failures"] if f["stage"] == "worker"]
+    assert [f["index"] for f in lost] == list(range(1, 41))
 
 
 def test_ray_actor_that_cannot_read_the_data_is_one_line(tmp_path, local_ray, fixed_models):

@@ -17,6 +17,8 @@ it in other processes, two environment variables:
     * ``FAKE_AIS_BENCH_DIE_ONCE``: a file that does not exist yet; the first ``infer`` call
       of any process creates it and kills its process (``os._exit``), as a crashed NPU
       driver would, so exactly one worker dies once.
+    * ``FAKE_AIS_BENCH_DIE_ALWAYS``: a file; while it exists, every ``infer`` call kills its
+      process, as an NPU whose driver crashes on every run would.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class InferSession:
                           + "\n")
 
     def infer(self, feeds, mode="static", custom_sizes=100000):
+        always = os.environ.get("FAKE_AIS_BENCH_DIE_ALWAYS")
+        if always and os.path.exists(always):
+            os._exit(18)
         marker = os.environ.get("FAKE_AIS_BENCH_DIE_ONCE")
         if marker:
             try:
