@@ -15,6 +15,11 @@ Requests of equal input width (after the model's width policy) share an engine c
 bucket goes to the engine when it holds --max-batch-size requests or its oldest request has
 waited --max-wait-ms. Nothing is padded, so every answer equals the offline batch-1 answer.
 
+Connections: at most --max-connections open at once (beyond: 503 and closed at once); a
+request's headers must arrive within --header-timeout-s and its body within
+--body-timeout-s (beyond: 408, connection closed); an idle keep-alive connection is closed
+after --keep-alive-s.
+
 SIGTERM or Ctrl-C: readiness turns 503, queued and in-flight requests finish (after
 --drain-seconds, during which new requests are still served), then the process exits 0. A
 second Ctrl-C exits at once.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import socket
 import threading
 from collections.abc import Sequence
@@ -48,6 +54,33 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
     return value
+
+
+#: File descriptors kept free of connections (the model, logs, pools, the listening socket).
+RESERVED_FDS = 64
+#: Most connections by default, where the descriptor limit allows.
+DEFAULT_MAX_CONNECTIONS = 1000
+
+
+def connection_cap(requested: int | None) -> int:
+    """The connection cap: ``requested``, or :data:`DEFAULT_MAX_CONNECTIONS` lowered to fit
+    the process's open-file limit (``RLIMIT_NOFILE``) less :data:`RESERVED_FDS`.
+
+    Raises:
+        ToolchainError: ``requested`` does not fit the open-file limit.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = (soft - RESERVED_FDS) if soft != resource.RLIM_INFINITY else 1 << 20
+    if requested is None:
+        if room < 1:
+            raise ToolchainError(f"the open-file limit ({soft}) leaves no room for "
+                                 f"connections; raise it with `ulimit -n`")
+        return min(DEFAULT_MAX_CONNECTIONS, room)
+    if requested > room:
+        raise ToolchainError(f"--max-connections {requested} does not fit the open-file limit "
+                             f"({soft}, of which {RESERVED_FDS} are kept for the server); raise "
+                             f"it with `ulimit -n` or give at most {max(room, 0)}")
+    return requested
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -101,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs the request")
     parser.add_argument("--max-body-bytes", type=positive(int), default=8 << 20,
                         help="largest request body; beyond: 413")
+    parser.add_argument("--max-connections", type=positive(int),
+                        help=f"most connections open at once; beyond: 503 and closed (default "
+                             f"{DEFAULT_MAX_CONNECTIONS}, or fewer to fit `ulimit -n`)")
+    parser.add_argument("--header-timeout-s", type=positive(float), default=10.0,
+                        help="seconds for a request's headers to arrive (from the connection "
+                             "or the previous answer); beyond: 408, connection closed")
+    parser.add_argument("--body-timeout-s", type=positive(float), default=30.0,
+                        help="seconds for a request's body to arrive; beyond: 408, connection "
+                             "closed")
+    parser.add_argument("--keep-alive-s", type=positive(float), default=5.0,
+                        help="an idle keep-alive connection is closed after this long")
     parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help="largest image (width x height) decoded; beyond: 413")
     parser.add_argument("--min-confidence", type=probability, default=0.5,
@@ -165,6 +209,7 @@ def config_of(args: argparse.Namespace):
         max_queue=args.max_queue,
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
         max_pixels=args.max_pixels,
         split_words=args.split_words,
         min_confidence=args.min_confidence,
@@ -178,9 +223,11 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serve.app import create_app
+    from serve.protocol import ConnectionLimits, guarded_protocol
     from serve.service import Service, State, load_in_background
 
     config = config_of(args)
+    limits = ConnectionLimits(connection_cap(args.max_connections), args.header_timeout_s)
     service = Service(config)  # opens the description; the engine loads after binding
     sock = listen(args.host, args.port)
     failure: list[str] = []
@@ -216,6 +263,8 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level="debug" if args.verbose else "info",
         access_log=args.access_log,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=args.keep_alive_s,
         timeout_graceful_shutdown=int(args.timeout_ms / 1000) + 5,
         lifespan="on",
     ))

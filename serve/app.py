@@ -22,10 +22,17 @@ Endpoints:
 
 Errors are ``{"error": "<one line>"}`` with the status (the protocol's error format), on every
 endpoint. When a token is set, every endpoint but the two health probes needs it.
+
+A request is admitted or refused (503, 504) once its headers are in, before its body is read
+(:meth:`serve.service.Service.admit`); its deadline runs from its arrival, which
+:mod:`serve.protocol` stamps when the request's first byte is parsed (the handler's start
+where another server runs the app). A body that does not arrive within ``body_timeout_s`` is
+answered 408 and the connection closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -60,14 +67,33 @@ def _pipeline_error(exc: ServiceError) -> Response:
                   "error": exc.message}, exc.status, exc.headers)
 
 
-async def read_body(request: Request, cap: int, expected: str = "the image file") -> bytes:
+def arrival_of(request: Request) -> float:
+    """When ``request`` arrived (``time.monotonic()``): stamped by :mod:`serve.protocol` at
+    its first byte; now, under a server that does not stamp it."""
+    return getattr(request.state, "arrival", None) or time.monotonic()
+
+
+async def read_body(request: Request, cap: int, expected: str = "the image file",
+                    timeout_s: float | None = None) -> bytes:
     """The request body, refused past ``cap`` bytes before it is all read; ``expected`` names
     what the body should hold (for the empty-body message).
 
+    Args:
+        timeout_s: seconds for the whole body to arrive (None: no limit).
+
     Raises:
         ServiceError: 400 for an empty body, a bad Content-Length or a client that left
-            mid-body; 413 over the cap.
+            mid-body; 413 over the cap; 408 (the connection then closes) past ``timeout_s``.
     """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, cap, expected)
+    except TimeoutError:
+        raise ServiceError(408, f"the request body did not arrive within {timeout_s:g} s "
+                                f"(--body-timeout-s)", {"Connection": "close"}) from None
+
+
+async def _read_body(request: Request, cap: int, expected: str) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -140,13 +166,16 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
     metrics = service.metrics
 
     async def answer(endpoint: str, work: Callable[[], Awaitable[Response]],
-                     error: Callable[[ServiceError], Response] = _error) -> Response:
-        start = time.perf_counter()
+                     error: Callable[[ServiceError], Response] = _error,
+                     arrival: float | None = None) -> Response:
+        """Run ``work``; its ServiceError as ``error``'s response; the latency (from
+        ``arrival``, default now) and status counted."""
+        start = time.monotonic() if arrival is None else arrival
         try:
             response = await work()
         except ServiceError as exc:
             response = error(exc)
-        metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start)
+        metrics.observe_request(endpoint, response.status_code, time.monotonic() - start)
         return response
 
     def check_model(model: str, version: str | None = None) -> None:
@@ -155,48 +184,56 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         if version not in (None, "", "1"):
             raise ServiceError(404, f"model {name!r} has version '1' only, not {version!r}")
 
+    async def body_of(request: Request, arrival: float, expected: str = "the image file",
+                      whole_image: bool = False) -> bytes:
+        """Admit the request on its headers, then read its body."""
+        service.admit(arrival, whole_image)
+        return await read_body(request, service.config.max_body_bytes, expected,
+                               service.config.body_timeout_s)
+
     @app.post("/service")
     async def service_endpoint(request: Request) -> Response:
-        arrival = time.monotonic()
+        arrival = arrival_of(request)
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
-            body = await read_body(request, service.config.max_body_bytes)
+            body = await body_of(request, arrival)
             (decoded,) = await service.recognise([body], arrival)
             return _json({"text": decoded.text, "confidence": decoded.confidence})
 
-        return await answer("service", work)
+        return await answer("service", work, arrival=arrival)
 
     @app.post("/ocr")
     async def ocr_endpoint(request: Request) -> Response:
-        arrival = time.monotonic()
+        arrival = arrival_of(request)
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
-            body = await read_body(request, service.config.max_body_bytes)
+            body = await body_of(request, arrival, whole_image=True)
             result = await service.ocr(body, arrival)
             return _json({"words": [w.as_json() for w in result.words],
                           "dropped": result.dropped})
 
-        return await answer("ocr", work)
+        return await answer("ocr", work, arrival=arrival)
 
     @app.post("/ocr/prediction")
     async def ocr_prediction_endpoint(request: Request) -> Response:
-        arrival = time.monotonic()
+        arrival = arrival_of(request)
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
-            body = await read_body(request, service.config.max_body_bytes,
-                                   'the JSON {"key": ["image"], "value": [base64]}')
+            body = await body_of(request, arrival,
+                                 'the JSON {"key": ["image"], "value": [base64]}',
+                                 whole_image=True)
             image = pipeline_request_image(body)
             result = await service.ocr(image, arrival)
             value = repr([[w.text, w.as_json()["points"]] for w in result.words])
             return _json({"err_no": 0, "err_msg": "", "key": ["res"], "value": [value]})
 
-        return await answer("ocr_prediction", work, _pipeline_error)
+        return await answer("ocr_prediction", work, _pipeline_error, arrival)
 
     async def infer(request: Request, model: str, version: str | None) -> Response:
-        arrival = time.monotonic()
+        arrival = arrival_of(request)
 
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
@@ -205,8 +242,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
                 raise ServiceError(415, f"Content-Encoding "
                                         f"{request.headers['content-encoding']!r} is not "
                                         f"supported; send the body uncompressed")
-            body = await read_body(request, service.config.max_body_bytes,
-                                   "a KServe v2 inference request")
+            body = await body_of(request, arrival, "a KServe v2 inference request")
             try:
                 parsed = kserve.parse_infer_request(
                     body, request.headers.get(kserve.HEADER_LENGTH.lower()))
@@ -217,7 +253,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
                 parsed, name, [d.text for d in decoded], [d.confidence for d in decoded])
             return Response(payload, 200, headers)
 
-        return await answer("infer", work)
+        return await answer("infer", work, arrival=arrival)
 
     @app.post("/v2/models/{model}/infer")
     async def infer_endpoint(request: Request, model: str) -> Response:
@@ -288,4 +324,4 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
     return app
 
 
-__all__ = ["create_app", "read_body"]
+__all__ = ["arrival_of", "create_app", "read_body"]

@@ -9,6 +9,13 @@ unless some request has waited too long (see :meth:`WidthBatcher._pick`): then t
 Nothing is padded, so a served answer equals the offline batch-1 answer (PaddleOCR pads to
 the widest crop and its users report changed texts: PaddleOCR issues #5603, #6116, #5143).
 
+No engine work for a request that cannot meet its deadline: the batcher keeps a moving
+average of how long a batch takes from the engine call to its decoded answers, and of that
+time per request. Admission (:meth:`WidthBatcher.reserve` with a deadline) refuses a request
+whose expected wait, the queue ahead of it at the per-request rate, would pass its deadline
+(the caller answers 503 at once rather than 504 later), and a batch leaves out the requests
+whose deadline falls before the batch is expected to be answered.
+
 One engine thread per :class:`WidthBatcher` (one per device) calls
 :meth:`pipeline.Recognizer.submit`, which runs the engine and hands CTC decoding to the
 recogniser's decode thread, so the next batch's engine call overlaps this one's decoding.
@@ -41,7 +48,11 @@ class QueueFull(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """The request's deadline passed before it reached the engine."""
+    """The request's deadline passed, or would pass, before its batch is answered."""
+
+
+#: Weight of the newest batch in the moving averages of batch time.
+SMOOTHING = 0.2
 
 
 class EngineFailed(Exception):
@@ -113,6 +124,10 @@ class WidthBatcher:
         self._closing = False
         self._flush = False
         self._thread: threading.Thread | None = None
+        #: Moving averages (seconds) of a batch's time from engine call to answers, and of
+        #: that time per request; 0 until the first batch.
+        self.batch_seconds = 0.0
+        self.request_seconds = 0.0
 
     # -- admission -------------------------------------------------------------------------
     @property
@@ -120,19 +135,41 @@ class WidthBatcher:
         """Requests admitted and not yet in an engine call."""
         return self._admitted
 
-    def reserve(self, count: int = 1) -> None:
+    def expected_wait(self, count: int = 1) -> float:
+        """Seconds until ``count`` requests admitted now would be answered, at the measured
+        per-request rate (0 before the first batch)."""
+        return (self._admitted + count) * self.request_seconds
+
+    def check_room(self, count: int, deadline: float | None = None) -> None:
+        """Whether ``count`` requests could be admitted now (nothing is reserved).
+
+        Raises:
+            QueueFull: the queue is full, or its expected wait would pass ``deadline``
+                (``time.monotonic()`` seconds).
+            Stopped: the batcher is closing.
+        """
+        if self._closing:
+            raise Stopped("the server is shutting down")
+        if self._admitted + count > self.max_queue:
+            raise QueueFull(f"the queue is full ({self._admitted} of {self.max_queue} "
+                            f"requests waiting)")
+        if deadline is not None:
+            wait = self.expected_wait(count)
+            if time.monotonic() + wait > deadline:
+                raise QueueFull(f"the queue's expected wait ({1000 * wait:.0f} ms for "
+                                f"{self._admitted} requests waiting) would pass the request's "
+                                f"deadline")
+
+    def reserve(self, count: int = 1, deadline: float | None = None) -> None:
         """Admit ``count`` requests (all or none) before they are preprocessed.
 
         Raises:
-            QueueFull: the queue cannot take them now.
+            QueueFull: the queue cannot take them now, or (given ``deadline``) they would
+                not be answered before it (:meth:`check_room`).
             Stopped: the batcher is closing.
         """
         with self._cond:
-            if self._closing:
-                raise Stopped("the server is shutting down")
-            if self._admitted + count > self.max_queue:
-                raise QueueFull(f"the queue is full ({self._admitted} of {self.max_queue} "
-                                f"requests waiting)")
+            self.check_room(count, deadline)
             self._admitted += count
 
     def release(self, count: int = 1) -> None:
@@ -249,9 +286,12 @@ class WidthBatcher:
             for request in taken:
                 if not request.future.set_running_or_notify_cancel():
                     continue  # the client went away
-                if request.deadline <= now:
+                if request.deadline <= now + self.batch_seconds:
                     request.future.set_exception(DeadlineExceeded(
-                        "the request's deadline passed while it was queued"))
+                        "the request's deadline passed while it was queued"
+                        if request.deadline <= now else
+                        f"the request's deadline would pass before its batch is answered "
+                        f"(batches take {1000 * self.batch_seconds:.0f} ms)"))
                     expired += 1
                     continue
                 live.append(request)
@@ -281,17 +321,33 @@ class WidthBatcher:
         ((members, batch),) = batch_inputs(pixels, self.recognizer.spec, len(live))
         ordered = [live[m] for m in members]
         widths = [pixels[m].shape[1] for m in members]
-        done = self.recognizer.submit(ordered, batch, widths)
-        done.add_done_callback(
-            lambda finished, rows=ordered, n=expired: self._resolve(finished, rows, n))
+        start = time.monotonic()
+        done = self.recognizer.submit(ordered, batch, widths)  # returns once the engine ran
+        busy = time.monotonic() - start
+        done.add_done_callback(lambda finished, rows=ordered, n=expired:
+                               self._resolve(finished, rows, n, start, busy))
 
-    def _resolve(self, done: Future, requests: list[_Request], expired: int) -> None:
+    def _observe(self, size: int, seconds: float, busy_seconds: float) -> None:
+        """Fold one batch of ``size`` requests into the averages: answered ``seconds`` after
+        its engine call began, which held the engine thread ``busy_seconds`` (the engine
+        thread is the queue's server; decoding overlaps the next batch)."""
+        if self.batch_seconds == 0.0:
+            self.batch_seconds, self.request_seconds = seconds, busy_seconds / size
+            return
+        self.batch_seconds += SMOOTHING * (seconds - self.batch_seconds)
+        self.request_seconds += SMOOTHING * (busy_seconds / size - self.request_seconds)
+
+    def _resolve(self, done: Future, requests: list[_Request], expired: int,
+                 start: float, busy: float) -> None:
         """Hand a decoded batch's rows (or its failure) to the requests' futures; runs on
-        the decode thread."""
+        the decode thread. The batch's engine call began at ``start`` and held the engine
+        thread ``busy`` seconds."""
         error = done.exception()
         if error is not None:  # a decoder bug: the requests fail with it, it is logged
             logger.error("decoding a batch failed", exc_info=error)
         result: BatchResult | None = None if error is not None else done.result()
+        if result is not None and result.error is None:
+            self._observe(len(requests), time.monotonic() - start, busy)
         for row, request in enumerate(requests):
             if error is not None:
                 request.future.set_exception(error)
@@ -322,6 +378,7 @@ class DetectorBatcher(WidthBatcher):
         return pixels.shape
 
     def _dispatch(self, live: list[_Request], expired: int) -> None:
+        start = time.monotonic()
         maps = self.detector.probability_maps(np.stack([r.pixels for r in live]))
         seconds = self.detector.runner.last_engine_seconds
         for row, request in enumerate(live):
@@ -332,6 +389,8 @@ class DetectorBatcher(WidthBatcher):
                 request.future.set_exception(exc)
                 continue
             request.future.set_result(boxes)
+        seconds = time.monotonic() - start
+        self._observe(len(live), seconds, seconds)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(live), seconds, expired))
 

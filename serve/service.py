@@ -1,11 +1,13 @@
 """The service behind the HTTP layer: admission, preprocessing pool, batcher, engine.
 
-A request's life: admitted (or 503 when the queue is full) -> its images decoded and resized
-by the model's width policy in the preprocessing pool (400/413 for bad images) -> queued in
-its width's bucket (:mod:`serve.batcher`) -> one engine call with the other requests of its
-width -> CTC decoding on the recogniser's decode thread -> the answer. A request whose
-deadline passes first is answered 504 and never reaches the engine; an engine failure fails
-that batch's requests only (500).
+A request's life: admitted before its body is read (:meth:`Service.admit`: 503 when the
+queue is full or its expected wait would pass the request's deadline) -> its images decoded
+and resized by the model's width policy in the preprocessing pool, one image at a time and
+round-robin between requests (:mod:`serve.pool`; 400/413 for bad images) -> queued in its
+width's bucket (:mod:`serve.batcher`) -> one engine call with the other requests of its
+width -> CTC decoding on the recogniser's decode thread -> the answer. The deadline runs from
+the request's arrival; a request that cannot be answered before it is answered 504 and never
+reaches the engine; an engine failure fails that batch's requests only (500).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from serve.batcher import (
     WidthBatcher,
 )
 from serve.metrics import ServiceMetrics
+from serve.pool import FairPool
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class ServeConfig:
     max_queue: int = 256
     timeout_ms: float = 10_000.0
     max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
     preprocess_threads: int = 1
@@ -151,8 +154,7 @@ class Service:
                                     config.max_wait_ms / 1000.0, config.max_queue,
                                     on_batch=self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
-        self._preprocess = ThreadPoolExecutor(config.preprocess_threads,
-                                              thread_name_prefix="preprocess")
+        self._preprocess = FairPool(config.preprocess_threads)
         self.detector: Detector | None = None
         self.det_batcher: DetectorBatcher | None = None
         if config.det is not None:
@@ -247,20 +249,61 @@ class Service:
         if self.state is State.FAILED:
             raise ServiceError(503, f"the model failed to load: {self.failure}")
 
-    def _prepare(self, images: list[bytes]) -> list[list[tuple[int, np.ndarray]]]:
-        """Each image's readings (``preprocess.image.prepare_readings``: one, or three for a
-        tall crop the model reads turned)."""
-        readings = []
-        for index, raw in enumerate(images):
-            try:
-                readings.append(prepare_readings(raw, self.spec, self.config.max_pixels)[0])
-            except SampleError as exc:
-                raise bad_image(exc, f"image {index}: " if len(images) > 1 else "") from None
-        return readings
+    def deadline(self, arrival: float) -> float:
+        """The ``time.monotonic()`` by which a request that arrived at ``arrival`` is
+        answered (``--timeout-ms`` later)."""
+        return arrival + self.config.timeout_ms / 1000.0
 
-    def _admit(self, batcher: WidthBatcher, count: int) -> None:
+    def admit(self, arrival: float, whole_image: bool = False) -> None:
+        """Decide on a request before its body is read (only its headers are in): refuse
+        it when the service is not ready, its deadline has passed, or the queue it goes to
+        (the detector's for ``whole_image``) is full or would not answer it in time.
+        Nothing is reserved: the request is admitted for real once its images are counted.
+
+        Raises:
+            ServiceError: 503 (with ``Retry-After`` when the queue is full), 504.
+        """
+        self.check_ready()
+        deadline = self.deadline(arrival)
+        self._check_deadline(deadline, "before its body was read")
+        batcher = self.det_batcher if whole_image else self.batcher
+        if batcher is not None:
+            self._admit(batcher, 1, deadline, reserve=False)
+
+    def _check_deadline(self, deadline: float, when: str = "while its body was read"
+                        ) -> None:
+        """Raises: ServiceError 504 when ``deadline`` has passed."""
+        if time.monotonic() >= deadline:
+            raise ServiceError(504, f"the request's deadline ({self.config.timeout_ms:g} ms "
+                                    f"from its arrival) passed {when}")
+
+    def _prepare_one(self, raw: bytes, where: str, deadline: float
+                     ) -> list[tuple[int, np.ndarray]]:
+        """One image's readings (``preprocess.image.prepare_readings``: one, or three for
+        a tall crop the model reads turned), unless the request's deadline has passed."""
+        self._check_deadline(deadline, "before its images were decoded")
         try:
-            batcher.reserve(count)
+            return prepare_readings(raw, self.spec, self.config.max_pixels)[0]
+        except SampleError as exc:
+            raise bad_image(exc, where) from None
+
+    async def _preprocessed(self, key: object, jobs: list[tuple[Callable, tuple]]) -> list:
+        """Run ``jobs`` (function, arguments) in the fair preprocessing pool as request
+        ``key``'s; on the first failure the request's jobs not yet started are dropped."""
+        futures = [self._preprocess.submit(key, function, *args) for function, args in jobs]
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _admit(self, batcher: WidthBatcher, count: int, deadline: float | None = None,
+               reserve: bool = True) -> None:
+        try:
+            if reserve:
+                batcher.reserve(count, deadline)
+            else:
+                batcher.check_room(count, deadline)
         except QueueFull as exc:
             raise ServiceError(503, str(exc), {"Retry-After": "1"}) from None
         except Stopped as exc:
@@ -308,11 +351,12 @@ class Service:
         if self.det_batcher is None:
             raise ServiceError(404, "this server has no text detector; start it with --det")
         self.check_ready()
-        deadline = arrival + self.config.timeout_ms / 1000.0
-        loop = asyncio.get_running_loop()
-        self._admit(self.det_batcher, 1)
+        deadline = self.deadline(arrival)
+        self._check_deadline(deadline)
+        key = object()
+        self._admit(self.det_batcher, 1, deadline)
         try:
-            rgb, array = await loop.run_in_executor(self._preprocess, self._prepare_ocr, raw)
+            ((rgb, array),) = await self._preprocessed(key, [(self._prepare_ocr, (raw,))])
         except BaseException:
             self.det_batcher.release(1)
             raise
@@ -323,9 +367,8 @@ class Service:
         if len(boxes) > self.config.max_queue:  # it could never be admitted: not a 503
             raise ServiceError(413, f"{len(boxes)} text regions in one image; the queue holds "
                                     f"{self.config.max_queue} (--max-queue)")
-        crops, pixels = await loop.run_in_executor(self._preprocess, self._prepare_crops, rgb,
-                                                   boxes)
-        self._admit(self.batcher, len(pixels))
+        ((crops, pixels),) = await self._preprocessed(key, [(self._prepare_crops, (rgb, boxes))])
+        self._admit(self.batcher, len(pixels), deadline)
         futures = [self.batcher.submit(p, deadline) for p in pixels]
         decoded = await self._gather(futures, deadline)
         outcomes = [Recognition.of(d, p.shape[1], (c.pixels.shape[1], c.pixels.shape[0]))
@@ -356,11 +399,14 @@ class Service:
         if len(images) > self.config.max_queue:
             raise ServiceError(413, f"{len(images)} images in one request; the queue holds "
                                     f"{self.config.max_queue} (--max-queue)")
-        deadline = arrival + self.config.timeout_ms / 1000.0
-        self._admit(self.batcher, len(images))
-        loop = asyncio.get_running_loop()
+        deadline = self.deadline(arrival)
+        self._check_deadline(deadline)
+        self._admit(self.batcher, len(images), deadline)
+        many = len(images) > 1
         try:
-            readings = await loop.run_in_executor(self._preprocess, self._prepare, images)
+            readings = await self._preprocessed(object(), [
+                (self._prepare_one, (raw, f"image {index}: " if many else "", deadline))
+                for index, raw in enumerate(images)])
         except BaseException:
             self.batcher.release(len(images))
             raise

@@ -155,6 +155,45 @@ def test_reservations_bound_the_queue(parts):
         WidthBatcher(Recognizer(runner, spec), max_batch_size=0, max_wait_s=0, max_queue=1)
 
 
+class SlowRunner(RecordingRunner):
+    """Test double: the real runner, its engine taking at least ``seconds`` per call."""
+
+    def __init__(self, path, seconds: float):
+        super().__init__(path)
+        self.seconds = seconds
+
+    def _infer(self, feed):
+        time.sleep(self.seconds)
+        return super()._infer(feed)
+
+
+def test_no_engine_work_for_a_request_that_cannot_meet_its_deadline(parts, widths):
+    """Batches take >= 0.3 s: a request with 0.2 s left is dropped unrun at the batch, and
+    once the per-request rate is known, admission refuses what the queue cannot answer in
+    time (a 503 now instead of a 504 later)."""
+    path, spec = parts
+    narrow, _ = widths
+    runner = SlowRunner(path, 0.3)
+    with Recognizer(runner, spec) as recognizer:
+        batcher = WidthBatcher(recognizer, max_batch_size=4, max_wait_s=0.0, max_queue=64)
+        batcher.start()
+        batcher.reserve(1, time.monotonic() + 10)
+        assert batcher.submit(narrow, time.monotonic() + 10).result(10).text is not None
+        assert batcher.batch_seconds >= 0.3 and batcher.request_seconds >= 0.3
+        runner.shapes.clear()
+        batcher.reserve(1)
+        hopeless = batcher.submit(narrow, time.monotonic() + 0.2)
+        with pytest.raises(DeadlineExceeded, match="would pass before its batch is answered"):
+            hopeless.result(10)
+        assert runner.shapes == []  # never reached the engine
+        batcher.reserve(4)  # four queued at >= 0.3 s each: >= 1.2 s of wait
+        with pytest.raises(QueueFull, match="expected wait .* would pass the request's deadline"):
+            batcher.reserve(1, time.monotonic() + 0.5)
+        batcher.reserve(1, time.monotonic() + 30)  # room and time enough
+        batcher.release(5)
+        batcher.close()
+
+
 class BrokenOnceRunner(OnnxRuntimeRunner):
     """Test double: the real ONNX Runtime runner, raising a plain RuntimeError (a bug, not an
     EngineError) on its first call only."""
