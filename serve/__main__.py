@@ -56,6 +56,8 @@ def _port(text: str) -> int:
     return value
 
 
+#: Most images in one request by default (a quarter of the default queue).
+DEFAULT_MAX_REQUEST_IMAGES = 64
 #: File descriptors kept free of connections (the model, logs, pools, the listening socket).
 RESERVED_FDS = 64
 #: Most connections by default, where the descriptor limit allows.
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest a width's oldest request waits for its batch to fill")
     parser.add_argument("--max-queue", type=positive(int), default=256,
                         help="most requests waiting for the engine; beyond: 503 + Retry-After")
+    parser.add_argument("--max-request-images", type=positive(int),
+                        help="most images in one request (a KServe v2 batch); beyond: 413, so "
+                             "one client's batch cannot fill the queue (default: 64, or "
+                             "--max-queue if smaller)")
     parser.add_argument("--timeout-ms", type=positive(float), default=10_000.0,
                         help="per-request deadline; past it: 504, and the engine never "
                              "runs the request")
@@ -192,10 +198,16 @@ def config_of(args: argparse.Namespace):
     """The :class:`serve.service.ServeConfig` of parsed command-line arguments.
 
     Raises:
-        ToolchainError: ``--token-file`` is unreadable or holds no token.
+        ToolchainError: ``--token-file`` is unreadable or holds no token, or
+            ``--max-request-images`` is over ``--max-queue``.
     """
     from serve.service import ServeConfig
 
+    if args.max_request_images is None:
+        args.max_request_images = min(DEFAULT_MAX_REQUEST_IMAGES, args.max_queue)
+    if args.max_request_images > args.max_queue:
+        raise ToolchainError(f"--max-request-images {args.max_request_images} is over --max-queue "
+                             f"{args.max_queue}: such a request could never be admitted")
     return ServeConfig(
         model=args.model,
         name=args.name or Path(args.model).stem,
@@ -207,6 +219,7 @@ def config_of(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_request_images=args.max_request_images,
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
@@ -227,8 +240,9 @@ def serve(args: argparse.Namespace) -> int:
     from serve.service import Service, State, load_in_background
 
     config = config_of(args)
-    limits = ConnectionLimits(connection_cap(args.max_connections), args.header_timeout_s)
+    cap = connection_cap(args.max_connections)
     service = Service(config)  # opens the description; the engine loads after binding
+    limits = ConnectionLimits(cap, args.header_timeout_s, shed=service.shed)
     sock = listen(args.host, args.port)
     failure: list[str] = []
 

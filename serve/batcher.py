@@ -23,11 +23,11 @@ recogniser's decode thread, so the next batch's engine call overlaps this one's 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +80,11 @@ class _Request:
     enqueued: float
     future: Future = field(default_factory=Future)
     extra: Any = None
+    tag: float = 0.0  # fair-queueing finish tag: smaller goes first
+
+
+def _tag(request: _Request) -> float:
+    return request.tag
 
 
 class WidthBatcher:
@@ -117,7 +122,15 @@ class WidthBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self._cond = threading.Condition()
-        self._buckets: dict[int, deque[_Request]] = {}
+        self._buckets: dict[int, list[_Request]] = {}  # each sorted by tag
+        # Fair queueing between flows (one flow per client request): each queued item gets
+        # a finish tag, one past the later of the flow's last tag and the virtual time (the
+        # largest tag sent to the engine), so a one-image request queued behind a 250-image
+        # one is served after at most one more of the big request's items in its bucket
+        # (Demers, Keshav and Shenker, "Analysis and simulation of a fair queueing
+        # algorithm", SIGCOMM 1989, with unit-cost items).
+        self._virtual = 0.0
+        self._flow_tags: dict[Hashable, float] = {}
         self._admitted = 0  # reserved slots: being preprocessed or waiting in a bucket
         # A due bucket's request that has waited this long goes before fuller buckets.
         self.patience_s = max(0.05, 10 * max_wait_s)
@@ -181,13 +194,16 @@ class WidthBatcher:
         """The bucket of a request: its input width."""
         return pixels.shape[1]
 
-    def submit(self, pixels: np.ndarray, deadline: float, extra: Any = None) -> Future:
+    def submit(self, pixels: np.ndarray, deadline: float, extra: Any = None,
+               flow: Hashable | None = None) -> Future:
         """Queue one reserved request.
 
         Args:
             pixels: uint8 resized pixels (``preprocess.image.resize``): ``[H, W]`` or
                 ``[H, W, 3]``.
             deadline: ``time.monotonic()`` after which the request is dropped unrun.
+            flow: the client request this item belongs to (its images share a flow and
+                take turns with other flows); None: a flow of its own.
 
         Returns:
             A future of the request's :class:`models.ctc.Decoded`, or failing with
@@ -196,7 +212,12 @@ class WidthBatcher:
         """
         request = _Request(pixels, deadline, time.monotonic(), extra=extra)
         with self._cond:
-            self._buckets.setdefault(self._key(pixels), deque()).append(request)
+            last = self._flow_tags.get(flow, 0.0) if flow is not None else 0.0
+            request.tag = max(self._virtual, last) + 1.0
+            if flow is not None:
+                self._flow_tags[flow] = request.tag
+            bisect.insort_right(self._buckets.setdefault(self._key(pixels), []), request,
+                                key=_tag)
             self._cond.notify()
         return request.future
 
@@ -238,26 +259,29 @@ class WidthBatcher:
         is due.
 
         Due buckets: full, or their oldest request has waited ``max_wait_s``, or flushing.
-        Among them, the bucket whose oldest request has waited longest goes first once that
-        wait passes ``patience_s`` (10 x ``max_wait_s``, at least 50 ms) or half its time to
-        its deadline; otherwise the fullest (more requests per engine call: rare widths cost
-        the engine fewer calls), the oldest on a tie.
+        A due bucket is overdue when one of its requests has waited ``patience_s`` (10 x
+        ``max_wait_s``, at least 50 ms) or half its time to its deadline; the overdue bucket
+        whose first request has the smallest fair-queueing tag goes first (the flow that has
+        had the least service); with none overdue, the fullest (more requests per engine
+        call: rare widths cost the engine fewer calls), the oldest on a tie.
         """
         overdue = fullest = None
         wait = None
+        oldest_of = {}
         for width, bucket in self._buckets.items():
-            head = bucket[0]
-            ready_at = head.enqueued + self.max_wait_s
+            oldest = min(r.enqueued for r in bucket)
+            oldest_of[width] = oldest
+            ready_at = oldest + self.max_wait_s
             full = len(bucket) >= self.max_batch_size
             if not (full or ready_at <= now or self._flush):
                 wait = ready_at - now if wait is None else min(wait, ready_at - now)
                 continue
-            waited = now - head.enqueued
-            if (waited >= self.patience_s or waited >= (head.deadline - head.enqueued) / 2) \
-                    and (overdue is None or head.enqueued < self._buckets[overdue][0].enqueued):
+            urgent = any(now - r.enqueued >= min(self.patience_s, (r.deadline - r.enqueued) / 2)
+                         for r in bucket if r.deadline > now)  # the expired are dropped
+            if urgent and (overdue is None or bucket[0].tag < self._buckets[overdue][0].tag):
                 overdue = width
-            if fullest is None or (len(bucket), -head.enqueued) > (
-                    len(self._buckets[fullest]), -self._buckets[fullest][0].enqueued):
+            if fullest is None or (len(bucket), -oldest) > (
+                    len(self._buckets[fullest]), -oldest_of[fullest]):
                 fullest = width
         return (overdue if overdue is not None else fullest), wait
 
@@ -269,10 +293,13 @@ class WidthBatcher:
                 width, wait = self._pick(time.monotonic())
                 if width is not None:
                     bucket = self._buckets[width]
-                    taken = [bucket.popleft()
-                             for _ in range(min(len(bucket), self.max_batch_size))]
+                    taken = bucket[:self.max_batch_size]
+                    del bucket[:self.max_batch_size]
                     if not bucket:
                         del self._buckets[width]
+                    self._virtual = max(self._virtual, taken[-1].tag)
+                    self._flow_tags = {flow: tag for flow, tag in self._flow_tags.items()
+                                       if tag > self._virtual}
                     self._admitted -= len(taken)
                     return taken
                 if self._closing and not self._buckets:

@@ -102,6 +102,7 @@ class ServeConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    max_request_images: int = 64
     timeout_ms: float = 10_000.0
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0
@@ -270,6 +271,31 @@ class Service:
         if batcher is not None:
             self._admit(batcher, 1, deadline, reserve=False)
 
+    def shed(self, method: str, path: str) -> str | None:
+        """Whether to refuse a request on its headers, before the web framework sees it
+        (:mod:`serve.protocol`): the reason for an inference request (``POST`` to
+        ``/service``, ``/v2/models/.../infer``, ``/ocr``, ``/ocr/prediction``) whose queue is
+        full or would not answer it within a deadline starting now; None for anything else,
+        and while the service is not ready (the application then answers with its reason).
+        A refusal is counted in the metrics as a 503 of its endpoint.
+        """
+        if method != "POST" or self.state is not State.READY:
+            return None
+        if path == "/service":
+            endpoint, batcher = "service", self.batcher
+        elif path.startswith("/v2/models/") and path.endswith("/infer"):
+            endpoint, batcher = "infer", self.batcher
+        elif path in ("/ocr", "/ocr/prediction") and self.det_batcher is not None:
+            endpoint, batcher = path[1:].replace("/", "_"), self.det_batcher
+        else:
+            return None
+        try:
+            batcher.check_room(1, self.deadline(time.monotonic()))
+        except (QueueFull, Stopped) as exc:
+            self.metrics.observe_request(endpoint, 503, 0.0)
+            return str(exc)
+        return None
+
     def _check_deadline(self, deadline: float, when: str = "while its body was read"
                         ) -> None:
         """Raises: ServiceError 504 when ``deadline`` has passed."""
@@ -369,7 +395,7 @@ class Service:
                                     f"{self.config.max_queue} (--max-queue)")
         ((crops, pixels),) = await self._preprocessed(key, [(self._prepare_crops, (rgb, boxes))])
         self._admit(self.batcher, len(pixels), deadline)
-        futures = [self.batcher.submit(p, deadline) for p in pixels]
+        futures = [self.batcher.submit(p, deadline, flow=key) for p in pixels]
         decoded = await self._gather(futures, deadline)
         outcomes = [Recognition.of(d, p.shape[1], (c.pixels.shape[1], c.pixels.shape[0]))
                     for d, p, c in zip(decoded, pixels, crops)]
@@ -396,15 +422,17 @@ class Service:
         self.check_ready()
         if not images:
             raise ServiceError(400, "the request holds no image")
-        if len(images) > self.config.max_queue:
-            raise ServiceError(413, f"{len(images)} images in one request; the queue holds "
-                                    f"{self.config.max_queue} (--max-queue)")
+        if len(images) > self.config.max_request_images:
+            raise ServiceError(413, f"{len(images)} images in one request; a request holds at "
+                                    f"most {self.config.max_request_images} "
+                                    f"(--max-request-images): send them in several requests")
         deadline = self.deadline(arrival)
         self._check_deadline(deadline)
         self._admit(self.batcher, len(images), deadline)
         many = len(images) > 1
+        key = object()  # this request: its images take turns with other requests'
         try:
-            readings = await self._preprocessed(object(), [
+            readings = await self._preprocessed(key, [
                 (self._prepare_one, (raw, f"image {index}: " if many else "", deadline))
                 for index, raw in enumerate(images)])
         except BaseException:
@@ -425,7 +453,7 @@ class Service:
         if time.monotonic() >= deadline:
             self.batcher.release(len(images) + turned)
             raise ServiceError(504, "the request's deadline passed while it was preprocessed")
-        futures = [self.batcher.submit(p, deadline) for r in readings for _, p in r]
+        futures = [self.batcher.submit(p, deadline, flow=key) for r in readings for _, p in r]
         decoded = iter(await self._gather(futures, deadline))
         results = []
         for image_readings in readings:

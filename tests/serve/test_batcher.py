@@ -155,6 +155,49 @@ def test_reservations_bound_the_queue(parts):
         WidthBatcher(Recognizer(runner, spec), max_batch_size=0, max_wait_s=0, max_queue=1)
 
 
+class OrderRunner(OnnxRuntimeRunner):
+    """Test double: the real runner, recording each batch's first image's pixel sum (which
+    tells the test's two images apart)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.sums: list[float] = []
+
+    def infer(self, feed):
+        (batch,) = feed.values()
+        self.sums.append(float(batch[0].sum()))
+        return super().infer(feed)
+
+
+def test_a_small_request_takes_turns_with_a_big_one_queued_before_it(parts):
+    """Twelve images of one request, then one of another, all of one width, one per engine
+    call: the lone image runs second (fair queueing), not thirteenth (first come, first
+    served)."""
+    path, spec = parts
+    big = pixels_of_width(spec, "bigger", 120)
+    small = pixels_of_width(spec, "little", 120)
+    assert big.shape == small.shape and big.sum() != small.sum()
+    runner = OrderRunner(path)
+    with Recognizer(runner, spec) as recognizer:
+        alone = WidthBatcher(recognizer, max_batch_size=1, max_wait_s=0.0, max_queue=16).start()
+        runner.sums.clear()
+        for pixels in (small, big):  # each one's fingerprint as the engine sees it
+            alone.submit(pixels, time.monotonic() + 30).result(10)
+        alone.close()
+        small_sum, big_sum = runner.sums
+        runner.sums.clear()
+        batcher = WidthBatcher(recognizer, max_batch_size=1, max_wait_s=0.0, max_queue=16)
+        deadline = time.monotonic() + 30
+        many = [batcher.submit(big, deadline, flow="big") for _ in range(12)]
+        lone = batcher.submit(small, deadline, flow="small")
+        batcher.start()
+        for future in [*many, lone]:
+            future.result(10)
+        batcher.close()
+    order = ["small" if abs(s - small_sum) < abs(s - big_sum) else "big" for s in runner.sums]
+    assert order.index("small") == 1 and len(order) == 13
+
+
 class SlowRunner(RecordingRunner):
     """Test double: the real runner, its engine taking at least ``seconds`` per call."""
 

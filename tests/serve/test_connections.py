@@ -152,10 +152,18 @@ def test_a_full_queue_refuses_before_the_body_is_read(exported):
         with _connect(running) as sock:
             sock.sendall(b"POST /service HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
             data = _read_answer(sock, timeout=1.0)  # before: no answer until the body came
-        status, headers, body = _answer(data)
-        assert status == 503 and headers["retry-after"] == "1"
-        assert "queue is full" in body["error"]
-        assert [f.result().status_code for f in waiting] == [200] * 3
+            status, headers, body = _answer(data)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert "queue is full" in body["error"] and "connection" not in headers
+            sock.sendall(b"\0" * 100000)  # the refused body is read and dropped
+            assert [f.result().status_code for f in waiting] == [200] * 3
+            # The same connection serves the next request.
+            sock.sendall(b"POST /service HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % len(image) + image)
+            status, _, body = _answer(_read_answer(sock))
+            assert status == 200 and body["text"]
+        metrics = client.get("/metrics").text
+        assert 'ocr_requests_total{endpoint="service",status="503"} 1.0' in metrics
 
 
 def test_the_deadline_runs_from_arrival_not_from_the_body(exported):

@@ -162,6 +162,24 @@ def test_kserve_v2_json_body_with_base64(client, model):
     assert client.post("/v2/models/crnn/versions/2/infer", json=body).status_code == 404
 
 
+def test_a_request_of_more_images_than_the_per_request_bound_is_413(client):
+    """65 images in one v2 request (the bound is 64 by default): 413 naming the bound, so
+    one client's batch cannot fill the queue; 64 go through."""
+    word = base64.b64encode(encode(word_image("ab", 40, 32))).decode()  # small: the 300 kB cap
+
+    def body(count: int) -> dict:
+        return {"inputs": [{"name": "images", "shape": [count], "datatype": "BYTES",
+                            "data": [word] * count}]}
+
+    answer = client.post("/v2/models/crnn/infer", json=body(65))
+    assert answer.status_code == 413
+    assert "65 images in one request; a request holds at most 64 (--max-request-images)" in \
+        answer.json()["error"]
+    answer = client.post("/v2/models/crnn/infer", json=body(64))
+    assert answer.status_code == 200
+    assert len(set(answer.json()["outputs"][0]["data"])) == 1
+
+
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "not JSON"),
     (json.dumps({"inputs": []}).encode(), "non-empty list"),
