@@ -136,6 +136,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                                            "retry-after: 1\r\n", keep_alive=keep))
             self._shedding = True
             self._close_after_shed = not keep
+            if self.expect_100_continue:
+                self.transport.close()  # its client sends no body before a 100 Continue
+            else:
+                self._arm_header_timer()  # the dropped body is held to the header timeout
             return True
 
         def on_body(self, body: bytes) -> None:

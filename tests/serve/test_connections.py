@@ -155,6 +155,11 @@ def test_a_full_queue_refuses_before_the_body_is_read(exported):
             status, headers, body = _answer(data)
             assert status == 503 and headers["retry-after"] == "1"
             assert "queue is full" in body["error"] and "connection" not in headers
+            with _connect(running) as waiting_for_100:  # refused and closed: no body comes
+                waiting_for_100.sendall(b"POST /service HTTP/1.1\r\nHost: x\r\nExpect: "
+                                        b"100-continue\r\nContent-Length: 10\r\n\r\n")
+                data, closed = _read_until_closed(waiting_for_100, 5)
+            assert _answer(data)[0] == 503 and closed < 1
             sock.sendall(b"\0" * 100000)  # the refused body is read and dropped
             assert [f.result().status_code for f in waiting] == [200] * 3
             # The same connection serves the next request.
@@ -163,7 +168,7 @@ def test_a_full_queue_refuses_before_the_body_is_read(exported):
             status, _, body = _answer(_read_answer(sock))
             assert status == 200 and body["text"]
         metrics = client.get("/metrics").text
-        assert 'ocr_requests_total{endpoint="service",status="503"} 1.0' in metrics
+        assert 'ocr_requests_total{endpoint="service",status="503"} 2.0' in metrics
 
 
 def test_the_deadline_runs_from_arrival_not_from_the_body(exported):
