@@ -265,12 +265,10 @@ class WidthBatcher:
         had the least service); with none overdue, the fullest (more requests per engine
         call: rare widths cost the engine fewer calls), the oldest on a tie.
         """
-        overdue = fullest = None
+        overdue = fullest = fullest_rank = None
         wait = None
-        oldest_of = {}
         for width, bucket in self._buckets.items():
             oldest = min(r.enqueued for r in bucket)
-            oldest_of[width] = oldest
             ready_at = oldest + self.max_wait_s
             full = len(bucket) >= self.max_batch_size
             if not (full or ready_at <= now or self._flush):
@@ -280,9 +278,9 @@ class WidthBatcher:
                          for r in bucket if r.deadline > now)  # the expired are dropped
             if urgent and (overdue is None or bucket[0].tag < self._buckets[overdue][0].tag):
                 overdue = width
-            if fullest is None or (len(bucket), -oldest) > (
-                    len(self._buckets[fullest]), -oldest_of[fullest]):
-                fullest = width
+            rank = (len(bucket), -oldest)
+            if fullest is None or rank > fullest_rank:
+                fullest, fullest_rank = width, rank
         return (overdue if overdue is not None else fullest), wait
 
     def _next_batch(self) -> list[_Request] | None:
@@ -416,8 +414,8 @@ class DetectorBatcher(WidthBatcher):
                 request.future.set_exception(exc)
                 continue
             request.future.set_result(boxes)
-        seconds = time.monotonic() - start
-        self._observe(len(live), seconds, seconds)
+        elapsed = time.monotonic() - start  # engine and DB post-processing, both on this thread
+        self._observe(len(live), elapsed, elapsed)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(live), seconds, expired))
 

@@ -56,12 +56,6 @@ class FairPool:
             self._cond.notify()
         return future
 
-    @property
-    def pending(self) -> int:
-        """Jobs queued and not yet started."""
-        with self._cond:
-            return sum(len(jobs) for jobs in self._queues.values())
-
     def _next(self):
         with self._cond:
             while not self._queues:
