@@ -78,7 +78,7 @@ class ServerProcess:
         if self.wait_ready:
             try:
                 self.wait_until_ready()
-            except ToolchainError:
+            except BaseException:  # not ready, or Ctrl-C while waiting: leave no server behind
                 self.stop()
                 raise
         return self

@@ -476,3 +476,15 @@ def test_a_token_that_http_cannot_carry_is_refused_at_start(tmp_path, model):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert last.startswith("error: --token-file ") and "'ö'" in last and "ASCII" in last
+
+
+def test_ctrl_c_while_waiting_for_the_server_leaves_no_server_behind(model, monkeypatch):
+    """KeyboardInterrupt raised where ``wait_until_ready`` polls (a bench's Ctrl-C)."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ServerProcess, "wait_until_ready", interrupted)
+    running = ServerProcess(["--model", str(model)])
+    with pytest.raises(KeyboardInterrupt):
+        running.__enter__()
+    assert running.process.poll() is not None  # stopped, not left listening
