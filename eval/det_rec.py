@@ -3,9 +3,10 @@
 Runs the detector and the recogniser as one pipeline (``pipeline.ocr``): DB text detection,
 perspective crops, recognition in equal-width batches, and word boxes cut from line boxes at
 the recognised spaces (CTC frame positions). Models are files or registry names whose
-weights ``models.weights`` fetches: ``--det ppocr-v4-det`` (default), ``--rec ppocr-v4-rec``
-(default) or ``--rec nano-ocr`` (its PyTorch checkpoint), or any recogniser file the
-toolchain makes (.onnx, int8 .onnx, .om with its sidecar).
+weights ``models.weights`` fetches: ``--det ppocr-v6-det`` (default) or ``ppocr-v4-det``,
+``--cls ppocr-cls`` (default; the text-direction classifier, ``none`` for none), ``--rec
+ppocr-v6-rec`` (default), ``ppocr-v4-rec`` or ``nano-ocr`` (its PyTorch checkpoint), or any
+recogniser file the toolchain makes (.onnx, int8 .onnx, .om with its sidecar).
 
 Outputs:
     ``--predictions P.json``: image file name -> ``[{"points": [[x, y] x 4], "text",
@@ -54,7 +55,14 @@ from common.outputs import (
 from eval.det_metrics import Detection, score_set
 from eval.postprocess import machine_facts
 from infer.device import DEVICE_SPELLINGS
-from pipeline.ocr import DEFAULT_DETECTOR, DEFAULT_RECOGNIZER, ImageResult, open_pipeline
+from pipeline.ocr import (
+    CLS_THRESHOLD,
+    DEFAULT_CLASSIFIER,
+    DEFAULT_DETECTOR,
+    DEFAULT_RECOGNIZER,
+    ImageResult,
+    open_pipeline,
+)
 from preprocess.icdar_gt import GtWord, read_gt_file
 from preprocess.image import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 
@@ -234,7 +242,14 @@ def _parser():
     parser.add_argument("--det", default=DEFAULT_DETECTOR,
                         help="detector file or registry name")
     parser.add_argument("--rec", default=DEFAULT_RECOGNIZER,
-                        help="recogniser file or registry name (ppocr-v4-rec, nano-ocr)")
+                        help="recogniser file or registry name (ppocr-v6-rec, ppocr-v4-rec, "
+                             "nano-ocr)")
+    parser.add_argument("--cls", default=DEFAULT_CLASSIFIER,
+                        help="text-direction classifier file or registry name turning "
+                             "upside-down crops; 'none': no classifier")
+    parser.add_argument("--cls-thresh", type=probability, default=CLS_THRESHOLD,
+                        help="a crop the classifier reads '180' with a higher probability "
+                             "is turned 180 degrees")
     parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: cpu; npu for .om "
                                          "models)")
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
@@ -272,8 +287,10 @@ def run(args) -> dict[str, object]:
     check_outputs(args, images)
     changes = {k: getattr(args, k) for k in _DB_FIELDS if getattr(args, k) is not None}
     pipeline = open_pipeline(args.det, args.rec, args.device, threads=args.threads,
+                             classifier=None if args.cls == "none" else args.cls,
                              detector_changes=changes, rec_batch_size=args.rec_batch_size,
-                             split_words=args.split_words, min_confidence=args.min_confidence)
+                             split_words=args.split_words, min_confidence=args.min_confidence,
+                             cls_threshold=args.cls_thresh)
     predictions: dict[str, list] = {}
     results: dict[str, ImageResult] = {}
     failures: list[dict[str, str]] = list(skipped)  # counted, never scored
@@ -281,6 +298,7 @@ def run(args) -> dict[str, object]:
         warm = np.full((64, 64, 3), 255, np.uint8)
         pipeline([warm])  # loads lazily-initialised kernels; not timed
         pipeline.detector.engine_seconds = pipeline.recognise_seconds = 0.0
+        pipeline.classify_seconds = 0.0
         start = time.perf_counter()
         # Images go through in groups (the crops of a group share the recogniser's
         # equal-width batches); the next group is read and decoded on a thread meanwhile.
@@ -321,8 +339,11 @@ def run(args) -> dict[str, object]:
         "seconds": seconds,
         "images_per_second": len(images) / seconds if seconds else 0.0,
         "time_split": {"detector_engine": pipeline.detector.engine_seconds,
+                       "direction_classifier": pipeline.classify_seconds,
                        "recogniser": pipeline.recognise_seconds},
         "models": {"detector": str(args.det), "recogniser": str(args.rec),
+                   "classifier": None if args.cls == "none" else str(args.cls),
+                   "cls_threshold": args.cls_thresh,
                    "detector_settings": pipeline.detector.spec.to_dict(),
                    "split_words": args.split_words, "min_confidence": args.min_confidence},
         "machine": machine_facts(),

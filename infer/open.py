@@ -17,15 +17,17 @@ from common.errors import ToolchainError
 from infer.base import OpenOptions, Runner
 from infer.device import Device, parse_device
 from models.backends import Backend, backend_of, describe
+from models.cls_spec import ClassifierSpec
 from models.det_spec import Description, DetectorSpec
 from models.spec import ModelSpec
 
 __all__ = ["Device", "OpenOptions", "backend_of", "describe", "open_model", "parse_device",
            "runner_class"]
 _NAMED = {"cpu": "cpu", "cuda": "cuda[:N]", "npu": "npu[:N]"}
-_KINDS = {ModelSpec: "a text recogniser", DetectorSpec: "a text detector"}
+_KINDS = {ModelSpec: "a text recogniser", DetectorSpec: "a text detector",
+          ClassifierSpec: "an image classifier"}
 
-D = TypeVar("D", ModelSpec, DetectorSpec)
+D = TypeVar("D", ModelSpec, DetectorSpec, ClassifierSpec)
 
 
 def runner_class(row: Backend) -> type[Runner]:
@@ -100,8 +102,8 @@ def open_model(
         device: a :class:`Device` or its spelling (``cpu``, ``cuda[:N]``, ``npu[:N]``, ``N``);
             default: the backend's first device kind (``npu:0`` for an .om, else ``cpu``).
         expect: the kind of model the caller wants: ``ModelSpec`` (a recogniser; the
-            default) or ``DetectorSpec`` (a detector); the description returned is of that
-            type.
+            default), ``DetectorSpec`` (a detector) or ``ClassifierSpec`` (an image
+            classifier); the description returned is of that type.
         threads: ONNX Runtime intra-op threads (default: the available cores), or PyTorch's
             CPU threads (default: its own).
         spin: ONNX Runtime's idle threads spin-wait (see ``OnnxRuntimeRunner``).

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from common.errors import ToolchainError
+from models.cls_spec import CLASSIFICATION_TASK, ClassifierSpec
 from models.spec import CHANNEL_ORDERS, Description, ModelSpec
 
 #: Prefix of the detector description's keys in ONNX ``metadata_props``.
@@ -164,10 +165,11 @@ class DetectorSpec(Description):
 
 
 def description_from_dict(data: dict, source: str) -> Description:
-    """A recogniser's :class:`ModelSpec` or a :class:`DetectorSpec`, by its ``task`` key."""
-    if isinstance(data, dict) and data.get("task") == DETECTION_TASK:
-        return DetectorSpec.from_dict(data, source)
-    return ModelSpec.from_dict(data, source)
+    """A recogniser's :class:`ModelSpec`, a :class:`DetectorSpec` or a
+    ``models.cls_spec.ClassifierSpec``, by its ``task`` key (none: a recogniser)."""
+    kinds = {DETECTION_TASK: DetectorSpec, CLASSIFICATION_TASK: ClassifierSpec}
+    kind = kinds.get(data.get("task")) if isinstance(data, dict) else None
+    return (kind or ModelSpec).from_dict(data, source)
 
 
 def detector_spec_from_metadata(props: dict[str, str], source: str) -> DetectorSpec | None:

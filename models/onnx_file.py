@@ -9,6 +9,7 @@ import onnx
 
 from common.errors import ToolchainError
 from common.outputs import check_output_file
+from models.cls_spec import CLS_METADATA_PREFIX
 from models.det_spec import DET_METADATA_PREFIX
 from models.spec import METADATA_PREFIX, QUANTIZATION_METADATA_KEY, ModelSpec
 
@@ -38,15 +39,16 @@ def read_onnx_spec(path: str | Path) -> ModelSpec:
 
 
 def written_by_toolchain(path: str | Path) -> bool:
-    """Whether ``path`` is an ONNX model this toolchain wrote: one carrying a recogniser or
-    detector description, or int8 settings, in its ``metadata_props`` (what
+    """Whether ``path`` is an ONNX model this toolchain wrote: one carrying a recogniser,
+    detector or classifier description, or int8 settings, in its ``metadata_props`` (what
     ``convert.pth2onnx``, ``convert.fix``, ``convert.quantize`` and ``models.weights`` write;
     a model from elsewhere has none of these keys). An unreadable file is not one."""
     try:
         model = load_onnx(path, load_external_data=False)
     except ToolchainError:
         return False
-    prefixes = (METADATA_PREFIX, DET_METADATA_PREFIX, QUANTIZATION_METADATA_KEY)
+    prefixes = (METADATA_PREFIX, DET_METADATA_PREFIX, CLS_METADATA_PREFIX,
+                QUANTIZATION_METADATA_KEY)
     return any(p.key.startswith(prefixes) for p in model.metadata_props)
 
 

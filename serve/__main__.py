@@ -1,4 +1,5 @@
-"""Serve a text recogniser over HTTP, with width-bucketed dynamic batching.
+"""Serve a text recogniser, a full OCR pipeline or an image classifier over HTTP, with
+dynamic batching.
 
 Loads one model (.onnx fp32 or int8 on ONNX Runtime, .om with its sidecar on ais_bench, or a
 .pth with --arch on PyTorch), then answers:
@@ -7,9 +8,13 @@ Loads one model (.onnx fp32 or int8 on ONNX Runtime, .om with its sidecar on ais
 
 and the KServe v2 / Open Inference Protocol at /v2/models/NAME/infer (tritonclient.http works
 unchanged), health at /v2/health/live and /v2/health/ready, Prometheus metrics at /metrics.
-With --det, whole images too: a DB text detector (its own batcher, equal input sizes), then
-the recogniser on each detected region: POST /ocr (raw image body -> boxes and texts) and
-POST /ocr/prediction (Paddle Serving's pipeline JSON).
+With --det, whole images too: a DB text detector (its own batcher, equal input sizes), the
+text-direction classifier (--cls) turning upside-down regions, then the recogniser on each
+region: POST /ocr (raw image body -> boxes and texts) and POST /ocr/prediction (Paddle
+Serving's pipeline JSON). An image classifier as --model (ppocr-cls, or any single-input
+ONNX classifier with --labels) answers /service and /v2 with its --top-k labels and
+probabilities, best first; its requests batch by input size through the same admission,
+deadlines and metrics.
 
 Requests of equal input width (after the model's width policy) share an engine call; a width's
 bucket goes to the engine when it holds --max-batch-size requests or its oldest request has
@@ -27,7 +32,10 @@ second Ctrl-C exits at once.
 Examples:
     python -m serve --model nano_int8.onnx
     python -m serve --model crnn.om --device npu:0 --port 9000 --token-file token.txt
-    python -m serve --model ppocr-v4-rec --det ppocr-v4-det    # also POST /ocr, /ocr/prediction
+    python -m serve --det                   # PP-OCRv6 det, cls and rec: also /ocr, /ocr/prediction
+    python -m serve --model ppocr-v4-rec --det ppocr-v4-det --cls none
+    python -m serve --model ppocr-cls       # the direction classifier as a service
+    python -m serve --model pets.onnx --labels pets.txt --top-k 3
 """
 
 from __future__ import annotations
@@ -43,7 +51,9 @@ from pathlib import Path
 from common.cli import make_parser, non_negative, positive, probability, run_main
 from common.errors import ToolchainError
 from infer.device import DEVICE_SPELLINGS
+from models.cls_spec import read_labels
 from models.registry import ARCHS
+from pipeline.ocr import CLS_THRESHOLD, DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, DEFAULT_RECOGNIZER
 from preprocess.image import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("serve")
@@ -110,12 +120,28 @@ def listen(host: str, port: int) -> socket.socket:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", default=DEFAULT_RECOGNIZER,
                         help="recogniser: .onnx, .om (sidecar JSON beside it) or .pth file, "
-                             "or a registry name with public weights (ppocr-v4-rec, nano-ocr)")
-    parser.add_argument("--det",
-                        help="text detector file or ppocr-v4-det: also serve whole images "
-                             "at POST /ocr and /ocr/prediction")
+                             "or a registry name with public weights (ppocr-v6-rec, "
+                             "ppocr-v4-rec, nano-ocr); or an image classifier: a file "
+                             "carrying a classifier description (ppocr-cls), or any "
+                             f"single-input ONNX classifier with --labels (default "
+                             f"{DEFAULT_RECOGNIZER})")
+    parser.add_argument("--labels", type=Path,
+                        help="label file of an ONNX image classifier (one label per line, in "
+                             "class order): serve it as a classifier")
+    parser.add_argument("--top-k", type=positive(int), default=5,
+                        help="a classifier's answers hold its k most probable labels")
+    parser.add_argument("--det", nargs="?", const=DEFAULT_DETECTOR,
+                        help="text detector file or registry name (alone: "
+                             f"{DEFAULT_DETECTOR}): also serve whole images at POST /ocr and "
+                             "/ocr/prediction")
+    parser.add_argument("--cls", default=DEFAULT_CLASSIFIER,
+                        help="with --det: the text-direction classifier turning upside-down "
+                             f"crops (file or registry name; default {DEFAULT_CLASSIFIER}; "
+                             "'none': no classifier)")
+    parser.add_argument("--cls-thresh", type=probability, default=CLS_THRESHOLD,
+                        help="a crop read '180' with a higher probability is turned")
     parser.add_argument("--det-max-batch-size", type=positive(int), default=4,
                         help="most images of one input size per detector call")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture of a .pth")
@@ -213,6 +239,10 @@ def config_of(args: argparse.Namespace):
         name=args.name or Path(args.model).stem,
         det=args.det,
         det_max_batch_size=args.det_max_batch_size,
+        cls=None if args.det is None or args.cls == "none" else args.cls,
+        cls_threshold=args.cls_thresh,
+        labels=read_labels(args.labels) if args.labels else None,
+        top_k=args.top_k,
         device=args.device,
         sidecar=args.sidecar,
         arch=args.arch,

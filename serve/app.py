@@ -3,7 +3,8 @@
 Endpoints:
 
 - ``POST /service``: the image file as the raw body (``curl -X POST URL/service -T img.jpg``)
-  -> ``{"text": str, "confidence": float}``.
+  -> ``{"text": str, "confidence": float}``; for an image classifier ``{"labels":
+  [{"label": str, "probability": float}, ...]}``, the ``--top-k`` most probable, best first.
 - ``POST /v2/models/{name}[/versions/1]/infer``: KServe v2 / Open Inference Protocol
   (:mod:`serve.kserve`), so ``tritonclient.http`` works unchanged.
 - ``GET /v2``, ``GET /v2/models/{name}``: server and model metadata.
@@ -160,10 +161,14 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         yield
         service.close()
 
-    app = FastAPI(title="CTC text recognition", lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="scene-text recognition", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     name = service.config.name
     metrics = service.metrics
+    classifier = service.classifier is not None
+    outputs = kserve.CLASSIFIER_OUTPUTS if classifier else kserve.OUTPUTS
+    #: A classifier's answers hold its k most probable labels (at most all of them).
+    top_k = min(service.config.top_k, service.spec.num_classes) if classifier else 0
 
     async def answer(endpoint: str, work: Callable[[], Awaitable[Response]],
                      error: Callable[[ServiceError], Response] = _error,
@@ -198,6 +203,10 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
             body = await body_of(request, arrival)
+            if service.classifier is not None:
+                (result,) = await service.classify([body], arrival)
+                return _json({"labels": [{"label": label, "probability": probability}
+                                         for label, probability in result.top(top_k)]})
             (decoded,) = await service.recognise([body], arrival)
             return _json({"text": decoded.text, "confidence": decoded.confidence})
 
@@ -245,12 +254,18 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             body = await body_of(request, arrival, "a KServe v2 inference request")
             try:
                 parsed = kserve.parse_infer_request(
-                    body, request.headers.get(kserve.HEADER_LENGTH.lower()))
+                    body, request.headers.get(kserve.HEADER_LENGTH.lower()), outputs)
             except kserve.ProtocolError as exc:
                 raise ServiceError(400, str(exc)) from None
-            decoded = await service.recognise(parsed.images, arrival)
-            payload, headers = kserve.encode_infer_response(
-                parsed, name, [d.text for d in decoded], [d.confidence for d in decoded])
+            if service.classifier is not None:
+                tops = [r.top(top_k) for r in await service.classify(parsed.images, arrival)]
+                results = {kserve.LABELS: [[label for label, _ in top] for top in tops],
+                           kserve.PROBABILITIES: [[p for _, p in top] for top in tops]}
+            else:
+                decoded = await service.recognise(parsed.images, arrival)
+                results = {kserve.TEXTS: [d.text for d in decoded],
+                           kserve.CONFIDENCES: [d.confidence for d in decoded]}
+            payload, headers = kserve.encode_infer_response(parsed, name, results, outputs)
             return Response(payload, 200, headers)
 
         return await answer("infer", work, arrival=arrival)
@@ -278,7 +293,8 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             service.check_token(request.headers.get("authorization"))
             check_model(model)
             return _json(kserve.model_metadata(
-                name, service.backend.platform))
+                name, service.backend.platform, outputs,
+                top_k if service.classifier is not None else None))
 
         return await answer("metadata", work)
 

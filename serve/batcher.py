@@ -36,6 +36,7 @@ import numpy as np
 
 from common.errors import EngineError
 from models.db_postprocess import boxes_from_map
+from pipeline.classifier import Classifier
 from pipeline.detector import Detector
 from pipeline.recognizer import BatchResult, Recognizer
 from preprocess.batching import batch_inputs
@@ -420,8 +421,38 @@ class DetectorBatcher(WidthBatcher):
             self.on_batch(BatchStats(len(live), seconds, expired))
 
 
+class ClassifierBatcher(WidthBatcher):
+    """Queue classifier inputs per input size and run equal-size batches through the
+    classifier.
+
+    Each request is a float32 ``[C, H, W]`` input (``pipeline.classifier.classifier_input``);
+    its future gets the image's ``pipeline.classifier.Classification``. Admission, deadlines,
+    buckets and the due rules are :class:`WidthBatcher`'s.
+    """
+
+    def __init__(self, classifier: Classifier, max_batch_size: int, max_wait_s: float,
+                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        super().__init__(None, max_batch_size, max_wait_s, max_queue, on_batch)
+        self.classifier = classifier
+
+    def _key(self, pixels: np.ndarray):
+        return pixels.shape
+
+    def _dispatch(self, live: list[_Request], expired: int) -> None:
+        start = time.monotonic()
+        results = self.classifier.run(np.stack([r.pixels for r in live]))
+        for request, result in zip(live, results):
+            request.future.set_result(result)
+        elapsed = time.monotonic() - start
+        self._observe(len(live), elapsed, elapsed)
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(len(live), self.classifier.runner.last_engine_seconds,
+                                     expired))
+
+
 __all__ = [
     "BatchStats",
+    "ClassifierBatcher",
     "DetectorBatcher",
     "DeadlineExceeded",
     "EngineFailed",

@@ -5,7 +5,7 @@ Source: the Open Inference Protocol's REST spec (KServe "V2 Inference Protocol",
 data extension (``triton-inference-server/server``, ``docs/protocol/extension_binary_data.md``),
 which ``tritonclient.http`` uses.
 
-The model has one input and two outputs, each a 1-D batch of ``N`` images:
+A text recogniser has one input and two outputs, each a 1-D batch of ``N`` images:
 
 - input ``images``, ``BYTES``: encoded images (PNG, JPEG, ...). In a JSON body each element
   is the image's base64 text (RFC 4648, standard alphabet); with the binary extension each
@@ -13,6 +13,10 @@ The model has one input and two outputs, each a 1-D batch of ``N`` images:
   little-endian length before each element.
 - output ``texts``, ``BYTES``: the recognised strings (UTF-8).
 - output ``confidences``, ``FP32``: their confidences in [0, 1].
+
+An image classifier has the same input and two outputs ``[N, k]``, the ``k`` (``--top-k``)
+most probable classes of each image, best first: ``labels`` (``BYTES``, UTF-8) and
+``probabilities`` (``FP32``).
 
 A shape ``[N]`` or ``[N, 1]`` is accepted for the input. Outputs are JSON unless the request
 asks for binary (``parameters.binary_data_output`` true, or ``binary_data`` true on a
@@ -33,7 +37,12 @@ import numpy as np
 INPUT_NAME = "images"
 TEXTS = "texts"
 CONFIDENCES = "confidences"
+#: A recogniser's outputs and their datatypes.
 OUTPUTS = {TEXTS: "BYTES", CONFIDENCES: "FP32"}
+LABELS = "labels"
+PROBABILITIES = "probabilities"
+#: An image classifier's outputs: ``[N, k]``, the k most probable labels best first.
+CLASSIFIER_OUTPUTS = {LABELS: "BYTES", PROBABILITIES: "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -72,14 +81,17 @@ def load_json(text: bytes | str, what: str) -> object:
         raise ProtocolError(f"{what} is nested too deeply to parse") from None
 
 
-def model_metadata(name: str, platform: str) -> dict:
-    """``GET /v2/models/{name}``: the model's name, versions, platform and tensors."""
+def model_metadata(name: str, platform: str, outputs: dict[str, str] = OUTPUTS,
+                   top_k: int | None = None) -> dict:
+    """``GET /v2/models/{name}``: the model's name, versions, platform and tensors
+    (a classifier's outputs are ``[-1, top_k]``)."""
+    shape = [-1] if top_k is None else [-1, top_k]
     return {
         "name": name,
         "versions": ["1"],
         "platform": platform,
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items()],
+        "outputs": [{"name": n, "datatype": t, "shape": shape} for n, t in outputs.items()],
     }
 
 
@@ -129,13 +141,15 @@ def _flag(parameters: dict, key: str, default: bool, what: str) -> bool:
     return value
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None,
+                        known_outputs: dict[str, str] = OUTPUTS) -> InferRequest:
     """Parse ``POST /v2/models/{name}/infer``.
 
     Args:
         body: the request body: JSON, or with the binary extension the JSON header followed
             by the binary tensors.
         header_length: the ``Inference-Header-Content-Length`` request header, or None.
+        known_outputs: the model's outputs (:data:`OUTPUTS` or :data:`CLASSIFIER_OUTPUTS`).
 
     Raises:
         ProtocolError: malformed JSON, a missing or unknown tensor, a wrong datatype or
@@ -214,16 +228,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     binary_default = _flag(parameters, "binary_data_output", False, "request")
     wanted = request.get("outputs")
     if wanted is None:
-        outputs = [(name, binary_default) for name in OUTPUTS]
+        outputs = [(name, binary_default) for name in known_outputs]
     else:
         if not isinstance(wanted, list):
             raise ProtocolError("'outputs' must be a list")
         outputs = []
         for tensor in wanted:
             name = tensor.get("name") if isinstance(tensor, dict) else None
-            if not isinstance(name, str) or name not in OUTPUTS:
+            if not isinstance(name, str) or name not in known_outputs:
                 raise ProtocolError(f"unknown output {name!r}; outputs are: "
-                                    f"{', '.join(OUTPUTS)}")
+                                    f"{', '.join(known_outputs)}")
             out_parameters = tensor.get("parameters") or {}
             if not isinstance(out_parameters, dict):
                 raise ProtocolError(f"output {name!r}: 'parameters' must be a JSON object")
@@ -234,9 +248,17 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def encode_infer_response(
-    request: InferRequest, model_name: str, texts: list[str], confidences: list[float],
+    request: InferRequest, model_name: str, results: dict[str, list],
+    datatypes: dict[str, str] = OUTPUTS,
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers for a request's results.
+
+    Args:
+        request: the parsed request (its id, and the outputs it asks for).
+        model_name: the model's name.
+        results: output name -> one value per image (shape ``[N]``), or one list of ``k``
+            values per image (shape ``[N, k]``); strings for ``BYTES``, numbers for ``FP32``.
+        datatypes: output name -> datatype.
 
     Returns:
         ``(body, headers)``: JSON, or the JSON header followed by the binary outputs with
@@ -247,16 +269,22 @@ def encode_infer_response(
         response["id"] = request.id
     blobs = []
     for name, binary in request.outputs:
-        tensor: dict = {"name": name, "datatype": OUTPUTS[name], "shape": [len(texts)]}
+        rows = results[name]
+        nested = bool(rows) and isinstance(rows[0], (list, tuple))
+        shape = [len(rows), len(rows[0])] if nested else [len(rows)]
+        flat = [v for row in rows for v in row] if nested else list(rows)
+        datatype = datatypes[name]
+        tensor: dict = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            if name == TEXTS:
-                blob = serialize_bytes([t.encode("utf-8") for t in texts])
+            if datatype == "BYTES":
+                blob = serialize_bytes([str(v).encode("utf-8") for v in flat])
             else:
-                blob = np.asarray(confidences, "<f4").tobytes()
+                blob = np.asarray(flat, "<f4").tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = list(texts) if name == TEXTS else [float(c) for c in confidences]
+            tensor["data"] = ([str(v) for v in flat] if datatype == "BYTES"
+                              else [float(v) for v in flat])
         response["outputs"].append(tensor)
     header = json.dumps(response, ensure_ascii=False).encode("utf-8")
     if not blobs:

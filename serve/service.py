@@ -26,11 +26,14 @@ import numpy as np
 
 from common.errors import ToolchainError
 from infer.open import open_model
-from models.backends import backend_of
+from models.backends import backend_of, describe
+from models.cls_spec import ClassifierSpec
 from models.ctc import Decoded
 from models.det_spec import DetectorSpec
+from models.describe import describe_classifier
 from models.onnx_file import load_onnx
 from models.spec import ModelSpec, batch_dependent
+from pipeline.classifier import Classification, Classifier, classifier_input, upside_down
 from pipeline.detector import Detector, detector_input
 from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
 from pipeline.recognizer import Recognition, Recognizer, collapse
@@ -44,6 +47,7 @@ from preprocess.image import (
     prepare_readings,
 )
 from serve.batcher import (
+    ClassifierBatcher,
     DeadlineExceeded,
     DetectorBatcher,
     EngineFailed,
@@ -114,6 +118,10 @@ class ServeConfig:
     det_max_batch_size: int = 4
     split_words: bool = True
     min_confidence: float = 0.5
+    cls: Path | str | None = None
+    cls_threshold: float = 0.9
+    labels: tuple[str, ...] | None = None
+    top_k: int = 5
 
 
 def _batch_dependent(model: Path) -> bool:
@@ -125,7 +133,10 @@ def _batch_dependent(model: Path) -> bool:
 
 
 class Service:
-    """One model behind one engine thread.
+    """One model behind one engine thread: a text recogniser (with ``det``, also whole
+    images: a detector, the direction classifier ``cls``, the recogniser), or an image
+    classifier (a file carrying a classifier description, or any single-input ONNX
+    classifier given ``labels``).
 
     Args:
         config: the service's options.
@@ -139,25 +150,59 @@ class Service:
         # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
         model, arch = resolve_model(config.model)
-        runner, spec = open_model(model, config.device, expect=ModelSpec, threads=config.threads,
-                                  spin=False, sidecar=config.sidecar, arch=config.arch or arch)
+        if config.labels is not None and model.suffix.lower() != ".onnx":
+            raise ToolchainError(f"{model}: --labels describes an ONNX classifier; an "
+                                 f"{model.suffix} carries its labels in its description")
+        kind = (describe_classifier(model, config.labels) if config.labels is not None
+                else describe(model, config.arch or arch, config.sidecar))
+        if isinstance(kind, ClassifierSpec):
+            fallback = kind
+            runner, spec = open_model(model, config.device, expect=ClassifierSpec,
+                                      threads=config.threads, spin=False,
+                                      sidecar=config.sidecar, fallback=fallback)
+            spec = kind  # the labels given replace those of a description
+        else:
+            runner, spec = open_model(model, config.device, expect=ModelSpec,
+                                      threads=config.threads, spin=False,
+                                      sidecar=config.sidecar, arch=config.arch or arch)
         self.spec = spec
         #: The backend's row (``models.backends``): its name, and the KServe platform.
         self.backend = backend_of(model)
-        if config.max_batch_size > 1 and _batch_dependent(Path(model)):
-            logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm int8), "
-                           "so an answer can change with the requests batched beside it; serve "
-                           "a model quantised with --lstm fp32 (the default) or use "
-                           "--max-batch-size 1", model)
-        self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
         self.metrics = ServiceMetrics()
-        self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,
-                                    config.max_wait_ms / 1000.0, config.max_queue,
-                                    on_batch=self.metrics.observe_batch)
+        self.recognizer: Recognizer | None = None
+        self.classifier: Classifier | None = None
+        if isinstance(spec, ClassifierSpec):
+            if config.det is not None:
+                raise ToolchainError(f"{model} is an image classifier; --det needs a text "
+                                     "recogniser as --model")
+            self.classifier = Classifier(runner, spec, batch_size=config.max_batch_size)
+            self.batcher = ClassifierBatcher(self.classifier, config.max_batch_size,
+                                             config.max_wait_ms / 1000.0, config.max_queue,
+                                             on_batch=self.metrics.observe_batch)
+        else:
+            if config.max_batch_size > 1 and _batch_dependent(Path(model)):
+                logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm "
+                               "int8), so an answer can change with the requests batched beside "
+                               "it; serve a model quantised with --lstm fp32 (the default) or "
+                               "use --max-batch-size 1", model)
+            self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
+            self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,
+                                        config.max_wait_ms / 1000.0, config.max_queue,
+                                        on_batch=self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self._preprocess = FairPool(config.preprocess_threads)
         self.detector: Detector | None = None
         self.det_batcher: DetectorBatcher | None = None
+        #: The text-direction classifier of whole images' crops (``--cls``), and its batcher.
+        self.direction: Classifier | None = None
+        self.cls_batcher: ClassifierBatcher | None = None
+        if config.det is not None and config.cls is not None:
+            cls_path, _ = resolve_model(config.cls)
+            cls_runner, cls_spec = open_model(cls_path, config.device, expect=ClassifierSpec,
+                                              threads=config.threads, spin=False)
+            self.direction = Classifier(cls_runner, cls_spec, batch_size=config.max_batch_size)
+            self.cls_batcher = ClassifierBatcher(self.direction, config.max_batch_size,
+                                                 config.max_wait_ms / 1000.0, config.max_queue)
         if config.det is not None:
             det_path, _ = resolve_model(config.det)
             det_runner, det_spec = open_model(det_path, config.device, expect=DetectorSpec,
@@ -177,13 +222,22 @@ class Service:
         Raises:
             ToolchainError, EngineError: the model cannot be loaded or run.
         """
-        self.recognizer.load()
-        self.warm_up()
+        if self.classifier is not None:
+            self.classifier.load()
+            for size in sorted({1, self.config.max_batch_size}):
+                self.classifier.run(np.zeros(self.spec.input_shape(size), np.float32))
+        else:
+            self.recognizer.load()
+            self.warm_up()
         self.batcher.start()
         if self.detector is not None:
             self.detector.load()
             self.detector.probability_maps(np.zeros((1, 3, 64, 64), np.float32))  # warm-up
             self.det_batcher.start()
+        if self.direction is not None:
+            self.direction.load()
+            self.direction.run(np.zeros(self.direction.spec.input_shape(1), np.float32))
+            self.cls_batcher.start()
         with self._lock:
             if self.state is State.LOADING:
                 self.state = State.READY
@@ -214,18 +268,22 @@ class Service:
         with self._lock:
             if self.state in (State.READY, State.LOADING):
                 self.state = State.DRAINING
-        self.batcher.flush()
-        if self.det_batcher is not None:
-            self.det_batcher.flush()
+        for batcher in (self.batcher, self.det_batcher, self.cls_batcher):
+            if batcher is not None:
+                batcher.flush()
 
     def close(self) -> None:
-        """Finish queued requests, then release the engine and the pools."""
+        """Finish queued requests, then release the engines and the pools."""
+        timeout = self.config.timeout_ms / 1000.0 + 5.0
         if self.det_batcher is not None:
-            self.det_batcher.close(timeout=self.config.timeout_ms / 1000.0 + 5.0)
+            self.det_batcher.close(timeout=timeout)
             self.detector.close()
-        self.batcher.close(timeout=self.config.timeout_ms / 1000.0 + 5.0)
+        if self.cls_batcher is not None:
+            self.cls_batcher.close(timeout=timeout)
+            self.direction.close()
+        self.batcher.close(timeout=timeout)
         self._preprocess.shutdown(wait=True)
-        self.recognizer.close()
+        (self.classifier or self.recognizer).close()
 
     # -- requests ----------------------------------------------------------------------------
     def check_token(self, authorization: str | None) -> None:
@@ -362,9 +420,28 @@ class Service:
             raise bad_image(exc) from None
         return rgb, detector_input(rgb, self.detector.spec)
 
-    def _prepare_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
+    def _cut_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
+        """The crops of ``boxes``, and the direction classifier's input of each (none
+        without one)."""
         crops = cut_crops(rgb, boxes, self.spec.tall_ratio)
-        return crops, [prepare(c.pixels, self.spec)[0] for c in crops]
+        if self.direction is None:
+            return crops, []
+        return crops, [classifier_input(c.pixels, self.direction.spec) for c in crops]
+
+    def _prepare_crops(self, crops: list) -> list[np.ndarray]:
+        return [prepare(c.pixels, self.spec)[0] for c in crops]
+
+    async def _orient(self, crops: list, inputs: list[np.ndarray], key: object,
+                      deadline: float) -> list:
+        """The crops, those the direction classifier reads upside down turned 180 degrees
+        (as ``pipeline.ocr.OcrPipeline.orient`` does offline)."""
+        if self.cls_batcher is None or not crops:
+            return crops
+        self._admit(self.cls_batcher, len(inputs), deadline)
+        futures = [self.cls_batcher.submit(p, deadline, flow=key) for p in inputs]
+        readings = await self._gather(futures, deadline)
+        return [c.turned_upside_down() if upside_down(r, self.config.cls_threshold) else c
+                for c, r in zip(crops, readings)]
 
     async def ocr(self, raw: bytes, arrival: float) -> ImageResult:
         """Detect and recognise the text of one whole image: the detector's batcher (equal
@@ -393,7 +470,9 @@ class Service:
         if len(boxes) > self.config.max_queue:  # it could never be admitted: not a 503
             raise ServiceError(413, f"{len(boxes)} text regions in one image; the queue holds "
                                     f"{self.config.max_queue} (--max-queue)")
-        ((crops, pixels),) = await self._preprocessed(key, [(self._prepare_crops, (rgb, boxes))])
+        ((crops, cls_inputs),) = await self._preprocessed(key, [(self._cut_crops, (rgb, boxes))])
+        crops = await self._orient(crops, cls_inputs, key, deadline)
+        (pixels,) = await self._preprocessed(key, [(self._prepare_crops, (crops,))])
         self._admit(self.batcher, len(pixels), deadline)
         futures = [self.batcher.submit(p, deadline, flow=key) for p in pixels]
         decoded = await self._gather(futures, deadline)
@@ -401,6 +480,57 @@ class Service:
                     for d, p, c in zip(decoded, pixels, crops)]
         return assemble(crops, outcomes, self.spec, self.config.split_words,
                         self.config.min_confidence)
+
+    def _check_request_images(self, images: list[bytes]) -> None:
+        """Raises: ServiceError 400 for a request without images, 413 over
+        ``max_request_images``."""
+        if not images:
+            raise ServiceError(400, "the request holds no image")
+        if len(images) > self.config.max_request_images:
+            raise ServiceError(413, f"{len(images)} images in one request; a request holds at "
+                                    f"most {self.config.max_request_images} "
+                                    f"(--max-request-images): send them in several requests")
+
+    def _classifier_input(self, raw: bytes, where: str, deadline: float) -> np.ndarray:
+        """One image's classifier input, unless the request's deadline has passed."""
+        self._check_deadline(deadline, "before its images were decoded")
+        try:
+            rgb = decode_rgb(raw, self.config.max_pixels)
+        except SampleError as exc:
+            raise bad_image(exc, where) from None
+        return classifier_input(rgb, self.spec)
+
+    async def classify(self, images: list[bytes], arrival: float) -> list[Classification]:
+        """Classify a request's images (each queued on its own; equal input sizes share an
+        engine call).
+
+        Returns:
+            One ``pipeline.classifier.Classification`` per image, in order.
+
+        Raises:
+            ServiceError: 404 when the model is a recogniser; otherwise as :meth:`recognise`.
+        """
+        if self.classifier is None:
+            raise ServiceError(404, "this server serves a text recogniser, not a classifier")
+        self.check_ready()
+        self._check_request_images(images)
+        deadline = self.deadline(arrival)
+        self._check_deadline(deadline)
+        self._admit(self.batcher, len(images), deadline)
+        many = len(images) > 1
+        key = object()
+        try:
+            inputs = await self._preprocessed(key, [
+                (self._classifier_input, (raw, f"image {index}: " if many else "", deadline))
+                for index, raw in enumerate(images)])
+        except BaseException:
+            self.batcher.release(len(images))
+            raise
+        if time.monotonic() >= deadline:
+            self.batcher.release(len(images))
+            raise ServiceError(504, "the request's deadline passed while it was preprocessed")
+        futures = [self.batcher.submit(p, deadline, flow=key) for p in inputs]
+        return await self._gather(futures, deadline)
 
     async def recognise(self, images: list[bytes], arrival: float) -> list[Decoded]:
         """Recognise a request's images (each queued on its own, in its width's bucket).
@@ -419,13 +549,10 @@ class Service:
             ServiceError: 400 bad image, 413 too many pixels, 503 not ready / queue full /
                 shutting down, 504 deadline passed, 500 engine failure.
         """
+        if self.recognizer is None:
+            raise ServiceError(404, "this server serves an image classifier, not a recogniser")
         self.check_ready()
-        if not images:
-            raise ServiceError(400, "the request holds no image")
-        if len(images) > self.config.max_request_images:
-            raise ServiceError(413, f"{len(images)} images in one request; a request holds at "
-                                    f"most {self.config.max_request_images} "
-                                    f"(--max-request-images): send them in several requests")
+        self._check_request_images(images)
         deadline = self.deadline(arrival)
         self._check_deadline(deadline)
         self._admit(self.batcher, len(images), deadline)
@@ -440,6 +567,7 @@ class Service:
             raise
         turned = sum(len(r) for r in readings) - len(images)
         if len(images) + turned > self.config.max_queue:
+
             self.batcher.release(len(images))
             raise ServiceError(413, f"{len(images)} images make {len(images) + turned} readings "
                                     f"(tall crops are read three ways); the queue holds "
