@@ -192,3 +192,32 @@ def render_line(words: list[str], size: int = 40, gap: int = 30, margin: int = 1
         boxes.append(draw.textbbox((x, margin), word, font=font))
         x += advance + gap
     return np.asarray(image), boxes
+
+
+#: The labels of the tiny classifier of :func:`tiny`.
+CLASSIFIER_LABELS = ("cat", "dog", "fish")
+
+
+class TinyClassifier(torch.nn.Module):
+    """3 classes from a 3x24x32 RGB image; logits out (no softmax in the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, TinyClassifier]:
+    """A tiny torch classifier exported to ONNX with a dynamic batch."""
+    model = TinyClassifier().eval()
+    path = tmp_path_factory.mktemp("cls") / "tiny.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 24, 32), str(path), input_names=["pixels"],
+                      output_names=["scores"], dynamic_axes={"pixels": {0: "n"},
+                                                             "scores": {0: "n"}},
+                      dynamo=False)
+    return path, model

@@ -23,35 +23,8 @@ from models.det_spec import description_from_dict
 from models.sidecar import InputPlan, ShapePlan, read_sidecar, write_sidecar
 from pipeline.classifier import Classifier, classifier_input, upside_down
 from pipeline.ocr import CLS_THRESHOLD, cut_crops
+from tests.conftest import CLASSIFIER_LABELS as LABELS
 from tests.conftest import render_line
-
-LABELS = ("cat", "dog", "fish")
-
-
-class TinyClassifier(torch.nn.Module):
-    """3 classes from a 3x24x32 RGB image; logits out (no softmax in the graph)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, TinyClassifier]:
-    """A tiny torch classifier exported to ONNX with a dynamic batch."""
-    model = TinyClassifier().eval()
-    path = tmp_path_factory.mktemp("cls") / "tiny.onnx"
-    torch.onnx.export(model, torch.zeros(1, 3, 24, 32), str(path), input_names=["pixels"],
-                      output_names=["scores"], dynamic_axes={"pixels": {0: "n"},
-                                                             "scores": {0: "n"}},
-                      dynamo=False)
-    return path, model
-
 
 @pytest.fixture(scope="module")
 def ppocr_cls() -> Path:
