@@ -9,7 +9,8 @@ Two ways to make the width dynamic:
 ``--mode auto`` picks ``gears`` for SoCs without range support and says so. The input's
 name, channels and height, and the default width range, come from the model description in
 the ONNX metadata; the plan is kept per input (:class:`ShapePlan`), so any
-``[batch, channels, height, width]`` model builds. ATC appends
+``[batch, channels, height, width]`` model builds: a recogniser (dynamic width), a DB
+detector (dynamic height and width) or an image classifier (one input size, dynamic batch). ATC appends
 ``_linux_<arch>`` to dynamic-shape model names; the produced .om is found either way, and a
 sidecar JSON (same name, ``.json``) records the shape plan, the SoC, the ATC command and the
 model description for ``eval.postprocess --om-path``. ``--input_shape_range`` is deprecated in
@@ -32,6 +33,7 @@ from pathlib import Path
 from common.cli import make_parser, run_main
 from common.errors import ToolchainError
 from common.outputs import check_output_file
+from models.cls_spec import ClassifierSpec, classifier_spec_from_metadata
 from models.det_spec import DetectorSpec, detector_spec_from_metadata
 from models.onnx_file import load_onnx
 from models.sidecar import InputPlan, ShapePlan, om_built_here, sidecar_written_here, write_sidecar
@@ -186,6 +188,31 @@ def plan_detector_shape(
     return ShapePlan("gears", (InputPlan(spec.input_name, dims),), tuple(gears))
 
 
+def plan_classifier_shape(soc_version: str, spec: ClassifierSpec, mode: str = "auto",
+                          min_batch: int = 1, max_batch: int = 16) -> ShapePlan:
+    """The plan for an image classifier's ``[batch, C, H, W]`` input: one input size, a
+    dynamic batch.
+
+    Range mode: ``x:1~B,3,48,192``. Gears mode: ``x:-1,3,48,192`` with batch gears
+    ``--dynamic_dims=1;2;4;...;B`` (powers of two up to the largest, which is included); the
+    runner pads a batch up to the next gear and splits a larger one.
+
+    Raises:
+        ToolchainError: as :func:`plan_shape`.
+    """
+    dims_tail = (spec.channels, spec.height, spec.width)
+    if _resolve_mode(soc_version, mode, min_batch, max_batch) == "range":
+        return ShapePlan("range", (InputPlan(spec.input_name,
+                                             ((min_batch, max_batch), *dims_tail)),))
+    gears = sorted({min_batch, max_batch, *(1 << k for k in range(max_batch.bit_length())
+                                             if min_batch <= 1 << k <= max_batch)})
+    if len(gears) < MIN_GEARS:
+        raise ToolchainError(f"batch {min_batch}~{max_batch} gives {len(gears)} gear; ATC needs "
+                             f"{MIN_GEARS} to {MAX_GEARS}: widen the batch range")
+    return ShapePlan("gears", (InputPlan(spec.input_name, (-1, *dims_tail)),),
+                     tuple((g,) for g in gears))
+
+
 def _default_gears(min_width: int, max_width: int, step: int = 16) -> list[int]:
     gears = list(range(min_width, max_width + 1, step))
     if gears[-1] != max_width:
@@ -333,8 +360,13 @@ def _run(args) -> int:
         )
     detector = detector_spec_from_metadata({p.key: p.value for p in model.metadata_props},
                                            str(args.model))
+    classifier = classifier_spec_from_metadata(
+        {p.key: p.value for p in model.metadata_props}, str(args.model))
     if detector is not None:
         plan, spec = _detector_plan(args, detector), detector
+    elif classifier is not None:
+        plan, spec = plan_classifier_shape(args.soc_version, classifier, args.mode,
+                                           args.min_batch, args.max_batch or 16), classifier
     else:
         spec = ModelSpec.from_onnx(model, str(args.model))
         plan = _recogniser_plan(args, spec)

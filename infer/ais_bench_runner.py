@@ -12,7 +12,8 @@ sizes come from them, so any model ``convert.atc`` builds runs here:
     width)`` float32 values.
     ``gears`` models run with ``mode="dymdims"``: each gear axis is padded on the right up to
     the smallest gear that holds the input (with ``PAD_VALUE``, 0.0), the batch is padded
-    up to the compiled batch and larger batches are split; the padded rows and the frames
+    up to the compiled batch (a classifier's batch gears: the next gear) and larger batches
+    are split; the padded rows and the frames
     past ``frames(width)`` are dropped from the output, so outputs have the shape other
     backends return. Padding the width can change what a backward LSTM reads at the right
     edge; prefer range models.
@@ -85,7 +86,7 @@ class AisBenchRunner(Runner):
             else:  # gears: each gear axis takes anything up to its largest gear (padded up)
                 top = self._gear_tops(plan)
                 ranges = {axis: (self.spec.min_input_width if axis == 3 else 1, top[axis])
-                          for axis in plan.gear_axes()}
+                          for axis in plan.gear_axes() if axis != 0}
             specs.append(InputSpec(plan.name, np.dtype(np.float32), shape, ranges))
         return specs
 
@@ -113,10 +114,13 @@ class AisBenchRunner(Runner):
     def _infer_gears(self, images: np.ndarray) -> np.ndarray:
         (plan,) = self.plan.inputs
         axes = plan.gear_axes()
+        sizes = list(images.shape)
+        if 0 in axes:  # batch gears: a larger batch runs in chunks of the largest gear
+            sizes[0] = min(sizes[0], self._gear_tops(plan)[0])
         fitting = [g for g in self.plan.gears
-                   if all(images.shape[axis] <= g[k] for k, axis in enumerate(axes))]
+                   if all(sizes[axis] <= g[k] for k, axis in enumerate(axes))]
         gear = min(fitting, key=lambda g: int(np.prod(g)))  # input_specs bounds every axis
-        compiled = plan.dims[0]
+        compiled = gear[axes.index(0)] if 0 in axes else plan.dims[0]
         padded_shape = list(images.shape)
         padded_shape[0] = compiled
         for k, axis in enumerate(axes):

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 def describe_onnx(path: Path, arch: str | None = None, sidecar: Path | None = None,
                   fallback: ModelSpec | None = None) -> Description:
     """The description in an ONNX file's ``metadata_props``: a detector's ``DetectorSpec``,
-    a classifier's ``ClassifierSpec``, else a recogniser's :class:`ModelSpec`. A file exported elsewhere carries none: then
-    ``arch``'s registry entry, else ``fallback`` (with a warning). ``sidecar`` is unused.
+    a classifier's ``ClassifierSpec``, else a recogniser's :class:`ModelSpec`. A file
+    exported elsewhere carries none: then ``arch``'s registry entry, else ``fallback``
+    (with a warning). ``sidecar`` is unused.
 
     Raises:
         ToolchainError: the file is not ONNX, or carries no description and neither ``arch``

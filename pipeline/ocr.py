@@ -33,13 +33,13 @@ import numpy as np
 from common.errors import ToolchainError
 from models.db_postprocess import TextBox
 from models.spec import ModelSpec
+from pipeline.classifier import Classifier, upside_down
+from pipeline.detector import Detector
+from pipeline.recognizer import Failure, Recognition, Recognizer
 
 #: Probability above which the direction classifier's "180" turns a crop (PaddleOCR's
 #: ``cls_thresh``).
 CLS_THRESHOLD = 0.9
-from pipeline.classifier import Classifier, upside_down
-from pipeline.detector import Detector
-from pipeline.recognizer import Failure, Recognition, Recognizer
 
 
 @dataclass(frozen=True)

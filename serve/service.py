@@ -29,8 +29,8 @@ from infer.open import open_model
 from models.backends import backend_of, describe
 from models.cls_spec import ClassifierSpec
 from models.ctc import Decoded
-from models.det_spec import DetectorSpec
 from models.describe import describe_classifier
+from models.det_spec import DetectorSpec
 from models.onnx_file import load_onnx
 from models.spec import ModelSpec, batch_dependent
 from pipeline.classifier import Classification, Classifier, classifier_input, upside_down

@@ -26,6 +26,7 @@ from pipeline.ocr import CLS_THRESHOLD, cut_crops
 from tests.conftest import CLASSIFIER_LABELS as LABELS
 from tests.conftest import render_line
 
+
 @pytest.fixture(scope="module")
 def ppocr_cls() -> Path:
     return weights.fetch("ppocr-cls")

@@ -120,7 +120,6 @@ def test_the_ppocr_direction_classifier_as_a_service():
 def test_labels_that_do_not_fit_the_model_stop_the_start(tiny, tmp_path):
     labels = tmp_path / "two.txt"
     labels.write_text("a\nb\n")
-    with pytest.raises(ToolchainError, match=r"\[N, 2\] for the 2 labels"):
-        with ServerProcess(["--model", str(tiny[0]), "--labels", str(labels)],
-                           ready_timeout=60):
-            pass
+    with pytest.raises(ToolchainError, match=r"\[N, 2\] for the 2 labels"), \
+            ServerProcess(["--model", str(tiny[0]), "--labels", str(labels)], ready_timeout=60):
+        pass
