@@ -10,7 +10,8 @@ Two ways to make the width dynamic:
 name, channels and height, and the default width range, come from the model description in
 the ONNX metadata; the plan is kept per input (:class:`ShapePlan`), so any
 ``[batch, channels, height, width]`` model builds: a recogniser (dynamic width), a DB
-detector (dynamic height and width) or an image classifier (one input size, dynamic batch). ATC appends
+detector (dynamic height and width) or an image classifier (one input size, dynamic
+batch). ATC appends
 ``_linux_<arch>`` to dynamic-shape model names; the produced .om is found either way, and a
 sidecar JSON (same name, ``.json``) records the shape plan, the SoC, the ATC command and the
 model description for ``eval.postprocess --om-path``. ``--input_shape_range`` is deprecated in
