@@ -65,12 +65,39 @@ class OcrWord:
                 "text": self.text, "confidence": round(float(self.confidence), 4)}
 
 
+@dataclass(frozen=True)
+class OcrLine:
+    """One recognised region before it is cut into words.
+
+    Attributes:
+        points: float32 ``[4, 2]`` corners of the detector's box in pixels of the original
+            image, clockwise from the top-left of the text.
+        text: the recognised string.
+        confidence: the recogniser's confidence, in ``[0, 1]``.
+        words: the indices of its words in :attr:`ImageResult.words`.
+        upside_down: whether the direction classifier had the region turned 180 degrees.
+    """
+
+    points: np.ndarray
+    text: str
+    confidence: float
+    words: tuple[int, ...]
+    upside_down: bool = False
+
+    def as_json(self, words: Sequence[OcrWord]) -> dict[str, object]:
+        """``{"points", "text", "confidence", "words": [word JSON]}`` (``OcrWord.as_json``)."""
+        return {"points": [[round(float(x), 1), round(float(y), 1)] for x, y in self.points],
+                "text": self.text, "confidence": round(float(self.confidence), 4),
+                "words": [words[i].as_json() for i in self.words]}
+
+
 @dataclass
 class ImageResult:
     """What the pipeline found in one image.
 
     Attributes:
         words: the recognised regions, in reading order of the detector's boxes.
+        lines: the regions before the cut into words, each naming its words.
         dropped: regions detected but not returned, by reason (``"no text"``: the recogniser
             read nothing; ``"low confidence"``: under ``min_confidence``; ``"recognition"``:
             the crop could not be recognised, with the failure).
@@ -78,6 +105,7 @@ class ImageResult:
 
     words: list[OcrWord] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    lines: list[OcrLine] = field(default_factory=list)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -250,9 +278,13 @@ def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], s
             pieces = split_words(outcome, crop.matrix, spec)
         else:
             pieces = [(text, crop.box.points)]
+        first = len(result.words)
         for word, corners in pieces:
             result.words.append(OcrWord(np.asarray(corners, np.float32), word,
                                         outcome.confidence, crop.box.score))
+        result.lines.append(OcrLine(np.asarray(crop.box.points, np.float32), text,
+                                    outcome.confidence, tuple(range(first, len(result.words))),
+                                    crop.flipped))
     return result
 
 

@@ -23,6 +23,7 @@ LAYERS = {
     "eval": 5,
     "serve": 6,
     "train": 6,
+    "ocr": 6,
     "bench": 7,
 }
 #: ``bench`` measures the leaves (it starts the service), so it sits above them.

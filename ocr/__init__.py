@@ -1,0 +1,1 @@
+"""``python -m ocr PHOTO...``: read the text of photos in one call (a leaf over the pipeline)."""
