@@ -250,6 +250,9 @@ def _parser():
     parser.add_argument("--cls-thresh", type=probability, default=CLS_THRESHOLD,
                         help="a crop the classifier reads '180' with a higher probability "
                              "is turned 180 degrees")
+    parser.add_argument("--cls-no-verify", dest="cls_verify", action="store_false",
+                        help="read such a crop turned only, as PaddleOCR does (default: read "
+                             "it both ways and keep the more confident reading)")
     parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: cpu; npu for .om "
                                          "models)")
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
@@ -290,7 +293,7 @@ def run(args) -> dict[str, object]:
                              classifier=None if args.cls == "none" else args.cls,
                              detector_changes=changes, rec_batch_size=args.rec_batch_size,
                              split_words=args.split_words, min_confidence=args.min_confidence,
-                             cls_threshold=args.cls_thresh)
+                             cls_threshold=args.cls_thresh, cls_verify=args.cls_verify)
     predictions: dict[str, list] = {}
     results: dict[str, ImageResult] = {}
     failures: list[dict[str, str]] = list(skipped)  # counted, never scored
@@ -343,7 +346,7 @@ def run(args) -> dict[str, object]:
                        "recogniser": pipeline.recognise_seconds},
         "models": {"detector": str(args.det), "recogniser": str(args.rec),
                    "classifier": None if args.cls == "none" else str(args.cls),
-                   "cls_threshold": args.cls_thresh,
+                   "cls_threshold": args.cls_thresh, "cls_verify": args.cls_verify,
                    "detector_settings": pipeline.detector.spec.to_dict(),
                    "split_words": args.split_words, "min_confidence": args.min_confidence},
         "machine": machine_facts(),

@@ -8,9 +8,11 @@ The flow (Paddle Serving's OCR pipeline, as one in-process DAG):
        turned 90 degrees counter-clockwise (vertical text read top to bottom).
     3. With a text-direction classifier (:class:`pipeline.classifier.Classifier`, PaddleOCR's
        ``use_angle_cls``), a crop it reads as "180" with a probability above
-       ``cls_threshold`` (0.9, PaddleOCR's ``cls_thresh``) is turned 180 degrees. It runs
-       after the tall-crop turn, so a tall crop turned counter-clockwise that is in fact
-       written bottom to top ends up turned clockwise (PaddleOCR's order too).
+       ``cls_threshold`` (0.9, PaddleOCR's ``cls_thresh``) is read both as it is and turned
+       180 degrees, and the more confident reading is kept (:func:`settle_directions`;
+       ``cls_verify=False`` reads it turned only, as PaddleOCR does). It runs after the
+       tall-crop turn, so a tall crop turned counter-clockwise that is in fact written bottom
+       to top ends up turned clockwise (PaddleOCR's order too).
        The crops go through the in-memory recogniser (:class:`pipeline.recognizer.Recognizer`),
        which batches equal input widths.
     4. Word boxes from the CTC alignment (:func:`split_words`): PP-OCR boxes often cover a
@@ -288,6 +290,39 @@ def assemble(crops: Sequence[Crop], outcomes: Sequence[Recognition | Failure], s
     return result
 
 
+def direction_readings(crops: Sequence[Crop], upside_down: set[int], verify: bool
+                       ) -> list[Crop]:
+    """What the recogniser reads for ``crops`` of which the direction classifier reads
+    ``upside_down`` (indices) as turned: each crop as it is, or turned 180 degrees in its
+    place when ``verify`` is False; with ``verify``, the turned crops follow all the crops
+    as they are, in index order (:func:`settle_directions` picks)."""
+    if not verify:
+        return [c.turned_upside_down() if i in upside_down else c for i, c in enumerate(crops)]
+    return [*crops, *(crops[i].turned_upside_down() for i in sorted(upside_down))]
+
+
+def settle_directions(crops: Sequence[Crop], upside_down: set[int], readings: Sequence[Crop],
+                      outcomes: Sequence[Recognition | Failure]
+                      ) -> list[tuple[Crop, Recognition | Failure]]:
+    """Each crop and its recognition, from the readings of :func:`direction_readings`
+    (with ``verify``: more readings than crops).
+
+    A crop read both ways keeps the turned reading only when it is more confident than the
+    upright one (or the upright one failed): the classifier alone mistakes short upright
+    words for upside-down ones (measured on ICDAR 2015: docs/results/README.md), and the
+    recogniser's confidence on upside-down text is low.
+    """
+    chosen = list(zip(readings[:len(crops)], outcomes[:len(crops)]))
+    extra = zip(sorted(upside_down), readings[len(crops):], outcomes[len(crops):])
+    for index, crop, outcome in extra:
+        kept = chosen[index][1]
+        if isinstance(outcome, Failure):
+            continue
+        if isinstance(kept, Failure) or outcome.confidence > kept.confidence:
+            chosen[index] = (crop, outcome)
+    return chosen
+
+
 @dataclass
 class OcrPipeline:
     """Detector and recogniser as one pipeline over whole images.
@@ -298,6 +333,8 @@ class OcrPipeline:
             the frames word splitting needs.
         classifier: a text-direction :class:`pipeline.classifier.Classifier`, or None.
         cls_threshold: a crop it reads "180" with a higher probability is turned 180 degrees.
+        cls_verify: such a crop is read both ways and the more confident reading kept
+            (:func:`settle_directions`); False: it is read turned only (PaddleOCR).
         split_words: cut line boxes into word boxes at recognised spaces.
         min_confidence: regions read with a lower recogniser confidence are dropped (counted).
 
@@ -311,6 +348,7 @@ class OcrPipeline:
     min_confidence: float = 0.5
     classifier: Classifier | None = None
     cls_threshold: float = CLS_THRESHOLD
+    cls_verify: bool = True
     #: Seconds spent cutting crops, in the direction classifier and in the recogniser,
     #: summed over calls.
     crop_seconds: float = 0.0
@@ -336,16 +374,15 @@ class OcrPipeline:
         for model in self._models():
             model.close()
 
-    def orient(self, crops: list[Crop]) -> list[Crop]:
-        """The crops, those the direction classifier reads as upside down turned 180 degrees
-        (:func:`pipeline.classifier.upside_down`); unchanged without a classifier."""
+    def upside_down_crops(self, crops: list[Crop]) -> set[int]:
+        """The indices of the crops the direction classifier reads as upside down
+        (:func:`pipeline.classifier.upside_down`); none without a classifier."""
         if self.classifier is None or not crops:
-            return crops
+            return set()
         start = time.perf_counter()
         readings = self.classifier([c.pixels for c in crops])
         self.classify_seconds += time.perf_counter() - start
-        return [c.turned_upside_down() if upside_down(r, self.cls_threshold) else c
-                for c, r in zip(crops, readings)]
+        return {i for i, r in enumerate(readings) if upside_down(r, self.cls_threshold)}
 
     def __enter__(self) -> OcrPipeline:
         return self.load()
@@ -365,15 +402,17 @@ class OcrPipeline:
         crops = [cut_crops(image, image_boxes, self.recognizer.spec.tall_ratio)
                  for image, image_boxes in zip(images, boxes)]
         self.crop_seconds += time.perf_counter() - start
-        flat = self.orient([crop for image_crops in crops for crop in image_crops])
-        placed = iter(flat)
-        crops = [[next(placed) for _ in image_crops] for image_crops in crops]
+        flat = [crop for image_crops in crops for crop in image_crops]
+        turned = self.upside_down_crops(flat)
+        readings = direction_readings(flat, turned, self.cls_verify)
         start = time.perf_counter()
-        outcomes = iter(self.recognizer([c.pixels for c in flat]) if flat else [])
+        outcomes = self.recognizer([c.pixels for c in readings]) if readings else []
         self.recognise_seconds += time.perf_counter() - start
-        return [assemble(image_crops, [next(outcomes) for _ in image_crops],
-                         self.recognizer.spec, self.split_words, self.min_confidence)
-                for image_crops in crops]
+        chosen = iter(settle_directions(flat, turned, readings, outcomes))
+        placed = [[next(chosen) for _ in image_crops] for image_crops in crops]
+        return [assemble([c for c, _ in pairs], [o for _, o in pairs], self.recognizer.spec,
+                         self.split_words, self.min_confidence)
+                for pairs in placed]
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
         """Detect and recognise the text of each image (uint8 ``[h, w, 3]`` RGB), in order.

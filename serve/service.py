@@ -35,7 +35,14 @@ from models.onnx_file import load_onnx
 from models.spec import ModelSpec, batch_dependent
 from pipeline.classifier import Classification, Classifier, classifier_input, upside_down
 from pipeline.detector import Detector, detector_input
-from pipeline.ocr import ImageResult, assemble, cut_crops, resolve_model
+from pipeline.ocr import (
+    ImageResult,
+    assemble,
+    cut_crops,
+    direction_readings,
+    resolve_model,
+    settle_directions,
+)
 from pipeline.recognizer import Recognition, Recognizer, collapse
 from preprocess.image import (
     DECODABLE_FORMATS,
@@ -431,17 +438,16 @@ class Service:
     def _prepare_crops(self, crops: list) -> list[np.ndarray]:
         return [prepare(c.pixels, self.spec)[0] for c in crops]
 
-    async def _orient(self, crops: list, inputs: list[np.ndarray], key: object,
-                      deadline: float) -> list:
-        """The crops, those the direction classifier reads upside down turned 180 degrees
-        (as ``pipeline.ocr.OcrPipeline.orient`` does offline)."""
-        if self.cls_batcher is None or not crops:
-            return crops
+    async def _upside_down(self, inputs: list[np.ndarray], key: object,
+                           deadline: float) -> set[int]:
+        """The indices of the crops the direction classifier reads upside down (as
+        ``pipeline.ocr.OcrPipeline.upside_down_crops`` does offline); none without one."""
+        if self.cls_batcher is None or not inputs:
+            return set()
         self._admit(self.cls_batcher, len(inputs), deadline)
         futures = [self.cls_batcher.submit(p, deadline, flow=key) for p in inputs]
         readings = await self._gather(futures, deadline)
-        return [c.turned_upside_down() if upside_down(r, self.config.cls_threshold) else c
-                for c, r in zip(crops, readings)]
+        return {i for i, r in enumerate(readings) if upside_down(r, self.config.cls_threshold)}
 
     async def ocr(self, raw: bytes, arrival: float) -> ImageResult:
         """Detect and recognise the text of one whole image: the detector's batcher (equal
@@ -471,15 +477,17 @@ class Service:
             raise ServiceError(413, f"{len(boxes)} text regions in one image; the queue holds "
                                     f"{self.config.max_queue} (--max-queue)")
         ((crops, cls_inputs),) = await self._preprocessed(key, [(self._cut_crops, (rgb, boxes))])
-        crops = await self._orient(crops, cls_inputs, key, deadline)
-        (pixels,) = await self._preprocessed(key, [(self._prepare_crops, (crops,))])
+        turned = await self._upside_down(cls_inputs, key, deadline)
+        readings = direction_readings(crops, turned, verify=True)
+        (pixels,) = await self._preprocessed(key, [(self._prepare_crops, (readings,))])
         self._admit(self.batcher, len(pixels), deadline)
         futures = [self.batcher.submit(p, deadline, flow=key) for p in pixels]
         decoded = await self._gather(futures, deadline)
         outcomes = [Recognition.of(d, p.shape[1], (c.pixels.shape[1], c.pixels.shape[0]))
-                    for d, p, c in zip(decoded, pixels, crops)]
-        return assemble(crops, outcomes, self.spec, self.config.split_words,
-                        self.config.min_confidence)
+                    for d, p, c in zip(decoded, pixels, readings)]
+        chosen = settle_directions(crops, turned, readings, outcomes)
+        return assemble([c for c, _ in chosen], [o for _, o in chosen], self.spec,
+                        self.config.split_words, self.config.min_confidence)
 
     def _check_request_images(self, images: list[bytes]) -> None:
         """Raises: ServiceError 400 for a request without images, 413 over

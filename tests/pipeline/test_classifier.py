@@ -22,7 +22,8 @@ from models.describe import describe_classifier
 from models.det_spec import description_from_dict
 from models.sidecar import InputPlan, ShapePlan, read_sidecar, write_sidecar
 from pipeline.classifier import Classifier, classifier_input, upside_down
-from pipeline.ocr import CLS_THRESHOLD, cut_crops
+from pipeline.ocr import CLS_THRESHOLD, cut_crops, direction_readings, settle_directions
+from pipeline.recognizer import Failure, Recognition
 from tests.conftest import CLASSIFIER_LABELS as LABELS
 from tests.conftest import render_line
 
@@ -144,3 +145,25 @@ def test_an_inconsistent_description_is_refused():
     with pytest.raises(ToolchainError, match="one value per channel"):
         ClassifierSpec(arch="x", labels=("a", "b"), channel_order="grey").validate()
 
+
+
+def test_a_crop_read_both_ways_keeps_the_more_confident_reading():
+    image = np.zeros((60, 200, 3), np.uint8)
+    boxes = [TextBox(np.array([[10, 10], [90, 10], [90, 30], [10, 30]], np.float32), 0.9),
+             TextBox(np.array([[100, 10], [190, 10], [190, 30], [100, 30]], np.float32), 0.9)]
+    crops = cut_crops(image, boxes, 1.5)
+    readings = direction_readings(crops, {0, 1}, verify=True)
+    assert len(readings) == 4 and [r.flipped for r in readings] == [False, False, True, True]
+
+    def read(text, confidence):
+        return Recognition(text, confidence, (), 10, 100, (80, 20))
+
+    outcomes = [read("SIHL", 0.4), read("EXIT", 0.95), read("THIS", 0.9), read("LIXE", 0.3)]
+    chosen = settle_directions(crops, {0, 1}, readings, outcomes)
+    assert [(c.flipped, o.text) for c, o in chosen] == [(True, "THIS"), (False, "EXIT")]
+    failed = [Failure("engine", "infer"), outcomes[1], outcomes[2], Failure("engine", "infer")]
+    chosen = settle_directions(crops, {0, 1}, readings, failed)
+    assert [(c.flipped, getattr(o, "text", None)) for c, o in chosen] == [
+        (True, "THIS"), (False, "EXIT")]
+    only_turned = direction_readings(crops, {1}, verify=False)
+    assert [r.flipped for r in only_turned] == [False, True]

@@ -22,7 +22,14 @@ from tests.eval.test_det_rec import IC15_IMAGES
 
 
 def photos() -> list[bytes]:
-    """Three real ICDAR 2015 photos where the data is present, else rendered lines."""
+    """Three real ICDAR 2015 photos where the data is present, else rendered lines; and the
+    first turned upside down (the direction classifier's work)."""
+    found = _photos()
+    turned = np.ascontiguousarray(decode_rgb(found[0])[::-1, ::-1])
+    return [*found, encode(Image.fromarray(turned), "PNG")]
+
+
+def _photos() -> list[bytes]:
     if IC15_IMAGES.is_dir():
         return [p.read_bytes() for p in list_images(IC15_IMAGES)[:3]]
     lines = [render_line(w)[0] for w in (["OPEN", "DAILY"], ["EXIT", "2026"], ["SALE"])]
@@ -54,6 +61,8 @@ def test_ocr_equals_the_offline_pipeline_under_concurrency(server, offline):
         assert answer.status_code == 200, answer.text
         assert answer.json()["words"] == offline[index % len(images)]
     assert any(offline)  # the photos hold text
+    upright, turned = ({w["text"] for w in offline[i]} for i in (0, -1))
+    assert len(upright & turned) >= len(upright) // 2  # the classifier turned them back
 
 
 def test_paddle_serving_pipeline_format(server, offline):
