@@ -1,20 +1,28 @@
-"""Benchmark: our full-image OCR pipeline against RapidOCR 1.4.4 (its defaults), side by side.
+"""Benchmark: our full-image OCR pipeline against RapidOCR 3.10.0 and 1.4.4, side by side.
 
 In one run, on the same images, one after the other (never at once):
-    1. RapidOCR (``rapidocr-onnxruntime==1.4.4``, its ``config.yaml`` defaults: PP-OCRv4
-       detector at shortest side 736, direction classifier, PP-OCRv4 recogniser) in its own
-       virtual environment (made on first use in ``--rapidocr-venv``; RapidOCR is never a
-       dependency of this project), through ``bench/rapidocr_run.py``;
-    2. ``python -m eval.det_rec`` with its defaults;
-    3. the same with ``--no-split-words`` (what word boxes from the CTC alignment add);
-    4. with ``--nano`` also ``--rec nano-ocr`` (the alternative recogniser).
+    1. RapidOCR 3.10.0 (``rapidocr==3.10.0`` with ONNX Runtime, its ``config.yaml`` defaults:
+       PP-OCRv6 small detector at shortest side 736, direction classifier, PP-OCRv6 small
+       recogniser), with line boxes and with ``return_word_box=True`` (word boxes);
+    2. RapidOCR 1.4.4 (``rapidocr-onnxruntime==1.4.4``, its defaults: PP-OCRv4);
+    each in its own virtual environment (made on first use under ``--venvs``; RapidOCR is
+    never a dependency of this project), through ``bench/rapidocr_run.py``;
+    3. ``python -m eval.det_rec`` with its defaults (PP-OCRv6 det and rec, the direction
+       classifier, word boxes from the CTC alignment);
+    4. the same with ``--cls none``, and with ``--no-split-words``;
+    5. with ``--v4`` also PP-OCRv4 det and rec, and with ``--nano`` ``--rec nano-ocr``;
+    6. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
+       work folder): RapidOCR 3.10.0 with word boxes, ours with the direction classifier
+       (the recogniser verifying its turns, the default), with ``--cls-no-verify``
+       (PaddleOCR's rule) and with ``--cls none``.
 Each runs in its own process; time is the loop over the images (reading, decoding and
-recognising each), model loading and one warm-up excluded on both sides. All predictions are
-scored by the same code (``eval.det_metrics``, ICDAR 2015 protocols).
+recognising each), model loading and one warm-up excluded on every side. All predictions
+are scored by the same code (``eval.det_metrics``, ICDAR 2015 protocols); speed is given as a
+ratio to RapidOCR 3.10.0 with word boxes, measured in the same run.
 
 Example:
     python -m bench.det_rec --images ../shared/data/IC15_test_even/images \\
-        --gts ../shared/data/IC15_test_even/gts
+        --gts ../shared/data/IC15_test_even/gts --turned --v4
 """
 
 from __future__ import annotations
@@ -26,35 +34,66 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from common.cli import REPO_ROOT, make_parser, positive, run_main
 from common.errors import ToolchainError
 from common.outputs import claim_output_folder
 from eval.det_metrics import Detection, score_set
-from eval.det_rec import list_images, read_ground_truth
+from eval.det_rec import gt_path, list_images, read_ground_truth
+from preprocess.icdar_gt import format_gt, read_gt_file, turned_upside_down
 
-RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
-DEFAULT_VENV = REPO_ROOT / ".cache" / "bench-rapidocr"
+#: The RapidOCR versions measured: name -> (its virtual environment's folder, the pip
+#: requirements, the package to import). ONNX Runtime is the project's own version.
+RAPIDOCR = {
+    "3.10.0": ("rapidocr-3.10.0", ["rapidocr==3.10.0", "onnxruntime==1.31.1"], "rapidocr"),
+    "1.4.4": ("rapidocr-1.4.4", ["rapidocr-onnxruntime==1.4.4"], "rapidocr_onnxruntime"),
+}
+DEFAULT_VENVS = REPO_ROOT / ".cache" / "bench-venvs"
 
 
-def rapidocr_python(venv: Path) -> Path:
-    """The Python of a virtual environment with RapidOCR, made (and installed) if missing.
+def rapidocr_python(venvs: Path, version: str) -> Path:
+    """The Python of a virtual environment with RapidOCR ``version``, made (and installed)
+    if missing.
 
     Raises:
         ToolchainError: the environment cannot be made or RapidOCR cannot be installed.
     """
+    folder, requirements, package = RAPIDOCR[version]
+    venv = venvs / folder
     python = venv / "bin" / "python"
     if python.is_file():
-        probe = subprocess.run([str(python), "-c", "import rapidocr_onnxruntime"],
-                               capture_output=True)
+        probe = subprocess.run([str(python), "-c", f"import {package}"], capture_output=True)
         if probe.returncode == 0:
             return python
     for step in ([sys.executable, "-m", "venv", str(venv)],
-                 [str(python), "-m", "pip", "install", "--quiet", RAPIDOCR]):
+                 [str(python), "-m", "pip", "install", "--quiet", *requirements]):
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             raise ToolchainError(f"{' '.join(step[:4])} failed: {tail}")
     return python
+
+
+def turned_copy(images: list[Path], gts: Path, folder: Path) -> tuple[Path, Path]:
+    """The set turned 180 degrees under ``folder``: ``images/`` (PNG, lossless) and
+    ``gts/`` (``preprocess.icdar_gt.turned_upside_down``); made once, reused after."""
+    turned_images, turned_gts = folder / "images", folder / "gts"
+    turned_images.mkdir(parents=True, exist_ok=True)
+    turned_gts.mkdir(exist_ok=True)
+    for path in images:
+        target = turned_images / f"{path.stem}.png"
+        gt_target = gt_path(turned_gts, target)
+        if target.exists() and gt_target.exists():
+            continue
+        with Image.open(path) as image:
+            rotated = image.convert("RGB").transpose(Image.Transpose.ROTATE_180)
+            width, height = image.size
+        rotated.save(target, format="PNG")
+        words = read_gt_file(gt_path(gts, path))
+        gt_target.write_text(format_gt(turned_upside_down(words, width, height)),
+                             encoding="utf-8")
+    return turned_images, turned_gts
 
 
 def _run(command: list[str]) -> None:
@@ -75,13 +114,35 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--gts", type=Path, required=True)
-    parser.add_argument("--rapidocr-venv", type=Path, default=DEFAULT_VENV,
-                        help="virtual environment for RapidOCR (made if missing)")
+    parser.add_argument("--venvs", type=Path, default=DEFAULT_VENVS,
+                        help="folder of RapidOCR's virtual environments (made if missing)")
     parser.add_argument("--limit", type=positive(int), help="only the first N images")
     parser.add_argument("--out", type=Path, help="folder to keep the predictions and reports "
                                                   "(new, empty, or this bench's own)")
-    parser.add_argument("--nano", action="store_true", help="also run with --rec nano-ocr")
+    parser.add_argument("--turned", action="store_true",
+                        help="also the set turned 180 degrees (the direction classifier)")
+    parser.add_argument("--v4", action="store_true", help="also PP-OCRv4 det and rec")
+    parser.add_argument("--nano", action="store_true", help="also with --rec nano-ocr")
+    parser.add_argument("--no-rapidocr", dest="rapidocr", action="store_false",
+                        help="our pipeline only (no RapidOCR rows, no speed ratio)")
     return parser
+
+
+def _ours(folder: Path, work: Path, stem: str, extra: list[str]) -> tuple[dict, float]:
+    _run([sys.executable, "-m", "eval.det_rec", "--images", str(folder), "--predictions",
+          str(work / f"{stem}.json"), "--report", str(work / f"{stem}_report.json"), *extra])
+    report = json.loads((work / f"{stem}_report.json").read_text())
+    return json.loads((work / f"{stem}.json").read_text()), report["images_per_second"]
+
+
+def _rapidocr(args, version: str, folder: Path, work: Path, stem: str,
+              word_box: bool = False) -> tuple[dict, float]:
+    python = rapidocr_python(args.venvs, version)
+    _run([str(python), str(REPO_ROOT / "bench" / "rapidocr_run.py"), "--package",
+          RAPIDOCR[version][2], "--images", str(folder), "--out", str(work / f"{stem}.json"),
+          *(["--word-box"] if word_box else [])])
+    rapid = json.loads((work / f"{stem}.json").read_text())
+    return rapid["predictions"], rapid["images"] / rapid["seconds"]
 
 
 def _main(args) -> int:
@@ -89,43 +150,59 @@ def _main(args) -> int:
     gts = read_ground_truth(args.gts, images)
     if args.out:
         claim_output_folder(args.out, "bench.det_rec", "--out")
-    python = rapidocr_python(args.rapidocr_venv)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.out or Path(scratch)
         folder = args.images
-        if args.limit:  # both sides read the same subset
+        if args.limit:  # every side reads the same subset
             folder = work / "images"
             folder.mkdir(exist_ok=True)
             for path in images:
                 target = folder / path.name
                 if not target.exists():
                     target.symlink_to(path.resolve())
-        rows = []
-        _run([str(python), str(REPO_ROOT / "bench" / "rapidocr_run.py"), "--images",
-              str(folder), "--out", str(work / "rapidocr.json")])
-        rapid = json.loads((work / "rapidocr.json").read_text())
-        rows.append(("RapidOCR 1.4.4 (defaults)", rapid["predictions"],
-                     rapid["images"] / rapid["seconds"]))
-        ours = [("ours (eval.det_rec defaults)", "ours", []),
-                ("ours, --no-split-words", "ours_nosplit", ["--no-split-words"])]
-        if args.nano:
-            ours.append(("ours, --rec nano-ocr", "ours_nano", ["--rec", "nano-ocr"]))
-        for label, stem, extra in ours:
-            _run([sys.executable, "-m", "eval.det_rec", "--images", str(folder), "--predictions",
-                  str(work / f"{stem}.json"), "--report", str(work / f"{stem}_report.json"),
-                  *extra])
-            report = json.loads((work / f"{stem}_report.json").read_text())
-            rows.append((label, json.loads((work / f"{stem}.json").read_text()),
-                         report["images_per_second"]))
-    base_speed = rows[0][2]
+        sets = [("IC15", folder, gts)]
+        if args.turned:
+            turned_images, turned_gts = turned_copy(images, args.gts, work / "turned")
+            turned_list = list_images(turned_images)
+            sets.append(("turned 180", turned_images,
+                         read_ground_truth(turned_gts, turned_list)))
+        rows = []  # (set, label, predictions, images/s)
+        for name, images_folder, _ in sets:
+            tag = "" if name == "IC15" else "turned_"
+            if args.rapidocr:
+                rows.append((name, "RapidOCR 3.10.0, word boxes", *_rapidocr(
+                    args, "3.10.0", images_folder, work, f"{tag}rapid3_words", True)))
+                if name == "IC15":
+                    rows.append((name, "RapidOCR 3.10.0 (defaults)", *_rapidocr(
+                        args, "3.10.0", images_folder, work, "rapid3")))
+                    rows.append((name, "RapidOCR 1.4.4 (defaults)", *_rapidocr(
+                        args, "1.4.4", images_folder, work, "rapid1")))
+            ours = [("ours (defaults: PP-OCRv6, direction classifier)", "ours", []),
+                    ("ours, --cls none", "ours_nocls", ["--cls", "none"])]
+            if name == "IC15":
+                ours.append(("ours, --no-split-words", "ours_nosplit", ["--no-split-words"]))
+                if args.v4:
+                    ours.append(("ours, PP-OCRv4 det and rec", "ours_v4",
+                                 ["--det", "ppocr-v4-det", "--rec", "ppocr-v4-rec"]))
+                if args.nano:
+                    ours.append(("ours, --rec nano-ocr", "ours_nano", ["--rec", "nano-ocr"]))
+            else:
+                ours.insert(1, ("ours, --cls-no-verify (PaddleOCR's rule)", "ours_noverify",
+                                ["--cls-no-verify"]))
+            for label, stem, extra in ours:
+                rows.append((name, label, *_ours(images_folder, work, tag + stem, extra)))
+    base = next((speed for _, label, _, speed in rows if label.endswith("word boxes")), None)
     print(f"{len(images)} images of {args.images}, one process at a time")
-    print("| pipeline | det P | det R | det H | e2e P | e2e R | e2e H | images/s | x RapidOCR |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for label, predictions, speed in rows:
-        det, e2e = score(predictions, gts)
-        print(f"| {label} | {det['precision']:.3f} | {det['recall']:.3f} | {det['hmean']:.3f} | "
-              f"{e2e['precision']:.3f} | {e2e['recall']:.3f} | {e2e['hmean']:.3f} | "
-              f"{speed:.2f} | {speed / base_speed:.2f} |")
+    print("| set | pipeline | det P | det R | det H | e2e P | e2e R | e2e H | images/s "
+          "| x RapidOCR 3.10 word boxes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    truths = {name: truth for name, _, truth in sets}
+    for name, label, predictions, speed in rows:
+        det, e2e = score(predictions, truths[name])
+        ratio = f"{speed / base:.2f}" if base else "-"
+        print(f"| {name} | {label} | {det['precision']:.3f} | {det['recall']:.3f} | "
+              f"{det['hmean']:.3f} | {e2e['precision']:.3f} | {e2e['recall']:.3f} | "
+              f"{e2e['hmean']:.3f} | {speed:.2f} | {ratio} |")
     return 0
 
 

@@ -33,7 +33,7 @@ from pipeline.ocr import DEFAULT_DETECTOR, resolve_model
 from preprocess.image import DEFAULT_MAX_PIXELS
 
 #: Resize rules measured: (limit type, limit side).
-RULES = (("max", 960), ("min", 736), ("max", 1280), ("min", 960))
+RULES = (("max", 960), ("min", 736))
 #: Normalisations measured: name -> (mean, std).
 NORMALISATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                   "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}

@@ -4,7 +4,8 @@ Format (Robust Reading Competition, Incidental Scene Text): ``x1,y1,x2,y2,x3,y3,
 transcription``, a clockwise quadrilateral in pixels, UTF-8 (often with a byte-order mark);
 the transcription may itself contain commas, and ``###`` marks a region that is not scored.
 Read here for the scorer (``eval.det_metrics``) and for cutting word crops
-(``preprocess.icdar_crops``).
+(``preprocess.icdar_crops``); written here for a set turned upside down (``bench.det_rec
+--turned``).
 """
 
 from __future__ import annotations
@@ -61,3 +62,22 @@ def read_gt_file(path: str | Path) -> list[GtWord]:
         points = tuple((coords[i], coords[i + 1]) for i in range(0, 8, 2))
         words.append(GtWord(points, fields[8]))
     return words
+
+
+def format_gt(words: list[GtWord]) -> str:
+    """The text of an ICDAR 2015 ground-truth file for ``words`` (inverse of
+    :func:`read_gt_file`; coordinates written as integers when they are whole)."""
+
+    def number(value: float) -> str:
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+    return "".join(",".join([*(number(v) for point in word.points for v in point), word.text])
+                   + "\n" for word in words)
+
+
+def turned_upside_down(words: list[GtWord], width: int, height: int) -> list[GtWord]:
+    """The ground truth of an image of ``width`` x ``height`` pixels turned 180 degrees:
+    ``(x, y) -> (width - x, height - y)``, each region still clockwise from its text's
+    top-left."""
+    return [GtWord(tuple((width - x, height - y) for x, y in (*w.points[2:], *w.points[:2])),
+                   w.text) for w in words]
