@@ -9,10 +9,11 @@ In one run, on the same images, one after the other (never at once):
     never a dependency of this project), through ``bench/rapidocr_run.py``;
     3. ``python -m eval.det_rec`` with its defaults (PP-OCRv6 det and rec, the direction
        classifier, word boxes from the CTC alignment);
-    4. the same with ``--cls none``, and with ``--no-split-words``;
+    4. the same with ``--cls none``, with ``--no-split-words``, and with the detector at
+       shortest side 736 (RapidOCR's resize rule);
     5. with ``--v4`` also PP-OCRv4 det and rec, and with ``--nano`` ``--rec nano-ocr``;
     6. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
-       work folder): RapidOCR 3.10.0 with word boxes, ours with the direction classifier
+       work folder): ours with the direction classifier
        (the recogniser verifying its turns, the default), with ``--cls-no-verify``
        (PaddleOCR's rule) and with ``--cls none``.
 Each runs in its own process; time is the loop over the images (reading, decoding and
@@ -169,7 +170,7 @@ def _main(args) -> int:
         rows = []  # (set, label, predictions, images/s)
         for name, images_folder, _ in sets:
             tag = "" if name == "IC15" else "turned_"
-            if args.rapidocr:
+            if args.rapidocr and name == "IC15":
                 rows.append((name, "RapidOCR 3.10.0, word boxes", *_rapidocr(
                     args, "3.10.0", images_folder, work, f"{tag}rapid3_words", True)))
                 if name == "IC15":
@@ -181,6 +182,8 @@ def _main(args) -> int:
                     ("ours, --cls none", "ours_nocls", ["--cls", "none"])]
             if name == "IC15":
                 ours.append(("ours, --no-split-words", "ours_nosplit", ["--no-split-words"]))
+                ours.append(("ours, detector at shortest side 736 (RapidOCR's rule)", "ours_736",
+                             ["--limit-type", "min", "--limit-side-len", "736"]))
                 if args.v4:
                     ours.append(("ours, PP-OCRv4 det and rec", "ours_v4",
                                  ["--det", "ppocr-v4-det", "--rec", "ppocr-v4-rec"]))

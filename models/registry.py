@@ -229,8 +229,7 @@ DETECTORS: dict[str, DetectorEntry] = {
             summary="PP-OCRv4 DB text detector (Apache-2.0), RapidOCR 1.4.4",
             # Input x float32 [N, 3, H, W], H and W multiples of 32; output the text
             # probability map [N, 1, H, W]. Normalisation, resize rule and DB settings were
-            # chosen by measurement on IC15 (`python -m bench.det_rec --sweep`): see
-            # docs/results/README.md.
+            # chosen by measurement on IC15 (docs/usage.md, "Choices, measured").
             spec=DetectorSpec(arch="ppocr-v4-det"),
             weights=WeightSource(
                 package="rapidocr-onnxruntime",
@@ -246,9 +245,9 @@ DETECTORS: dict[str, DetectorEntry] = {
             summary="PP-OCRv6 small DB text detector (Apache-2.0), RapidOCR 3.10.0",
             # Input x float32 [N, 3, H, W], H and W multiples of 32; output the text
             # probability map [N, 1, H, W]. Normalisation, resize rule and DB settings were
-            # chosen by measurement on a held-out half of IC15_test_even (`python -m
-            # bench.det_rec --sweep`): see docs/results/README.md.
-            spec=DetectorSpec(arch="ppocr-v6-det", output_name="fetch_name_0"),
+            # chosen on a tuning half of IC15_test_even, checked on the other half (`python -m
+            # bench.det_tune`): see docs/results/README.md.
+            spec=DetectorSpec(arch="ppocr-v6-det", output_name="fetch_name_0", box_thresh=0.5),
             weights=WeightSource(
                 package="rapidocr",
                 version="3.10.0",
