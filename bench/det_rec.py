@@ -12,7 +12,9 @@ In one run, on the same images, one after the other (never at once):
     4. the same with ``--cls none``, with ``--no-split-words``, and with the detector at
        shortest side 736 (RapidOCR's resize rule);
     5. with ``--v4`` also PP-OCRv4 det and rec, and with ``--nano`` ``--rec nano-ocr``;
-    6. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
+    6. with ``--served``, every image posted to a real ``python -m serve --det`` (/ocr),
+       its answer compared with the offline predictions of step 3;
+    7. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
        work folder): ours with the direction classifier
        (the recogniser verifying its turns, the default), with ``--cls-no-verify``
        (PaddleOCR's rule) and with ``--cls none``.
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -43,6 +46,7 @@ from common.outputs import claim_output_folder
 from eval.det_metrics import Detection, score_set
 from eval.det_rec import gt_path, list_images, read_ground_truth
 from preprocess.icdar_gt import format_gt, read_gt_file, turned_upside_down
+from preprocess.image import DEFAULT_MAX_PIXELS
 
 #: The RapidOCR versions measured: name -> (its virtual environment's folder, the pip
 #: requirements, the package to import). ONNX Runtime is the project's own version.
@@ -124,6 +128,9 @@ def _parser():
                         help="also the set turned 180 degrees (the direction classifier)")
     parser.add_argument("--v4", action="store_true", help="also PP-OCRv4 det and rec")
     parser.add_argument("--nano", action="store_true", help="also with --rec nano-ocr")
+    parser.add_argument("--served", action="store_true",
+                        help="also post every image to a real `python -m serve --det` and "
+                             "count the answers equal to the offline predictions")
     parser.add_argument("--no-rapidocr", dest="rapidocr", action="store_false",
                         help="our pipeline only (no RapidOCR rows, no speed ratio)")
     return parser
@@ -144,6 +151,28 @@ def _rapidocr(args, version: str, folder: Path, work: Path, stem: str,
           *(["--word-box"] if word_box else [])])
     rapid = json.loads((work / f"{stem}.json").read_text())
     return rapid["predictions"], rapid["images"] / rapid["seconds"]
+
+
+def served_equal(folder: Path, offline: dict[str, list]) -> int:
+    """Post every image of ``folder`` to ``POST /ocr`` of a real server with the default
+    models (``python -m serve --det``, 4 clients at once) and count the answers whose words
+    equal the offline pipeline's predictions ``offline``; print the count and the first
+    differing images; return how many differ."""
+    import httpx
+
+    from serve.process import ServerProcess
+
+    names = sorted(offline)
+    with ServerProcess(["--det", "--max-pixels", str(DEFAULT_MAX_PIXELS)], ready_timeout=300) \
+            as server, httpx.Client(base_url=server.url, timeout=120) as client, \
+            ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(
+            lambda name: client.post("/ocr", content=(folder / name).read_bytes()), names))
+    differ = [name for name, answer in zip(names, answers)
+              if answer.status_code != 200 or answer.json()["words"] != offline[name]]
+    print(f"served /ocr equals offline on {len(names) - len(differ)} of {len(names)} images"
+          + (f"; differ: {', '.join(differ[:5])}" if differ else ""))
+    return len(differ)
 
 
 def _main(args) -> int:
@@ -194,6 +223,8 @@ def _main(args) -> int:
                                 ["--cls-no-verify"]))
             for label, stem, extra in ours:
                 rows.append((name, label, *_ours(images_folder, work, tag + stem, extra)))
+        if args.served:
+            served_equal(folder, json.loads((work / "ours.json").read_text()))
     base = next((speed for _, label, _, speed in rows if label.endswith("word boxes")), None)
     print(f"{len(images)} images of {args.images}, one process at a time")
     print("| set | pipeline | det P | det R | det H | e2e P | e2e R | e2e H | images/s "
