@@ -201,12 +201,11 @@ def _main(args) -> int:
             tag = "" if name == "IC15" else "turned_"
             if args.rapidocr and name == "IC15":
                 rows.append((name, "RapidOCR 3.10.0, word boxes", *_rapidocr(
-                    args, "3.10.0", images_folder, work, f"{tag}rapid3_words", True)))
-                if name == "IC15":
-                    rows.append((name, "RapidOCR 3.10.0 (defaults)", *_rapidocr(
-                        args, "3.10.0", images_folder, work, "rapid3")))
-                    rows.append((name, "RapidOCR 1.4.4 (defaults)", *_rapidocr(
-                        args, "1.4.4", images_folder, work, "rapid1")))
+                    args, "3.10.0", images_folder, work, "rapid3_words", True)))
+                rows.append((name, "RapidOCR 3.10.0 (defaults)", *_rapidocr(
+                    args, "3.10.0", images_folder, work, "rapid3")))
+                rows.append((name, "RapidOCR 1.4.4 (defaults)", *_rapidocr(
+                    args, "1.4.4", images_folder, work, "rapid1")))
             ours = [("ours (defaults: PP-OCRv6, direction classifier)", "ours", []),
                     ("ours, --cls none", "ours_nocls", ["--cls", "none"])]
             if name == "IC15":
