@@ -420,11 +420,15 @@ class Service:
             for future in waiting:
                 future.cancel()
 
-    def _prepare_ocr(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, raw: bytes, where: str = "") -> np.ndarray:
+        """uint8 RGB pixels of one image; a bad one as its ServiceError (:func:`bad_image`)."""
         try:
-            rgb = decode_rgb(raw, self.config.max_pixels)
+            return decode_rgb(raw, self.config.max_pixels)
         except SampleError as exc:
-            raise bad_image(exc) from None
+            raise bad_image(exc, where) from None
+
+    def _prepare_ocr(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        rgb = self._decode(raw)
         return rgb, detector_input(rgb, self.detector.spec)
 
     def _cut_crops(self, rgb: np.ndarray, boxes) -> tuple[list, list[np.ndarray]]:
@@ -499,14 +503,40 @@ class Service:
                                     f"most {self.config.max_request_images} "
                                     f"(--max-request-images): send them in several requests")
 
+    async def _admit_and_prepare(self, images: list[bytes], arrival: float,
+                                 prepare: Callable[[bytes, str, float], object]
+                                 ) -> tuple[float, object, list]:
+        """Check and admit a request's images into the model's queue, then run ``prepare(raw,
+        where, deadline)`` on each in the fair preprocessing pool; on a failure the images'
+        places in the queue are released.
+
+        Returns:
+            The request's deadline, its key (its images' flow, taking turns with other
+            requests') and what ``prepare`` made of each image, in order.
+
+        Raises:
+            ServiceError: 400, 413, 503, 504 (see :meth:`recognise`).
+        """
+        self.check_ready()
+        self._check_request_images(images)
+        deadline = self.deadline(arrival)
+        self._check_deadline(deadline)
+        self._admit(self.batcher, len(images), deadline)
+        many = len(images) > 1
+        key = object()
+        try:
+            prepared = await self._preprocessed(key, [
+                (prepare, (raw, f"image {index}: " if many else "", deadline))
+                for index, raw in enumerate(images)])
+        except BaseException:
+            self.batcher.release(len(images))
+            raise
+        return deadline, key, prepared
+
     def _classifier_input(self, raw: bytes, where: str, deadline: float) -> np.ndarray:
         """One image's classifier input, unless the request's deadline has passed."""
         self._check_deadline(deadline, "before its images were decoded")
-        try:
-            rgb = decode_rgb(raw, self.config.max_pixels)
-        except SampleError as exc:
-            raise bad_image(exc, where) from None
-        return classifier_input(rgb, self.spec)
+        return classifier_input(self._decode(raw, where), self.spec)
 
     async def classify(self, images: list[bytes], arrival: float) -> list[Classification]:
         """Classify a request's images (each queued on its own; equal input sizes share an
@@ -520,20 +550,8 @@ class Service:
         """
         if self.classifier is None:
             raise ServiceError(404, "this server serves a text recogniser, not a classifier")
-        self.check_ready()
-        self._check_request_images(images)
-        deadline = self.deadline(arrival)
-        self._check_deadline(deadline)
-        self._admit(self.batcher, len(images), deadline)
-        many = len(images) > 1
-        key = object()
-        try:
-            inputs = await self._preprocessed(key, [
-                (self._classifier_input, (raw, f"image {index}: " if many else "", deadline))
-                for index, raw in enumerate(images)])
-        except BaseException:
-            self.batcher.release(len(images))
-            raise
+        deadline, key, inputs = await self._admit_and_prepare(images, arrival,
+                                                              self._classifier_input)
         if time.monotonic() >= deadline:
             self.batcher.release(len(images))
             raise ServiceError(504, "the request's deadline passed while it was preprocessed")
@@ -559,20 +577,8 @@ class Service:
         """
         if self.recognizer is None:
             raise ServiceError(404, "this server serves an image classifier, not a recogniser")
-        self.check_ready()
-        self._check_request_images(images)
-        deadline = self.deadline(arrival)
-        self._check_deadline(deadline)
-        self._admit(self.batcher, len(images), deadline)
-        many = len(images) > 1
-        key = object()  # this request: its images take turns with other requests'
-        try:
-            readings = await self._preprocessed(key, [
-                (self._prepare_one, (raw, f"image {index}: " if many else "", deadline))
-                for index, raw in enumerate(images)])
-        except BaseException:
-            self.batcher.release(len(images))
-            raise
+        deadline, key, readings = await self._admit_and_prepare(images, arrival,
+                                                                self._prepare_one)
         turned = sum(len(r) for r in readings) - len(images)
         if len(images) + turned > self.config.max_queue:
 
