@@ -81,6 +81,20 @@ def _build_nano(spec: ModelSpec, rnn_layout: str):
     return NanoOCR(spec.num_classes).eval()
 
 
+def _ppocr_rec_spec(arch: str, output_name: str) -> ModelSpec:
+    """A PP-OCR CTC recogniser's description (PP-OCRv4 and v6 share it): input ``x`` float32
+    ``[N, 3, 48, W]``, ``(x/255 - 0.5)/0.5`` on BGR pixels (PaddleOCR reads images with
+    cv2.imread); output softmax probabilities ``[N, W // 8, classes]``; blank 0; the charset
+    comes with the weights (``models.weights`` fills it). The width policy, keep-ratio [96,
+    480], was chosen for each with `python -m bench.width_policy`: see
+    docs/results/README.md."""
+    return ModelSpec(arch=arch, alphabet="", input_name="x", output_name=output_name,
+                     height=48, channels=3, channel_order="bgr", width_policy="keep-ratio",
+                     width=320, min_width=96, max_width=480, output_layout="NTC",
+                     output_kind="probabilities", downsample=8, frame_offset=0,
+                     min_input_width=8)
+
+
 ARCHS: dict[str, ArchEntry] = {
     entry.name: entry
     for entry in (
@@ -141,29 +155,9 @@ ARCHS: dict[str, ArchEntry] = {
         ArchEntry(
             name="ppocr-v4-rec",
             summary="PP-OCRv4 recogniser (SVTR-LCNet, CTC; Apache-2.0), RapidOCR 1.4.4, 6624 chars",
-            # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels (RapidOCR and
-            # PaddleOCR read images with cv2.imread); output softmax probabilities [N, W//8, 6625];
-            # blank 0, the charset in the ONNX metadata key `character` plus a space, appended
-            # last. The width policy was chosen with `python -m bench.width_policy`: see
-            # docs/results/README.md.
-            spec=ModelSpec(
-                arch="ppocr-v4-rec",
-                alphabet="",
-                input_name="x",
-                output_name="softmax_11.tmp_0",
-                height=48,
-                channels=3,
-                channel_order="bgr",
-                width_policy="keep-ratio",
-                width=320,
-                min_width=96,
-                max_width=480,
-                output_layout="NTC",
-                output_kind="probabilities",
-                downsample=8,
-                frame_offset=0,
-                min_input_width=8,
-            ),
+            # 6625 classes: the charset in the ONNX metadata key `character` plus a space,
+            # appended last.
+            spec=_ppocr_rec_spec("ppocr-v4-rec", "softmax_11.tmp_0"),
             weights=WeightSource(
                 package="rapidocr-onnxruntime",
                 version="1.4.4",
@@ -176,28 +170,9 @@ ARCHS: dict[str, ArchEntry] = {
         ArchEntry(
             name="ppocr-v6-rec",
             summary="PP-OCRv6 small recogniser (CTC; Apache-2.0), RapidOCR 3.10.0, 18709 chars",
-            # Input x float32 [N, 3, 48, W], (x/255 - 0.5)/0.5 on BGR pixels; output softmax
-            # probabilities [N, W//8, 18710]; blank 0, the charset in the ONNX metadata key
-            # `character` plus a space, appended last (as PP-OCRv4). The width policy was
-            # chosen with `python -m bench.width_policy`: see docs/results/README.md.
-            spec=ModelSpec(
-                arch="ppocr-v6-rec",
-                alphabet="",
-                input_name="x",
-                output_name="fetch_name_0",
-                height=48,
-                channels=3,
-                channel_order="bgr",
-                width_policy="keep-ratio",
-                width=320,
-                min_width=96,
-                max_width=480,
-                output_layout="NTC",
-                output_kind="probabilities",
-                downsample=8,
-                frame_offset=0,
-                min_input_width=8,
-            ),
+            # 18710 classes: the charset in the ONNX metadata key `character` plus a space,
+            # appended last.
+            spec=_ppocr_rec_spec("ppocr-v6-rec", "fetch_name_0"),
             weights=WeightSource(
                 package="rapidocr",
                 version="3.10.0",
