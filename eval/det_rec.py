@@ -232,13 +232,10 @@ def check_outputs(args, images: list[Path]) -> None:
         claim_output_folder(args.vis, "det_rec", "--vis")
 
 
-def _parser():
-    parser = make_parser(__doc__)
-    parser.add_argument("--images", type=Path, required=True, help="folder of images")
-    parser.add_argument("--predictions", type=Path, required=True, help="output JSON")
-    parser.add_argument("--gts", type=Path, help="folder of ICDAR 2015 gt_<stem>.txt files")
-    parser.add_argument("--report", type=Path, help="report JSON")
-    parser.add_argument("--vis", type=Path, help="folder for the drawn images (PNG)")
+def add_pipeline_arguments(parser) -> None:
+    """The full-image pipeline's options (models, device, threads, pixel cap, confidence,
+    word splitting), shared by this tool and ``python -m ocr``; :func:`open_pipeline_of`
+    reads them."""
     parser.add_argument("--det", default=DEFAULT_DETECTOR,
                         help="detector file or registry name")
     parser.add_argument("--rec", default=DEFAULT_RECOGNIZER,
@@ -262,6 +259,26 @@ def _parser():
                         help="regions read with a lower recogniser confidence are dropped")
     parser.add_argument("--no-split-words", dest="split_words", action="store_false",
                         help="keep line boxes whole (no cut at recognised spaces)")
+
+
+def open_pipeline_of(args, **options):
+    """``pipeline.ocr.open_pipeline`` for the options :func:`add_pipeline_arguments` added
+    (and ``options``: more of its arguments)."""
+    return open_pipeline(args.det, args.rec, args.device, threads=args.threads,
+                         classifier=None if args.cls == "none" else args.cls,
+                         cls_threshold=args.cls_thresh, cls_verify=args.cls_verify,
+                         split_words=args.split_words, min_confidence=args.min_confidence,
+                         **options)
+
+
+def _parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--predictions", type=Path, required=True, help="output JSON")
+    parser.add_argument("--gts", type=Path, help="folder of ICDAR 2015 gt_<stem>.txt files")
+    parser.add_argument("--report", type=Path, help="report JSON")
+    parser.add_argument("--vis", type=Path, help="folder for the drawn images (PNG)")
+    add_pipeline_arguments(parser)
     parser.add_argument("--rec-batch-size", type=positive(int), default=16)
     parser.add_argument("--group", type=positive(int), default=16,
                         help="images per pipeline call (their crops share recogniser batches)")
@@ -289,11 +306,8 @@ def run(args) -> dict[str, object]:
     gts = read_ground_truth(args.gts, images) if args.gts is not None else None
     check_outputs(args, images)
     changes = {k: getattr(args, k) for k in _DB_FIELDS if getattr(args, k) is not None}
-    pipeline = open_pipeline(args.det, args.rec, args.device, threads=args.threads,
-                             classifier=None if args.cls == "none" else args.cls,
-                             detector_changes=changes, rec_batch_size=args.rec_batch_size,
-                             split_words=args.split_words, min_confidence=args.min_confidence,
-                             cls_threshold=args.cls_thresh, cls_verify=args.cls_verify)
+    pipeline = open_pipeline_of(args, detector_changes=changes,
+                                rec_batch_size=args.rec_batch_size)
     predictions: dict[str, list] = {}
     results: dict[str, ImageResult] = {}
     failures: list[dict[str, str]] = list(skipped)  # counted, never scored

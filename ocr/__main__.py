@@ -25,19 +25,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import make_parser, positive, probability, run_main
+from common.cli import make_parser, run_main
 from common.errors import ToolchainError
-from eval.det_rec import IMAGE_SUFFIXES, list_images, read_image
-from infer.device import DEVICE_SPELLINGS
-from pipeline.ocr import (
-    CLS_THRESHOLD,
-    DEFAULT_CLASSIFIER,
-    DEFAULT_DETECTOR,
-    DEFAULT_RECOGNIZER,
-    ImageResult,
-    open_pipeline,
+from eval.det_rec import (
+    IMAGE_SUFFIXES,
+    add_pipeline_arguments,
+    list_images,
+    open_pipeline_of,
+    read_image,
 )
-from preprocess.image import DEFAULT_MAX_PIXELS, SampleError
+from pipeline.ocr import ImageResult
+from preprocess.image import SampleError
 
 log = logging.getLogger("ocr")
 
@@ -87,28 +85,13 @@ def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("photos", nargs="+", metavar="PHOTO", help="image file, folder or glob")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
-    parser.add_argument("--det", default=DEFAULT_DETECTOR, help="detector file or registry name")
-    parser.add_argument("--rec", default=DEFAULT_RECOGNIZER,
-                        help="recogniser file or registry name")
-    parser.add_argument("--cls", default=DEFAULT_CLASSIFIER,
-                        help="text-direction classifier file or registry name; 'none': none")
-    parser.add_argument("--cls-thresh", type=probability, default=CLS_THRESHOLD)
-    parser.add_argument("--min-confidence", type=probability, default=0.5,
-                        help="regions read with a lower confidence are dropped (counted)")
-    parser.add_argument("--no-split-words", dest="split_words", action="store_false",
-                        help="keep line boxes whole")
-    parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: cpu)")
-    parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
-    parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS)
+    add_pipeline_arguments(parser)
     return parser
 
 
 def _run(args) -> int:
     paths = expand(args.photos)
-    pipeline = open_pipeline(args.det, args.rec, args.device, threads=args.threads,
-                             classifier=None if args.cls == "none" else args.cls,
-                             cls_threshold=args.cls_thresh, split_words=args.split_words,
-                             min_confidence=args.min_confidence)
+    pipeline = open_pipeline_of(args)
     failed = 0
     with pipeline:
         for path in paths:
