@@ -44,9 +44,10 @@ from common.cli import REPO_ROOT, make_parser, positive, run_main
 from common.errors import ToolchainError
 from common.outputs import claim_output_folder
 from eval.det_metrics import Detection, score_set
-from eval.det_rec import gt_path, list_images, read_ground_truth
+from eval.det_rec import gt_path, read_ground_truth
 from preprocess.icdar_gt import format_gt, read_gt_file, turned_upside_down
 from preprocess.image import DEFAULT_MAX_PIXELS
+from preprocess.image_folder import list_images
 
 #: The RapidOCR versions measured: name -> (its virtual environment's folder, the pip
 #: requirements, the package to import). ONNX Runtime is the project's own version.

@@ -23,14 +23,15 @@ from pathlib import Path
 
 from common.cli import make_parser, positive, run_main
 from eval.det_metrics import Detection, score_set
-from eval.det_rec import list_images, read_ground_truth, read_image
+from eval.det_rec import read_ground_truth
 from infer import open_model
 from infer.onnxruntime_runner import available_cores
 from models.db_postprocess import boxes_from_map
 from models.det_spec import DetectorSpec
-from pipeline.detector import Detector, detector_input
+from pipeline.detector import Detector
 from pipeline.ocr import DEFAULT_DETECTOR, resolve_model
-from preprocess.image import DEFAULT_MAX_PIXELS
+from preprocess.image import DEFAULT_MAX_PIXELS, detector_input
+from preprocess.image_folder import list_images, read_image
 
 #: Resize rules measured: (limit type, limit side).
 RULES = (("max", 960), ("min", 736))

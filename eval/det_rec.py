@@ -30,10 +30,8 @@ Examples:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import stat
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,70 +62,10 @@ from pipeline.ocr import (
     open_pipeline,
 )
 from preprocess.icdar_gt import GtWord, read_gt_file
-from preprocess.image import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
+from preprocess.image import DEFAULT_MAX_PIXELS, SampleError
+from preprocess.image_folder import read_image, scan_images
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
-
-
-def not_a_file(path: Path) -> str | None:
-    """Why an entry named like an image is not read (a folder, a dangling or looping
-    symbolic link, a FIFO, a device, a socket), or None for a regular file (or a link to
-    one). A FIFO or a link to ``/dev/zero`` would block or never end a read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "a symbolic link that loops"
-        if path.is_symlink():
-            return "a dangling symbolic link"
-        return f"cannot be read ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
-    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
-    return f"{kind}, not an image file"
-
-
-def scan_images(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """One pass over ``folder``: its image files (by suffix, regular files only), in natural
-    order (``img_2`` before ``img_10``), and the entries named like images that are not image
-    files, each as ``{"image": name, "reason": ...}`` (:func:`not_a_file`), by name.
-
-    Raises:
-        ToolchainError: not a folder, or no image in it.
-    """
-    if not folder.is_dir():
-        raise ToolchainError(f"{folder}: not a folder of images")
-    files, skipped = [], []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        reason = not_a_file(path)
-        if reason is None:
-            files.append(path)
-        else:
-            skipped.append({"image": path.name, "reason": reason})
-    if not files:
-        raise ToolchainError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-
-    def natural(path: Path):
-        digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
-        return (path.stem.rstrip("0123456789"), [int(d) for d in digits], path.name)
-
-    return sorted(files, key=natural), skipped
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (:func:`scan_images`).
-
-    Raises:
-        ToolchainError: not a folder, or no image in it.
-    """
-    return scan_images(folder)[0]
-
 
 def gt_path(gts: Path, image: Path) -> Path:
     """ICDAR 2015's ground-truth file of an image: ``gt_<stem>.txt``."""
@@ -148,20 +86,6 @@ def read_ground_truth(gts: Path, images: list[Path]) -> dict[str, list[GtWord]]:
         raise ToolchainError(f"{gts}: no ground truth for {len(missing)} images "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     return {p.name: read_gt_file(gt_path(gts, p)) for p in images}
-
-
-def read_image(path: Path, max_pixels: int) -> np.ndarray:
-    """uint8 ``[h, w, 3]`` RGB pixels of an image file (EXIF orientation not applied: the
-    ground truth is in stored pixels).
-
-    Raises:
-        SampleError: unreadable, undecodable, or over ``max_pixels`` (checked before decoding).
-    """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SampleError(f"unreadable ({exc.strerror or exc})") from None
-    return decode_rgb(raw, max_pixels)
 
 
 def _font(size: int):

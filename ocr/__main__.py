@@ -27,15 +27,10 @@ from pathlib import Path
 
 from common.cli import make_parser, run_main
 from common.errors import ToolchainError
-from eval.det_rec import (
-    IMAGE_SUFFIXES,
-    add_pipeline_arguments,
-    list_images,
-    open_pipeline_of,
-    read_image,
-)
+from eval.det_rec import add_pipeline_arguments, open_pipeline_of
 from pipeline.ocr import ImageResult
 from preprocess.image import SampleError
+from preprocess.image_folder import IMAGE_SUFFIXES, list_images, read_image
 
 log = logging.getLogger("ocr")
 

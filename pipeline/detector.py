@@ -13,25 +13,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from common.errors import ToolchainError
 from infer.base import Runner
 from models.db_postprocess import TextBox, boxes_from_map
 from models.det_spec import DetectorSpec
-from preprocess.image import normalise
-
-
-def detector_input(rgb: np.ndarray, spec: DetectorSpec) -> np.ndarray:
-    """The float32 ``[3, H, W]`` engine input for uint8 ``[h, w, 3]`` RGB pixels: resized by
-    the description's rule (OpenCV bilinear), reordered, and normalised as every model input
-    is (``preprocess.image.normalise``)."""
-    width, height = spec.input_size(rgb.shape[1], rgb.shape[0])
-    resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
-    if spec.channel_order == "bgr":
-        resized = resized[..., ::-1]
-    return np.ascontiguousarray(normalise(resized, spec))
+from preprocess.image import detector_input
 
 
 @dataclass

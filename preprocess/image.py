@@ -17,6 +17,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from models.det_spec import DetectorSpec
 from models.spec import Description, ModelSpec
 
 _FILTERS = {
@@ -280,3 +281,16 @@ def _image_of(raw_image, spec: ModelSpec, max_pixels: int | None) -> Image.Image
     if raw_image is None or isinstance(raw_image, (bytes, bytearray, memoryview)):
         return decode_image(None if raw_image is None else bytes(raw_image), spec, max_pixels)
     return as_image(raw_image)
+
+
+def detector_input(rgb: np.ndarray, spec: DetectorSpec) -> np.ndarray:
+    """The float32 ``[3, H, W]`` engine input for uint8 ``[h, w, 3]`` RGB pixels: resized by
+    the description's rule (OpenCV bilinear), reordered, and normalised as every model input
+    is (``preprocess.image.normalise``)."""
+    import cv2
+
+    width, height = spec.input_size(rgb.shape[1], rgb.shape[0])
+    resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+    if spec.channel_order == "bgr":
+        resized = resized[..., ::-1]
+    return np.ascontiguousarray(normalise(resized, spec))

@@ -34,7 +34,7 @@ from models.det_spec import DetectorSpec
 from models.onnx_file import load_onnx
 from models.spec import ModelSpec, batch_dependent
 from pipeline.classifier import Classification, Classifier, classifier_input, upside_down
-from pipeline.detector import Detector, detector_input
+from pipeline.detector import Detector
 from pipeline.ocr import (
     ImageResult,
     assemble,
@@ -50,6 +50,7 @@ from preprocess.image import (
     ImageTooLarge,
     SampleError,
     decode_rgb,
+    detector_input,
     prepare,
     prepare_readings,
 )

@@ -251,7 +251,8 @@ class BrokenOnceRunner(OnnxRuntimeRunner):
 
 
 def test_a_detector_bug_fails_its_batch_and_the_engine_thread_keeps_serving(ppocr_det_path):
-    from pipeline.detector import Detector, detector_input
+    from pipeline.detector import Detector
+    from preprocess.image import detector_input
 
     _, spec = open_model(ppocr_det_path, expect=DetectorSpec)
     detector = Detector(BrokenOnceRunner(ppocr_det_path), spec).load()

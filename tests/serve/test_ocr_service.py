@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.det_rec import list_images
 from pipeline.ocr import open_pipeline
 from preprocess.image import decode_rgb
+from preprocess.image_folder import list_images
 from serve.process import ServerProcess
 from tests.conftest import encode, render_line
 from tests.eval.test_det_rec import IC15_IMAGES
