@@ -14,7 +14,13 @@ In one run, on the same images, one after the other (never at once):
     5. with ``--v4`` also PP-OCRv4 det and rec, and with ``--nano`` ``--rec nano-ocr``;
     6. with ``--served``, every image posted to a real ``python -m serve --det`` (/ocr),
        its answer compared with the offline predictions of step 3;
-    7. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
+    7. with ``--int8`` int8 copies of PP-OCRv6's detector (``convert.quantize``, calibrated
+       on the first 50 images) and recogniser (calibrated on ``$IIIT5K_CALIB_LMDB``), built
+       before the timings: ours with both int8, with the detector int8 only and with the
+       recogniser int8 only, each beside the fp32 defaults with its detector engine time and
+       peak memory, and scored again on the images after the first 50 (held out from the
+       detector's calibration);
+    8. with ``--turned`` the set turned 180 degrees (images and ground truth, written into the
        work folder): ours with the direction classifier
        (the recogniser verifying its turns, the default), with ``--cls-no-verify``
        (PaddleOCR's rule) and with ``--cls none``.
@@ -48,6 +54,7 @@ from eval.det_rec import gt_path, read_ground_truth
 from preprocess.icdar_gt import format_gt, read_gt_file, turned_upside_down
 from preprocess.image import DEFAULT_MAX_PIXELS
 from preprocess.image_folder import list_images
+from preprocess.lmdb_reader import default_calibration_set
 
 #: The RapidOCR versions measured: name -> (its virtual environment's folder, the pip
 #: requirements, the package to import). ONNX Runtime is the project's own version.
@@ -132,26 +139,54 @@ def _parser():
     parser.add_argument("--served", action="store_true",
                         help="also post every image to a real `python -m serve --det` and "
                              "count the answers equal to the offline predictions")
+    parser.add_argument("--int8", action="store_true",
+                        help="also with int8 copies of the PP-OCRv6 detector and recogniser")
+    parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
+                        help="lmdb the int8 recogniser is calibrated on ($IIIT5K_CALIB_LMDB)")
     parser.add_argument("--no-rapidocr", dest="rapidocr", action="store_false",
                         help="our pipeline only (no RapidOCR rows, no speed ratio)")
     return parser
 
 
-def _ours(folder: Path, work: Path, stem: str, extra: list[str]) -> tuple[dict, float]:
+#: The int8 detector is calibrated on this many of the first images (``--int8``); the
+#: held-out rows score the others.
+INT8_CALIBRATION_IMAGES = 50
+
+
+def build_int8(photos: Path, calibration: Path, work: Path) -> tuple[Path, Path]:
+    """int8 copies of PP-OCRv6's detector (calibrated on the first
+    :data:`INT8_CALIBRATION_IMAGES` of ``photos``) and recogniser (on the lmdb
+    ``calibration``), each by ``python -m convert.quantize`` with its recipe.
+
+    Returns:
+        (int8 detector, int8 recogniser) in ``work``.
+    """
+    from models.weights import fetch
+
+    det, rec = work / "ppocr_v6_det_int8.onnx", work / "ppocr_v6_rec_int8.onnx"
+    _run([sys.executable, "-m", "convert.quantize", str(fetch("ppocr-v6-det")), str(det),
+          "--calibration", str(photos), "--samples", str(INT8_CALIBRATION_IMAGES)])
+    _run([sys.executable, "-m", "convert.quantize", str(fetch("ppocr-v6-rec")), str(rec),
+          "--calibration", str(calibration)])
+    return det, rec
+
+
+def _ours(folder: Path, work: Path, stem: str, extra: list[str]) -> tuple[dict, float, dict]:
     _run([sys.executable, "-m", "eval.det_rec", "--images", str(folder), "--predictions",
           str(work / f"{stem}.json"), "--report", str(work / f"{stem}_report.json"), *extra])
     report = json.loads((work / f"{stem}_report.json").read_text())
-    return json.loads((work / f"{stem}.json").read_text()), report["images_per_second"]
+    return (json.loads((work / f"{stem}.json").read_text()), report["images_per_second"],
+            report)
 
 
 def _rapidocr(args, version: str, folder: Path, work: Path, stem: str,
-              word_box: bool = False) -> tuple[dict, float]:
+              word_box: bool = False) -> tuple[dict, float, None]:
     python = rapidocr_python(args.venvs, version)
     _run([str(python), str(REPO_ROOT / "bench" / "rapidocr_run.py"), "--package",
           RAPIDOCR[version][2], "--images", str(folder), "--out", str(work / f"{stem}.json"),
           *(["--word-box"] if word_box else [])])
     rapid = json.loads((work / f"{stem}.json").read_text())
-    return rapid["predictions"], rapid["images"] / rapid["seconds"]
+    return rapid["predictions"], rapid["images"] / rapid["seconds"], None
 
 
 def served_equal(folder: Path, offline: dict[str, list]) -> int:
@@ -197,7 +232,8 @@ def _main(args) -> int:
             turned_list = list_images(turned_images)
             sets.append(("turned 180", turned_images,
                          read_ground_truth(turned_gts, turned_list)))
-        rows = []  # (set, label, predictions, images/s)
+        int8 = build_int8(folder, args.calibration, work) if args.int8 else None
+        rows = []  # (set, label, predictions, images/s, our report or None)
         for name, images_folder, _ in sets:
             tag = "" if name == "IC15" else "turned_"
             if args.rapidocr and name == "IC15":
@@ -218,6 +254,12 @@ def _main(args) -> int:
                                  ["--det", "ppocr-v4-det", "--rec", "ppocr-v4-rec"]))
                 if args.nano:
                     ours.append(("ours, --rec nano-ocr", "ours_nano", ["--rec", "nano-ocr"]))
+                if int8 is not None:
+                    det8, rec8 = (str(path) for path in int8)
+                    ours.append(("ours, int8 detector and recogniser", "ours_int8",
+                                 ["--det", det8, "--rec", rec8]))
+                    ours.append(("ours, int8 detector", "ours_int8_det", ["--det", det8]))
+                    ours.append(("ours, int8 recogniser", "ours_int8_rec", ["--rec", rec8]))
             else:
                 ours.insert(1, ("ours, --cls-no-verify (PaddleOCR's rule)", "ours_noverify",
                                 ["--cls-no-verify"]))
@@ -225,18 +267,33 @@ def _main(args) -> int:
                 rows.append((name, label, *_ours(images_folder, work, tag + stem, extra)))
         if args.served:
             served_equal(folder, json.loads((work / "ours.json").read_text()))
-    base = next((speed for _, label, _, speed in rows if label.endswith("word boxes")), None)
+    base = next((speed for _, label, _, speed, _ in rows if label.endswith("word boxes")), None)
     print(f"{len(images)} images of {args.images}, one process at a time")
     print("| set | pipeline | det P | det R | det H | e2e P | e2e R | e2e H | images/s "
-          "| x RapidOCR 3.10 word boxes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| x RapidOCR 3.10 word boxes | detector engine s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     truths = {name: truth for name, _, truth in sets}
-    for name, label, predictions, speed in rows:
+    for name, label, predictions, speed, report in rows:
         det, e2e = score(predictions, truths[name])
         ratio = f"{speed / base:.2f}" if base else "-"
+        engine = f"{report['time_split']['detector_engine']:.1f}" if report else "-"
+        memory = f"{report['peak_rss_mib']:.0f}" if report else "-"
         print(f"| {name} | {label} | {det['precision']:.3f} | {det['recall']:.3f} | "
               f"{det['hmean']:.3f} | {e2e['precision']:.3f} | {e2e['recall']:.3f} | "
-              f"{e2e['hmean']:.3f} | {speed:.2f} | {ratio} |")
+              f"{e2e['hmean']:.3f} | {speed:.2f} | {ratio} | {engine} | {memory} |")
+    if int8 is not None and len(images) > INT8_CALIBRATION_IMAGES:
+        held_out = {p.name for p in images[INT8_CALIBRATION_IMAGES:]}
+        truth = {n: t for n, t in truths["IC15"].items() if n in held_out}
+        print(f"\nheld out from the int8 detector's calibration: the {len(held_out)} images "
+              f"after the first {INT8_CALIBRATION_IMAGES}")
+        print("| pipeline | det H | e2e H |")
+        print("| --- | --- | --- |")
+        for name, label, predictions, _, _ in rows:
+            if name == "IC15" and label.startswith("ours") and ("int8" in label
+                                                                or "defaults" in label):
+                det, e2e = score({n: p for n, p in predictions.items() if n in held_out},
+                                 truth)
+                print(f"| {label} | {det['hmean']:.3f} | {e2e['hmean']:.3f} |")
     return 0
 
 

@@ -16,7 +16,8 @@ Outputs:
     image with no detections).
     ``--report R.json`` (with ``--gts DIR`` of ICDAR 2015 ``gt_<stem>.txt`` files): detection
     and end-to-end precision, recall and H-mean with their protocols (``eval.det_metrics``),
-    per-image rows, the failures, regions dropped by reason, and the time. Without ``--gts``
+    per-image rows, the failures, regions dropped by reason, the time and the process's peak
+    memory (``peak_rss_mib``). Without ``--gts``
     the report holds everything but the scores.
     ``--vis DIR``: each image as ``<stem>.png`` with its boxes and texts drawn (red), and the
     ground truth (green; don't-care regions grey) where given. DIR must be new, empty, or
@@ -43,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.cli import make_parser, positive, probability, run_main
 from common.errors import ToolchainError
+from common.memory import peak_rss_mib
 from common.outputs import (
     atomic_path,
     check_output_file,
@@ -58,6 +60,7 @@ from pipeline.ocr import (
     DEFAULT_CLASSIFIER,
     DEFAULT_DETECTOR,
     DEFAULT_RECOGNIZER,
+    PRECISIONS,
     ImageResult,
     open_pipeline,
 )
@@ -174,6 +177,9 @@ def add_pipeline_arguments(parser) -> None:
     parser.add_argument("--cls-no-verify", dest="cls_verify", action="store_false",
                         help="read such a crop turned only, as PaddleOCR does (default: read "
                              "it both ways and keep the more confident reading)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8",
+                        help="int8: registry names with a built int8 copy (python -m "
+                             "convert.quantize NAME) use it; fp32: never")
     parser.add_argument("--device", help=f"{DEVICE_SPELLINGS} (default: cpu; npu for .om "
                                          "models)")
     parser.add_argument("--threads", type=positive(int), help="engine threads (default: cores)")
@@ -192,7 +198,7 @@ def open_pipeline_of(args, **options):
                          classifier=None if args.cls == "none" else args.cls,
                          cls_threshold=args.cls_thresh, cls_verify=args.cls_verify,
                          split_words=args.split_words, min_confidence=args.min_confidence,
-                         **options)
+                         precision=args.precision, **options)
 
 
 def _parser():
@@ -283,11 +289,13 @@ def run(args) -> dict[str, object]:
                        "direction_classifier": pipeline.classify_seconds,
                        "recogniser": pipeline.recognise_seconds},
         "models": {"detector": str(args.det), "recogniser": str(args.rec),
+                   "precision": args.precision,
                    "classifier": None if args.cls == "none" else str(args.cls),
                    "cls_threshold": args.cls_thresh, "cls_verify": args.cls_verify,
                    "detector_settings": pipeline.detector.spec.to_dict(),
                    "split_words": args.split_words, "min_confidence": args.min_confidence},
         "machine": machine_facts(),
+        "peak_rss_mib": peak_rss_mib(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if gts is not None:

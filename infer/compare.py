@@ -30,6 +30,9 @@ class OutputComparison:
         same_argmax: positions whose arg-max over the last axis (the classes, for logits)
             agree: what greedy CTC decoding reads.
         positions: positions compared by arg-max (the product of all but the last axis).
+        same_side: elements on the same side of ``threshold`` in both outputs (a detector's
+            probability map binarised as DB post-processing binarises it); 0 without one.
+        elements: elements compared against ``threshold`` (the output's size); 0 without one.
     """
 
     feed: int
@@ -38,17 +41,22 @@ class OutputComparison:
     max_abs_diff: float
     same_argmax: int
     positions: int
+    same_side: int = 0
+    elements: int = 0
 
 
 def compare_runners(reference: Runner, candidate: Runner,
                     feeds: Iterable[dict[str, np.ndarray]],
-                    outputs: Iterable[str] | None = None) -> list[OutputComparison]:
+                    outputs: Iterable[str] | None = None,
+                    threshold: float | None = None) -> list[OutputComparison]:
     """Run both loaded runners on each feed and compare the named outputs.
 
     Args:
         reference, candidate: loaded runners (``with`` or ``load()``).
         feeds: input name -> array, as ``Runner.infer`` takes.
         outputs: the outputs to compare (default: every output of the reference).
+        threshold: also count the elements on the same side of it in both outputs
+            (``value > threshold``).
 
     Returns:
         One :class:`OutputComparison` per feed and output, in order.
@@ -71,7 +79,10 @@ def compare_runners(reference: Runner, candidate: Runner,
                                      f"{candidate.name}, {list(want.shape)} under "
                                      f"{reference.name}, for inputs {shapes}")
             diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+            same_side = 0 if threshold is None else \
+                int(((want > threshold) == (got > threshold)).sum())
             found.append(OutputComparison(
                 number, name, tuple(want.shape), float(diff.max()) if diff.size else 0.0,
-                int((want.argmax(-1) == got.argmax(-1)).sum()), int(np.prod(want.shape[:-1]))))
+                int((want.argmax(-1) == got.argmax(-1)).sum()), int(np.prod(want.shape[:-1])),
+                same_side, 0 if threshold is None else int(want.size)))
     return found

@@ -82,6 +82,24 @@ def weights_path(name: str) -> Path:
     return cache_dir() / _source(name).filename
 
 
+#: Models whose int8 copy holds their accuracy budget (docs/results/quantization.md): the
+#: pipeline and the service use the copy once it is built (``python -m convert.quantize NAME``
+#: writes it into the cache).
+INT8_COPIES = ("ppocr-v6-det", "ppocr-v6-rec")
+
+
+def int8_path(name: str) -> Path:
+    """Where the int8 copy of ``name`` lives in the cache, built or not.
+
+    Raises:
+        ToolchainError: ``name`` has no int8 copy (:data:`INT8_COPIES`).
+    """
+    if name not in INT8_COPIES:
+        raise ToolchainError(f"{name} has no int8 copy; models with one: {', '.join(INT8_COPIES)}")
+    fp32 = weights_path(name)
+    return fp32.with_name(f"{fp32.stem}_int8.onnx")
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 digest of a file."""
     digest = hashlib.sha256()

@@ -24,6 +24,7 @@ The flow (Paddle Serving's OCR pipeline, as one in-process DAG):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from models.spec import ModelSpec
 from pipeline.classifier import Classifier, upside_down
 from pipeline.detector import Detector
 from pipeline.recognizer import Failure, Recognition, Recognizer
+
+log = logging.getLogger(__name__)
 
 #: Probability above which the direction classifier's "180" turns a crop (PaddleOCR's
 #: ``cls_thresh``).
@@ -429,22 +432,43 @@ DEFAULT_RECOGNIZER = "ppocr-v6-rec"
 DEFAULT_CLASSIFIER = "ppocr-cls"
 
 
-def resolve_model(model: str | Path) -> tuple[Path, str | None]:
+#: Precisions a registry name resolves to (:func:`resolve_model`).
+PRECISIONS = ("int8", "fp32")
+_WARNED_FP32: set[str] = set()
+
+
+def resolve_model(model: str | Path, precision: str = "int8") -> tuple[Path, str | None]:
     """A model file for a path or a registry name with public weights (fetched if needed).
+
+    With ``precision`` ``"int8"``, a name with an int8 copy (``models.weights.INT8_COPIES``:
+    the copies that hold their accuracy budget) resolves to that copy once it is built
+    (``python -m convert.quantize NAME``); until then to the fp32 weights, with a warning
+    naming the command (once per name). A path is taken as it is.
 
     Returns:
         The file and, for a checkpoint, its architecture (else None).
 
     Raises:
-        ToolchainError: neither an existing file nor a fetchable name, or the fetch fails.
+        ToolchainError: neither an existing file nor a fetchable name, an unknown
+            precision, or the fetch fails.
     """
     from models import weights
     from models.registry import ARCHS
 
+    if precision not in PRECISIONS:
+        raise ToolchainError(f"precision {precision!r} is unknown; use one of {PRECISIONS}")
     path = Path(model)
     if path.exists():
         return path, None
     if str(model) in weights.fetchable():
+        if precision == "int8" and str(model) in weights.INT8_COPIES:
+            int8 = weights.int8_path(str(model))
+            if int8.is_file():
+                return int8, None
+            if str(model) not in _WARNED_FP32:
+                _WARNED_FP32.add(str(model))
+                log.warning("%s: its int8 copy is not built (python -m convert.quantize %s); "
+                            "using the fp32 weights", model, model)
         fetched = weights.fetch(str(model))
         arch = str(model) if fetched.suffix in (".pth", ".pt") and model in ARCHS else None
         return fetched, arch
@@ -463,6 +487,7 @@ def open_pipeline(
     detector_changes: dict | None = None,
     recognizer_changes: dict | None = None,
     rec_batch_size: int = 16,
+    precision: str = "int8",
     **options,
 ) -> OcrPipeline:
     """An :class:`OcrPipeline` (not yet loaded) for two model files or registry names.
@@ -478,6 +503,8 @@ def open_pipeline(
         detector_changes, recognizer_changes: fields of the descriptions to override
             (e.g. ``{"box_thresh": 0.6}``), validated.
         rec_batch_size: crops per recogniser batch.
+        precision: how registry names resolve (:func:`resolve_model`): ``"int8"`` takes
+            the built int8 copies of the models that have one, ``"fp32"`` never.
         options: :class:`OcrPipeline` fields (``split_words``, ``min_confidence``, ...).
 
     Raises:
@@ -488,10 +515,10 @@ def open_pipeline(
     from models.cls_spec import ClassifierSpec
     from models.det_spec import DetectorSpec
 
-    det_path, _ = resolve_model(detector)
+    det_path, _ = resolve_model(detector, precision)
     det_runner, det_spec = open_model(det_path, device, expect=DetectorSpec, threads=threads,
                                       spin=spin)
-    rec_path, arch = resolve_model(recognizer)
+    rec_path, arch = resolve_model(recognizer, precision)
     rec_runner, rec_spec = open_model(rec_path, device, expect=ModelSpec, threads=threads,
                                       spin=spin, arch=arch)
     det_spec = det_spec.replace(**(detector_changes or {}))

@@ -8,6 +8,7 @@ devices) are listed with their reason instead of being read or silently skipped.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from pathlib import Path
 
@@ -15,6 +16,18 @@ import numpy as np
 
 from common.errors import ToolchainError
 from preprocess.image import SampleError, decode_rgb
+
+#: Environment variable naming the photos a detector is calibrated on (``convert.quantize``).
+DETECTOR_CALIBRATION_ENV = "DET_CALIB_IMAGES"
+
+
+def default_detector_calibration() -> Path:
+    """``$DET_CALIB_IMAGES``, else ``../shared/data/IC15_test_even/images`` beside the
+    repository (``convert.quantize`` takes its first 50 images; the benches score int8
+    detectors on the others)."""
+    fallback = Path(__file__).resolve().parents[2] / "shared" / "data" / "IC15_test_even" / "images"
+    return Path(os.environ.get(DETECTOR_CALIBRATION_ENV, fallback))
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
 

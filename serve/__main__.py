@@ -53,7 +53,13 @@ from common.errors import ToolchainError
 from infer.device import DEVICE_SPELLINGS
 from models.cls_spec import read_labels
 from models.registry import ARCHS
-from pipeline.ocr import CLS_THRESHOLD, DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, DEFAULT_RECOGNIZER
+from pipeline.ocr import (
+    CLS_THRESHOLD,
+    DEFAULT_CLASSIFIER,
+    DEFAULT_DETECTOR,
+    DEFAULT_RECOGNIZER,
+    PRECISIONS,
+)
 from preprocess.image import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("serve")
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text detector file or registry name (alone: "
                              f"{DEFAULT_DETECTOR}): also serve whole images at POST /ocr and "
                              "/ocr/prediction")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8",
+                        help="int8: registry names with a built int8 copy (python -m "
+                             "convert.quantize NAME) serve it; fp32: never")
     parser.add_argument("--cls", default=DEFAULT_CLASSIFIER,
                         help="with --det: the text-direction classifier turning upside-down "
                              f"crops (file or registry name; default {DEFAULT_CLASSIFIER}; "
@@ -259,6 +268,7 @@ def config_of(args: argparse.Namespace):
         threads=args.threads,
         preprocess_threads=args.preprocess_threads,
         token=read_token(args.token_file) if args.token_file else None,
+        precision=args.precision,
     )
 
 

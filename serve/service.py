@@ -130,6 +130,7 @@ class ServeConfig:
     cls_threshold: float = 0.9
     labels: tuple[str, ...] | None = None
     top_k: int = 5
+    precision: str = "int8"
 
 
 def _batch_dependent(model: Path) -> bool:
@@ -157,7 +158,7 @@ class Service:
         self.config = config
         # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
-        model, arch = resolve_model(config.model)
+        model, arch = resolve_model(config.model, config.precision)
         if config.labels is not None and model.suffix.lower() != ".onnx":
             raise ToolchainError(f"{model}: --labels describes an ONNX classifier; an "
                                  f"{model.suffix} carries its labels in its description")
@@ -212,7 +213,7 @@ class Service:
             self.cls_batcher = ClassifierBatcher(self.direction, config.max_batch_size,
                                                  config.max_wait_ms / 1000.0, config.max_queue)
         if config.det is not None:
-            det_path, _ = resolve_model(config.det)
+            det_path, _ = resolve_model(config.det, config.precision)
             det_runner, det_spec = open_model(det_path, config.device, expect=DetectorSpec,
                                               threads=config.threads, spin=False)
             self.detector = Detector(det_runner, det_spec, config.det_max_batch_size)

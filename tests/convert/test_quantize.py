@@ -78,7 +78,7 @@ def test_int8_lstm_is_opt_in_and_checked(tmp_path, tiny_lmdb, fixed_models, caps
     assert ops["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops
     model = onnx.load(str(output))
     recorded = json.loads({p.key: p.value for p in model.metadata_props}[QUANTIZATION_METADATA_KEY])
-    assert recorded["lstm"].startswith("int8") and recorded["frame_agreement"] >= 0.9
+    assert recorded["lstm"].startswith("int8") and recorded["agreement"] >= 0.9
     assert batch_dependent(model)
     with pytest.raises(ToolchainError, match="LSTM precision 'int4' is unknown"):
         quantize.quantize_model(source, tmp_path / "x.onnx", None, lstm="int4")
@@ -197,7 +197,7 @@ def test_per_tensor_quantisation_of_the_modelzoo_graph(tmp_path, tiny_lmdb, fixe
         source, tmp_path / "crnn_int8.onnx", calibration, per_channel=False, min_agreement=0.95
     )
     assert not result.per_channel
-    assert result.frame_agreement >= 0.95 and result.max_abs_logit_diff < 0.1
+    assert result.agreement >= 0.95 and result.max_abs_output_diff < 0.1
     ops = _ops(tmp_path / "crnn_int8.onnx")
     assert ops["Conv"] == 7 and ops["LSTM"] == 4 and ops["DequantizeLinear"] > 0
     images, spec = calibration.batches[0], read_onnx_spec(source)
