@@ -36,6 +36,7 @@ from models.spec import ModelSpec, batch_dependent
 from pipeline.classifier import Classification, Classifier, classifier_input, upside_down
 from pipeline.detector import Detector
 from pipeline.ocr import (
+    FULL_IMAGE_INT8,
     ImageResult,
     assemble,
     cut_crops,
@@ -158,7 +159,12 @@ class Service:
         self.config = config
         # The HTTP layer and the preprocessing pool share the cores with the engine: its idle
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
-        model, arch = resolve_model(config.model, config.precision)
+        # With --det the recogniser also reads /ocr's crops: the names resolve as the offline
+        # pipeline resolves them (FULL_IMAGE_INT8), so /ocr answers as open_pipeline does.
+        full_image = FULL_IMAGE_INT8 if config.det is not None else None
+        model, arch = resolve_model(config.model, config.precision, full_image)
+        #: The model file the name or path given resolved to.
+        self.model_path = model
         if config.labels is not None and model.suffix.lower() != ".onnx":
             raise ToolchainError(f"{model}: --labels describes an ONNX classifier; an "
                                  f"{model.suffix} carries its labels in its description")
@@ -213,7 +219,7 @@ class Service:
             self.cls_batcher = ClassifierBatcher(self.direction, config.max_batch_size,
                                                  config.max_wait_ms / 1000.0, config.max_queue)
         if config.det is not None:
-            det_path, _ = resolve_model(config.det, config.precision)
+            det_path, _ = resolve_model(config.det, config.precision, FULL_IMAGE_INT8)
             det_runner, det_spec = open_model(det_path, config.device, expect=DetectorSpec,
                                               threads=config.threads, spin=False)
             self.detector = Detector(det_runner, det_spec, config.det_max_batch_size)
@@ -250,7 +256,8 @@ class Service:
         with self._lock:
             if self.state is State.LOADING:
                 self.state = State.READY
-        logger.info("model %s loaded (%s); ready", self.config.model, self.backend.name)
+        logger.info("model %s loaded from %s (%s); ready", self.config.model, self.model_path,
+                    self.backend.name)
 
     def warm_up(self) -> None:
         """One engine call at batch 1 and at ``max_batch_size`` for the narrowest and widest

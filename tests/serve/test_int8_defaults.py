@@ -1,6 +1,7 @@
 """The int8 copies of PP-OCRv6's detector and recogniser: built into the weights cache by one
-command each, taken by the pipeline's and the service's defaults once built, and served
-equal to offline. Runs on a weights cache of its own (``$CRNN_WEIGHTS_DIR``)."""
+command each, taken by the pipeline's and the service's defaults once built (full images: the
+detector's; word crops: the recogniser's), and served equal to offline. Runs on a weights
+cache of its own (``$CRNN_WEIGHTS_DIR``)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def test_served_equals_offline_with_the_int8_defaults(built, monkeypatch):
     monkeypatch.setenv("CRNN_WEIGHTS_DIR", str(built))
     images = photos()[:2]
     with open_pipeline(threads=1) as pipeline:
-        assert pipeline.recognizer.runner.model_path == weights.int8_path("ppocr-v6-rec")
+        # Full images: the int8 detector, the fp32 recogniser (FULL_IMAGE_INT8).
         assert pipeline.detector.runner.model_path == weights.int8_path("ppocr-v6-det")
+        assert pipeline.recognizer.runner.model_path == weights.fetch("ppocr-v6-rec")
         offline = [[w.as_json() for w in pipeline([decode_rgb(raw)])[0].words]
                    for raw in images]
     assert any(offline)
@@ -95,3 +97,27 @@ def test_served_equals_offline_with_the_int8_defaults(built, monkeypatch):
         answers = [client.post("/ocr", content=raw) for raw in images]
     assert [a.status_code for a in answers] == [200, 200]
     assert [a.json()["words"] for a in answers] == offline
+
+
+def test_the_recogniser_service_serves_the_int8_recogniser(built, monkeypatch):
+    """Without --det the service reads word crops: the recogniser's int8 copy, whose budget
+    is its IIIT5K accuracy, is the default there; its answers equal the offline recogniser's
+    on the same file."""
+    from infer import open_model
+    from pipeline import Recognition, Recognizer
+    from tests.conftest import encode, word_image
+
+    monkeypatch.setenv("CRNN_WEIGHTS_DIR", str(built))
+    int8 = weights.int8_path("ppocr-v6-rec")
+    crops = [encode(word_image(text, 140, 40, "RGB")) for text in ("OPEN", "Daily", "2026")]
+    runner, spec = open_model(int8)
+    with Recognizer(runner, spec) as recognizer:
+        offline = [r.text for r in recognizer(crops) if isinstance(r, Recognition)]
+    assert len(offline) == 3
+    with ServerProcess(["--threads", "1"], ready_timeout=300) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        answers = [client.post("/service", content=raw) for raw in crops]
+        log = server.tail(40)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.json()["text"] for a in answers] == offline
+    assert f"loaded from {int8}" in log
