@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_DETECTOR}): also serve whole images at POST /ocr and "
                              "/ocr/prediction")
     parser.add_argument("--precision", choices=PRECISIONS, default="int8",
-                        help="int8: registry names with a built int8 copy (python -m "
-                             "convert.quantize NAME) serve it; fp32: never")
+                        help="int8: a registry name with a built int8 copy (python -m "
+                             "convert.quantize NAME) serves it where it holds its budget "
+                             "(the recogniser alone; with --det, the detector only); fp32: "
+                             "never")
     parser.add_argument("--cls", default=DEFAULT_CLASSIFIER,
                         help="with --det: the text-direction classifier turning upside-down "
                              f"crops (file or registry name; default {DEFAULT_CLASSIFIER}; "
