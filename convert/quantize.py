@@ -170,6 +170,8 @@ RECIPES: dict[str, Recipe] = {
 def recipe_for(spec: Description) -> Recipe:
     """The recipe of a model's description (:data:`RECIPES`, else ``Recipe()``)."""
     return RECIPES.get(spec.arch, Recipe())
+
+
 #: Lowest opset with per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute).
 MIN_OPSET = 13
 
@@ -502,24 +504,30 @@ def rank_activations(prepared: Path, int8: Path, feeds: Sequence[dict[str, np.nd
     return ranked
 
 
-def _nodes_from(prepared: Path, op_type: str) -> list[str]:
-    """Names of the first ``op_type`` node of ``prepared`` and every node after it."""
-    nodes = list(onnx.load(str(prepared)).graph.node)
+def _nodes_from(nodes: Sequence[onnx.NodeProto], op_type: str, source: str) -> list[str]:
+    """Names of the first ``op_type`` node of ``nodes`` (topological order) and every node
+    after it.
+
+    Raises:
+        ToolchainError: no ``op_type`` node.
+    """
     first = next((i for i, node in enumerate(nodes) if node.op_type == op_type), None)
     if first is None:
-        raise ToolchainError(f"{prepared.name}: no {op_type} node to keep in fp32 from")
+        raise ToolchainError(f"{source}: no {op_type} node to keep in fp32 from")
     return [node.name for node in nodes[first:]]
 
 
-def _named(prepared: Path) -> None:
-    """Give every unnamed node of ``prepared`` a name (exclusions go by name)."""
+def _named(prepared: Path) -> list[onnx.NodeProto]:
+    """Give every unnamed node of ``prepared`` a name (exclusions go by name), saving it
+    where one was unnamed; returns its nodes."""
     model = onnx.load(str(prepared))
-    unnamed = [n for n in model.graph.node if not n.name]
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    nodes = list(model.graph.node)
+    unnamed = [i for i, node in enumerate(nodes) if not node.name]
+    for i in unnamed:
+        nodes[i].name = f"{nodes[i].op_type}_{i}"
     if unnamed:
         onnx.save(model, str(prepared))
+    return nodes
 
 
 def quantize_model(
@@ -597,21 +605,24 @@ def quantize_model(
         def quantise(exclude: Sequence[str], name: str) -> Path:
             int8 = work / name
             _quantize_static(prepared, int8, calibration, input_name, recipe, per_channel,
-                             reduce_range, list(exclude), cache, source)
+                             reduce_range, list(exclude), cache)
             return int8
 
         try:
             _pre_process(fp32, prepared, source.name)
-            _named(prepared)
-            base = _nodes_from(prepared, recipe.fp32_from) if recipe.fp32_from else []
+            nodes = _named(prepared)
+            has_lstm = any(node.op_type == "LSTM" for node in nodes)
+            base = _nodes_from(nodes, recipe.fp32_from, source.name) if recipe.fp32_from else []
             if base:
                 kept_fp32.append({"nodes": base,
                                   "why": f"from the first {recipe.fp32_from} on ({recipe.why})"})
             int8 = quantise(base, "int8_0.onnx")
-            agreement, _ = compare_on(fp32, int8, calibration.batches, input_name, threshold)
-            search = [{"fp32_tensors": 0, "agreement": agreement}]
+            search = []  # step 0 is the final check's agreement where no search may run
             target = recipe.target_agreement
-            if target is not None and agreement < target and recipe.max_fp32_tensors > 0:
+            if target is not None and recipe.max_fp32_tensors > 0:
+                agreement, _ = compare_on(fp32, int8, calibration.batches, input_name, threshold)
+                search.append({"fp32_tensors": 0, "agreement": agreement})
+            if search and agreement < target:
                 int8, agreement, chosen = _search(
                     fp32, prepared, int8, agreement, calibration, input_name, recipe, base,
                     quantise, search, work)
@@ -643,6 +654,7 @@ def quantize_model(
                 int8 = work / "int8_final.onnx"
                 onnx.save(quantised, str(int8))
         agreement, worst = compare_on(fp32, int8, calibration.batches, input_name, threshold)
+        search = search or [{"fp32_tensors": 0, "agreement": agreement}]
         if agreement < min_agreement:
             raise ToolchainError(
                 f"{source}: int8 model agrees with fp32 on only {agreement:.2%} of "
@@ -663,7 +675,8 @@ def quantize_model(
             agreement_of=agreement_of,
             max_abs_output_diff=worst,
             calibration_range=recipe.calibration_range,
-            lstm="int8 dynamic (DynamicQuantizeLSTM)" if lstm == "int8" else "fp32",
+            lstm=("none" if not has_lstm else
+                  "int8 dynamic (DynamicQuantizeLSTM)" if lstm == "int8" else "fp32"),
             padded_convs=padded,
             recipe=recipe.why,
             fp32_from=recipe.fp32_from,
@@ -697,7 +710,7 @@ def _description(source: Path) -> ModelSpec | DetectorSpec:
 
 def _quantize_static(prepared: Path, int8: Path, calibration: CalibrationSet, input_name: str,
                      recipe: Recipe, per_channel: bool, reduce_range: bool,
-                     exclude: list[str], cache: Path, source: Path) -> None:
+                     exclude: list[str], cache: Path) -> None:
     """ONNX Runtime's ``quantize_static`` (QDQ, uint8 activations, int8 weights, MinMax
     calibration over the recipe's ranges), keeping ``exclude`` fp32. The activation ranges
     are computed once and kept in ``cache``, so later calls with other exclusions do not
@@ -856,6 +869,9 @@ def _run(args) -> int:
         args.output = args.output or int8_path(args.input)
         args.input = fetch(args.input)
     elif args.output is None:
+        if not Path(args.input).exists():
+            raise ToolchainError(f"{args.input}: no such file, and not a model with an int8 "
+                                 f"copy in the weights cache ({', '.join(INT8_COPIES)})")
         raise ToolchainError(f"{args.input}: give the int8 model to write (an output is "
                              f"optional only for {', '.join(INT8_COPIES)})")
     args.input = Path(args.input)
@@ -886,7 +902,8 @@ def _run(args) -> int:
         f"quantised {args.input} -> {args.output} (int8 QDQ, "
         f"{'per-channel' if result.per_channel else 'per-tensor'} "
         f"{'7' if result.reduce_range else '8'}-bit weights, {result.calibration_range} "
-        f"ranges, {args.lstm} LSTM, opset {result.opset}, {kept} node(s) kept fp32); "
+        f"ranges, {'' if result.lstm == 'none' else f'{args.lstm} LSTM, '}opset {result.opset}, "
+        f"{kept} node(s) kept fp32 by the recipe or the search); "
         f"calibration {result.calibration_samples} images from {calibration.source}, "
         f"{result.calibration_failed} skipped; int8 vs fp32 there: {result.agreement:.2%} of "
         f"{result.agreement_of}, max |output diff| {result.max_abs_output_diff:.3f}; "

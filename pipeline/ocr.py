@@ -448,9 +448,8 @@ def resolve_model(model: str | Path, precision: str = "int8",
     With ``precision`` ``"int8"``, a name with an int8 copy (``int8_names``, default
     ``models.weights.INT8_COPIES``: the copies that hold their accuracy budget on their own
     test sets; :data:`FULL_IMAGE_INT8` where full images are read) resolves to that copy once
-    it is built
-    (``python -m convert.quantize NAME``); until then to the fp32 weights, with a warning
-    naming the command (once per name). A path is taken as it is.
+    it is built (``python -m convert.quantize NAME``); until then to the fp32 weights, with
+    a warning naming the command (once per name). A path is taken as it is.
 
     Returns:
         The file and, for a checkpoint, its architecture (else None).

@@ -82,7 +82,7 @@ def test_ranking_applies_the_activations_folded_into_quantisation(tmp_path, tiny
     # The ranking reads names from the graph that was quantised; re-quantise from it.
     quantize._quantize_static(tmp_path / "pre.onnx", tmp_path / "q.onnx", calibration,
                               spec.input_name, quantize.Recipe(), True, True, [],
-                              tmp_path / "ranges.json", source)
+                              tmp_path / "ranges.json")
     ranked = quantize.rank_activations(tmp_path / "pre.onnx", tmp_path / "q.onnx",
                                        [{spec.input_name: b} for b in calibration.batches[:2]],
                                        tmp_path)
@@ -134,6 +134,14 @@ def test_classifier_is_refused_in_one_line(tmp_path, tiny_lmdb, capsys):
                           str(tiny_lmdb)]) == 1
     assert "text-direction classifier" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_mistyped_name_or_a_missing_output_is_one_line(tmp_path, capsys):
+    assert quantize.main(["ppocr-v6-recc"]) == 1
+    assert "ppocr-v6-recc: no such file, and not a model with an int8 copy" in \
+        capsys.readouterr().err
+    assert quantize.main([str(fetch("ppocr-v4-rec"))]) == 1
+    assert "give the int8 model to write" in capsys.readouterr().err
 
 
 def test_cli_writes_nothing_in_the_working_folder(tmp_path, tiny_lmdb, ppocr_rec_path,
