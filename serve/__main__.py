@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=_port, default=8080,
                         help="port to listen on (0: any free port, printed at start)")
+    parser.add_argument("--grpc-port", type=_port, default=8081,
+                        help="port of the KServe v2 gRPC endpoint (tritonclient.grpc) on "
+                             "--host; 0: no gRPC")
     parser.add_argument("--name", help="model name in /v2 URLs (default: the file's stem)")
     parser.add_argument("--max-batch-size", type=positive(int), default=16,
                         help="most requests per engine call")
@@ -277,7 +280,8 @@ def config_of(args: argparse.Namespace):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.app import create_app
+    from serve.app import SERVER_NAME, create_app
+    from serve.grpc_server import GrpcEndpoint
     from serve.protocol import ConnectionLimits, guarded_protocol
     from serve.service import Service, State, load_in_background
 
@@ -286,6 +290,10 @@ def serve(args: argparse.Namespace) -> int:
     service = Service(config)  # opens the description; the engine loads after binding
     limits = ConnectionLimits(cap, args.header_timeout_s, shed=service.shed)
     sock = listen(args.host, args.port)
+    grpc = None
+    if args.grpc_port:
+        listen(args.host, args.grpc_port).close()  # a busy port: one line, before loading
+        grpc = GrpcEndpoint(service, args.host, args.grpc_port, SERVER_NAME, cap)
     failure: list[str] = []
 
     class DrainingServer(uvicorn.Server):
@@ -312,7 +320,8 @@ def serve(args: argparse.Namespace) -> int:
         failure.append(reason)
         server.should_exit = True
 
-    app = create_app(service, on_startup=lambda: load_in_background(service, load_failed))
+    app = create_app(service, on_startup=lambda: load_in_background(service, load_failed),
+                     grpc=grpc, on_failure=load_failed)
     server = DrainingServer(uvicorn.Config(
         app,
         host=args.host,

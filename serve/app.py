@@ -47,8 +47,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common.errors import ToolchainError
 from serve import kserve
+from serve.grpc_server import GrpcEndpoint
 from serve.service import Service, ServiceError, State
+from serve.v2 import V2Model
 
 SERVER_NAME = "crnn-ascend-toolchain"
 
@@ -145,30 +148,45 @@ def pipeline_request_image(body: bytes) -> bytes:
         raise ServiceError(400, f'the "image" value is not base64 ({exc})') from None
 
 
-def create_app(service: Service, on_startup: Callable[[], None] | None = None) -> FastAPI:
+def create_app(service: Service, on_startup: Callable[[], None] | None = None,
+               grpc: GrpcEndpoint | None = None,
+               on_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The FastAPI application serving ``service``.
 
     Args:
         service: the (not yet loaded) service; ``on_startup`` starts loading it.
         on_startup: called once the event loop runs (``serve.__main__`` loads the model on a
             thread there); None: the caller loads the service itself.
+        grpc: the gRPC endpoint to run beside REST on the same event loop (started before
+            the model loads, stopped after REST has drained), or None.
+        on_failure: called with the one-line reason when ``grpc`` cannot bind (the server
+            then exits); None: the ToolchainError propagates.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if on_startup is not None:
+        started = True
+        if grpc is not None:
+            try:
+                await grpc.start()
+            except ToolchainError as exc:
+                if on_failure is None:
+                    raise
+                on_failure(str(exc))
+                started = False
+        if on_startup is not None and started:
             on_startup()
         yield
+        if grpc is not None:
+            await grpc.stop(service.config.timeout_ms / 1000.0)
         service.close()
 
     app = FastAPI(title="scene-text recognition", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
-    name = service.config.name
+    model_api = V2Model(service)
+    name = model_api.name
     metrics = service.metrics
-    classifier = service.classifier is not None
-    outputs = kserve.CLASSIFIER_OUTPUTS if classifier else kserve.OUTPUTS
-    #: A classifier's answers hold its k most probable labels (at most all of them).
-    top_k = min(service.config.top_k, service.spec.num_classes) if classifier else 0
+    top_k = model_api.top_k
 
     async def answer(endpoint: str, work: Callable[[], Awaitable[Response]],
                      error: Callable[[ServiceError], Response] = _error,
@@ -183,11 +201,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         metrics.observe_request(endpoint, response.status_code, time.monotonic() - start)
         return response
 
-    def check_model(model: str, version: str | None = None) -> None:
-        if model != name:
-            raise ServiceError(404, f"unknown model {model!r}; this server serves {name!r}")
-        if version not in (None, "", "1"):
-            raise ServiceError(404, f"model {name!r} has version '1' only, not {version!r}")
+    check_model = model_api.check_model
 
     async def body_of(request: Request, arrival: float, expected: str = "the image file",
                       whole_image: bool = False) -> bytes:
@@ -254,18 +268,12 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
             body = await body_of(request, arrival, "a KServe v2 inference request")
             try:
                 parsed = kserve.parse_infer_request(
-                    body, request.headers.get(kserve.HEADER_LENGTH.lower()), outputs)
+                    body, request.headers.get(kserve.HEADER_LENGTH.lower()), model_api.outputs)
             except kserve.ProtocolError as exc:
                 raise ServiceError(400, str(exc)) from None
-            if service.classifier is not None:
-                tops = [r.top(top_k) for r in await service.classify(parsed.images, arrival)]
-                results = {kserve.LABELS: [[label for label, _ in top] for top in tops],
-                           kserve.PROBABILITIES: [[p for _, p in top] for top in tops]}
-            else:
-                decoded = await service.recognise(parsed.images, arrival)
-                results = {kserve.TEXTS: [d.text for d in decoded],
-                           kserve.CONFIDENCES: [d.confidence for d in decoded]}
-            payload, headers = kserve.encode_infer_response(parsed, name, results, outputs)
+            results = await model_api.infer(parsed.images, arrival)
+            payload, headers = kserve.encode_infer_response(parsed, name, results,
+                                                            model_api.outputs)
             return Response(payload, 200, headers)
 
         return await answer("infer", work, arrival=arrival)
@@ -283,20 +291,46 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None) -
         async def work() -> Response:
             service.check_token(request.headers.get("authorization"))
             return _json({"name": SERVER_NAME, "version": "1",
-                          "extensions": ["binary_tensor_data"]})
+                          "extensions": list(kserve.EXTENSIONS)})
 
         return await answer("metadata", work)
+
+    async def model_document(request: Request, model: str, version: str | None,
+                             document: Callable[[], dict]) -> Response:
+        async def work() -> Response:
+            service.check_token(request.headers.get("authorization"))
+            check_model(model, version)
+            return _json(document())
+
+        return await answer("metadata", work)
+
+    def statistics_document() -> dict:
+        return {"model_stats": [model_api.statistics()]}
+
+    @app.get("/v2/models/stats")
+    async def all_statistics(request: Request) -> Response:
+        return await model_document(request, name, None, statistics_document)
 
     @app.get("/v2/models/{model}")
     async def model_metadata(request: Request, model: str) -> Response:
-        async def work() -> Response:
-            service.check_token(request.headers.get("authorization"))
-            check_model(model)
-            return _json(kserve.model_metadata(
-                name, service.backend.platform, outputs,
-                top_k if service.classifier is not None else None))
+        return await model_document(request, model, None, model_api.metadata)
 
-        return await answer("metadata", work)
+    @app.get("/v2/models/{model}/config")
+    async def model_config(request: Request, model: str) -> Response:
+        return await model_document(request, model, None, model_api.config)
+
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_version_config(request: Request, model: str, version: str) -> Response:
+        return await model_document(request, model, version, model_api.config)
+
+    @app.get("/v2/models/{model}/stats")
+    async def model_statistics(request: Request, model: str) -> Response:
+        return await model_document(request, model, None, statistics_document)
+
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_version_statistics(request: Request, model: str, version: str
+                                       ) -> Response:
+        return await model_document(request, model, version, statistics_document)
 
     @app.get("/v2/health/live")
     async def live() -> Response:

@@ -67,11 +67,13 @@ class Stopped(Exception):
 @dataclass
 class BatchStats:
     """What one engine call did, for metrics: ``size`` requests, ``engine_seconds`` in the
-    engine, ``expired`` requests dropped at their deadline before it."""
+    engine, ``expired`` requests dropped at their deadline before it, ``queued_seconds`` the
+    sum over its requests of the time from being queued to the call's start."""
 
     size: int
     engine_seconds: float
     expired: int
+    queued_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -353,6 +355,11 @@ class WidthBatcher:
         done.add_done_callback(lambda finished, rows=ordered, n=expired:
                                self._resolve(finished, rows, n, start, busy))
 
+    @staticmethod
+    def _queued(requests: list[_Request], start: float) -> float:
+        """Seconds the batch's requests waited in the queue, summed, to ``start``."""
+        return sum(start - request.enqueued for request in requests)
+
     def _observe(self, size: int, seconds: float, busy_seconds: float) -> None:
         """Fold one batch of ``size`` requests into the averages: answered ``seconds`` after
         its engine call began, which held the engine thread ``busy_seconds`` (the engine
@@ -383,7 +390,8 @@ class WidthBatcher:
                 request.future.set_result(result.decoded[row])
         if self.on_batch is not None:
             seconds = result.engine_seconds if result is not None else 0.0
-            self.on_batch(BatchStats(len(requests), seconds, expired))
+            self.on_batch(BatchStats(len(requests), seconds, expired,
+                                     self._queued(requests, start)))
 
 
 class DetectorBatcher(WidthBatcher):
@@ -418,7 +426,7 @@ class DetectorBatcher(WidthBatcher):
         elapsed = time.monotonic() - start  # engine and DB post-processing, both on this thread
         self._observe(len(live), elapsed, elapsed)
         if self.on_batch is not None:
-            self.on_batch(BatchStats(len(live), seconds, expired))
+            self.on_batch(BatchStats(len(live), seconds, expired, self._queued(live, start)))
 
 
 class ClassifierBatcher(WidthBatcher):
@@ -447,7 +455,7 @@ class ClassifierBatcher(WidthBatcher):
         self._observe(len(live), elapsed, elapsed)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(live), self.classifier.runner.last_engine_seconds,
-                                     expired))
+                                     expired, self._queued(live, start)))
 
 
 __all__ = [

@@ -3,7 +3,10 @@
 Source: the Open Inference Protocol's REST spec (KServe "V2 Inference Protocol",
 ``kserve/open-inference-protocol``, ``rest_predict_v2.yaml``) and Triton's binary tensor
 data extension (``triton-inference-server/server``, ``docs/protocol/extension_binary_data.md``),
-which ``tritonclient.http`` uses.
+which ``tritonclient.http`` uses; Triton's model configuration and statistics extensions
+(``docs/protocol/extension_model_configuration.md``, ``extension_statistics.md``), whose JSON
+is the proto3 JSON of ``model_config.proto``'s ``ModelConfig`` and ``grpc_service.proto``'s
+``ModelStatistics``, so :mod:`serve.grpc_server` answers the same documents over gRPC.
 
 A text recogniser has one input and two outputs, each a 1-D batch of ``N`` images:
 
@@ -33,6 +36,8 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from serve.metrics import ModelStatistics
 
 INPUT_NAME = "images"
 TEXTS = "texts"
@@ -92,6 +97,83 @@ def model_metadata(name: str, platform: str, outputs: dict[str, str] = OUTPUTS,
         "platform": platform,
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": n, "datatype": t, "shape": shape} for n, t in outputs.items()],
+    }
+
+
+#: Triton's ``DataType`` of each v2 datatype this service uses.
+CONFIG_DATATYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+#: The extensions this server implements (``GET /v2``, gRPC ServerMetadata).
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+
+
+def model_config(name: str, platform: str, outputs: dict[str, str], top_k: int | None,
+                 max_request_images: int, max_batch_size: int, max_wait_ms: float,
+                 timeout_ms: float, max_queue: int, device_kind: str = "KIND_CPU") -> dict:
+    """``GET /v2/models/{name}/config``: the model's configuration as Triton writes it.
+
+    A request's batch is ``[N]`` images (at most ``max_request_images``: Triton's
+    ``max_batch_size``); each element is one encoded image (``dims [1]`` reshaped to a
+    scalar), each output one value per image (a classifier's ``[top_k]``). Dynamic batching
+    fills engine calls of up to ``max_batch_size`` images (the preferred batch size) within
+    ``max_wait_ms``; requests past ``timeout_ms`` are rejected, the queue holds ``max_queue``.
+    """
+    dims = [1] if top_k is None else [top_k]
+    config = {
+        "name": name,
+        "platform": platform,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_request_images,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
+                   "dims": [1], "reshape": {"shape": []}}],
+        "output": [{"name": n, "data_type": CONFIG_DATATYPES[t], "dims": dims}
+                   for n, t in outputs.items()],
+        "dynamic_batching": {
+            "preferred_batch_size": [max_batch_size],
+            "max_queue_delay_microseconds": int(max_wait_ms * 1000),
+            "default_queue_policy": {"timeout_action": "REJECT",
+                                     "default_timeout_microseconds": int(timeout_ms * 1000),
+                                     "max_queue_size": max_queue},
+        },
+        "instance_group": [{"name": f"{name}_0", "kind": device_kind, "count": 1}],
+    }
+    if top_k is None:
+        for output in config["output"]:
+            output["reshape"] = {"shape": []}
+    return config
+
+
+def _duration(count: int, ns: int) -> dict:
+    return {"count": count, "ns": ns}
+
+
+def model_statistics(name: str, statistics: ModelStatistics) -> dict:
+    """``GET /v2/models/{name}/stats``: one model's entry of Triton's statistics document
+    (``{"model_stats": [entry]}``), from a ``serve.metrics.ModelStatistics`` snapshot.
+    Preprocessing and decoding are not timed per request: ``compute_input`` and
+    ``compute_output`` stay zero; ``compute_infer`` is the engine call."""
+    zero = _duration(0, 0)
+    s = statistics
+    return {
+        "name": name,
+        "version": "1",
+        "last_inference": s.last_inference,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success.count, s.success.ns),
+            "fail": _duration(s.fail.count, s.fail.ns),
+            "queue": _duration(s.queue.count, s.queue.ns),
+            "compute_input": zero,
+            "compute_infer": _duration(s.compute_infer.count, s.compute_infer.ns),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [
+            {"batch_size": size, "compute_input": zero,
+             "compute_infer": _duration(d.count, d.ns), "compute_output": zero}
+            for size, d in sorted(s.batches.items())
+        ],
     }
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serve.batcher import BatchStats
@@ -10,6 +14,56 @@ from serve.batcher import BatchStats
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Batch-size buckets, requests per engine call.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+#: The endpoints whose answers count as the model's inference requests in its statistics.
+INFERENCE_ENDPOINTS = frozenset({"service", "infer", "grpc_infer", "ocr", "ocr_prediction"})
+
+
+@dataclass
+class Duration:
+    """A count and its cumulative duration in nanoseconds (Triton's ``StatisticDuration``)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, count: int, seconds: float) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStatistics:
+    """The model's statistics as Triton's statistics extension counts them (a snapshot).
+
+    Attributes:
+        success, fail: inference requests answered 200 / otherwise, with their latency from
+            arrival to answer.
+        queue: requests run by the engine, with the time each waited from being queued (its
+            images decoded and resized) to its engine call.
+        compute_infer: the same requests, with their engine call's duration each.
+        inference_count: images the engine ran (Triton: inferences).
+        execution_count: engine calls.
+        batches: batch size -> engine calls of that size, with their durations.
+        last_inference: milliseconds since the epoch of the last engine call (0: none yet).
+    """
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    batches: dict[int, Duration] = field(default_factory=dict)
+    last_inference: int = 0
+
+    def copy(self) -> ModelStatistics:
+        return ModelStatistics(
+            Duration(**vars(self.success)), Duration(**vars(self.fail)),
+            Duration(**vars(self.queue)), Duration(**vars(self.compute_infer)),
+            self.inference_count, self.execution_count,
+            {size: Duration(**vars(d)) for size, d in self.batches.items()},
+            self.last_inference)
 
 
 class ServiceMetrics:
@@ -38,16 +92,35 @@ class ServiceMetrics:
         self.queue_depth = Gauge("ocr_queue_depth",
                                  "Requests admitted and not yet in an engine call.",
                                  registry=self.registry)
+        self._statistics = ModelStatistics()
+        self._lock = threading.Lock()
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request."""
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
+        if endpoint in INFERENCE_ENDPOINTS:
+            with self._lock:
+                (self._statistics.success if status == 200 else self._statistics.fail).add(
+                    1, seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
         """Record one engine call (``stats.size`` 0: all its requests had expired)."""
         if stats.size:
             self.batch_size.observe(stats.size)
             self.engine_seconds.observe(stats.engine_seconds)
+            with self._lock:
+                model = self._statistics
+                model.queue.add(stats.size, stats.queued_seconds)
+                model.compute_infer.add(stats.size, stats.engine_seconds * stats.size)
+                model.inference_count += stats.size
+                model.execution_count += 1
+                model.batches.setdefault(stats.size, Duration()).add(1, stats.engine_seconds)
+                model.last_inference = int(time.time() * 1000)
         if stats.expired:
             self.expired.inc(stats.expired)
+
+    def statistics(self) -> ModelStatistics:
+        """A consistent copy of the model's statistics (Triton's statistics extension)."""
+        with self._lock:
+            return self._statistics.copy()

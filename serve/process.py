@@ -48,6 +48,8 @@ class ServerProcess:
 
     Attributes:
         url: ``http://127.0.0.1:PORT``.
+        grpc_address: ``127.0.0.1:PORT`` of its gRPC endpoint (a free port unless ``args``
+            name ``--grpc-port``; None for ``--grpc-port 0``).
         log: the path of the server's combined stdout/stderr.
         process: the ``subprocess.Popen``.
 
@@ -63,6 +65,11 @@ class ServerProcess:
         self.wait_ready = wait_ready
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if "--grpc-port" not in self.args:  # not the default 8081: servers run side by side
+            self.args += ["--grpc-port", str(free_port())]
+        grpc_port = int(self.args[self.args.index("--grpc-port") + 1])
+        #: ``127.0.0.1:PORT`` of the gRPC endpoint (``tritonclient.grpc``), None without one.
+        self.grpc_address = f"127.0.0.1:{grpc_port}" if grpc_port else None
         self._log_dir = tempfile.TemporaryDirectory(prefix="serve-log-")
         self.log = Path(self._log_dir.name) / "server.log"
         self.process: subprocess.Popen | None = None
