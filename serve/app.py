@@ -11,7 +11,12 @@ Endpoints:
 - ``GET /v2/health/live``: 200 while the process runs.
 - ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``: 200 once the model is loaded and
   warmed up; 503 before, while draining, or when loading failed.
+- ``GET /v2/models/{name}/config``, ``GET /v2/models[/{name}]/stats``: Triton's model
+  configuration and statistics extensions (``tritonclient``'s ``get_model_config`` and
+  ``get_inference_statistics``).
 - ``GET /metrics``: Prometheus text (:mod:`serve.metrics`).
+- ``GET /``: a page to try an image in a browser (``serve/page.html``: choose or drop an
+  image; the boxes, texts and confidences drawn on it, the answer's latency).
 - With a detector (``--det``), whole images:
   ``POST /ocr``: the image file as the raw body -> ``{"words": [{"points": [[x, y] x 4],
   "text", "confidence"}], "dropped": {reason: count}}`` (points clockwise, pixels);
@@ -22,7 +27,8 @@ Endpoints:
   status) and ``err_msg`` beside ``error``.
 
 Errors are ``{"error": "<one line>"}`` with the status (the protocol's error format), on every
-endpoint. When a token is set, every endpoint but the two health probes needs it.
+endpoint. When a token is set, every endpoint but the two health probes and the page needs
+it (the page asks for it).
 
 A request is admitted or refused (503, 504) once its headers are in, before its body is read
 (:meth:`serve.service.Service.admit`); its deadline runs from its arrival, which
@@ -40,6 +46,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -146,6 +153,27 @@ def pipeline_request_image(body: bytes) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except binascii.Error as exc:
         raise ServiceError(400, f'the "image" value is not base64 ({exc})') from None
+
+
+#: The page served at ``/``; ``__PAGE_CONFIG__`` is replaced by :func:`page_config`'s JSON.
+PAGE = Path(__file__).with_name("page.html")
+
+
+def page_html(config: dict) -> str:
+    """The page with ``config`` in its script (``<`` escaped, so no text closes the tag)."""
+    text = json.dumps(config, ensure_ascii=False).replace("<", "\\u003c")
+    return PAGE.read_text(encoding="utf-8").replace("__PAGE_CONFIG__", text)
+
+
+def page_config(service: Service, model_api: V2Model) -> dict:
+    """What the page needs: the model's name, kind and backend, the detector's name, the
+    endpoints it can send to (``ocr`` first with a detector), whether a token is needed."""
+    kind = "classifier" if model_api.classifier else "recogniser"
+    detector = service.config.det
+    return {"model": model_api.name, "kind": kind, "backend": service.backend.name,
+            "detector": None if detector is None else Path(str(detector)).stem,
+            "endpoints": (["ocr"] if detector is not None else []) + ["service"],
+            "token": service.config.token is not None}
 
 
 def create_app(service: Service, on_startup: Callable[[], None] | None = None,
@@ -331,6 +359,12 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
     async def model_version_statistics(request: Request, model: str, version: str
                                        ) -> Response:
         return await model_document(request, model, version, statistics_document)
+
+    page = page_html(page_config(service, model_api))
+
+    @app.get("/")
+    async def page_endpoint() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/v2/health/live")
     async def live() -> Response:
