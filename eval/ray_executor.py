@@ -36,20 +36,17 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
 from common.errors import ToolchainError
+from common.ray_cluster import import_ray, join_ray
 from eval.blocks import BlockJob, BlockWorker, MergedRun, empty_rows, extend_rows, merge_rows
 from infer.device import parse_device
 from models.backends import BACKENDS
 
 log = logging.getLogger(__name__)
 
-#: The project's packages a worker imports (shipped to the cluster as Ray ``py_modules``).
-PACKAGES = ("convert", "preprocess", "infer", "pipeline", "eval")
-INSTALL_HINT = "install it with: pip install -r requirements-ray.txt"
 
 
 @dataclass
@@ -67,16 +64,6 @@ class RayRun:
     merged: MergedRun
     start_seconds: float
     address: str
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.data
-    except ModuleNotFoundError as exc:
-        raise ToolchainError(f"--executor ray needs Ray ({exc.name} is missing); "
-                             f"{INSTALL_HINT}") from None
-    return ray
 
 
 def _actor_resources(device: str | None, backend: str) -> tuple[str, dict]:
@@ -106,31 +93,15 @@ def run_on_ray(job: BlockJob, blocks: Sequence[tuple[int, int]], workers: int, *
         ToolchainError: Ray is not installed, the cluster lacks the resources for
             ``workers`` actors, or an actor cannot start (its one-line reason).
     """
-    ray = _import_ray()
+    ray = import_ray("--executor ray", ("ray.data",))
     if workers < 1:
         raise ToolchainError(f"--workers must be >= 1, got {workers}")
-    started_here = False
     start = time.perf_counter()
-    root = Path(__file__).resolve().parents[1]
-    runtime_env = {"py_modules": [str(root / name) for name in PACKAGES]}
     if address and address.startswith("ray://"):
         raise ToolchainError(f"--address {address}: Ray Data does not run through Ray Client "
                              "(ray://) in Ray 2.60; run this command on a node of the cluster "
                              "with --address auto (or the head's HOST:6379)")
-    if not ray.is_initialized():
-        try:
-            if address:
-                ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, runtime_env=runtime_env,
-                         logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token here "
-                    "(the token is read from ~/.ray/auth_token or $RAY_AUTH_TOKEN)"
-                    if isinstance(exc.__cause__, ray.exceptions.AuthenticationError) else "")
-            raise ToolchainError(f"cannot join the Ray cluster at {address}: {exc}{hint}") \
-                from None
-        started_here = True
+    started_here = join_ray(ray, address, workers)
     start_seconds = time.perf_counter() - start
     try:
         resource, arguments = _actor_resources(device, backend)

@@ -124,6 +124,13 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _free_port(host: str) -> int:
+    """A port nothing listens on at ``host`` now (``--port 0`` with ``--replicas``: Ray
+    Serve's proxy takes a fixed port)."""
+    with listen(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     parser.add_argument("--model", default=DEFAULT_RECOGNIZER,
@@ -208,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, keep serving this long with readiness 503 "
                              "(for load balancers to notice) before stopping")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--replicas", type=positive(int),
+                        help="run N replicas of the service on Ray Serve behind its HTTP proxy "
+                             "on --host:--port (each with its own batcher and engine, one core "
+                             "or one NPU each; REST only, no gRPC; needs requirements-ray.txt)")
+    parser.add_argument("--address",
+                        help="with --replicas: the Ray cluster to join (auto on one of its "
+                             "nodes, or the head's HOST:6379); default: a local Ray")
     return parser
 
 
@@ -278,6 +292,15 @@ def config_of(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.address is not None and args.replicas is None:
+        raise ToolchainError("--address names the Ray cluster for --replicas; give --replicas N")
+    if args.replicas is not None:
+        from serve import replicas
+
+        if args.grpc_port:
+            logger.info("--replicas serves REST through Ray Serve's proxy; no gRPC endpoint")
+        port = args.port or _free_port(args.host)
+        return replicas.run(config_of(args), args.replicas, args.host, port, args.address)
     import uvicorn
 
     from serve.app import SERVER_NAME, create_app

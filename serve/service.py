@@ -142,6 +142,25 @@ def _batch_dependent(model: Path) -> bool:
     return batch_dependent(load_onnx(model, load_external_data=False))
 
 
+def served_model(config: ServeConfig) -> tuple[Path, str | None, object]:
+    """The model file ``config.model`` resolves to (with --det, as the offline pipeline
+    resolves it: ``pipeline.ocr.FULL_IMAGE_INT8``), its registry architecture, and its
+    description (a ``ModelSpec`` or ``ClassifierSpec``), read without loading an engine.
+
+    Raises:
+        ToolchainError: an unknown name, an unreadable file or description, ``--labels``
+            with a file that is not .onnx.
+    """
+    full_image = FULL_IMAGE_INT8 if config.det is not None else None
+    model, arch = resolve_model(config.model, config.precision, full_image)
+    if config.labels is not None and model.suffix.lower() != ".onnx":
+        raise ToolchainError(f"{model}: --labels describes an ONNX classifier; an "
+                             f"{model.suffix} carries its labels in its description")
+    kind = (describe_classifier(model, config.labels) if config.labels is not None
+            else describe(model, config.arch or arch, config.sidecar))
+    return model, arch, kind
+
+
 class Service:
     """One model behind one engine thread: a text recogniser (with ``det``, also whole
     images: a detector, the direction classifier ``cls``, the recogniser), or an image
@@ -161,15 +180,9 @@ class Service:
         # threads must not spin (onnxruntime #9800, #3099: pools fighting over cores).
         # With --det the recogniser also reads /ocr's crops: the names resolve as the offline
         # pipeline resolves them (FULL_IMAGE_INT8), so /ocr answers as open_pipeline does.
-        full_image = FULL_IMAGE_INT8 if config.det is not None else None
-        model, arch = resolve_model(config.model, config.precision, full_image)
+        model, arch, kind = served_model(config)
         #: The model file the name or path given resolved to.
         self.model_path = model
-        if config.labels is not None and model.suffix.lower() != ".onnx":
-            raise ToolchainError(f"{model}: --labels describes an ONNX classifier; an "
-                                 f"{model.suffix} carries its labels in its description")
-        kind = (describe_classifier(model, config.labels) if config.labels is not None
-                else describe(model, config.arch or arch, config.sidecar))
         if isinstance(kind, ClassifierSpec):
             fallback = kind
             runner, spec = open_model(model, config.device, expect=ClassifierSpec,

@@ -1,0 +1,146 @@
+"""The service as replicas on Ray Serve: ``python -m serve ... --replicas N [--address A]``.
+
+Each replica is a Ray Serve replica (a Ray actor) holding its own
+:class:`serve.service.Service` (preprocessing pool, batcher, engine and decode threads) and
+the same FastAPI application as one process (:func:`serve.app.create_app`, given to Ray Serve
+as the deployment's ASGI ingress, built on the replica after its model loaded). Ray Serve's
+HTTP proxy listens on ``--host:--port`` and routes each request to a replica; replicas share
+no state, so each request's answer is the one process's answer.
+
+Resources: a replica holds the backend row's Ray resource (``models.backends.RAY_RESOURCES``)
+for its device: ``--threads`` CPUs (default 1, and the engine then runs 1 intra-op thread)
+for ONNX Runtime or PyTorch on the CPU, one GPU with ``--device cuda`` (Ray sets
+``CUDA_VISIBLE_DEVICES``), or ``{"NPU": 1}`` for an .om (Ray sets
+``ASCEND_RT_VISIBLE_DEVICES``, so each replica opens its NPU as ``npu:0``; start NPU nodes with
+``ray start --resources '{"NPU": 8}'`` where Ray does not detect them).
+
+Without ``--address`` a local Ray starts (all cores) and stops with the command. With
+``--address auto`` (on a node of a cluster) or ``HOST:6379`` the command joins that cluster and
+deploys the application under ``--name``; on exit it deletes that application and leaves the
+cluster (and Serve's proxies) running. A node needs the Python environment
+(requirements.txt and requirements-ray.txt) and the model at the same path; our packages
+travel as Ray ``py_modules``.
+
+What one process has and replicas do not: the gRPC endpoint (Ray Serve's gRPC proxy
+takes its own servicers), and the connection limits and arrival stamps of
+``serve.protocol`` (Ray Serve's proxy owns the connections, so a deadline runs from when
+the replica's handler starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+
+from common.errors import ToolchainError
+from common.ray_cluster import import_ray, join_ray
+from infer.device import parse_device
+from models.backends import backend_of
+from serve.service import ServeConfig, served_model
+
+logger = logging.getLogger(__name__)
+
+
+def replica_config(config: ServeConfig) -> ServeConfig:
+    """A replica's options: ``threads`` 1 unless given (one core per replica)."""
+    return dataclasses.replace(config, threads=config.threads or 1)
+
+
+def replica_resources(config: ServeConfig) -> dict:
+    """The ``ray_actor_options`` of one replica (see the module docstring).
+
+    Raises:
+        ToolchainError: the model cannot be resolved or described (checked here, before any
+            replica starts, so the reason is one line).
+    """
+    path, _, _ = served_model(config)
+    row = backend_of(path)
+    kind = parse_device(config.device).kind if config.device else row.devices[0]
+    resource, arguments = row.ray_resources(kind)
+    if resource == "CPU":
+        return {"num_cpus": config.threads or 1}
+    return dict(arguments)
+
+
+def deployment(config: ServeConfig, replicas: int):
+    """The Ray Serve application: ``replicas`` copies of the service's app.
+
+    Raises:
+        ToolchainError: Ray Serve is not installed.
+    """
+    import_ray("--replicas", ("ray.serve",))
+    from ray import serve
+
+    from serve.app import create_app
+    from serve.service import Service, State
+
+    replica = replica_config(config)
+    if replica.device and parse_device(replica.device).kind == "npu":
+        replica = dataclasses.replace(replica, device="npu:0")  # its one visible NPU
+
+    @serve.ingress()
+    class Replica:
+        """One replica: the service, loaded before the replica takes requests."""
+
+        def __init__(self, config: ServeConfig) -> None:
+            self.service = Service(config)
+            self.service.load()
+
+        def __serve_build_asgi_app__(self):  # noqa: PLW3201 - Ray Serve's hook
+            return create_app(self.service)
+
+        def check_health(self) -> None:
+            """Ray Serve's health check: a replica whose service failed is restarted."""
+            if self.service.state is State.FAILED:
+                raise RuntimeError(f"the model failed: {self.service.failure}")
+
+    resources = replica_resources(config if replica.device is None else replica)
+    return serve.deployment(Replica, name=config.name, num_replicas=replicas,
+                            ray_actor_options=resources,
+                            max_ongoing_requests=config.max_queue).bind(replica)
+
+
+def run(config: ServeConfig, replicas: int, host: str, port: int,
+        address: str | None) -> int:
+    """Deploy ``replicas`` replicas behind Ray Serve's HTTP proxy on ``host:port`` and serve
+    until SIGTERM or Ctrl-C.
+
+    Raises:
+        ToolchainError: Ray Serve missing, the cluster cannot be joined, lacks the resources,
+            or the application fails to deploy (a replica cannot load the model).
+    """
+    ray = import_ray("--replicas", ("ray.serve",))
+    from ray import serve
+
+    application = deployment(config, replicas)
+    connected_here = join_ray(ray, address, None)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(application, name=config.name, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # Ray Serve: "Deploying application ... failed"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ToolchainError(f"{config.model}: the replicas did not start: {first}") \
+                from None
+        logger.info("%d replicas of %s on Ray Serve at http://%s:%d (Ctrl-C to stop)",
+                    replicas, config.name, host, port)
+        stop.wait()
+        logger.info("stopping the replicas")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if address is None and connected_here:  # our local Ray: it all goes
+            serve.shutdown()
+        elif config.name in serve.status().applications:  # a cluster's: only our app goes
+            serve.delete(config.name)
+        if connected_here:
+            ray.shutdown()
+    return 0
+
+
+__all__ = ["deployment", "replica_config", "replica_resources", "run"]

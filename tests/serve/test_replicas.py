@@ -1,0 +1,63 @@
+"""``python -m serve --replicas 2``: the service as two Ray Serve replicas on a local Ray,
+behind Ray Serve's HTTP proxy, answering as the offline path does."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from serve.process import ServerProcess
+from tests.serve.test_service import offline_batch_1, real_words
+
+pytest.importorskip("ray.serve", reason="requirements-ray.txt (scripts/test.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def model(exported):
+    return exported["nano-ocr"]
+
+
+def test_two_replicas_answer_as_offline_and_both_serve(model):
+    images = real_words(300)
+    expected = offline_batch_1(model, images)
+    with ServerProcess(["--model", str(model), "--name", "crnn", "--replicas", "2"],
+                       ready_timeout=300) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda raw: client.post("/service", content=raw),
+                                        images))
+            # the same app in each replica: Triton's statistics count what that replica ran
+            counts = [client.get("/v2/models/crnn/stats").json()["model_stats"][0]
+                      ["inference_count"] for _ in range(20)]
+        log = server.tail(400)
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers][:3]
+    assert [a.json()["text"] for a in answers] == [e.text for e in expected]
+    np.testing.assert_allclose([a.json()["confidence"] for a in answers],
+                               [e.confidence for e in expected], rtol=1e-4)
+    assert "2 replicas of crnn on Ray Serve" in log
+    # two replicas, each its own service: their counts differ and neither holds them all
+    assert len(set(counts)) == 2 and max(counts) < len(images), counts
+
+
+def test_address_without_replicas_and_a_broken_model_are_one_line_errors(model, tmp_path):
+    import subprocess
+    import sys
+
+    from common.cli import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(model), "--address",
+                           "auto"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --address names the Ray cluster for --replicas; give --replicas N")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(broken), "--replicas",
+                           "1", "--port", "0"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {broken}: not a readable ONNX model"), last
