@@ -1,21 +1,30 @@
-"""Load the HTTP service from this machine and compare it with the offline recogniser.
+"""Load the HTTP service from this machine and compare it with the offline paths.
 
 One run, on the same model (int8 nano-ocr, built as ``bench.e2e`` builds it unless --model
-is given) and the same IIIT5K images (encoded bytes from the lmdb):
+is given) and the same IIIT5K images (encoded bytes from the lmdb); ``--parts`` picks what
+runs (default all):
 
 1. offline: ``pipeline.Recognizer`` on all images in memory, batch 16, in this process
    (decode, resize, equal-width batches, engine, CTC): the ceiling for the service.
-2. the service, ``python -m serve`` in a child process with its defaults (batches of up to
-   16 per width, 2 ms wait), at 1, 8, 32 and 64 requests in flight;
-3. the same service with ``--max-batch-size 1`` (no batching), at the same loads;
-4. overload: the batched service with its default queue and a 2 s deadline (``--timeout-ms
-   2000``) offered 4x and 16x the rate the batched service reached at 32 in flight (its
-   capacity), open loop (a request every 1/rate seconds whatever the answers, so a refused
-   client comes back at once, ignoring Retry-After), for --overload-seconds each: goodput is
-   the 200s answered within the deadline per second, against the capacity;
-5. fairness: small requests (8 in flight on ``/service``) alone, then beside one client that
-   keeps sending KServe v2 requests of --big-images images each (the IIIT5K words scaled up
-   2x, so each takes a few ms to decode): the small requests' p50 and p99 with and without.
+2. ``levels``: the service, ``python -m serve`` in a child process with its defaults (batches
+   of up to 16 per width, 2 ms wait), at 1, 8, 32 and 128 requests in flight; and the same
+   service with ``--max-batch-size 1`` (no batching), at the same loads;
+3. ``overload``: the batched service with its default queue and a 2 s deadline
+   (``--timeout-ms 2000``) offered 4x and 16x its capacity (its rate at 32 in flight,
+   measured first), open loop (a request every 1/rate seconds whatever the answers, so a
+   refused client comes back at once, ignoring Retry-After), for --overload-seconds each:
+   goodput is the 200s answered within the deadline per second, against the capacity;
+4. ``fairness``: small requests (8 in flight on ``/service``) alone, then beside one client
+   that keeps sending KServe v2 requests of --big-images images each (the IIIT5K words scaled
+   up 2x, so each takes a few ms to decode): the small requests' p50 and p99;
+5. ``ocr``: the OCR endpoint (``python -m serve --det``, PP-OCRv6 with the pipeline's
+   defaults) on --ocr-images photos at the same levels, beside the offline pipeline;
+6. ``replicas``: one process against ``--replicas 2`` on Ray Serve (one core each) at 32 in
+   flight, with the CPU seconds per 1000 requests of each part (server, HTTP proxy,
+   replicas, controller, the rest of Ray, the client); ``--haproxy`` adds the replicas
+   behind Ray Serve's HAProxy ingress;
+7. ``soak``: 64 in flight for --soak-seconds (10 minutes), every answer compared with the
+   answer the idle server gave the same image, the server's RSS sampled every 10 s.
 
 The load tool is a small asyncio client on aiohttp (one keep-alive connection per request in
 flight, each posting the next image as soon as its answer arrives; ``POST /service`` with the
@@ -41,6 +50,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -51,8 +61,10 @@ from pathlib import Path
 from common.cli import make_parser, positive, run_main
 from common.errors import ToolchainError
 from common.outputs import check_output_file, write_texts
+from common.ray_cluster import import_ray
 from infer import open_model
 from pipeline import Recognition, Recognizer
+from preprocess.image_folder import default_detector_calibration, list_images
 from preprocess.lmdb_reader import (
     count_samples,
     default_calibration_set,
@@ -62,7 +74,9 @@ from preprocess.lmdb_reader import (
 )
 from serve.process import ServerProcess, rss_kib
 
-LEVELS = (1, 8, 32, 64)
+LEVELS = (1, 8, 32, 128)
+#: What a run measures (--parts): every part by default.
+PARTS = ("levels", "overload", "fairness", "ocr", "replicas", "soak")
 
 
 def read_images(data: Path, limit: int | None = None) -> list[bytes]:
@@ -87,15 +101,30 @@ def offline(model: Path, images: list[bytes]) -> dict:
     return {"images_per_s": len(images) / seconds, "seconds": seconds, "failed": failed}
 
 
+def same_answer(expected: dict | None, answer: dict) -> bool:
+    """Whether a ``/service`` answer is ``expected``: the same text, the confidence within
+    1e-4 (ONNX Runtime's kernels may round differently at another batch size)."""
+    return (expected is not None and expected["text"] == answer["text"]
+            and abs(expected["confidence"] - answer["confidence"]) <= 1e-4)
+
+
 async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
-                seconds: float) -> dict:
+                seconds: float, path: str = "/service", reference: dict | None = None,
+                rss_pid: int | None = None, rss_every_s: float = 10.0) -> dict:
     import aiohttp
 
     latencies: list[float] = []
     statuses: Counter = Counter()
-    answers: dict[int, tuple[str, float]] = {}
+    answers: dict[int, dict] = {}
+    mismatches = 0
+    rss: list[tuple[float, float]] = []
     next_index = 0
     stop_at = time.monotonic() + seconds
+
+    async def sample_rss(start: float) -> None:
+        while True:
+            rss.append((time.monotonic() - start, rss_kib(rss_pid) / 1024))
+            await asyncio.sleep(rss_every_s)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
@@ -105,7 +134,7 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
             body = images[index % len(images)]
             start = time.perf_counter()
             try:
-                async with session.post(url + "/service", data=body) as response:
+                async with session.post(url + path, data=body) as response:
                     payload = await response.json()
                     statuses[response.status] += 1
             except aiohttp.ClientError as exc:
@@ -113,15 +142,24 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
                 continue
             latency = time.perf_counter() - start
             if response.status == 200:
+                nonlocal mismatches
                 latencies.append(latency)
-                answers[index % len(images)] = (payload["text"], payload["confidence"])
+                answers[index % len(images)] = payload
+                if reference is not None and not same_answer(
+                        reference.get(index % len(images)), payload):
+                    mismatches += 1
 
     connector = aiohttp.TCPConnector(limit=in_flight)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
+        sampler = (asyncio.create_task(sample_rss(time.monotonic()))
+                   if rss_pid is not None else None)
         await asyncio.gather(*(worker(session) for _ in range(in_flight)))
         wall = time.perf_counter() - start
+        if sampler is not None:
+            sampler.cancel()
+            rss.append((time.monotonic() - stop_at + seconds, rss_kib(rss_pid) / 1024))
     latencies.sort()
     ok = len(latencies)
     return {
@@ -134,6 +172,8 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
         "max_ms": 1000 * latencies[-1] if ok else None,
         "statuses": dict(statuses),
         "answers": answers,
+        "mismatches": mismatches,
+        "rss_mib": rss,
     }
 
 
@@ -301,26 +341,125 @@ def fairness(url: str, name: str, images: list[bytes], big: bytes | None, reques
     return asyncio.run(_fairness(url, name, images, big, requests, seconds))
 
 
-def load(url: str, images: list[bytes], in_flight: int, requests: int, seconds: float) -> dict:
-    """Post images to ``url``/service with ``in_flight`` requests outstanding, until
+def load(url: str, images: list[bytes], in_flight: int, requests: int, seconds: float,
+         path: str = "/service", reference: dict | None = None,
+         rss_pid: int | None = None) -> dict:
+    """Post images to ``url + path`` with ``in_flight`` requests outstanding, until
     ``requests`` are answered or ``seconds`` pass.
+
+    Args:
+        reference: image position -> the answer expected (JSON); answers that differ are
+            counted as ``mismatches``.
+        rss_pid: a process whose resident memory is sampled every 10 s during the load.
 
     Returns:
         sent/ok counts, images/s (answered 200 per wall second), p50/p99/max latency in ms,
-        statuses by code (or client error name), and ``(text, confidence)`` by image
-        position.
+        statuses by code (or client error name), the last JSON answer by image position,
+        mismatches against ``reference``, and ``rss_mib``: ``(seconds, MiB)`` samples.
     """
-    return asyncio.run(_load(url, images, in_flight, requests, seconds))
+    return asyncio.run(_load(url, images, in_flight, requests, seconds, path, reference,
+                             rss_pid))
 
 
 def serve_levels(model: Path, images: list[bytes], levels: Sequence[int], extra: Sequence[str],
-                 requests: int, seconds: float) -> dict:
+                 requests: int, seconds: float, path: str = "/service") -> dict:
     """Start a server with ``extra`` options and load it at each level; RSS before/after."""
     with ServerProcess(["--model", str(model), *extra]) as server:
         before = rss_kib(server.process.pid)
-        rows = [load(server.url, images, n, requests, seconds) for n in levels]
+        rows = [load(server.url, images, n, requests, seconds, path) for n in levels]
         after = rss_kib(server.process.pid)
     return {"rows": rows, "rss_before_mib": before / 1024, "rss_after_mib": after / 1024}
+
+
+def ocr_levels(photos: list[bytes], levels: Sequence[int], requests: int,
+               seconds: float) -> dict:
+    """The OCR endpoint (``python -m serve --det``: PP-OCRv6 det, cls, rec with the pipeline's
+    defaults) at each level, and the offline pipeline (the same defaults) on the same photos
+    in this process: decode, detect, classify, recognise."""
+    from pipeline.ocr import open_pipeline
+    from preprocess.image import decode_rgb
+
+    with open_pipeline() as pipeline:
+        pipeline([decode_rgb(raw) for raw in photos[:2]])  # warm-up
+        start = time.perf_counter()
+        for raw in photos:
+            pipeline([decode_rgb(raw)])
+        offline_rate = len(photos) / (time.perf_counter() - start)
+    with ServerProcess(["--det", "--grpc-port", "0"]) as server:
+        before = rss_kib(server.process.pid)
+        rows = [load(server.url, photos, n, requests, seconds, "/ocr") for n in levels]
+        after = rss_kib(server.process.pid)
+    return {"rows": rows, "rss_before_mib": before / 1024, "rss_after_mib": after / 1024,
+            "offline_images_per_s": offline_rate}
+
+
+#: Process titles of Ray Serve's parts (``ray::NAME``), for the CPU accounting.
+RAY_ROLES = {"ProxyActor": "HTTP proxy", "ServeReplica": "replicas",
+             "ServeController": "controller", "haproxy": "HAProxy"}
+
+
+def _ray_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of Ray Serve's processes by role; the rest of Ray's
+    own processes (raylet, GCS, workers idle) as ``other Ray``."""
+    import psutil
+
+    seconds: Counter = Counter()
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        line = " ".join(process.info["cmdline"] or ())
+        if not line.startswith("ray::") and "/ray/" not in line and "haproxy" not in line:
+            continue
+        role = next((r for key, r in RAY_ROLES.items() if key in line), "other Ray")
+        times = process.info["cpu_times"]
+        if times is not None:
+            seconds[role] += times.user + times.system
+    return dict(seconds)
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def replicas_vs_one(model: Path, images: list[bytes], in_flight: int, requests: int,
+                    seconds: float, ingresses: Sequence[str] = ("proxy",)) -> dict:
+    """One process (its defaults: one engine on all cores) against ``--replicas 2`` on Ray
+    Serve (one core each) behind each of ``ingresses``, at ``in_flight``; CPU seconds per
+    role during each load."""
+    import psutil
+
+    results = {}
+    with ServerProcess(["--model", str(model), "--grpc-port", "0"]) as server:
+        load(server.url, images[:200], in_flight, 200, seconds)  # warm-up
+        server_cpu = psutil.Process(server.process.pid).cpu_times()
+        client = _own_cpu()
+        one = load(server.url, images, in_flight, requests, seconds)
+        after = psutil.Process(server.process.pid).cpu_times()
+        one["cpu_s"] = {"server": after.user + after.system - server_cpu.user
+                        - server_cpu.system, "client": _own_cpu() - client}
+        results["one process"] = one
+    for ingress in ingresses:
+        with ServerProcess(["--model", str(model), "--replicas", "2", "--ray-ingress", ingress],
+                           ready_timeout=300) as server:
+            load(server.url, images[:200], in_flight, 200, seconds)  # warm-up
+            before, client = _ray_cpu(), _own_cpu()
+            two = load(server.url, images, in_flight, requests, seconds)
+            after = _ray_cpu()
+            two["cpu_s"] = {role: after.get(role, 0.0) - before.get(role, 0.0) for role in after}
+            two["cpu_s"]["client"] = _own_cpu() - client
+        results[f"2 Ray Serve replicas, {ingress} ingress"] = two
+    return results
+
+
+def soak(model: Path, images: list[bytes], in_flight: int, seconds: float) -> dict:
+    """``seconds`` of ``in_flight`` requests on one server, every answer compared with the
+    answer the idle server gave the same image (one request at a time, before the soak), the
+    server's RSS sampled every 10 s."""
+    with ServerProcess(["--model", str(model), "--grpc-port", "0"]) as server:
+        idle = load(server.url, images, 1, len(images), 600.0)
+        result = load(server.url, images, in_flight, int(seconds) * 10_000, seconds,
+                      reference=idle["answers"], rss_pid=server.process.pid)
+    result["idle_answers"] = len(idle["answers"])
+    return result
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -370,13 +509,29 @@ def _parser():
     parser.add_argument("--big-images", type=positive(int), default=64,
                         help="images per request of the fairness run's big client (default: "
                              "the service's default --max-request-images)")
+    parser.add_argument("--parts", type=_parts, default=",".join(PARTS),
+                        help=f"what to measure, comma-separated ({', '.join(PARTS)}; default "
+                             f"all)")
+    parser.add_argument("--photos", type=Path, default=default_detector_calibration(),
+                        help="folder of photos for the OCR endpoint ($DET_CALIB_IMAGES)")
+    parser.add_argument("--ocr-images", type=positive(int), default=100,
+                        help="photos posted to /ocr (the first N of --photos)")
+    parser.add_argument("--replicas-in-flight", type=positive(int), default=32,
+                        help="requests in flight for one process against 2 replicas")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also time the replicas behind Ray Serve's HAProxy ingress (its "
+                             "stats and metrics ports listen on every interface meanwhile)")
+    parser.add_argument("--soak-seconds", type=positive(float), default=600.0,
+                        help="length of the soak")
+    parser.add_argument("--soak-in-flight", type=positive(int), default=64,
+                        help="requests in flight during the soak")
     parser.add_argument("--predictions", type=Path,
                         help="write the batched service's answers at 32 in flight here (CSV; "
                              "a new file)")
     return parser
 
 
-def write_predictions(path: Path, answers: dict[int, tuple[str, float]]) -> None:
+def write_predictions(path: Path, answers: dict[int, dict]) -> None:
     """``index,prediction,confidence`` rows (lmdb indices from 1), written whole."""
     import csv
     import io
@@ -385,22 +540,38 @@ def write_predictions(path: Path, answers: dict[int, tuple[str, float]]) -> None
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["index", "prediction", "confidence"])
     for position in sorted(answers):
-        text, confidence = answers[position]
-        writer.writerow([position + 1, text, f"{confidence:.4f}"])
+        answer = answers[position]
+        writer.writerow([position + 1, answer["text"], f"{answer['confidence']:.4f}"])
     write_texts({path: buffer.getvalue()})
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p for p in text.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"parts are {','.join(PARTS)}; got {text!r}")
+    return parts
 
 
 def _run(args) -> int:
     from bench.e2e import build_models
 
-    levels = args.levels
+    levels, parts = args.levels, args.parts
     if args.predictions is not None:
         if args.predictions.exists():
             raise ToolchainError(f"{args.predictions}: exists; --predictions writes a new file")
-        if 32 not in levels:
+        if 32 not in levels or "levels" not in parts:
             raise ToolchainError("--predictions keeps the answers at 32 in flight; "
-                                 "--levels must include 32")
+                                 "--levels must include 32 and --parts levels")
         check_output_file(args.predictions, "--predictions")
+    if "replicas" in parts:
+        import_ray("bench.serve --parts replicas", ("ray.serve",))
+    photos = []
+    if "ocr" in parts:
+        if not args.photos.is_dir():
+            raise ToolchainError(f"{args.photos}: no such folder of photos (--photos, "
+                                 f"$DET_CALIB_IMAGES)")
+        photos = [p.read_bytes() for p in list_images(args.photos)[:args.ocr_images]]
     images = read_images(args.data)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model = args.model
@@ -411,41 +582,73 @@ def _run(args) -> int:
         base = offline(model, images)
         print(f"offline in-memory recogniser: {base['images_per_s']:.0f} img/s "
               f"({base['seconds']:.2f} s, {base['failed']} failed)")
-        batched = serve_levels(model, images, levels, [], args.requests, args.seconds)
-        unbatched = serve_levels(model, images, levels, ["--max-batch-size", "1"],
-                                 args.requests, args.seconds)
-        saturation = batched["rows"][-1]["images_per_s"]
-        if 32 in levels:
-            saturation = batched["rows"][levels.index(32)]["images_per_s"]
-        floods = {}
-        with ServerProcess(["--model", str(model), "--timeout-ms", "2000"]) as server:
-            for times in (4, 16):
-                floods[times] = overload(server.url, images, times * saturation,
-                                         args.overload_seconds, deadline_s=2.0)
-        big = big_request(scaled_images(images, args.big_images))
-        small = images[:500]
-        with ServerProcess(["--model", str(model), "--name", "m",
-                            "--max-body-bytes", str(4 * len(big))]) as server:
-            alone = fairness(server.url, "m", small, None, 1000, args.seconds)
-            beside = fairness(server.url, "m", small, big, 1000, args.seconds)
-    if args.predictions is not None:
-        answered = batched["rows"][levels.index(32)]["answers"]
-        write_predictions(args.predictions, answered)
-        print(f"wrote {len(answered)} answers (32 in flight) to {args.predictions}")
-    _print_rows("service, batched (--max-batch-size 16 --max-wait-ms 2)", batched, unbatched,
-                base["images_per_s"])
-    _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None, base["images_per_s"])
+        if "levels" in parts:
+            batched = serve_levels(model, images, levels, ["--grpc-port", "0"], args.requests,
+                                   args.seconds)
+            unbatched = serve_levels(model, images, levels,
+                                     ["--grpc-port", "0", "--max-batch-size", "1"],
+                                     args.requests, args.seconds)
+            _print_rows("service, batched (--max-batch-size 16 --max-wait-ms 2)", batched,
+                        unbatched, base["images_per_s"])
+            _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None,
+                        base["images_per_s"])
+            if args.predictions is not None:
+                answered = batched["rows"][levels.index(32)]["answers"]
+                write_predictions(args.predictions, answered)
+                print(f"wrote {len(answered)} answers (32 in flight) to {args.predictions}")
+        if "overload" in parts:
+            _overload_part(model, images, args, base)
+        if "fairness" in parts:
+            _fairness_part(model, images, args)
+        if "ocr" in parts:
+            result = ocr_levels(photos, levels, args.requests, args.seconds)
+            _print_rows(f"OCR endpoint (/ocr, PP-OCRv6 pipeline defaults), {len(photos)} "
+                        f"photos from {args.photos}", result, None,
+                        result["offline_images_per_s"])
+            print(f"offline pipeline on the same photos: "
+                  f"{result['offline_images_per_s']:.2f} img/s")
+        if "replicas" in parts:
+            _replicas_part(model, images, args, base)
+        if "soak" in parts:
+            _soak_part(model, images, args)
+    return 0
+
+
+def _overload_part(model: Path, images: list[bytes], args, base: dict) -> None:
+    """Open-loop overload at 4x and 16x the capacity measured here (32 in flight)."""
+    capacity = load_capacity(model, images, args)
+    floods = {}
+    with ServerProcess(["--model", str(model), "--timeout-ms", "2000",
+                        "--grpc-port", "0"]) as server:
+        for times in (4, 16):
+            floods[times] = overload(server.url, images, times * capacity,
+                                     args.overload_seconds, deadline_s=2.0)
     print(f"\noverload: open loop, default --max-queue, --timeout-ms 2000, "
           f"{args.overload_seconds:g} s each; capacity = the batched service at 32 in flight "
-          f"({saturation:.0f} img/s)")
+          f"({capacity:.0f} img/s)")
     print("| offered | offered req/s | sent req/s | 200 within 2 s per s | x capacity | "
           "p99 of 200s ms | slowest 200 ms | statuses |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for times, flood in floods.items():
         print(f"| {times}x | {flood['offered_per_s']:.0f} | {flood['sent_per_s']:.0f} | "
-              f"{flood['goodput_per_s']:.0f} | {flood['goodput_per_s'] / saturation:.2f} | "
+              f"{flood['goodput_per_s']:.0f} | {flood['goodput_per_s'] / capacity:.2f} | "
               f"{_fmt(flood['p99_ms'], '.0f')} | {_fmt(flood['max_ms'], '.0f')} | "
               f"{flood['statuses']} |")
+
+
+def load_capacity(model: Path, images: list[bytes], args) -> float:
+    """The batched service's images/s at 32 in flight (its capacity)."""
+    with ServerProcess(["--model", str(model), "--grpc-port", "0"]) as server:
+        return load(server.url, images, 32, args.requests, args.seconds)["images_per_s"]
+
+
+def _fairness_part(model: Path, images: list[bytes], args) -> None:
+    big = big_request(scaled_images(images, args.big_images))
+    small = images[:500]
+    with ServerProcess(["--model", str(model), "--name", "m", "--grpc-port", "0",
+                        "--max-body-bytes", str(4 * len(big))]) as server:
+        alone = fairness(server.url, "m", small, None, 1000, args.seconds)
+        beside = fairness(server.url, "m", small, big, 1000, args.seconds)
     print(f"\nfairness: small /service requests at 8 in flight, alone and beside a client "
           f"posting v2 requests of {args.big_images} images ({len(big) / 1e6:.1f} MB each)")
     print("| small requests | img/s | p50 ms | p99 ms | errors | big requests answered |")
@@ -456,7 +659,42 @@ def _run(args) -> int:
               f"{row['big_statuses'] or '-'} |")
     if alone["p99_ms"] and beside["p99_ms"]:
         print(f"p99 beside big requests / alone: {beside['p99_ms'] / alone['p99_ms']:.2f}")
-    return 0
+
+
+def _replicas_part(model: Path, images: list[bytes], args, base: dict) -> None:
+    n = args.replicas_in_flight
+    ingresses = ("proxy", "haproxy") if args.haproxy else ("proxy",)
+    result = replicas_vs_one(model, images, n, args.requests, args.seconds, ingresses)
+    one = result["one process"]
+    print(f"\nreplicas: one process (one engine, all cores) against --replicas 2 on Ray Serve "
+          f"(one core each), {n} in flight on /service")
+    print("| service | img/s | x one process | x offline | p50 ms | p99 ms | errors | "
+          "CPU s per 1000 requests |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for label, row in result.items():
+        per = {role: f"{1000 * cpu / max(row['sent'], 1):.1f}"
+               for role, cpu in sorted(row["cpu_s"].items())}
+        print(f"| {label} | {row['images_per_s']:.0f} | "
+              f"{row['images_per_s'] / one['images_per_s']:.2f} | "
+              f"{row['images_per_s'] / base['images_per_s']:.2f} | "
+              f"{_fmt(row['p50_ms'], '.1f')} | {_fmt(row['p99_ms'], '.1f')} | "
+              f"{row['sent'] - row['ok']} | {per} |")
+
+
+def _soak_part(model: Path, images: list[bytes], args) -> None:
+    result = soak(model, images, args.soak_in_flight, args.soak_seconds)
+    samples = result["rss_mib"]
+    after_minute = next((mib for t, mib in samples if t >= 60.0), samples[-1][1])
+    growth = samples[-1][1] / after_minute - 1.0
+    print(f"\nsoak: {args.soak_in_flight} in flight on /service for {args.soak_seconds:g} s; "
+          f"every answer compared with the idle server's ({result['idle_answers']} images)")
+    print(f"requests {result['sent']}, 200s {result['ok']}, errors "
+          f"{result['sent'] - result['ok']} {result['statuses']}, answers unlike the idle "
+          f"one {result['mismatches']}; {result['images_per_s']:.0f} img/s, p50 "
+          f"{_fmt(result['p50_ms'], '.1f')} ms, p99 {_fmt(result['p99_ms'], '.1f')} ms")
+    print("server RSS (MiB) every 10 s: " + ", ".join(f"{mib:.0f}" for _, mib in samples))
+    print(f"RSS growth after the first minute: {100 * growth:+.1f} % "
+          f"({after_minute:.0f} -> {samples[-1][1]:.0f} MiB)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

