@@ -87,6 +87,7 @@ from models.ctc import DECODERS
 from models.registry import ARCHS, GATE_ORDERS
 from models.spec import ModelSpec
 from pipeline import Recognizer
+from pipeline.recognizer import engine_lanes as recognizer_lanes
 from preprocess.parse_testdata import (
     add_width_arguments,
     failed_count,
@@ -409,18 +410,9 @@ def _evaluate_in_blocks(args, executor: str, model_path: Path, options: dict):
 
 
 def engine_lanes(args) -> tuple[int, int | None]:
-    """Engine lanes and intra-op threads per lane for the local executor.
-
-    ``--lanes``/``--threads`` as given; with neither, an .onnx on the CPU gets one lane per
-    core with one thread each (``bench.e2e``: 2 one-thread lanes beat one 2-thread call on
-    2 cores, since the LSTM's time steps leave a second thread idle), and anything else one
-    lane with the backend's default threads.
-    """
-    if args.lanes is not None or args.threads is not None:
-        return args.lanes or 1, args.threads
-    if backend_of(args.model).name == "onnxruntime" and (args.device or "cpu") == "cpu":
-        return available_cores(), 1
-    return 1, None
+    """Engine lanes and intra-op threads per lane for the local executor
+    (``pipeline.recognizer.engine_lanes`` of ``--lanes``/``--threads``)."""
+    return recognizer_lanes(backend_of(args.model).name, args.device, args.lanes, args.threads)
 
 
 def evaluate_folder(args) -> dict[str, object]:

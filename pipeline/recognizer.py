@@ -90,6 +90,28 @@ class BatchResult:
     decode_seconds: float = 0.0
 
 
+def engine_lanes(backend: str, device: str | None, lanes: int | None = None,
+                 threads: int | None = None) -> tuple[int, int | None]:
+    """Engine lanes and intra-op threads per lane for one process.
+
+    ``lanes``/``threads`` as given; with neither, ONNX Runtime on the CPU gets one lane per
+    core with one thread each (``bench.e2e``: 2 one-thread lanes beat one 2-thread call on
+    2 cores, since the LSTM's time steps leave a second thread idle), anything else one lane
+    with the backend's default threads.
+
+    Args:
+        backend: the backend's name (``models.backends``).
+        device: the device given (None: the backend's default).
+    """
+    if lanes is not None or threads is not None:
+        return lanes or 1, threads
+    if backend == "onnxruntime" and (device or "cpu") == "cpu":
+        from infer.onnxruntime_runner import available_cores
+
+        return available_cores(), 1
+    return 1, None
+
+
 @dataclass
 class Recognizer:
     """Recognise word images with a runner and its model description.

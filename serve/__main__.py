@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-split-words", dest="split_words", action="store_false",
                         help="/ocr: keep line boxes whole (no cut at recognised spaces)")
     parser.add_argument("--threads", type=positive(int),
-                        help="engine intra-op threads (default: the available cores)")
+                        help="intra-op threads of each engine lane (default: 1 with a lane per "
+                             "core for ONNX Runtime on the CPU, else the available cores)")
+    parser.add_argument("--lanes", type=positive(int),
+                        help="engine lanes: threads each running the next due batch (default: "
+                             "one per core for ONNX Runtime on the CPU, else 1)")
     parser.add_argument("--preprocess-threads", type=positive(int), default=1,
                         help="threads decoding and resizing images")
     parser.add_argument("--token-file", type=Path,
@@ -289,6 +293,7 @@ def config_of(args: argparse.Namespace):
         split_words=args.split_words,
         min_confidence=args.min_confidence,
         threads=args.threads,
+        lanes=args.lanes,
         preprocess_threads=args.preprocess_threads,
         token=read_token(args.token_file) if args.token_file else None,
         precision=args.precision,

@@ -95,7 +95,7 @@ class WidthBatcher:
 
     Args:
         recognizer: a loaded :class:`pipeline.Recognizer`; its engine is used from this
-            batcher's one engine thread only.
+            batcher's engine threads only.
         max_batch_size: most requests per engine call (>= 1).
         max_wait_s: longest a bucket's oldest request waits for the bucket to fill, in
             seconds (>= 0).
@@ -103,6 +103,9 @@ class WidthBatcher:
         on_batch: called with each engine call's :class:`BatchStats` once its results are
             handed out (on the decode thread; on the engine thread when every request of
             the batch had expired), for metrics.
+        lanes: engine threads, each taking the next due bucket (>= 1; above 1 the runner
+            must run concurrently, as ONNX Runtime's does: ``Runner.concurrent_infer``).
+            Admission's expected wait counts the lanes.
 
     Raises:
         ValueError: a limit out of range.
@@ -115,15 +118,17 @@ class WidthBatcher:
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        lanes: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or lanes < 1:
             raise ValueError(f"batcher limits out of range: max_batch_size={max_batch_size}, "
-                             f"max_queue={max_queue}, max_wait_s={max_wait_s}")
+                             f"max_queue={max_queue}, max_wait_s={max_wait_s}, lanes={lanes}")
         self.recognizer = recognizer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.lanes = lanes
         self._cond = threading.Condition()
         self._buckets: dict[int, list[_Request]] = {}  # each sorted by tag
         # Fair queueing between flows (one flow per client request): each queued item gets
@@ -139,7 +144,7 @@ class WidthBatcher:
         self.patience_s = max(0.05, 10 * max_wait_s)
         self._closing = False
         self._flush = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         #: Moving averages (seconds) of a batch's time from engine call to answers, and of
         #: that time per request; 0 until the first batch.
         self.batch_seconds = 0.0
@@ -154,7 +159,7 @@ class WidthBatcher:
     def expected_wait(self, count: int = 1) -> float:
         """Seconds until ``count`` requests admitted now would be answered, at the measured
         per-request rate (0 before the first batch)."""
-        return (self._admitted + count) * self.request_seconds
+        return (self._admitted + count) * self.request_seconds / self.lanes
 
     def check_room(self, count: int, deadline: float | None = None) -> None:
         """Whether ``count`` requests could be admitted now (nothing is reserved).
@@ -221,15 +226,17 @@ class WidthBatcher:
                 self._flow_tags[flow] = request.tag
             bisect.insort_right(self._buckets.setdefault(self._key(pixels), []), request,
                                 key=_tag)
-            self._cond.notify()
+            self._cond.notify_all()
         return request.future
 
     # -- engine thread -----------------------------------------------------------------------
     def start(self) -> WidthBatcher:
-        """Start the engine thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-            self._thread.start()
+        """Start the engine threads (one per lane)."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, name=f"engine_{lane}",
+                                              daemon=True) for lane in range(self.lanes)]
+            for thread in self._threads:
+                thread.start()
         return self
 
     def close(self, timeout: float | None = None) -> None:
@@ -241,9 +248,10 @@ class WidthBatcher:
         with self._cond:
             self._closing = True
             self._flush = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
         with self._cond:
             for bucket in self._buckets.values():
                 for request in bucket:
@@ -255,7 +263,7 @@ class WidthBatcher:
         """Send buckets to the engine without waiting for them to fill (when draining)."""
         with self._cond:
             self._flush = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _pick(self, now: float) -> tuple[int | None, float | None]:
         """The width whose bucket goes next (the engine is idle), or the seconds until one
@@ -439,8 +447,9 @@ class ClassifierBatcher(WidthBatcher):
     """
 
     def __init__(self, classifier: Classifier, max_batch_size: int, max_wait_s: float,
-                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None) -> None:
-        super().__init__(None, max_batch_size, max_wait_s, max_queue, on_batch)
+                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None,
+                 lanes: int = 1) -> None:
+        super().__init__(None, max_batch_size, max_wait_s, max_queue, on_batch, lanes)
         self.classifier = classifier
 
     def _key(self, pixels: np.ndarray):

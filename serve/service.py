@@ -44,7 +44,7 @@ from pipeline.ocr import (
     resolve_model,
     settle_directions,
 )
-from pipeline.recognizer import Recognition, Recognizer, collapse
+from pipeline.recognizer import Recognition, Recognizer, collapse, engine_lanes
 from preprocess.image import (
     DECODABLE_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -121,6 +121,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
+    lanes: int | None = None
     preprocess_threads: int = 1
     token: str | None = None
     det: Path | str | None = None
@@ -183,17 +184,23 @@ class Service:
         model, arch, kind = served_model(config)
         #: The model file the name or path given resolved to.
         self.model_path = model
+        #: Engine threads of the model's batcher, and intra-op threads of each.
+        self.lanes, threads = engine_lanes(backend_of(model).name, config.device, config.lanes,
+                                           config.threads)
         if isinstance(kind, ClassifierSpec):
             fallback = kind
             runner, spec = open_model(model, config.device, expect=ClassifierSpec,
-                                      threads=config.threads, spin=False,
+                                      threads=threads, spin=False,
                                       sidecar=config.sidecar, fallback=fallback)
             spec = kind  # the labels given replace those of a description
         else:
             runner, spec = open_model(model, config.device, expect=ModelSpec,
-                                      threads=config.threads, spin=False,
+                                      threads=threads, spin=False,
                                       sidecar=config.sidecar, arch=config.arch or arch)
         self.spec = spec
+        if self.lanes > 1 and not runner.concurrent_infer:
+            raise ToolchainError(f"{model}: its engine runs one call at a time; serve it with "
+                                 f"--lanes 1 (got {self.lanes})")
         #: The backend's row (``models.backends``): its name, and the KServe platform.
         self.backend = backend_of(model)
         self.metrics = ServiceMetrics()
@@ -206,7 +213,8 @@ class Service:
             self.classifier = Classifier(runner, spec, batch_size=config.max_batch_size)
             self.batcher = ClassifierBatcher(self.classifier, config.max_batch_size,
                                              config.max_wait_ms / 1000.0, config.max_queue,
-                                             on_batch=self.metrics.observe_batch)
+                                             on_batch=self.metrics.observe_batch,
+                                             lanes=self.lanes)
         else:
             if config.max_batch_size > 1 and _batch_dependent(Path(model)):
                 logger.warning("%s: its LSTM is quantised dynamically (convert.quantize --lstm "
@@ -216,7 +224,7 @@ class Service:
             self.recognizer = Recognizer(runner, spec, batch_size=config.max_batch_size)
             self.batcher = WidthBatcher(self.recognizer, config.max_batch_size,
                                         config.max_wait_ms / 1000.0, config.max_queue,
-                                        on_batch=self.metrics.observe_batch)
+                                        on_batch=self.metrics.observe_batch, lanes=self.lanes)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self._preprocess = FairPool(config.preprocess_threads)
         self.detector: Detector | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -269,3 +270,51 @@ def test_a_detector_bug_fails_its_batch_and_the_engine_thread_keeps_serving(ppoc
     finally:
         batcher.close()
     assert boxes  # the second request was served by the same, still running, thread
+
+
+class ConcurrencyRunner(OnnxRuntimeRunner):
+    """Test double: the real ONNX Runtime runner, holding each call 0.2 s longer and
+    recording how many calls were in it at once."""
+
+    def __init__(self, path):
+        super().__init__(path, threads=1)
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
+
+    def infer(self, feed):
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            time.sleep(0.2)
+            return super().infer(feed)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_two_lanes_run_two_widths_at_once_with_batch_1_answers(parts):
+    path, spec = parts
+    runner = ConcurrencyRunner(path)
+    images = [pixels_of_width(spec, w, 40 * len(w)) for w in
+              ("abc", "hello", "serving", "widest words")]
+    with Recognizer(runner, spec) as recognizer:
+        expected = [recognizer([p])[0].text for p in images]
+        runner.most_inside = 0
+        batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16,
+                               lanes=2)
+        futures = [batcher.submit(p, time.monotonic() + 10) for p in images]
+        start = time.monotonic()
+        batcher.start()
+        texts = [f.result(10).text for f in futures]
+        seconds = time.monotonic() - start
+        # admission counts the lanes: the expected wait is the per-request rate over 2
+        assert batcher.request_seconds > 0
+        assert batcher.expected_wait(4) == pytest.approx(
+            (batcher.depth + 4) * batcher.request_seconds / 2)
+        batcher.close(timeout=5)
+    assert texts == expected
+    assert runner.most_inside == 2  # two engine calls at once
+    assert seconds < 4 * 0.2 + 0.15  # 4 widths in ~2 rounds of 0.2 s, not 4
+    assert not any(t.is_alive() for t in batcher._threads)
