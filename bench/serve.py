@@ -5,7 +5,8 @@ is given) and the same IIIT5K images (encoded bytes from the lmdb); ``--parts`` 
 runs (default all):
 
 1. offline: ``pipeline.Recognizer`` on all images in memory, batch 16, in this process
-   (decode, resize, equal-width batches, engine, CTC): the ceiling for the service.
+   (decode, resize, equal-width batches, engine, CTC), with the offline default's engine
+   lanes (one one-thread lane per core on ONNX Runtime): the ceiling for the service.
 2. ``levels``: the service, ``python -m serve`` in a child process with its defaults (batches
    of up to 16 per width, 2 ms wait), at 1, 8, 32 and 128 requests in flight; and the same
    service with ``--max-batch-size 1`` (no batching), at the same loads;
@@ -63,7 +64,9 @@ from common.errors import ToolchainError
 from common.outputs import check_output_file, write_texts
 from common.ray_cluster import import_ray
 from infer import open_model
+from models.backends import backend_of
 from pipeline import Recognition, Recognizer
+from pipeline.recognizer import engine_lanes
 from preprocess.image_folder import default_detector_calibration, list_images
 from preprocess.lmdb_reader import (
     count_samples,
@@ -90,9 +93,11 @@ def read_images(data: Path, limit: int | None = None) -> list[bytes]:
 
 
 def offline(model: Path, images: list[bytes]) -> dict:
-    """Images/s of the in-memory recogniser (after one warm-up call)."""
-    runner, spec = open_model(model)
-    with Recognizer(runner, spec, batch_size=16) as recognizer:
+    """Images/s of the in-memory recogniser with the offline default's engine lanes
+    (``pipeline.recognizer.engine_lanes``; after one warm-up call)."""
+    lanes, threads = engine_lanes(backend_of(model).name, None)
+    runner, spec = open_model(model, threads=threads)
+    with Recognizer(runner, spec, batch_size=16, lanes=lanes) as recognizer:
         recognizer(images[:32])
         start = time.perf_counter()
         results = recognizer(images)

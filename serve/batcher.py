@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -54,6 +55,23 @@ class DeadlineExceeded(Exception):
 
 #: Weight of the newest batch in the moving averages of batch time.
 SMOOTHING = 0.2
+#: How much lower than the process an engine thread runs (Linux niceness, +N): the event loop
+#: that reads requests, refuses what cannot be answered in time and writes answers goes
+#: first when the cores are short, so overload is shed instead of queued in the sockets; an
+#: idle event loop leaves the cores to the engine.
+ENGINE_NICENESS = 10
+
+
+def lower_thread_priority(niceness: int = ENGINE_NICENESS) -> None:
+    """Run the calling thread ``niceness`` steps below the process (Linux threads have their
+    own niceness; elsewhere nothing changes). A thread may always lower its own priority."""
+    if not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+    except OSError as exc:  # a sandbox that forbids it: run at the process's priority
+        logger.warning("could not lower the engine thread's priority (%s)", exc)
 
 
 class EngineFailed(Exception):
@@ -316,6 +334,7 @@ class WidthBatcher:
                 self._cond.wait(wait)
 
     def _run(self) -> None:
+        lower_thread_priority()
         while (taken := self._next_batch()) is not None:
             now = time.monotonic()
             live, expired = [], 0
