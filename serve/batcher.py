@@ -16,9 +16,10 @@ whose expected wait, the queue ahead of it at the per-request rate, would pass i
 (the caller answers 503 at once rather than 504 later), and a batch leaves out the requests
 whose deadline falls before the batch is expected to be answered.
 
-One engine thread per :class:`WidthBatcher` (one per device) calls
+``lanes`` engine threads per :class:`WidthBatcher` (each takes the next due bucket) call
 :meth:`pipeline.Recognizer.submit`, which runs the engine and hands CTC decoding to the
 recogniser's decode thread, so the next batch's engine call overlaps this one's decoding.
+Engine threads run below the process's priority (:data:`ENGINE_NICENESS`).
 """
 
 from __future__ import annotations

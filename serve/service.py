@@ -163,7 +163,7 @@ def served_model(config: ServeConfig) -> tuple[Path, str | None, object]:
 
 
 class Service:
-    """One model behind one engine thread: a text recogniser (with ``det``, also whole
+    """One model behind its engine lanes: a text recogniser (with ``det``, also whole
     images: a detector, the direction classifier ``cls``, the recogniser), or an image
     classifier (a file carrying a classifier description, or any single-input ONNX
     classifier given ``labels``).
