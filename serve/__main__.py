@@ -7,7 +7,9 @@ Loads one model (.onnx fp32 or int8 on ONNX Runtime, .om with its sidecar on ais
     curl -X POST http://127.0.0.1:8080/service -T word.png     # {"text": ..., "confidence": ...}
 
 and the KServe v2 / Open Inference Protocol at /v2/models/NAME/infer (tritonclient.http works
-unchanged), health at /v2/health/live and /v2/health/ready, Prometheus metrics at /metrics.
+unchanged) and over gRPC on --grpc-port (tritonclient.grpc), Triton's model configuration and
+statistics at /v2/models/NAME/config and /stats, health at /v2/health/live and
+/v2/health/ready, Prometheus metrics at /metrics, and a page to try images at /.
 With --det, whole images too: a DB text detector (its own batcher, equal input sizes), the
 text-direction classifier (--cls) turning upside-down regions, then the recogniser on each
 region: POST /ocr (raw image body -> boxes and texts) and POST /ocr/prediction (Paddle
@@ -36,6 +38,7 @@ Examples:
     python -m serve --model ppocr-v4-rec --det ppocr-v4-det --cls none
     python -m serve --model ppocr-cls       # the direction classifier as a service
     python -m serve --model pets.onnx --labels pets.txt --top-k 3
+    python -m serve --model nano_int8.onnx --replicas 2      # 2 replicas on a local Ray Serve
 """
 
 from __future__ import annotations
