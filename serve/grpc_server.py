@@ -29,7 +29,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
@@ -111,17 +110,9 @@ def infer_response(request: kserve.InferRequest, model_name: str, results: dict[
     response = service_pb2.ModelInferResponse(model_name=model_name, model_version="1",
                                               id=request.id or "")
     for name, _ in request.outputs:
-        rows = results[name]
-        nested = bool(rows) and isinstance(rows[0], (list, tuple))
-        shape = [len(rows), len(rows[0])] if nested else [len(rows)]
-        flat = [v for row in rows for v in row] if nested else list(rows)
-        datatype = datatypes[name]
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
-        if datatype == "BYTES":
-            response.raw_output_contents.append(
-                kserve.serialize_bytes([str(v).encode("utf-8") for v in flat]))
-        else:
-            response.raw_output_contents.append(np.asarray(flat, "<f4").tobytes())
+        shape, flat = kserve.flatten_output(results[name])
+        response.outputs.add(name=name, datatype=datatypes[name], shape=shape)
+        response.raw_output_contents.append(kserve.binary_tensor(flat, datatypes[name]))
     return response
 
 

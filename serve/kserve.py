@@ -329,6 +329,22 @@ def parse_infer_request(body: bytes, header_length: str | None,
     return InferRequest(None if request_id is None else str(request_id), images, outputs)
 
 
+def flatten_output(rows: list) -> tuple[list[int], list]:
+    """An output's shape and its values in row-major order: one value per image (``[N]``),
+    or one list of ``k`` values per image (``[N, k]``)."""
+    nested = bool(rows) and isinstance(rows[0], (list, tuple))
+    shape = [len(rows), len(rows[0])] if nested else [len(rows)]
+    return shape, ([v for row in rows for v in row] if nested else list(rows))
+
+
+def binary_tensor(flat: list, datatype: str) -> bytes:
+    """A tensor's values as the binary extension (and gRPC's raw contents) carry them:
+    ``BYTES`` as length-prefixed UTF-8 (:func:`serialize_bytes`), ``FP32`` little-endian."""
+    if datatype == "BYTES":
+        return serialize_bytes([str(v).encode("utf-8") for v in flat])
+    return np.asarray(flat, "<f4").tobytes()
+
+
 def encode_infer_response(
     request: InferRequest, model_name: str, results: dict[str, list],
     datatypes: dict[str, str] = OUTPUTS,
@@ -351,17 +367,11 @@ def encode_infer_response(
         response["id"] = request.id
     blobs = []
     for name, binary in request.outputs:
-        rows = results[name]
-        nested = bool(rows) and isinstance(rows[0], (list, tuple))
-        shape = [len(rows), len(rows[0])] if nested else [len(rows)]
-        flat = [v for row in rows for v in row] if nested else list(rows)
+        shape, flat = flatten_output(results[name])
         datatype = datatypes[name]
         tensor: dict = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            if datatype == "BYTES":
-                blob = serialize_bytes([str(v).encode("utf-8") for v in flat])
-            else:
-                blob = np.asarray(flat, "<f4").tobytes()
+            blob = binary_tensor(flat, datatype)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
