@@ -127,13 +127,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _free_port(host: str) -> int:
-    """A port nothing listens on at ``host`` now (``--port 0`` with ``--replicas``: Ray
-    Serve's proxy takes a fixed port)."""
-    with listen(host, 0) as sock:
-        return sock.getsockname()[1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     parser.add_argument("--model", default=DEFAULT_RECOGNIZER,
@@ -311,7 +304,10 @@ def serve(args: argparse.Namespace) -> int:
 
         if args.grpc_port:
             logger.info("--replicas serves REST through Ray Serve's proxy; no gRPC endpoint")
-        port = args.port or _free_port(args.host)
+        # Ray Serve's proxy binds the port itself: a busy one is one line here, before Ray
+        # starts; --port 0 becomes a free port (the proxy takes a fixed one).
+        with listen(args.host, args.port) as sock:
+            port = sock.getsockname()[1]
         return replicas.run(config_of(args), args.replicas, args.host, port, args.address,
                             args.ray_ingress, args.drain_seconds)
     import uvicorn

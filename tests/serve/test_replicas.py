@@ -41,7 +41,9 @@ def test_two_replicas_answer_as_offline(model):
     assert all(0 < count <= len(images) for count in counts), counts
 
 
-def test_address_without_replicas_and_a_broken_model_are_one_line_errors(model, tmp_path):
+def test_address_without_replicas_a_broken_model_and_a_busy_port_are_one_line_errors(
+        model, tmp_path):
+    import socket
     import subprocess
     import sys
 
@@ -60,3 +62,13 @@ def test_address_without_replicas_and_a_broken_model_are_one_line_errors(model, 
     assert done.returncode != 0 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {broken}: not a readable ONNX model"), last
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "serve", "--model", str(model),
+                               "--replicas", "1", "--port", str(port)], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
