@@ -11,10 +11,11 @@ runs (default all):
    of up to 16 per width, 2 ms wait), at 1, 8, 32 and 128 requests in flight; and the same
    service with ``--max-batch-size 1`` (no batching), at the same loads;
 3. ``overload``: the batched service with its default queue and a 2 s deadline
-   (``--timeout-ms 2000``) offered 4x and 16x its capacity (its rate at 32 in flight,
-   measured first), open loop (a request every 1/rate seconds whatever the answers, so a
-   refused client comes back at once, ignoring Retry-After), for --overload-seconds each:
-   goodput is the 200s answered within the deadline per second, against the capacity;
+   (``--timeout-ms 2000``) offered 4x and 16x its capacity (its rate at 32 in flight, from
+   the levels, or measured first without them), open loop (a request every 1/rate seconds
+   whatever the answers, so a refused client comes back at once, ignoring Retry-After), for
+   --overload-seconds each: goodput is the 200s answered within the deadline per second,
+   against the capacity;
 4. ``fairness``: small requests (8 in flight on ``/service``) alone, then beside one client
    that keeps sending KServe v2 requests of --big-images images each (the IIIT5K words scaled
    up 2x, so each takes a few ms to decode): the small requests' p50 and p99;
@@ -587,6 +588,7 @@ def _run(args) -> int:
         base = offline(model, images)
         print(f"offline in-memory recogniser: {base['images_per_s']:.0f} img/s "
               f"({base['seconds']:.2f} s, {base['failed']} failed)")
+        capacity = None  # the batched service at 32 in flight, once measured
         if "levels" in parts:
             batched = serve_levels(model, images, levels, ["--grpc-port", "0"], args.requests,
                                    args.seconds)
@@ -597,12 +599,16 @@ def _run(args) -> int:
                         unbatched, base["images_per_s"])
             _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None,
                         base["images_per_s"])
+            if 32 in levels:
+                capacity = batched["rows"][levels.index(32)]["images_per_s"]
             if args.predictions is not None:
                 answered = batched["rows"][levels.index(32)]["answers"]
                 write_predictions(args.predictions, answered)
                 print(f"wrote {len(answered)} answers (32 in flight) to {args.predictions}")
         if "overload" in parts:
-            _overload_part(model, images, args, base)
+            if capacity is None:
+                capacity = load_capacity(model, images, args)
+            _overload_part(model, images, args, capacity)
         if "fairness" in parts:
             _fairness_part(model, images, args)
         if "ocr" in parts:
@@ -619,9 +625,8 @@ def _run(args) -> int:
     return 0
 
 
-def _overload_part(model: Path, images: list[bytes], args, base: dict) -> None:
-    """Open-loop overload at 4x and 16x the capacity measured here (32 in flight)."""
-    capacity = load_capacity(model, images, args)
+def _overload_part(model: Path, images: list[bytes], args, capacity: float) -> None:
+    """Open-loop overload at 4x and 16x ``capacity`` (images/s at 32 in flight)."""
     floods = {}
     with ServerProcess(["--model", str(model), "--timeout-ms", "2000",
                         "--grpc-port", "0"]) as server:
