@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,14 +57,6 @@ class ModelStatistics:
     execution_count: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)
     last_inference: int = 0
-
-    def copy(self) -> ModelStatistics:
-        return ModelStatistics(
-            Duration(**vars(self.success)), Duration(**vars(self.fail)),
-            Duration(**vars(self.queue)), Duration(**vars(self.compute_infer)),
-            self.inference_count, self.execution_count,
-            {size: Duration(**vars(d)) for size, d in self.batches.items()},
-            self.last_inference)
 
 
 class ServiceMetrics:
@@ -123,4 +116,4 @@ class ServiceMetrics:
     def statistics(self) -> ModelStatistics:
         """A consistent copy of the model's statistics (Triton's statistics extension)."""
         with self._lock:
-            return self._statistics.copy()
+            return copy.deepcopy(self._statistics)

@@ -8,6 +8,7 @@ model answers the same over both.
 
 from __future__ import annotations
 
+from infer.device import parse_device
 from serve import kserve
 from serve.service import Service, ServiceError
 
@@ -49,7 +50,8 @@ class V2Model:
     def config(self) -> dict:
         """Triton's model configuration (``GET /v2/models/{name}/config``)."""
         config = self.service.config
-        device = (config.device or self.service.backend.devices[0]).split(":")[0]
+        device = (parse_device(config.device).kind if config.device
+                  else self.service.backend.devices[0])
         return kserve.model_config(
             self.name, self.service.backend.platform, self.outputs,
             self.top_k if self.classifier else None, config.max_request_images,
