@@ -11,8 +11,15 @@ After export: ``onnx.checker``, then ONNX Runtime against PyTorch on the same ra
 at several (batch, width) pairs; the export fails when the max absolute difference is
 above the tolerance.
 
+A checkpoint of a model converted from ONNX (``python -m train --init ppocr-v6-rec`` or
+``--init MODEL.onnx``) is written back into its own graph instead (:func:`export_graph`):
+the shipped model's nodes, opset and dynamic batch and width, with the trained weights and
+its output (probabilities for PP-OCR), so the fix, atc, quantize and evaluation steps treat it
+as the shipped model; the same parity check follows.
+
 Example:
     python -m convert.pth2onnx .cache/weights/nano_ocr_ftr.pth nano.onnx --arch nano-ocr
+    python -m convert.pth2onnx work/ft_v6/model.pth ft_v6.onnx
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from common.outputs import atomic_path
 from infer.compare import compare_runners
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from infer.torch_runner import TorchRunner
-from models.checkpoint import load_checkpoint, read_description
+from models.checkpoint import graph_checkpoint, load_checkpoint, read_description
 from models.onnx_file import check_model_output
+from models.onnx_module import GraphModule
 from models.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
 from models.spec import ModelSpec
 
@@ -85,6 +93,26 @@ def export_onnx(
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(output))
     return output
+
+
+def export_graph(model: GraphModule, spec: ModelSpec, output: str | Path) -> ModelSpec:
+    """Write a model converted from ONNX (a checkpoint ``python -m train --init MODEL.onnx``
+    wrote) back as ONNX: its original graph, nodes, opset and dynamic axes unchanged, with the
+    trained weights in its tensors (``GraphModule.to_onnx``) and ``spec`` in the metadata
+    (other metadata keys, such as PaddleOCR's ``character``, are kept).
+
+    Returns:
+        The written file's description: ``spec`` with the graph's own output kind
+        (``probabilities`` where training took the logits before its final Softmax).
+    """
+    written = spec.replace(output_kind="probabilities") if model.logits else spec
+    proto = model.to_onnx()
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(written.to_metadata())
+    onnx.helper.set_model_props(proto, props)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(output))
+    return written
 
 
 def parity_pairs(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -180,7 +208,11 @@ def _run(args) -> int:
         if spec is None:
             raise ToolchainError(f"{args.checkpoint}: the checkpoint carries no model "
                                  "description; give its architecture with --arch")
-    if arch_entry(spec.arch).build is None:
+    graph = graph_checkpoint(args.checkpoint)
+    if graph and args.opset != DEFAULT_OPSET:
+        raise ToolchainError(f"{args.checkpoint} was converted from ONNX and is written back "
+                             "into its own graph at the graph's opset; leave out --opset")
+    if not graph and arch_entry(spec.arch).build is None:
         raise ToolchainError(
             f"{spec.arch} has no PyTorch definition here (it ships as ONNX: "
             f"python -m models.weights fetch {spec.arch})"
@@ -193,7 +225,11 @@ def _run(args) -> int:
         trust=args.trust_checkpoint,
     )
     with atomic_path(args.output) as partial:  # nothing is left at the output if a check fails
-        export_onnx(model, spec, partial, opset=args.opset)
+        if graph:
+            spec = export_graph(model, spec, partial)
+            model.logits = False  # the check compares the graph's own output
+        else:
+            export_onnx(model, spec, partial, opset=args.opset)
         try:
             results = check_parity(model, partial, spec, parity_pairs(spec),
                                    tolerance=args.tolerance)
@@ -204,9 +240,12 @@ def _run(args) -> int:
     for batch, width, diff in results:
         print(f"parity batch={batch} width={width}: max |onnxruntime - torch| = {diff:.2e}")
     worst = max(d for _, _, d in results)
+    opset = model.opset if graph else args.opset
     print(
-        f"exported {args.checkpoint} -> {path} (arch {spec.arch}, opset {args.opset}, "
-        f"{spec.num_classes} classes, logits); worst difference {worst:.2e} <= {args.tolerance:g}"
+        f"exported {args.checkpoint} -> {path} (arch {spec.arch}, opset {opset}, "
+        f"{spec.num_classes} classes, {spec.output_kind}"
+        + (", the original graph with the trained weights" if graph else "")
+        + f"); worst difference {worst:.2e} <= {args.tolerance:g}"
     )
     return 0
 

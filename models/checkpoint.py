@@ -30,6 +30,10 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 #: Key of the model description in checkpoints this toolchain writes (``train``): the
 #: ``ModelSpec.to_dict()`` of the trained model, so no ``--arch`` or charset is needed.
 DESCRIPTION_KEY = "description"
+#: Key of the ONNX graph (``models.onnx_module.GraphModule.structure``: the graph without its
+#: trained tensors' data) in a checkpoint of a model converted from ONNX: with the state dict,
+#: what rebuilds the module, so no registry entry or PyTorch definition is needed.
+GRAPH_KEY = "onnx_graph"
 
 
 def reorder_gates(tensor: torch.Tensor, source: str, target: str = "ifgo") -> torch.Tensor:
@@ -179,12 +183,19 @@ def load_checkpoint(
             ``"igfo"`` for ModelZoo NPU-trained checkpoints.
         trust: see :func:`read_state_dict`.
 
+    A checkpoint of a model converted from ONNX (one carrying :data:`GRAPH_KEY`, as
+    ``python -m train --init MODEL.onnx`` writes) is rebuilt from its own graph instead of the
+    registry's network; ``rnn_layout`` and ``gate_order`` do not apply to it.
+
     Raises:
         ToolchainError: unreadable file, or keys/shapes that do not fit; the message names
             the first few problems and suggests the ``--arch``/``--rnn-layout`` that would fit.
     """
     if gate_order not in GATE_ORDERS:
         raise ToolchainError(f"gate order {gate_order!r} is unknown; use one of {GATE_ORDERS}")
+    graph = _graph_in(Path(path), trust)
+    if graph is not None:
+        return _load_graph(Path(path), graph, spec, read_state_dict(path, trust=trust))
     layouts = arch_entry(spec.arch).rnn_layouts
     state = read_state_dict(path, trust=trust)
     layout = detect_layout(state, layouts) if rnn_layout == "auto" else rnn_layout
@@ -206,6 +217,58 @@ def load_checkpoint(
     model.load_state_dict(state, strict=False)  # strict keys were checked above
     log.info("loaded %s as %s (layout %s, gate order %s)", path, spec.arch, layout, gate_order)
     return model
+
+
+def graph_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` holds a model converted from ONNX
+    (:data:`GRAPH_KEY`), read without unpickling objects (a file that pickles them is not one).
+
+    Raises:
+        ToolchainError: the file is missing or not a PyTorch checkpoint.
+    """
+    try:
+        return _graph_in(Path(path), trust=False) is not None
+    except UnsafeCheckpoint:
+        return False
+
+
+def _graph_in(path: Path, trust: bool) -> bytes | None:
+    """The ONNX graph a checkpoint of a converted model carries (:data:`GRAPH_KEY`), or None."""
+    contents = _load_file(path, trust)
+    graph = contents.get(GRAPH_KEY) if isinstance(contents, dict) else None
+    if graph is not None and not isinstance(graph, bytes):
+        raise ToolchainError(f"{path}: its {GRAPH_KEY} is a {type(graph).__name__}, not the "
+                             "serialised ONNX graph")
+    return graph
+
+
+def _load_graph(path: Path, graph: bytes, spec: ModelSpec,
+                state: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a converted model (``models.onnx_module.GraphModule``) from its graph and load
+    ``state``; it returns logits where ``spec`` says so (training's checkpoints), else the
+    graph's own output."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from models.onnx_module import GraphModule
+
+    try:
+        proto = onnx.load_from_string(graph)
+    except DecodeError as exc:
+        raise ToolchainError(f"{path}: its {GRAPH_KEY} is not a readable ONNX graph "
+                             f"({exc})") from None
+    try:
+        model = GraphModule(proto)
+    except ToolchainError as exc:
+        raise ToolchainError(f"{path}: {exc}") from None
+    model.logits = spec.output_kind == "logits" and model.logits_name is not None
+    problems = _mismatch_report(model, state)
+    if problems:
+        raise ToolchainError(f"{path}: its weights do not fit its own graph: "
+                             + "; ".join(problems))
+    model.load_state_dict(state, strict=False)  # strict keys were checked above
+    log.info("loaded %s as %s converted from ONNX", path, spec.arch)
+    return model.eval()
 
 
 def _suggest(state: dict[str, torch.Tensor], arch: str, layout: str) -> str:
@@ -257,15 +320,20 @@ def description_in(contents: object, path: str | Path) -> ModelSpec | None:
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec,
                    **extra: object) -> None:
     """Write ``model``'s state dict with its description (and ``extra`` plain values) to
-    ``path``, whole or not at all (written aside, then renamed).
+    ``path``, whole or not at all (written aside, then renamed). A model converted from ONNX
+    (``models.onnx_module.GraphModule``) also stores its graph (:data:`GRAPH_KEY`), from which
+    :func:`load_checkpoint` rebuilds it.
 
     Raises:
         ToolchainError: the file cannot be written (a full disk, a file size limit, no
             permission), naming ``path``; nothing is left at ``path`` or beside it.
     """
     from common.outputs import atomic_path
+    from models.onnx_module import GraphModule
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if isinstance(model, GraphModule):
+        extra = {GRAPH_KEY: model.structure(), **extra}
     with atomic_path(Path(path)) as partial:
         try:
             torch.save({"state_dict": state, DESCRIPTION_KEY: spec.to_dict(), **extra}, partial)

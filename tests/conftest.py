@@ -164,6 +164,14 @@ def ppocr_rec_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ppocr_v6_rec_path() -> Path:
+    """The real PP-OCRv6 small recogniser (RapidOCR 3.10.0 wheel), fetched into the cache once."""
+    from models.weights import fetch
+
+    return fetch("ppocr-v6-rec")
+
+
+@pytest.fixture(scope="session")
 def ppocr_det_path() -> Path:
     """The real PP-OCRv4 DB text detector (RapidOCR 1.4.4 wheel), fetched once."""
     from models.weights import fetch
@@ -221,3 +229,118 @@ def tiny(tmp_path_factory) -> tuple[Path, TinyClassifier]:
                                                              "scores": {0: "n"}},
                       dynamo=False)
     return path, model
+
+
+#: The characters of :func:`tiny_ctc_onnx`'s classes after the blank (nano-ocr's).
+TINY_CTC_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.- "
+
+
+def build_tiny_ctc_graph(seed: int = 0, channels: int = 16):
+    """A small CTC recogniser written node by node in ONNX opset 11, shaped like PP-OCR's
+    (Conv + BatchNorm + hard-swish, ``auto_pad`` SAME_UPPER Conv and MaxPool as Paddle2ONNX
+    writes them, an AveragePool to height 1, a layer norm written out in ReduceMean/Pow/Sqrt,
+    a GELU written with Erf, a reshape through Shape/Slice/Concat, MatMul head, Softmax):
+    input ``x`` float32 ``[N, 3, 16, W]``, output ``probs`` ``[N, W // 8, 66]``. Random
+    weights from ``seed``; the model description is not attached (see :func:`tiny_ctc_onnx`).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    classes = len(TINY_CTC_ALPHABET) + 1
+    c = channels
+    weights = {
+        "c1.w": rng.normal(0, 0.3, (c, 3, 3, 3)), "c1.b": rng.normal(0, 0.1, c),
+        "bn.scale": rng.uniform(0.5, 1.5, c), "bn.bias": rng.normal(0, 0.1, c),
+        "bn.mean": rng.normal(0, 0.1, c), "bn.var": rng.uniform(0.5, 1.5, c),
+        "c2.w": rng.normal(0, 0.2, (c, c, 2, 2)),
+        "c3.w": rng.normal(0, 0.2, (c, c, 3, 3)), "c3.b": rng.normal(0, 0.1, c),
+        "ln.gamma": rng.uniform(0.5, 1.5, c), "ln.beta": rng.normal(0, 0.1, c),
+        "fc.w": rng.normal(0, 0.3, (c, c)), "fc.b": rng.normal(0, 0.1, c),
+        "head.w": rng.normal(0, 0.5, (c, classes)), "head.b": rng.normal(0, 0.1, classes),
+    }
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    scalars = {"eps": 1e-5, "two": 2.0, "half": 0.5, "one": 1.0, "rsqrt2": 0.70710678}
+    initializers += [numpy_helper.from_array(np.array(v, np.float32), k)
+                     for k, v in scalars.items()]
+    initializers += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+                     {"s0": [0], "s2": [2], "minus1": [-1]}.items()]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "c1.w", "c1.b"], ["a1"], kernel_shape=[3, 3], strides=[2, 2],
+          pads=[1, 1, 1, 1], name="conv1"),
+        n("BatchNormalization", ["a1", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["a2"],
+          epsilon=1e-5, name="bn1"),
+        n("HardSigmoid", ["a2"], ["a3"], alpha=1 / 6, beta=0.5),
+        n("Mul", ["a2", "a3"], ["a4"]),
+        n("Conv", ["a4", "c2.w"], ["a5"], kernel_shape=[2, 2], auto_pad="SAME_UPPER",
+          name="conv2"),
+        n("Relu", ["a5"], ["a6"]),
+        n("MaxPool", ["a6"], ["a7"], kernel_shape=[2, 2], strides=[1, 1],
+          auto_pad="SAME_UPPER"),
+        n("Conv", ["a7", "c3.w", "c3.b"], ["a8"], kernel_shape=[3, 3], strides=[2, 2],
+          pads=[1, 1, 1, 1], name="conv3"),
+        n("AveragePool", ["a8"], ["a9"], kernel_shape=[4, 2], strides=[4, 2]),
+        n("Squeeze", ["a9"], ["b1"], axes=[2]),
+        n("Transpose", ["b1"], ["b2"], perm=[0, 2, 1]),  # [N, T, C]
+        n("ReduceMean", ["b2"], ["m1"], axes=[-1]),
+        n("Sub", ["b2", "m1"], ["d1"]),
+        n("Pow", ["d1", "two"], ["d2"]),
+        n("ReduceMean", ["d2"], ["v1"], axes=[-1]),
+        n("Add", ["v1", "eps"], ["v2"]),
+        n("Sqrt", ["v2"], ["v3"]),
+        n("Div", ["d1", "v3"], ["n1"]),
+        n("Mul", ["n1", "ln.gamma"], ["n2"]),
+        n("Add", ["n2", "ln.beta"], ["n3"]),
+        n("Shape", ["n3"], ["sh"]),
+        n("Slice", ["sh", "s0", "s2"], ["nt"]),  # [N, T]
+        n("Concat", ["nt", "minus1"], ["shape3"], axis=0),
+        n("Reshape", ["n3", "shape3"], ["r1"]),
+        n("MatMul", ["r1", "fc.w"], ["f1"]),
+        n("Add", ["f1", "fc.b"], ["f2"]),
+        n("Mul", ["f2", "rsqrt2"], ["g1"]),
+        n("Erf", ["g1"], ["g2"]),
+        n("Add", ["g2", "one"], ["g3"]),
+        n("Mul", ["f2", "g3"], ["g4"]),
+        n("Mul", ["g4", "half"], ["g5"]),
+        n("Add", ["g5", "n3"], ["g6"]),
+        n("MatMul", ["g6", "head.w"], ["h1"]),
+        n("Add", ["h1", "head.b"], ["logits"]),
+        n("Softmax", ["logits"], ["probs"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_ctc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, "W"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", "T", classes])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)],
+                              producer_name="tests")
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tiny_ctc_spec():
+    """The description :func:`tiny_ctc_onnx` carries (arch ``tiny-ctc``, not in the
+    registry): BGR, PP-OCR's normalisation, probabilities ``[N, W // 8, classes]``."""
+    from models.spec import ModelSpec
+
+    return ModelSpec(arch="tiny-ctc", alphabet=TINY_CTC_ALPHABET, input_name="x",
+                     output_name="probs", height=16, channels=3, channel_order="bgr",
+                     width_policy="keep-ratio", width=64, min_width=32, max_width=160,
+                     output_layout="NTC", output_kind="probabilities", downsample=8,
+                     frame_offset=0, min_input_width=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_ctc_onnx(tmp_path_factory) -> Path:
+    """:func:`build_tiny_ctc_graph` with :func:`tiny_ctc_spec` in its metadata: an ONNX CTC
+    recogniser from elsewhere that carries this toolchain's description."""
+    import onnx
+
+    model = build_tiny_ctc_graph()
+    onnx.helper.set_model_props(model, tiny_ctc_spec().to_metadata())
+    path = tmp_path_factory.mktemp("tiny_ctc") / "tiny_ctc.onnx"
+    onnx.save(model, str(path))
+    return path

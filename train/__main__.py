@@ -52,10 +52,12 @@ from infer.device import DEVICE_SPELLINGS, parse_device
 from infer.onnxruntime_runner import available_cores
 from models.charset import Charset
 from models.checkpoint import save_checkpoint
+from models.onnx_module import GraphModule
 from models.registry import ARCHS
 from models.spec import TALL_CROPS
 from train.trainer import (
     Run,
+    check_converted,
     freeze_batchnorm,
     freeze_convolutions,
     initial_model,
@@ -121,7 +123,9 @@ def _parser():
                              "(every k-th index; 0 to 0.5, 0 for no validation)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--init", default="nano-ocr",
-                        help="registry name, checkpoint path, or none (from scratch)")
+                        help="registry name (nano-ocr, ppocr-v6-rec, ppocr-v4-rec), checkpoint "
+                             "path, ONNX CTC recogniser carrying this toolchain's description "
+                             "(converted to a trainable module), or none (from scratch)")
     parser.add_argument("--arch", choices=[n for n, e in ARCHS.items() if e.build],
                         help="architecture (from scratch, or of a checkpoint without one)")
     parser.add_argument("--charset", default="model",
@@ -368,6 +372,13 @@ def _train(args) -> int:
                                  f"the validation split, every {every}th index; give --val "
                                  "LMDB, or --val-split 0 for none", turns)] if every else [])
     ratios = [r for _, r in sources]
+    if isinstance(model, GraphModule) and model.source is not None:
+        # the converted graph must compute what the shipped file does before it trains
+        checked = check_converted(model, spec, train_sets[0])
+        if rank == 0:
+            log.info("converted %s matches ONNX Runtime on %d training crops (widths %s): "
+                     "max difference %.2e", model.source.name, len(checked),
+                     ", ".join(str(w) for w, _ in checked), max(d for _, d in checked))
     oriented = _orient(model, train_sets, spec, rank, size, device)
     if rank == 0:
         log.info("start: %s; %d convolutions fixed; augmentation %s; %d processes; train %s; "

@@ -47,6 +47,7 @@ from eval.metrics import protocol_for, recognition_metrics
 from infer.torch_runner import TorchRunner
 from models.charset import Charset
 from models.checkpoint import load_checkpoint, read_description
+from models.onnx_module import GraphModule, read_graph
 from models.registry import arch_entry, build_model, spec_for_arch
 from models.spec import TURNS, ModelSpec
 from pipeline.recognizer import Failure, Recognizer
@@ -418,11 +419,23 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
     """The model to start from, its description and a line saying what was done.
 
     Args:
-        init: a registry name with weights (``nano-ocr``), a checkpoint path, or None (from
-            scratch, which needs ``arch``).
+        init: a registry name with weights (``nano-ocr``, or ``ppocr-v6-rec`` and the other
+            recognisers that ship as ONNX), a checkpoint path, an ONNX CTC recogniser carrying
+            this toolchain's description (``MODEL.onnx``), or None (from scratch, which needs
+            ``arch``).
         arch: the architecture (from scratch, or of a checkpoint without a description).
         charset: replaces the model's characters and blank (None: keep them);
             layers whose shapes change (the classifier) start from scratch.
+
+    A model that ships as ONNX is converted into a trainable module
+    (``models.onnx_module.GraphModule``) returning logits: its description says
+    ``output_kind="logits"``, and ``convert.pth2onnx`` writes the weights back into the
+    original graph.
+
+    Raises:
+        ToolchainError: an unknown name, a missing or undescribed file, a graph the conversion
+            does not cover, or a new charset for a converted model (its classifier is part of
+            the graph).
     """
     from models.weights import fetch
 
@@ -433,17 +446,29 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
         model, what = None, f"{arch} from scratch"
     else:
         path = Path(init)
-        if not path.exists() and not init.endswith((".pth", ".pt")):
+        if not path.exists() and not init.endswith((".pth", ".pt", ".onnx")):
             entry = arch_entry(init)
-            path, spec = fetch(init), spec_for_arch(entry.name)
+            path = fetch(init)
+            spec = spec_for_arch(entry.name) if entry.build is not None else None
         else:
-            spec = spec_for_arch(arch) if arch else read_description(path)
-            if spec is None:
+            spec = (None if path.suffix == ".onnx" else spec_for_arch(arch) if arch
+                    else read_description(path))
+            if spec is None and path.suffix != ".onnx":
                 raise ToolchainError(f"{path}: carries no model description; give --arch")
-        model = load_checkpoint(path, spec, rnn_layout)
-        what = f"{spec.arch} from {init}"
+        if path.suffix == ".onnx":
+            model, spec = _converted(path)
+            what = (f"{spec.arch} converted from {init} ({len(model.convolutions())} "
+                    f"convolutions, {sum(p.numel() for p in model.parameters()):,} weights)")
+        else:
+            model = load_checkpoint(path, spec, rnn_layout)
+            what = f"{spec.arch} from {init}"
     if charset is not None and (charset.characters, charset.blank) != (spec.alphabet,
                                                                          spec.blank):
+        if isinstance(model, GraphModule):
+            raise ToolchainError(f"--charset: {init} is converted from ONNX and keeps its own "
+                                 f"charset of {len(spec.alphabet)} characters (its classifier "
+                                 "is part of the graph); leave out --charset, and "
+                                 "--unknown-chars drop keeps labels with other characters")
         new_spec = spec.replace(alphabet=charset.characters, blank=charset.blank)
         fresh = build_model(new_spec)
         if model is not None:
@@ -457,6 +482,65 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
     elif model is None:
         model = build_model(spec)
     return model, spec, what
+
+
+def _converted(path: Path) -> tuple[GraphModule, ModelSpec]:
+    """An ONNX recogniser as a trainable module returning logits, and its description saying
+    so (``output_kind="logits"``)."""
+    from models.onnx_file import read_onnx_spec
+
+    spec = read_onnx_spec(path)
+    model = read_graph(path)
+    if spec.output_kind == "probabilities":
+        if model.logits_name is None:
+            raise ToolchainError(f"{path}: its output is probabilities, but not from a Softmax "
+                                 "over classes, so it has no logits to train on")
+        model.logits = True
+        spec = spec.replace(output_kind="logits")
+    return model, spec
+
+
+def check_converted(model: GraphModule, spec: ModelSpec, words: WordSet,
+                    tolerance: float = 1e-4, widths: int = 4) -> list[tuple[int, float]]:
+    """Compare a converted model with ONNX Runtime running the file it came from
+    (``model.source``) on real crops of ``words`` at up to ``widths`` different input widths
+    (the narrowest, the widest and between), through ``infer.compare.compare_runners``.
+
+    Returns:
+        ``(input width, max |onnxruntime - torch|)`` per crop, on the graph's own output.
+
+    Raises:
+        ToolchainError: a difference above ``tolerance`` (naming the width), or ``words`` is
+            empty.
+    """
+    from infer.compare import compare_runners
+    from infer.onnxruntime_runner import OnnxRuntimeRunner
+
+    if not len(words):
+        raise ToolchainError("no training crops to check the converted model on")
+    by_width: dict[int, int] = {}
+    for number in range(len(words)):
+        by_width.setdefault(words.reading(number).shape[1], number)
+    ordered = sorted(by_width)
+    picks = sorted({ordered[round(k * (len(ordered) - 1) / max(1, widths - 1))]
+                    for k in range(widths)})
+    feeds = [{spec.input_name: batch_inputs([words.reading(by_width[w])], spec, 1)[0][1]}
+             for w in picks]
+    logits, model.logits = model.logits, False
+    try:
+        with TorchRunner.from_module(model, spec) as reference, \
+                OnnxRuntimeRunner(model.source) as candidate:
+            compared = compare_runners(reference, candidate, feeds, [spec.output_name])
+    finally:
+        model.logits = logits
+    found = [(width, result.max_abs_diff) for width, result in zip(picks, compared)]
+    for width, difference in found:
+        if difference > tolerance:
+            raise ToolchainError(
+                f"{model.source}: the converted model differs from ONNX Runtime by "
+                f"{difference:.3g} (> {tolerance:g}) on a real crop of width {width}; "
+                "training would start from another model, so it stops here")
+    return found
 
 
 @dataclass
