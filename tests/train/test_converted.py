@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 from models.backends import describe
@@ -151,3 +152,37 @@ def test_two_gloo_processes_train_a_converted_model_as_one_process(tmp_path, tin
     assert worst <= 1e-5, worst
     moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in a)
     assert moved > 1e-4  # the updates did change the model
+
+
+def test_the_service_serves_a_fine_tuned_converted_model_as_offline(tmp_path, tiny_ctc_onnx,
+                                                                    synth_words):
+    """The checkpoint and its export, each served over HTTP, answer as the offline reading
+    loop does."""
+    import httpx
+
+    from infer import open_model
+    from pipeline import Recognizer
+    from preprocess.lmdb_reader import open_lmdb, read_sample
+    from serve.process import ServerProcess
+
+    out = tmp_path / "run"
+    assert _train("--init", tiny_ctc_onnx, "--train", synth_words, "--out", out,
+                  "--batch-size", 8, "--max-steps", 2, "--workers", 1, "--lr", 1e-3) == 0
+    from convert import pth2onnx
+
+    exported = tmp_path / "ft.onnx"
+    assert pth2onnx.main([str(out / "model.pth"), str(exported)]) == 0
+    env = open_lmdb(synth_words)
+    with env.begin() as txn:
+        images = [read_sample(txn, index).image for index in range(1, 9)]
+    env.close()
+    for model in (out / "model.pth", exported):
+        runner, spec = open_model(model)
+        with Recognizer(runner, spec, batch_size=1) as recognizer:
+            expected = [recognizer([image])[0] for image in images]
+        with ServerProcess(["--model", str(model), "--name", "ft"]) as running, \
+                httpx.Client(base_url=running.url, timeout=30) as client:
+            served = [client.post("/service", content=image).json() for image in images]
+        assert [s["text"] for s in served] == [e.text for e in expected], model
+        assert [s["confidence"] for s in served] == pytest.approx(
+            [e.confidence for e in expected], rel=1e-4)
