@@ -148,16 +148,19 @@ def test_batchnorm_of_any_rank_follows_onnx():
         layer(torch.ones(4))
 
 
-def test_real_ppocr_v6_recogniser_matches_onnx_runtime_on_real_crops(ppocr_v6_rec_path):
-    """The shipped PP-OCRv6 recogniser, converted, on IIIT5K crops at four widths: the check
-    training runs before it starts (train.trainer.check_converted)."""
+@pytest.mark.parametrize("fixture", ["ppocr_v6_rec_path", "ppocr_rec_path"])
+def test_real_ppocr_recognisers_match_onnx_runtime_on_real_crops(fixture, request):
+    """The shipped PP-OCRv6 and PP-OCRv4 recognisers (v4 keeps its weights in Constant
+    nodes), converted, on IIIT5K crops at four widths: the check training runs before it
+    starts (train.trainer.check_converted)."""
     from models.onnx_file import read_onnx_spec
     from preprocess.lmdb_reader import default_test_set
     from train.trainer import check_converted, load_words
 
-    spec = read_onnx_spec(ppocr_v6_rec_path)
+    path = request.getfixturevalue(fixture)
+    spec = read_onnx_spec(path)
     words = load_words(default_test_set(), spec, spec.charset, keep=lambda i: i % 60 == 0)
-    module = read_graph(ppocr_v6_rec_path, logits=True)
+    module = read_graph(path, logits=True)
     checked = check_converted(module, spec, words)
     assert len(checked) == 4 and len({w for w, _ in checked}) == 4
     assert max(d for _, d in checked) < 1e-4

@@ -67,6 +67,11 @@ def test_a_converted_recogniser_fine_tunes_and_goes_through_the_toolchain(
     # the ATC rewrite check, int8 and evaluation take it as they take the shipped model
     fixed = tmp_path / "ft_fixed.onnx"
     assert fix.main([str(exported), str(fixed)]) == 0
+    from convert import atc
+
+    assert atc.main(["--model", str(fixed), "--output", str(tmp_path / "om" / "ft"),
+                     "--soc-version", "Ascend310P3", "--dry-run"]) == 0
+    assert "--input_shape=x:1~16,3,16,32~160" in capsys.readouterr().out  # its description's
     int8 = tmp_path / "ft_int8.onnx"
     assert quantize.main([str(fixed), str(int8), "--calibration", str(synth_words),
                           "--samples", "40", "--min-agreement", "0"]) == 0
