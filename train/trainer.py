@@ -457,7 +457,7 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
                 raise ToolchainError(f"{path}: carries no model description; give --arch")
         if path.suffix == ".onnx":
             model, spec = _converted(path)
-            what = (f"{spec.arch} converted from {init} ({len(model.convolutions())} "
+            what = (f"{spec.arch} from {init}, converted from ONNX ({len(model.convolutions())} "
                     f"convolutions, {sum(p.numel() for p in model.parameters()):,} weights)")
         else:
             model = load_checkpoint(path, spec, rnn_layout)

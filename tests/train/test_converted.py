@@ -38,7 +38,7 @@ def test_a_converted_recogniser_fine_tunes_and_goes_through_the_toolchain(
                   "--batch-size", 8, "--max-steps", 3, "--workers", 1, "--lr", 1e-3,
                   "--freeze-convs", 2, "--val-split", 0.25) == 0
     assert "matches ONNX Runtime on 4 training crops" in caplog.text
-    assert "tiny-ctc converted from" in caplog.text
+    assert "converted from ONNX (3 convolutions" in caplog.text
     contents = torch.load(out / "model.pth", weights_only=True)
     assert isinstance(contents[GRAPH_KEY], bytes)
     spec = read_description(out / "model.pth")
