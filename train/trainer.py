@@ -487,9 +487,12 @@ def initial_model(init: str | None, arch: str | None, charset: Charset | None,
 def _converted(path: Path) -> tuple[GraphModule, ModelSpec]:
     """An ONNX recogniser as a trainable module returning logits, and its description saying
     so (``output_kind="logits"``)."""
-    from models.onnx_file import read_onnx_spec
+    from models.describe import describe_onnx
 
-    spec = read_onnx_spec(path)
+    spec = describe_onnx(path)
+    if not isinstance(spec, ModelSpec):
+        raise ToolchainError(f"{path}: its task is {spec.task} ({spec.arch}); --init takes a "
+                             "CTC recogniser")
     model = read_graph(path)
     if spec.output_kind == "probabilities":
         if model.logits_name is None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -17,9 +14,8 @@ from models.backends import describe
 from models.checkpoint import GRAPH_KEY, read_description
 from models.onnx_module import read_graph
 from tests.conftest import tiny_ctc_spec
+from tests.train.conftest import train_one_and_two_processes
 from train import __main__ as train_cli
-
-ROOT = Path(__file__).parents[2]
 
 
 def _train(*args) -> int:
@@ -123,6 +119,12 @@ def test_a_converted_recogniser_keeps_its_charset_and_its_opset(tmp_path, tiny_c
                           "13"]) != 0
     assert "leave out --opset" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+    # a detector is not a recogniser
+    from models.weights import fetch
+
+    assert _train("--init", fetch("ppocr-v4-det"), "--train", synth_words, "--out",
+                  tmp_path / "d", "--max-steps", 1) != 0
+    assert "its task is text-detection (ppocr-v4-det)" in capsys.readouterr().err
     # an ONNX file without this toolchain's description is named
     bare = onnx.load(str(tiny_ctc_onnx))
     del bare.metadata_props[:]
@@ -136,20 +138,10 @@ def test_two_gloo_processes_train_a_converted_model_as_one_process(tmp_path, tin
                                                                     synth_words):
     """DistributedDataParallel over a converted graph: 2 processes (gloo) and 1 process with
     the same global batch reach the same parameters."""
-    common = ["-m", "train", "--init", str(tiny_ctc_onnx), "--train", str(synth_words),
-              "--epochs", "2", "--batch-size", "8", "--workers", "1", "--val-split", "0.25",
-              "--epoch-samples", "24", "--augment", "--lr", "1e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
-                          "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", "2", *common, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, [line for line in two.stderr.splitlines()
-                                 if "error" in line.lower()][:20]
-    assert "on 2 process(es)" in two.stdout
+    train_one_and_two_processes(
+        ["--init", str(tiny_ctc_onnx), "--train", str(synth_words), "--epochs", "2",
+         "--batch-size", "8", "--workers", "1", "--val-split", "0.25", "--epoch-samples", "24",
+         "--augment", "--lr", "1e-3"], tmp_path)
     a, b = _state(tmp_path / "one" / "model.pth"), _state(tmp_path / "two" / "model.pth")
     start = read_graph(tiny_ctc_onnx).state_dict()
     assert a.keys() == b.keys() == start.keys()

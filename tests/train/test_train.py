@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +21,10 @@ from models.checkpoint import DESCRIPTION_KEY, read_description, read_state_dict
 from models.registry import spec_for_arch
 from models.weights import fetch
 from tests.conftest import encode, word_image, write_lmdb
-from tests.train.conftest import WORDS
+from tests.train.conftest import WORDS, train_one_and_two_processes
 from train import __main__ as train_cli
 from train.synth import MIN_CONTRAST, Font, find_fonts, read_corpus, render, synthesise
 from train.trainer import load_words, log_probs, needed_frames, plan_epoch
-
-ROOT = Path(__file__).parents[2]
 
 
 def _lmdb_items(path: Path) -> dict[bytes, bytes]:
@@ -255,20 +252,10 @@ def test_two_gloo_processes_equal_one_process(tmp_path, synth_words):
     with augmentation on (each global row's draw is seeded by its row, not its rank) and
     tall crops to orient (rank 0 chooses, every rank trains on its choice)."""
     turned, _ = _turned_words(synth_words, tmp_path / "turned", 8)
-    common = ["-m", "train", "--init", "nano-ocr", "--train", str(synth_words), "--train",
-              f"{turned}:0.5", "--epochs", "2", "--batch-size", "8", "--workers", "1",
-              "--val-split", "0.25", "--epoch-samples", "24", "--augment", "--geometric",
-              "--orient-tall-crops"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
-                          "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", "2", *common, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, [line for line in two.stderr.splitlines()
-                                 if "error" in line.lower()][:20]
-    assert "on 2 process(es)" in two.stdout
+    _, two = train_one_and_two_processes(
+        ["--init", "nano-ocr", "--train", str(synth_words), "--train", f"{turned}:0.5",
+         "--epochs", "2", "--batch-size", "8", "--workers", "1", "--val-split", "0.25",
+         "--epoch-samples", "24", "--augment", "--geometric", "--orient-tall-crops"], tmp_path)
     assert "(2 epochs)" in two.stdout and "8 tall crops" in two.stderr  # oriented twice
     a = torch.load(tmp_path / "one" / "model.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two" / "model.pth", weights_only=True)["state_dict"]
@@ -765,7 +752,6 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_log_is_not_ahea
                                                                                    synth_words):
     """A real write failure: the process's file size limit (RLIMIT_FSIZE, with SIGXFSZ
     ignored, so the write fails with EFBIG as on a full disk) is below a checkpoint's size."""
-    import subprocess
     import sys
 
     from common.cli import REPO_ROOT
