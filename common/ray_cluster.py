@@ -10,6 +10,7 @@ requirements-ray.txt) but not this checkout.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from common.cli import REPO_ROOT
 from common.errors import ToolchainError
 
 INSTALL_HINT = "install it with: pip install -r requirements-ray.txt"
+#: Seconds :func:`check_reachable` waits for the cluster's port to answer.
+CONNECT_TIMEOUT = 5.0
 
 
 def import_ray(what: str, modules: Sequence[str] = ()):
@@ -48,6 +51,28 @@ def project_packages() -> list[str]:
                   if p.parent.name != "tests")
 
 
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Raise at once where nothing answers at a ``HOST:PORT`` cluster address (Ray itself
+    retries its GCS connection for minutes first). ``auto``, ``ray://`` addresses and anything
+    else Ray resolves itself are left to Ray.
+
+    Raises:
+        ToolchainError: the port refuses, or does not answer within ``timeout`` seconds, or the
+            host name does not resolve (one line naming the address).
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ToolchainError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                             f"({reason}); start it with `ray start --head` or check the "
+                             "address") from None
+
+
 def join_ray(ray, address: str | None, num_cpus: int | None) -> bool:  # noqa: ANN001 - ray
     """Join the cluster at ``address`` (``auto``, ``HOST:6379``), or start a local Ray with
     ``num_cpus`` CPUs (None: all) when ``address`` is None; nothing when this process is
@@ -57,12 +82,15 @@ def join_ray(ray, address: str | None, num_cpus: int | None) -> bool:  # noqa: A
         Whether this call connected (the caller then calls ``ray.shutdown()``).
 
     Raises:
-        ToolchainError: the cluster cannot be joined (with the token hint when it asks for
+        ToolchainError: nothing answers at a ``HOST:PORT`` address (:func:`check_reachable`),
+            or the cluster cannot be joined (with the token hint when it asks for
             authentication).
     """
     if ray.is_initialized():
         return False
     runtime_env = {"py_modules": project_packages()}
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
@@ -77,4 +105,4 @@ def join_ray(ray, address: str | None, num_cpus: int | None) -> bool:  # noqa: A
     return True
 
 
-__all__ = ["INSTALL_HINT", "import_ray", "join_ray", "project_packages"]
+__all__ = ["INSTALL_HINT", "check_reachable", "import_ray", "join_ray", "project_packages"]
