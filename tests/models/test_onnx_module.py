@@ -170,3 +170,19 @@ def test_real_ppocr_recognisers_match_onnx_runtime_on_real_crops(fixture, reques
         next(iter(module.weights.values())).add_(0.5)
     with pytest.raises(ToolchainError, match="differs from ONNX Runtime.*width"):
         check_converted(module, spec, words)
+
+
+def test_a_checkpoint_whose_graph_is_damaged_is_named(tmp_path):
+    module = GraphModule(build_tiny_ctc_graph(), logits=True)
+    spec = tiny_ctc_spec().replace(output_kind="logits")
+    save_checkpoint(tmp_path / "m.pth", module, spec)
+    contents = torch.load(tmp_path / "m.pth", weights_only=True)
+    contents[GRAPH_KEY] = b"\x08\x07garbage"  # not a serialised ModelProto
+    torch.save(contents, tmp_path / "bad.pth")
+    with pytest.raises(ToolchainError, match=f"bad.pth: its {GRAPH_KEY} is not a readable"):
+        load_checkpoint(tmp_path / "bad.pth", spec)
+    contents[GRAPH_KEY] = module.structure()
+    del contents["state_dict"]["weights.head_w"]
+    torch.save(contents, tmp_path / "short.pth")
+    with pytest.raises(ToolchainError, match="short.pth: its weights do not fit its own graph"):
+        load_checkpoint(tmp_path / "short.pth", spec)
