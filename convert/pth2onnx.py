@@ -39,10 +39,10 @@ from common.outputs import atomic_path
 from infer.compare import compare_runners
 from infer.onnxruntime_runner import OnnxRuntimeRunner
 from infer.torch_runner import TorchRunner
-from models.checkpoint import graph_checkpoint, load_checkpoint, read_description
+from models.checkpoint import load_checkpoint, read_description
 from models.onnx_file import check_model_output
 from models.onnx_module import GraphModule
-from models.registry import ARCHS, GATE_ORDERS, arch_entry, spec_for_arch
+from models.registry import ARCHS, GATE_ORDERS, spec_for_arch
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,9 @@ def _run(args) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise ToolchainError(f"--opset {args.opset} is outside what the exporter writes "
                              f"({MIN_OPSET} to {MAX_OPSET}; ATC takes 11)")
+    if args.checkpoint.suffix == ".onnx":
+        raise ToolchainError(f"{args.checkpoint}: is an ONNX model already; pth2onnx exports a "
+                             "PyTorch checkpoint (.pth)")
     check_model_output(args.output, args.checkpoint)
     if args.arch:
         spec = spec_for_arch(args.arch)
@@ -208,22 +211,17 @@ def _run(args) -> int:
         if spec is None:
             raise ToolchainError(f"{args.checkpoint}: the checkpoint carries no model "
                                  "description; give its architecture with --arch")
-    graph = graph_checkpoint(args.checkpoint)
-    if graph and args.opset != DEFAULT_OPSET:
-        raise ToolchainError(f"{args.checkpoint} was converted from ONNX and is written back "
-                             "into its own graph at the graph's opset; leave out --opset")
-    if not graph and arch_entry(spec.arch).build is None:
-        raise ToolchainError(
-            f"{spec.arch} has no PyTorch definition here (it ships as ONNX: "
-            f"python -m models.weights fetch {spec.arch})"
-        )
     model = load_checkpoint(
         args.checkpoint,
         spec,
         rnn_layout=args.rnn_layout,
         gate_order=args.gate_order,
         trust=args.trust_checkpoint,
-    )
+    )  # a registry model without a PyTorch definition is refused there, with the fetch hint
+    graph = isinstance(model, GraphModule)  # converted from ONNX: written back into its graph
+    if graph and args.opset != DEFAULT_OPSET:
+        raise ToolchainError(f"{args.checkpoint} was converted from ONNX and is written back "
+                             "into its own graph at the graph's opset; leave out --opset")
     with atomic_path(args.output) as partial:  # nothing is left at the output if a check fails
         if graph:
             spec = export_graph(model, spec, partial)

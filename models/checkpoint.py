@@ -113,7 +113,11 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
         ToolchainError: missing file, unreadable file, or no state dict inside.
     """
     path = Path(path)
-    obj = _load_file(path, trust)
+    return _state_in(_load_file(path, trust), path)
+
+
+def _state_in(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The flat state dict in a checkpoint's loaded contents (see :func:`read_state_dict`)."""
     if isinstance(obj, nn.Module):  # a whole pickled model (only reachable with trust)
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -193,11 +197,13 @@ def load_checkpoint(
     """
     if gate_order not in GATE_ORDERS:
         raise ToolchainError(f"gate order {gate_order!r} is unknown; use one of {GATE_ORDERS}")
-    graph = _graph_in(Path(path), trust)
+    path = Path(path)
+    contents = _load_file(path, trust)  # read once: the graph (if any) and the state dict
+    state = _state_in(contents, path)
+    graph = _graph_in(contents, path)
     if graph is not None:
-        return _load_graph(Path(path), graph, spec, read_state_dict(path, trust=trust))
+        return _load_graph(path, graph, spec, state)
     layouts = arch_entry(spec.arch).rnn_layouts
-    state = read_state_dict(path, trust=trust)
     layout = detect_layout(state, layouts) if rnn_layout == "auto" else rnn_layout
     if gate_order != "ifgo":
         state = {
@@ -219,22 +225,9 @@ def load_checkpoint(
     return model
 
 
-def graph_checkpoint(path: str | Path) -> bool:
-    """Whether the checkpoint at ``path`` holds a model converted from ONNX
-    (:data:`GRAPH_KEY`), read without unpickling objects (a file that pickles them is not one).
-
-    Raises:
-        ToolchainError: the file is missing or not a PyTorch checkpoint.
-    """
-    try:
-        return _graph_in(Path(path), trust=False) is not None
-    except UnsafeCheckpoint:
-        return False
-
-
-def _graph_in(path: Path, trust: bool) -> bytes | None:
-    """The ONNX graph a checkpoint of a converted model carries (:data:`GRAPH_KEY`), or None."""
-    contents = _load_file(path, trust)
+def _graph_in(contents: object, path: Path) -> bytes | None:
+    """The ONNX graph in a checkpoint's loaded ``contents`` (:data:`GRAPH_KEY`: a model
+    converted from ONNX), or None."""
     graph = contents.get(GRAPH_KEY) if isinstance(contents, dict) else None
     if graph is not None and not isinstance(graph, bytes):
         raise ToolchainError(f"{path}: its {GRAPH_KEY} is a {type(graph).__name__}, not the "

@@ -324,7 +324,8 @@ def build_model(spec: ModelSpec, rnn_layout: str | None = None):
     """
     entry = arch_entry(spec.arch)
     if entry.build is None:
-        raise ToolchainError(f"{spec.arch} has no PyTorch definition here (it ships as ONNX)")
+        raise ToolchainError(f"{spec.arch} has no PyTorch definition here (it ships as ONNX: "
+                             f"python -m models.weights fetch {spec.arch})")
     layout = rnn_layout or entry.rnn_layouts[0]
     if layout not in entry.rnn_layouts:
         raise ToolchainError(
