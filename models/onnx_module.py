@@ -161,7 +161,6 @@ class GraphModule(nn.Module):
             raise ToolchainError("operators not supported by the ONNX-to-PyTorch conversion: "
                                  + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
         self.input_name, self.output_name = inputs[0], graph.output[0].name
-        self._model = model
         self.layers = nn.ModuleDict()
         self.weights = nn.ParameterDict()
         self._constants: dict[str, torch.Tensor] = {}  # integer constants, kept on the CPU
@@ -190,8 +189,11 @@ class GraphModule(nn.Module):
                 for name in node.input:
                     if name and name in stored:
                         self._register(name, stored[name])
-            self._steps.append((node.op_type, list(node.input), list(node.output),
-                                _attrs(node), layer))
+            attrs = _attrs(node)
+            if node.op_type in ("MaxPool", "AveragePool"):
+                attrs["padding"] = _pool_padding(node, attrs)
+            self._steps.append((node.op_type, list(node.input), list(node.output), attrs,
+                                layer))
         self.logits_name = None
         producer = {o: n for n in graph.node for o in n.output}
         last = producer.get(self.output_name)
@@ -205,6 +207,14 @@ class GraphModule(nn.Module):
                                  "its logits cannot be taken")
         self.logits = logits
         self.source: Path | None = None  # the file it was read from (read_graph)
+        # The graph is kept without the data the state dict holds: what structure() stores
+        # and to_onnx() fills in again.
+        self._model = copy.deepcopy(model)
+        tensors = self._tensors_of(self._model)
+        for name in set(self._sources.values()):
+            for field in ("raw_data", "float_data", "double_data", "int32_data",
+                          "int64_data"):
+                tensors[name].ClearField(field)
 
     # -- construction -------------------------------------------------------------------
 
@@ -345,14 +355,7 @@ class GraphModule(nn.Module):
         """The serialised graph with the data of every tensor the state dict holds left out
         (their names, types and shapes stay): with the state dict, all that rebuilds this
         module (``GraphModule(onnx.load_from_string(...))`` then ``load_state_dict``)."""
-        model = copy.deepcopy(self._model)
-        tensors = self._tensors_of(model)
-        for name in set(self._sources.values()):
-            tensor = tensors[name]
-            for field in ("raw_data", "float_data", "double_data", "int32_data",
-                          "int64_data"):
-                tensor.ClearField(field)
-        return model.SerializeToString()
+        return self._model.SerializeToString()
 
     def convolutions(self) -> list[tuple[str, nn.Module]]:
         """``(ONNX node's key, layer)`` of every convolution, in graph order: what
@@ -491,15 +494,33 @@ def _gather(module, args, attrs):
     return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
 
 
+def _pool_padding(node: onnx.NodeProto, attrs: dict
+                  ) -> tuple[int, ...] | Callable[[torch.Size], list[int]]:
+    """A MaxPool's or AveragePool's padding (:func:`_padding`), worked out once.
+
+    Raises:
+        ToolchainError: an AveragePool whose padding is asymmetric or depends on the input
+            size and that leaves the padding out of its averages (``count_include_pad`` 0):
+            PyTorch's pooling cannot leave out padding added before it.
+    """
+    padding = _padding(node, attrs, tuple(attrs["kernel_shape"]))
+    if (node.op_type == "AveragePool" and not isinstance(padding, tuple)
+            and not attrs.get("count_include_pad", 0)):
+        raise ToolchainError(f"{_node_label(node)}: asymmetric or SAME padding without "
+                             "count_include_pad is not supported")
+    return padding
+
+
 def _pool(kind: str) -> Op:
     def run(module, args, attrs):
         x = args[0]
         kernel = tuple(attrs["kernel_shape"])
         spatial = len(kernel)
         strides = tuple(attrs.get("strides", [1] * spatial))
-        padding = _padding(onnx.helper.make_node(f"{kind}Pool", ["x"], ["y"]), attrs, kernel)
+        padding = attrs["padding"]  # _pool_padding's, worked out when the module was built
         ceil = bool(attrs.get("ceil_mode", 0))
-        if not isinstance(padding, tuple):  # padded values never win a max, nor count
+        if not isinstance(padding, tuple):  # padded values never win a max (average pools
+            # padded here count the padding, which _pool_padding allows only where ONNX does)
             x = F.pad(x, padding(x.shape), value=-math.inf if kind == "Max" else 0.0)
             padding = (0,) * spatial
         if kind == "Max":

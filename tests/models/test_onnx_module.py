@@ -122,6 +122,12 @@ def test_what_the_conversion_cannot_take_is_named(tmp_path):
     first.input[1] = "c1.w.copy"
     with pytest.raises(ToolchainError, match="conv1.*computed, not stored"):
         GraphModule(model)
+    # an average pool that PyTorch would average over added padding is refused, not run
+    model = build_tiny_ctc_graph()
+    pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+    pool.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    with pytest.raises(ToolchainError, match="AveragePool node .*SAME padding without"):
+        GraphModule(model)
     # logits need a final Softmax
     model = build_tiny_ctc_graph()
     model.graph.node[-1].op_type = "Sigmoid"
