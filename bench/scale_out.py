@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.e2e import build_models
-from common.cli import make_parser, run_main
+from common.cli import counts, make_parser, run_main
 from common.errors import ToolchainError
 from eval.compare import compare, read_predictions
 from infer.onnxruntime_runner import available_cores
@@ -38,23 +38,14 @@ from preprocess.lmdb_reader import default_calibration_set, default_test_set
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _workers(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ToolchainError(f"--workers {text}: expected numbers like 1,2") from None
-    if not values or min(values) < 1:
-        raise ToolchainError(f"--workers {text}: each must be >= 1")
-    return values
-
-
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data", type=Path, default=default_test_set(),
                         help="lmdb test set ($IIIT5K_LMDB)")
     parser.add_argument("--calibration", type=Path, default=default_calibration_set(),
                         help="lmdb for int8 calibration ($IIIT5K_CALIB_LMDB)")
-    parser.add_argument("--workers", default="1,2", help="Ray worker counts, comma-separated")
+    parser.add_argument("--workers", type=counts, default="1,2",
+                        help="Ray worker counts, comma-separated")
     parser.add_argument("--address", help="Ray cluster to join instead of a local Ray")
     return parser
 
@@ -76,7 +67,6 @@ def run_command(label: str, args: Sequence[str], out: Path) -> dict:
 
 
 def _run(args) -> int:
-    counts = _workers(args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         _, _, int8, build_seconds = build_models(workdir, args.calibration)
@@ -85,13 +75,13 @@ def _run(args) -> int:
         address = ["--address", args.address] if args.address else []
         rows += [run_command(f"Ray, {n} worker{'s' if n > 1 else ''}",
                              [*base, "--executor", "ray", "--workers", str(n), *address],
-                             workdir / f"ray{n}") for n in counts]
+                             workdir / f"ray{n}") for n in args.workers]
         first = read_predictions(rows[0]["predictions"])
         for row in rows:
             result = compare(first, read_predictions(row["predictions"]))
             row["same"] = not (result["differ"] or result["only_first"] or result["only_second"])
     print(f"\n{args.data.name}, nano-ocr int8, {available_cores()} cores, one run of "
-          f"`python -m bench.scale_out --workers {args.workers}`"
+          f"`python -m bench.scale_out --workers {','.join(map(str, args.workers))}`"
           f"{' --address ' + args.address if args.address else ''}; model build "
           f"{build_seconds:.1f} s, not in the table\n")
     print("| path | command s | Ray start s | recognition s | images/s (recognition) "

@@ -60,7 +60,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import make_parser, positive, run_main
+from common.cli import counts, make_parser, positive, run_main
 from common.errors import ToolchainError
 from common.outputs import check_output_file, write_texts
 from common.ray_cluster import import_ray
@@ -486,16 +486,6 @@ def _print_rows(title: str, result: dict, baseline: dict | None, offline_rate: f
               f"{_fmt(row['p99_ms'], '.1f'):>7} {errors:>6}")
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated counts, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
-    return levels
-
-
 def _parser():
     parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path,
@@ -508,7 +498,7 @@ def _parser():
                         help="requests per load level (images are reused past the set's end)")
     parser.add_argument("--seconds", type=positive(float), default=60.0,
                         help="time cap per load level")
-    parser.add_argument("--levels", type=_levels, default=",".join(map(str, LEVELS)),
+    parser.add_argument("--levels", type=counts, default=",".join(map(str, LEVELS)),
                         help="requests in flight, comma-separated")
     parser.add_argument("--overload-seconds", type=positive(float), default=10.0,
                         help="length of each open-loop overload run")

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import make_parser, positive, run_main
+from common.cli import counts, make_parser, positive, run_main
 from common.errors import ToolchainError
 from infer.onnxruntime_runner import available_cores
 
@@ -59,7 +59,7 @@ def _parser():
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="training lmdb")
     parser.add_argument("--steps", type=positive(int), default=40)
     parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch")
-    parser.add_argument("--processes", default="1,2",
+    parser.add_argument("--processes", type=counts, default="1,2",
                         help="comma-separated process counts (1: plain; more: torchrun)")
     return parser
 
@@ -68,19 +68,21 @@ def _run(args) -> int:
     if not args.data.is_dir():
         raise ToolchainError(f"--data {args.data}: no such lmdb folder")
     models = [m for m in args.models.split(",") if m]
-    counts = [int(n) for n in args.processes.split(",") if n]
+    if not models:
+        raise ToolchainError(f"--models {args.models!r}: give at least one --init value")
+    processes = args.processes
     rates: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="train_speed_") as scratch:
         for model in models:
-            for count in counts:
+            for count in processes:
                 out = Path(scratch) / f"{len(rates)}"
                 rates[model, count] = train_rate(model, args.data, args.steps, args.batch_size,
                                                  count, out)
                 print(f"{model}, {count} process(es): {rates[model, count]:.1f} images/s",
                       flush=True)
-    base = rates[models[0], counts[0]]
+    base = rates[models[0], processes[0]]
     print(f"\n{args.steps} steps of batch {args.batch_size} on {args.data.name}, "
-          f"{available_cores()} cores; ratio to {models[0]} on {counts[0]} process(es)\n")
+          f"{available_cores()} cores; ratio to {models[0]} on {processes[0]} process(es)\n")
     print("| model | processes | images/s | ratio |\n| --- | --- | --- | --- |")
     for (model, count), rate in rates.items():
         print(f"| {model} | {count} | {rate:.1f} | {rate / base:.2f} |")

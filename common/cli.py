@@ -51,6 +51,18 @@ def positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def counts(text: str) -> list[int]:
+    """An argparse ``type`` parsing comma-separated whole numbers, each >= 1 (``1,2,8``)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated counts like 1,2, got {text!r}") \
+            from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return values
+
+
 def probability(text: str) -> float:
     """An argparse ``type`` parsing a float in [0, 1]."""
     value = float(text)
