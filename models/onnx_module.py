@@ -45,6 +45,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from common.errors import ToolchainError
+from models.fake_quant import FakeQuant
 
 #: ONNX tensor element types -> torch dtypes (the ones a recogniser's graph computes in).
 TORCH_DTYPES = {
@@ -177,6 +178,10 @@ class GraphModule(nn.Module):
             for name in node.input:
                 consumers[name] = consumers.get(name, 0) + 1
         self._steps: list[tuple[str, list[str], list[str], dict, str | None]] = []
+        # node's first output -> {input position: its rounding}; empty unless fake_quantize
+        self._rounding: dict[str, dict[int, FakeQuant]] = {}
+        self._first_output = {node.name: node.output[0] for node in graph.node
+                              if node.name and node.op_type != "Constant"}
         for node in graph.node:
             if node.op_type == "Constant":
                 continue
@@ -197,11 +202,24 @@ class GraphModule(nn.Module):
         self.logits_name = None
         producer = {o: n for n in graph.node for o in n.output}
         last = producer.get(self.output_name)
+        rank = len(graph.output[0].type.tensor_type.shape.dim)
         if last is not None and last.op_type == "Softmax":
             axis = _attrs(last).get("axis", -1 if self.opset >= 13 else 1)
-            rank = len(graph.output[0].type.tensor_type.shape.dim)
             if axis in (-1, rank - 1):
                 self.logits_name = last.input[0]
+        elif last is not None and last.op_type == "Reshape":
+            # onnx.version_converter writes an opset < 13 Softmax over the last axis as
+            # Flatten(axis = rank - 1) -> Softmax -> Reshape(back to the Flatten's input shape)
+            softmax = producer.get(last.input[0])
+            flatten = producer.get(softmax.input[0]) if softmax is not None else None
+            shape = producer.get(last.input[1])
+            if (softmax is not None and softmax.op_type == "Softmax"
+                    and _attrs(softmax).get("axis", 1) in (-1, 1)
+                    and flatten is not None and flatten.op_type == "Flatten"
+                    and _attrs(flatten).get("axis", 1) == rank - 1
+                    and shape is not None and shape.op_type == "Shape"
+                    and shape.input[0] == flatten.input[0]):
+                self.logits_name = flatten.input[0]
         if logits and self.logits_name is None:
             raise ToolchainError("the graph's output is not a Softmax over its last axis, so "
                                  "its logits cannot be taken")
@@ -308,13 +326,25 @@ class GraphModule(nn.Module):
         values.update((name, self.weights[key]) for name, key in self._keys.items())
         wanted = self.logits_name if self.logits else self.output_name
         for op, inputs, outputs, attrs, layer in self._steps:
+            rounding = self._rounding.get(outputs[0]) if self._rounding else None
             if op in ("Conv", "BatchNormalization"):
                 x = values[inputs[0]]
+                if rounding and 0 in rounding:
+                    x = rounding[0].apply(x)
                 if layer in self._pad_first:
                     x = F.pad(x, self._pad_first[layer](x.shape))
-                results = [self.layers[layer](x)]
+                module = self.layers[layer]
+                if rounding and 1 in rounding and op == "Conv":
+                    weight = rounding[1].apply(module.weight, recompute=True)
+                    results = [module._conv_forward(x, weight, module.bias)]
+                else:
+                    results = [module(x)]
             else:
                 args = [values[name] if name else None for name in inputs]
+                if rounding:
+                    args = [arg if arg is None or k not in rounding else rounding[k].apply(
+                        arg, recompute=rounding[k].kind == "weight" and inputs[k] in self._keys)
+                        for k, arg in enumerate(args)]
                 results = _OPS[op](self, args, attrs)
                 if isinstance(results, torch.Tensor):
                     results = [results]
@@ -323,6 +353,43 @@ class GraphModule(nn.Module):
             if wanted in values:
                 return values[wanted]
         return values[wanted]
+
+    # -- quantisation-aware training ---------------------------------------------------------
+
+    def fake_quantize(self, rounding: dict[tuple[str, int], FakeQuant] | None) -> int:
+        """Round node inputs as an int8 model of this graph does, in every later forward.
+
+        Args:
+            rounding: :func:`models.fake_quant.read_qdq` of a QDQ model quantised from this
+                graph (node inputs keyed by the node's name, else its first output, and the
+                input's position), or None to compute in plain float again. Weights being trained
+                (Conv weights, parameters) get scales from their current values; activations
+                and constants keep the int8 model's.
+
+        Returns:
+            How many node inputs are rounded.
+
+        Raises:
+            ToolchainError: ``rounding`` names nodes or inputs this graph lacks (the int8 model
+                was not quantised from it).
+        """
+        if not rounding:
+            self._rounding = {}
+            return 0
+        arity = {outputs[0]: len(inputs) for _, inputs, outputs, _, _ in self._steps}
+        grouped: dict[str, dict[int, FakeQuant]] = {}
+        strange = []
+        for (node, position), how in rounding.items():
+            output = self._first_output.get(node, node)
+            if position >= arity.get(output, 0):
+                strange.append(f"{node}[{position}]")
+            grouped.setdefault(output, {})[position] = how
+        if strange:
+            raise ToolchainError(
+                f"the int8 model rounds {len(strange)} node input(s) this graph lacks (e.g. "
+                f"{', '.join(sorted(strange)[:3])}): it was not quantised from this graph")
+        self._rounding = grouped
+        return len(rounding)
 
     # -- writing ---------------------------------------------------------------------------
 

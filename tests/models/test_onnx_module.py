@@ -50,6 +50,21 @@ def test_every_stored_weight_trains_and_logits_are_the_softmax_input():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_logits_are_found_behind_the_softmax_that_the_opset_13_conversion_writes():
+    from onnx import version_converter
+
+    # onnx's converter writes an opset 11 Softmax over the last axis as Flatten, Softmax,
+    # Reshape (what convert.quantize quantises, and train.qat trains)
+    converted = version_converter.convert_version(build_tiny_ctc_graph(), 13)
+    assert [n.op_type for n in converted.graph.node][-1] == "Reshape"
+    module = GraphModule(converted, logits=True).eval()
+    x = torch.rand(2, 3, 16, 48)
+    with torch.no_grad():
+        logits = module(x)
+        module.logits = False
+        assert torch.allclose(module(x), logits.softmax(2), atol=1e-6)
+
+
 def test_weights_written_back_keep_the_graph_and_the_structure_rebuilds_it(tmp_path):
     model = build_tiny_ctc_graph()
     module = GraphModule(model, logits=True)
