@@ -207,7 +207,8 @@ class QuantizationResult:
     pixels on the same side of the binarisation threshold in both (a detector), as
     ``agreement_of`` says; ``max_abs_output_diff`` the largest absolute output difference.
     ``fp32_nodes`` lists the nodes kept in fp32 with why; ``search`` each step of the
-    sensitivity search (activations kept in fp32, agreement).
+    sensitivity search (activations kept in fp32, agreement); ``training`` what
+    quantisation-aware training did before (``train.qat``), else None.
     """
 
     output: str
@@ -230,6 +231,7 @@ class QuantizationResult:
     target_agreement: float | None = None
     fp32_nodes: list[dict] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)
+    training: dict | None = None
 
 
 def load_calibration_set(lmdb_path: str | Path, spec: Description, samples: int | None = None,
@@ -324,6 +326,39 @@ CONV_SYM_CHANNEL_MULTIPLE = 4
 
 def _only_consumer(tensor: gs.Tensor, node: gs.Node) -> bool:
     return len(tensor.outputs) == 1 and tensor.outputs[0] is node
+
+
+def _at_min_opset(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` converted to :data:`MIN_OPSET` where its opset is below."""
+    opset = _opset(model)
+    if opset >= MIN_OPSET:
+        return model
+    log.info("converting %s from opset %d to %d for quantisation", name, opset, MIN_OPSET)
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, MIN_OPSET)
+
+
+def prepare_graph(source: Path, prepared: Path) -> None:
+    """Write the fp32 graph that ONNX Runtime quantises ``source`` as: at opset >= 13,
+    through ``quant_pre_process`` (BatchNormalization folded into Conv, constants folded),
+    every node named (an unnamed one ``OP:first output``), metadata kept. Quantising it again
+    changes no node name, so an int8 model made from it names its nodes (what
+    ``models.fake_quant.read_qdq`` keys on); ``train.qat`` trains it.
+
+    Raises:
+        ToolchainError: ``source`` is unreadable.
+    """
+    model = _at_min_opset(load_onnx(source), source.name)
+    with tempfile.TemporaryDirectory(prefix="crnn-prepare-") as tmp:
+        fp32, done = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(model, str(fp32))
+        _pre_process(fp32, done, source.name)
+        model = onnx.load(str(done))
+    for node in model.graph.node:
+        if not node.name:
+            node.name = f"{node.op_type}:{node.output[0]}"
+    onnx.save(model, str(prepared))
 
 
 def _pre_process(fp32: Path, prepared: Path, name: str) -> None:
@@ -541,6 +576,10 @@ def quantize_model(
     pad_channels: bool = True,
     *,
     recipe: Recipe | None = None,
+    ranges: Path | None = None,
+    fp32_nodes: list[dict] | None = None,
+    reference: Path | None = None,
+    training: dict | None = None,
 ) -> QuantizationResult:
     """Quantise ``source`` (an fp32 recogniser or detector ONNX file carrying its
     description) into ``output``.
@@ -560,6 +599,15 @@ def quantize_model(
         pad_channels: apply :func:`pad_conv_input_channels` (exact; faster on ONNX
             Runtime's CPU provider). The agreement check runs on the rewritten model.
         recipe: how to quantise (default: :func:`recipe_for` the description).
+        ranges: ONNX Runtime's calibration cache (JSON, activation name -> range): read
+            where it exists (no calibration runs), else written there; default: a
+            temporary one.
+        fp32_nodes: keep these nodes fp32 (``QuantizationResult.fp32_nodes`` of an earlier
+            run on the same graph) instead of the recipe's and the search's choice.
+        reference: the fp32 model the agreement is measured against (default: ``source``);
+            quantisation-aware training measures its int8 model against the model it
+            started from.
+        training: recorded as ``training`` in the result and the model's metadata.
 
     Raises:
         ToolchainError: ``source`` is unreadable, lacks a recogniser or detector description,
@@ -586,21 +634,18 @@ def quantize_model(
         )
     metadata = {p.key: p.value for p in model.metadata_props}
     source_opset = _opset(model)
-    if source_opset < MIN_OPSET:
-        log.info("converting %s from opset %d to %d for quantisation", source.name,
-                 source_opset, MIN_OPSET)
-        from onnx import version_converter
-
-        model = version_converter.convert_version(model, MIN_OPSET)
+    model = _at_min_opset(model, source.name)
     input_name = spec.input_name
     threshold = calibration.threshold
     agreement_of = ("frames whose arg-max class matches" if threshold is None else
                     f"probability-map pixels on the same side of {threshold:g}")
     with tempfile.TemporaryDirectory(prefix="crnn-quantize-") as tmp:
         work = Path(tmp)
-        fp32, prepared, cache = work / "fp32.onnx", work / "pre.onnx", work / "ranges.json"
+        fp32, prepared = work / "fp32.onnx", work / "pre.onnx"
+        cache = ranges or work / "ranges.json"
         onnx.save(model, str(fp32))
-        kept_fp32 = []
+        compared = reference or fp32
+        kept_fp32 = list(fp32_nodes or [])
 
         def quantise(exclude: Sequence[str], name: str) -> Path:
             int8 = work / name
@@ -612,19 +657,24 @@ def quantize_model(
             _pre_process(fp32, prepared, source.name)
             nodes = _named(prepared)
             has_lstm = any(node.op_type == "LSTM" for node in nodes)
-            base = _nodes_from(nodes, recipe.fp32_from, source.name) if recipe.fp32_from else []
-            if base:
+            if fp32_nodes is not None:
+                base = list(dict.fromkeys(n for entry in fp32_nodes for n in entry["nodes"]))
+            elif recipe.fp32_from:
+                base = _nodes_from(nodes, recipe.fp32_from, source.name)
                 kept_fp32.append({"nodes": base,
                                   "why": f"from the first {recipe.fp32_from} on ({recipe.why})"})
+            else:
+                base = []
             int8 = quantise(base, "int8_0.onnx")
             search = []  # step 0 is the final check's agreement where no search may run
-            target = recipe.target_agreement
+            target = None if fp32_nodes is not None else recipe.target_agreement
             if target is not None and recipe.max_fp32_tensors > 0:
-                agreement, _ = compare_on(fp32, int8, calibration.batches, input_name, threshold)
+                agreement, _ = compare_on(compared, int8, calibration.batches, input_name,
+                                          threshold)
                 search.append({"fp32_tensors": 0, "agreement": agreement})
             if search and agreement < target:
                 int8, agreement, chosen = _search(
-                    fp32, prepared, int8, agreement, calibration, input_name, recipe, base,
+                    compared, prepared, int8, agreement, calibration, input_name, recipe, base,
                     quantise, search, work)
                 kept_fp32 += [{"tensor": s.tensor, "sqnr_db": round(s.sqnr_db, 2),
                                "nodes": list(s.nodes),
@@ -653,7 +703,8 @@ def quantize_model(
                 quantised = gs.export_onnx(graph)
                 int8 = work / "int8_final.onnx"
                 onnx.save(quantised, str(int8))
-        agreement, worst = compare_on(fp32, int8, calibration.batches, input_name, threshold)
+        agreement, worst = compare_on(compared, int8, calibration.batches, input_name,
+                                      threshold)
         search = search or [{"fp32_tensors": 0, "agreement": agreement}]
         if agreement < min_agreement:
             raise ToolchainError(
@@ -683,6 +734,7 @@ def quantize_model(
             target_agreement=recipe.target_agreement,
             fp32_nodes=kept_fp32,
             search=search,
+            training=training,
         )
         kept = {p.key: p.value for p in quantised.metadata_props}
         kept.update(metadata)
@@ -866,6 +918,12 @@ def recipe_of(spec: Description, args) -> Recipe:
 def _run(args) -> int:
     start = time.perf_counter()
     if args.input in INT8_COPIES:
+        built_by = INT8_COPIES[args.input]
+        if args.output is None and not built_by.startswith("python -m convert.quantize"):
+            raise ToolchainError(
+                f"{args.input}: post-training quantisation does not hold its accuracy budget "
+                f"(docs/results/quantization.md); its int8 copy is built by `{built_by}` (give "
+                "an output path to write a post-training int8 model anyway)")
         args.output = args.output or int8_path(args.input)
         args.input = fetch(args.input)
     elif args.output is None:

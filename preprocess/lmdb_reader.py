@@ -28,6 +28,8 @@ SYNTHETIC_KEY = b"synthetic"
 TEST_SET_ENV = "IIIT5K_LMDB"
 #: Environment variable naming the calibration lmdb (int8 quantisation; not the test set).
 CALIBRATION_SET_ENV = "IIIT5K_CALIB_LMDB"
+#: Environment variable naming a training lmdb of real word crops (ICDAR 2015's).
+TRAINING_SET_ENV = "IC15_TRAIN_LMDB"
 
 
 def _from_env_or_shared(variable: str, folder: str) -> Path:
@@ -44,6 +46,11 @@ def default_test_set() -> Path:
 def default_calibration_set() -> Path:
     """``$IIIT5K_CALIB_LMDB``, else ``../shared/data/IIIT5K_train_500`` beside the repository."""
     return _from_env_or_shared(CALIBRATION_SET_ENV, "IIIT5K_train_500")
+
+
+def default_training_set() -> Path:
+    """``$IC15_TRAIN_LMDB``, else ``../shared/data/IC15_train_words`` beside the repository."""
+    return _from_env_or_shared(TRAINING_SET_ENV, "IC15_train_words")
 
 
 @dataclass(frozen=True)
