@@ -448,7 +448,7 @@ def resolve_model(model: str | Path, precision: str = "int8",
     With ``precision`` ``"int8"``, a name with an int8 copy (``int8_names``, default
     ``models.weights.INT8_COPIES``: the copies that hold their accuracy budget on their own
     test sets; :data:`FULL_IMAGE_INT8` where full images are read) resolves to that copy once
-    it is built (``python -m convert.quantize NAME``); until then to the fp32 weights, with
+    it is built (the command ``INT8_COPIES`` names); until then to the fp32 weights, with
     a warning naming the command (once per name). A path is taken as it is.
 
     Returns:
@@ -474,8 +474,8 @@ def resolve_model(model: str | Path, precision: str = "int8",
                 return int8, None
             if str(model) not in _WARNED_FP32:
                 _WARNED_FP32.add(str(model))
-                log.warning("%s: its int8 copy is not built (python -m convert.quantize %s); "
-                            "using the fp32 weights", model, model)
+                log.warning("%s: its int8 copy is not built (%s); using the fp32 weights",
+                            model, weights.INT8_COPIES[str(model)])
         fetched = weights.fetch(str(model))
         arch = str(model) if fetched.suffix in (".pth", ".pt") and model in ARCHS else None
         return fetched, arch
