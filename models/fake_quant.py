@@ -66,8 +66,8 @@ class FakeQuant:
         """``value`` rounded as the int8 model rounds it (same dtype and shape); with
         ``recompute`` (a weight being trained) the scales come from ``value`` itself."""
         if recompute:
-            reduce = [d for d in range(value.dim()) if d != (self.axis or 0)] \
-                if self.axis is not None else list(range(value.dim()))
+            kept = None if self.axis is None else self.axis % value.dim()
+            reduce = [d for d in range(value.dim()) if d != kept]
             largest = value.detach().abs().amax(dim=reduce) if reduce else value.detach().abs()
             scale = largest / self.qmax
             if self.floor is not None:
