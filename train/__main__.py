@@ -513,7 +513,7 @@ def _train(args) -> int:
             step += 1
             losses.append(part)
             seen += len(members)
-            bar.set_postfix(loss=f"{value:.3f}")
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         seconds = time.perf_counter() - start
         epoch += 1
         if size > 1 and losses:  # the shares summed over the ranks: each batch's mean loss

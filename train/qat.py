@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -199,7 +200,9 @@ def _fit(student: GraphModule, teacher: GraphModule, sets: list[WordSet], spec: 
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * progress(step))))
     ctc = torch.nn.CTCLoss(blank=spec.blank, reduction="mean", zero_infinity=True)
     step, images, epoch, history = 0, 0, 0, []
-    bar = tqdm(total=max_steps, unit="step", desc="quantisation-aware training")
+    # into a log file (not a terminal) a line every 30 s, as the trainer's bar
+    bar = tqdm(total=max_steps, unit="step", desc="quantisation-aware training",
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     student.train()
     while progress(step) < 1.0:
         for members in plan_epoch(sets, [1.0] * len(sets), batch_size, seed, epoch):
@@ -227,7 +230,7 @@ def _fit(student: GraphModule, teacher: GraphModule, sets: list[WordSet], spec: 
             images += len(members)
             history.append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         epoch += 1
     bar.close()
     student.eval()
