@@ -686,6 +686,8 @@ def _replicas_part(model: Path, images: list[bytes], args, base: dict) -> None:
               f"{row['images_per_s'] / base['images_per_s']:.2f} | "
               f"{_fmt(row['p50_ms'], '.1f')} | {_fmt(row['p99_ms'], '.1f')} | "
               f"{row['sent'] - row['ok']} | {per} |")
+        if row["sent"] > row["ok"]:
+            print(f"  {label}: statuses {row['statuses']}")
 
 
 def _soak_part(model: Path, images: list[bytes], args) -> None:

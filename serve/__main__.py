@@ -309,7 +309,7 @@ def serve(args: argparse.Namespace) -> int:
         with listen(args.host, args.port) as sock:
             port = sock.getsockname()[1]
         return replicas.run(config_of(args), args.replicas, args.host, port, args.address,
-                            args.ray_ingress, args.drain_seconds)
+                            args.ray_ingress, args.drain_seconds, args.access_log)
     import uvicorn
 
     from serve.app import SERVER_NAME, create_app

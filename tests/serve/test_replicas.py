@@ -51,6 +51,7 @@ def test_two_replicas_answer_as_offline(model, ingress):
     np.testing.assert_allclose([a.json()["confidence"] for a in answers],
                                [e.confidence for e in expected], rtol=1e-4)
     assert f"2 replicas of crnn on Ray Serve ({ingress or 'haproxy'} ingress)" in log
+    assert "POST /service" not in log  # no per-request log line without --access-log
     if ingress is None:  # the front end on --host, statistics and metrics beside it
         assert len(listeners) >= 3, listeners
         assert server.port in {port for _, port in listeners}, listeners
