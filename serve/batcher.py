@@ -9,12 +9,13 @@ unless some request has waited too long (see :meth:`WidthBatcher._pick`): then t
 Nothing is padded, so a served answer equals the offline batch-1 answer (PaddleOCR pads to
 the widest crop and its users report changed texts: PaddleOCR issues #5603, #6116, #5143).
 
-No engine work for a request that cannot meet its deadline: the batcher keeps a moving
-average of how long a batch takes from the engine call to its decoded answers, and of that
-time per request. Admission (:meth:`WidthBatcher.reserve` with a deadline) refuses a request
-whose expected wait, the queue ahead of it at the per-request rate, would pass its deadline
-(the caller answers 503 at once rather than 504 later), and a batch leaves out the requests
-whose deadline falls before the batch is expected to be answered.
+No engine work for a request that cannot meet its deadline: the batcher keeps moving
+averages of the engine's time per request and of the time from an engine call's end to the
+decoded answers, so a batch of ``n`` is expected to be answered ``n`` requests' engine time
+plus that tail after it starts. Admission (:meth:`WidthBatcher.reserve` with a deadline)
+refuses a request whose expected wait, the queue ahead of it at the per-request rate, would
+pass its deadline (the caller answers 503 at once rather than 504 later), and a batch leaves
+out the requests whose deadline falls before the batch is expected to be answered.
 
 ``lanes`` engine threads per :class:`WidthBatcher` (each takes the next due bucket) call
 :meth:`pipeline.Recognizer.submit`, which runs the engine and hands CTC decoding to the
@@ -164,16 +165,24 @@ class WidthBatcher:
         self._closing = False
         self._flush = False
         self._threads: list[threading.Thread] = []
-        #: Moving averages (seconds) of a batch's time from engine call to answers, and of
-        #: that time per request; 0 until the first batch.
-        self.batch_seconds = 0.0
+        #: Moving averages (seconds) of the engine thread's time per request of a batch, and
+        #: of the time from a batch's engine call returning to its answers (decoding); 0
+        #: until the first batch.
         self.request_seconds = 0.0
+        self.tail_seconds = 0.0
 
     # -- admission -------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         """Requests admitted and not yet in an engine call."""
         return self._admitted
+
+    def expected_batch_seconds(self, size: int) -> float:
+        """Seconds from a batch of ``size`` requests entering the engine to its answers, at the
+        measured per-request rate (0 before the first batch): an engine call's time grows with
+        its batch, so one average over batches of every size would promise a full batch the
+        time of a lone request."""
+        return size * self.request_seconds + self.tail_seconds
 
     def expected_wait(self, count: int = 1) -> float:
         """Seconds until ``count`` requests admitted now would be answered, at the measured
@@ -338,16 +347,17 @@ class WidthBatcher:
         lower_thread_priority()
         while (taken := self._next_batch()) is not None:
             now = time.monotonic()
+            expected = self.expected_batch_seconds(len(taken))
             live, expired = [], 0
             for request in taken:
                 if not request.future.set_running_or_notify_cancel():
                     continue  # the client went away
-                if request.deadline <= now + self.batch_seconds:
+                if request.deadline <= now + expected:
                     request.future.set_exception(DeadlineExceeded(
                         "the request's deadline passed while it was queued"
                         if request.deadline <= now else
                         f"the request's deadline would pass before its batch is answered "
-                        f"(batches take {1000 * self.batch_seconds:.0f} ms)"))
+                        f"(a batch of {len(taken)} takes about {1000 * expected:.0f} ms)"))
                     expired += 1
                     continue
                 live.append(request)
@@ -392,11 +402,12 @@ class WidthBatcher:
         """Fold one batch of ``size`` requests into the averages: answered ``seconds`` after
         its engine call began, which held the engine thread ``busy_seconds`` (the engine
         thread is the queue's server; decoding overlaps the next batch)."""
-        if self.batch_seconds == 0.0:
-            self.batch_seconds, self.request_seconds = seconds, busy_seconds / size
+        tail = max(0.0, seconds - busy_seconds)
+        if self.request_seconds == 0.0:
+            self.request_seconds, self.tail_seconds = busy_seconds / size, tail
             return
-        self.batch_seconds += SMOOTHING * (seconds - self.batch_seconds)
         self.request_seconds += SMOOTHING * (busy_seconds / size - self.request_seconds)
+        self.tail_seconds += SMOOTHING * (tail - self.tail_seconds)
 
     def _resolve(self, done: Future, requests: list[_Request], expired: int,
                  start: float, busy: float) -> None:

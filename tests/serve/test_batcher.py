@@ -211,6 +211,45 @@ class SlowRunner(RecordingRunner):
         return super()._infer(feed)
 
 
+class PerImageRunner(RecordingRunner):
+    """Test double: the real runner, its engine taking ``seconds`` per image of the batch."""
+
+    def __init__(self, path, seconds: float):
+        super().__init__(path)
+        self.seconds = seconds
+
+    def _infer(self, feed):
+        time.sleep(self.seconds * next(iter(feed.values())).shape[0])
+        return super()._infer(feed)
+
+
+def test_a_full_batch_is_expected_to_take_longer_than_a_lone_request(parts, widths):
+    """After lone requests taught the batcher 0.1 s per image, a batch of 4 is expected to
+    take 0.4 s: its request with 0.25 s left is dropped unrun (an average over batches
+    would have promised 0.1 s, run it, and answered after its deadline), the others run."""
+    path, spec = parts
+    narrow, _ = widths
+    runner = PerImageRunner(path, 0.1)
+    with Recognizer(runner, spec) as recognizer:
+        batcher = WidthBatcher(recognizer, max_batch_size=4, max_wait_s=0.3, max_queue=64)
+        batcher.start()
+        for _ in range(2):  # lone requests, each sent alone after 0.3 s
+            batcher.reserve(1)
+            batcher.submit(narrow, time.monotonic() + 10).result(10)
+        assert runner.shapes and all(shape[0] == 1 for shape in runner.shapes)
+        assert 0.1 <= batcher.expected_batch_seconds(1) < 0.2
+        assert batcher.expected_batch_seconds(4) >= 0.4
+        runner.shapes.clear()
+        batcher.reserve(4)
+        relaxed = [batcher.submit(narrow, time.monotonic() + 10) for _ in range(3)]
+        tight = batcher.submit(narrow, time.monotonic() + 0.25)  # the bucket is full now
+        with pytest.raises(DeadlineExceeded, match="a batch of 4 takes about 4[0-9]{2} ms"):
+            tight.result(10)
+        assert all(f.result(10).text is not None for f in relaxed)
+        assert [shape[0] for shape in runner.shapes] == [3]
+        batcher.close()
+
+
 def test_no_engine_work_for_a_request_that_cannot_meet_its_deadline(parts, widths):
     """Batches take >= 0.3 s: a request with 0.2 s left is dropped unrun at the batch, and
     once the per-request rate is known, admission refuses what the queue cannot answer in
@@ -223,7 +262,7 @@ def test_no_engine_work_for_a_request_that_cannot_meet_its_deadline(parts, width
         batcher.start()
         batcher.reserve(1, time.monotonic() + 10)
         assert batcher.submit(narrow, time.monotonic() + 10).result(10).text is not None
-        assert batcher.batch_seconds >= 0.3 and batcher.request_seconds >= 0.3
+        assert batcher.expected_batch_seconds(1) >= 0.3 and batcher.request_seconds >= 0.3
         runner.shapes.clear()
         batcher.reserve(1)
         hopeless = batcher.submit(narrow, time.monotonic() + 0.2)
