@@ -186,8 +186,13 @@ class WidthBatcher:
 
     def expected_wait(self, count: int = 1) -> float:
         """Seconds until ``count`` requests admitted now would be answered, at the measured
-        per-request rate (0 before the first batch)."""
-        return (self._admitted + count) * self.request_seconds / self.lanes
+        per-request rate (0 before the first batch): the queue ahead of them drains across
+        the lanes, and then their own batch (up to ``max_batch_size`` requests, answered
+        together) runs on one lane."""
+        ahead = self._admitted + count
+        batch = min(self.max_batch_size, ahead)
+        return ((ahead - batch) * self.request_seconds / self.lanes
+                + self.expected_batch_seconds(batch))
 
     def check_room(self, count: int, deadline: float | None = None) -> None:
         """Whether ``count`` requests could be admitted now (nothing is reserved).
