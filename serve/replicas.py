@@ -125,10 +125,14 @@ def deployment(config: ServeConfig, replicas: int, access_log: bool = False):
 
 
 #: The environment of the local Ray that ``--replicas`` starts without ``--address``: it runs
-#: no dashboard, so nothing reads Ray's own metrics or HAProxy's; they are not collected
-#: (their agents took about 0.4 ms of CPU per request on 2 cores).
+#: no dashboard, so nothing reads Ray's own metrics or HAProxy's, and they are not collected
+#: (their agents took about 0.4 ms of CPU per request on 2 cores); its one application has a
+#: fixed number of replicas, so Ray Serve's controller reconciles once a second instead of
+#: ten times (0.65 -> 0.2 ms of CPU per request at 65 requests/s; a replica that dies is
+#: noticed up to a second later, and start and stop take a few seconds more).
 LOCAL_RAY_ENVIRONMENT = {"RAY_enable_metrics_collection": "0",
-                         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+                         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+                         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"}
 
 #: --ray-ingress choices, the default first.
 INGRESSES = ("haproxy", "proxy")
