@@ -57,8 +57,11 @@ def _launch(haproxy: str, folder: Path, arguments: list[str]) -> None:
     digest = hashlib.sha256(str(source).encode()).hexdigest()[:12]
     target = folder / f"haproxy-{digest}.cfg"
     partial = target.with_suffix(f".{os.getpid()}.part")
-    partial.write_text(loopback_config(source.read_text()))
-    partial.replace(target)  # a running HAProxy keeps the copy it parsed
+    try:
+        partial.write_text(loopback_config(source.read_text()))
+        partial.replace(target)  # a running HAProxy keeps the copy it parsed
+    except OSError as exc:  # one line in HAProxy's log, which Ray Serve reports
+        raise SystemExit(f"haproxy_launcher: {exc.filename}: {exc.strerror}") from None
     arguments[position] = str(target)
     os.execv(haproxy, [haproxy, *arguments])
 

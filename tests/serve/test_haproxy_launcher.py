@@ -82,3 +82,8 @@ def test_launcher_execs_haproxy_on_the_rewritten_copy(ray_config, tmp_path):
 
     bad = subprocess.run([str(launcher), "-db"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "-f CONFIG" in bad.stderr
+    missing = tmp_path / "missing.cfg"
+    bad = subprocess.run([str(launcher), "-db", "-f", str(missing)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"haproxy_launcher: {missing}: No such file or directory"
