@@ -388,7 +388,10 @@ def pad_conv_input_channels(graph: gs.Graph, multiple: int = CONV_SYM_CHANNEL_MU
     ``[M, C, kh, kw]`` get zero filters for the added channels, and its float input
     ``[N, C, H, W]`` gets zero channels (``Pad`` before its ``QuantizeLinear``). The added
     products are all zero, so the rewritten graph computes exactly the same outputs
-    (checked bit for bit on nano-ocr); only the kernel changes. Measured on nano-ocr's
+    (checked bit for bit on nano-ocr, and on PP-OCRv4's recogniser run unfused); only the
+    kernel changes. On CPUs without VNNI, ONNX Runtime's u8s8 kernels add channels in
+    saturating pairs (AVX2's ``vpmaddubsw``), so there the fused int8 kernel may round a
+    padded convolution differently from the unpadded one. Measured on nano-ocr's
     int8 model (ONNX Runtime profiler, one thread, IIIT5K): the first convolution went from
     0.83 to 0.47 s for the 3000 images. A convolution qualifies when it has one group, its
     weights are a constant int8 tensor behind a ``DequantizeLinear`` with zero points 0,

@@ -313,7 +313,12 @@ def test_iiit5k_int8_keeps_the_reference_accuracy(tmp_path, exported, fixed_mode
 def test_ppocr_recogniser_quantises_with_its_rgb_convolution_padded(tmp_path, tiny_lmdb,
                                                                     ppocr_rec_path):
     """PP-OCRv4's recogniser: ONNX Runtime's symbolic shape inference gives up on it, so
-    ONNX's own is used; its first convolution reads 3 channels and is padded to 4, exactly."""
+    ONNX's own is used; its first convolution reads 3 channels and is padded to 4, exactly:
+    the two graphs compute the same (run unfused, each QDQ pair as the standard defines it;
+    fused into int8 kernels they are equal on VNNI hosts, while AVX2's u8s8 kernels sum
+    channels in saturating pairs, so 3 and 4 channels round differently there)."""
+    import onnxruntime as ort
+
     spec = read_onnx_spec(ppocr_rec_path)
     calibration = quantize.load_calibration_set(tiny_lmdb, spec)
     padded, plain = tmp_path / "padded.onnx", tmp_path / "plain.onnx"
@@ -322,8 +327,11 @@ def test_ppocr_recogniser_quantises_with_its_rgb_convolution_padded(tmp_path, ti
     quantize.quantize_model(ppocr_rec_path, plain, calibration, min_agreement=0.0,
                             pad_channels=False)
     assert _conv_weight_channels(plain)[0] == 3 and _conv_weight_channels(padded)[0] == 4
-    with OnnxRuntimeRunner(padded) as a, OnnxRuntimeRunner(plain) as b:
-        for batch in calibration.batches:
-            assert batch.shape[1] == 3
-            feed = {spec.input_name: batch}
-            assert np.array_equal(a.infer(feed)[spec.output_name], b.infer(feed)[spec.output_name])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for path in (padded, plain))
+    for batch in calibration.batches:
+        assert batch.shape[1] == 3
+        feed = {spec.input_name: batch}
+        assert np.array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
