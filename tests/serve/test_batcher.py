@@ -200,26 +200,17 @@ def test_a_small_request_takes_turns_with_a_big_one_queued_before_it(parts):
 
 
 class SlowRunner(RecordingRunner):
-    """Test double: the real runner, its engine taking at least ``seconds`` per call."""
+    """Test double: the real runner, its engine taking at least ``seconds`` per call, or
+    per image of the batch with ``per_image``."""
 
-    def __init__(self, path, seconds: float):
+    def __init__(self, path, seconds: float, per_image: bool = False):
         super().__init__(path)
         self.seconds = seconds
+        self.per_image = per_image
 
     def _infer(self, feed):
-        time.sleep(self.seconds)
-        return super()._infer(feed)
-
-
-class PerImageRunner(RecordingRunner):
-    """Test double: the real runner, its engine taking ``seconds`` per image of the batch."""
-
-    def __init__(self, path, seconds: float):
-        super().__init__(path)
-        self.seconds = seconds
-
-    def _infer(self, feed):
-        time.sleep(self.seconds * next(iter(feed.values())).shape[0])
+        images = next(iter(feed.values())).shape[0] if self.per_image else 1
+        time.sleep(self.seconds * images)
         return super()._infer(feed)
 
 
@@ -229,7 +220,7 @@ def test_a_full_batch_is_expected_to_take_longer_than_a_lone_request(parts, widt
     would have promised 0.1 s, run it, and answered after its deadline), the others run."""
     path, spec = parts
     narrow, _ = widths
-    runner = PerImageRunner(path, 0.1)
+    runner = SlowRunner(path, 0.1, per_image=True)
     with Recognizer(runner, spec) as recognizer:
         batcher = WidthBatcher(recognizer, max_batch_size=4, max_wait_s=0.3, max_queue=64)
         batcher.start()
