@@ -336,10 +336,8 @@ def test_two_lanes_run_two_widths_at_once_with_batch_1_answers(parts):
         batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16,
                                lanes=2)
         futures = [batcher.submit(p, time.monotonic() + 10) for p in images]
-        start = time.monotonic()
         batcher.start()
         texts = [f.result(10).text for f in futures]
-        seconds = time.monotonic() - start
         # admission counts the lanes: the queue ahead drains at twice the per-request rate,
         # and the last batch (8 requests, answered together) runs on one lane
         assert batcher.request_seconds > 0
@@ -352,5 +350,4 @@ def test_two_lanes_run_two_widths_at_once_with_batch_1_answers(parts):
         batcher.close(timeout=5)
     assert texts == expected
     assert runner.most_inside == 2  # two engine calls at once
-    assert seconds < 4 * 0.2 + 0.15  # 4 widths in ~2 rounds of 0.2 s, not 4
     assert not any(t.is_alive() for t in batcher._threads)
