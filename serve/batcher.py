@@ -125,7 +125,8 @@ class WidthBatcher:
             the batch had expired), for metrics.
         lanes: engine threads, each taking the next due bucket (>= 1; above 1 the runner
             must run concurrently, as ONNX Runtime's does: ``Runner.concurrent_infer``).
-            Admission's expected wait counts the lanes.
+            A batch takes at most one lane's share of the queue (:meth:`share`), and
+            admission's expected wait counts the lanes.
 
     Raises:
         ValueError: a limit out of range.
@@ -187,12 +188,21 @@ class WidthBatcher:
     def expected_wait(self, count: int = 1) -> float:
         """Seconds until ``count`` requests admitted now would be answered, at the measured
         per-request rate (0 before the first batch): the queue ahead of them drains across
-        the lanes, and then their own batch (up to ``max_batch_size`` requests, answered
+        the lanes, and then their own batch (a lane's share, :meth:`share`, answered
         together) runs on one lane."""
         ahead = self._admitted + count
-        batch = min(self.max_batch_size, ahead)
+        batch = self.share(ahead)
         return ((ahead - batch) * self.request_seconds / self.lanes
                 + self.expected_batch_seconds(batch))
+
+    def share(self, queued: int) -> int:
+        """Most requests one batch takes with ``queued`` requests waiting: one lane's share,
+        ``ceil(queued / lanes)``, at least 1 and at most ``max_batch_size``. One lane does
+        not hold requests in a long batch while another lane has nothing to run: under load
+        the share is the whole ``max_batch_size``; at a few requests in flight, where a
+        batch barely lowers the engine's time per image on a compute-bound host, the lanes
+        split the work and answer sooner."""
+        return max(1, min(self.max_batch_size, -(-queued // self.lanes)))
 
     def check_room(self, count: int, deadline: float | None = None) -> None:
         """Whether ``count`` requests could be admitted now (nothing is reserved).
@@ -306,11 +316,15 @@ class WidthBatcher:
         A due bucket is overdue when one of its requests has waited ``patience_s`` (10 x
         ``max_wait_s``, at least 50 ms) or half its time to its deadline; the overdue bucket
         whose first request has the smallest fair-queueing tag goes first (the flow that has
-        had the least service); with none overdue, the fullest (more requests per engine
-        call: rare widths cost the engine fewer calls), the oldest on a tie.
+        had the least service), the one holding the oldest request on a tie (first come,
+        first served among one-image requests, whose tags tie within a round); with none
+        overdue, the one giving the largest batch (:meth:`_batch_cap` caps it: more
+        requests per engine call, so rare widths cost the engine fewer calls), the oldest on
+        a tie.
         """
-        overdue = fullest = fullest_rank = None
+        overdue = overdue_rank = fullest = fullest_rank = None
         wait = None
+        cap = self._batch_cap()
         for width, bucket in self._buckets.items():
             oldest = min(r.enqueued for r in bucket)
             ready_at = oldest + self.max_wait_s
@@ -320,23 +334,28 @@ class WidthBatcher:
                 continue
             urgent = any(now - r.enqueued >= min(self.patience_s, (r.deadline - r.enqueued) / 2)
                          for r in bucket if r.deadline > now)  # the expired are dropped
-            if urgent and (overdue is None or bucket[0].tag < self._buckets[overdue][0].tag):
-                overdue = width
-            rank = (len(bucket), -oldest)
+            if urgent and (overdue is None or (bucket[0].tag, oldest) < overdue_rank):
+                overdue, overdue_rank = width, (bucket[0].tag, oldest)
+            rank = (min(len(bucket), cap), -oldest)
             if fullest is None or rank > fullest_rank:
                 fullest, fullest_rank = width, rank
         return (overdue if overdue is not None else fullest), wait
 
+    def _batch_cap(self) -> int:
+        """Most requests the next batch takes: a lane's :meth:`share` of everything queued."""
+        return self.share(sum(len(bucket) for bucket in self._buckets.values()))
+
     def _next_batch(self) -> list[_Request] | None:
-        """Block until a bucket is due, then take up to ``max_batch_size`` of its requests;
+        """Block until a bucket is due, then take up to :meth:`_batch_cap` of its requests;
         None when closing and nothing is left."""
         with self._cond:
             while True:
                 width, wait = self._pick(time.monotonic())
                 if width is not None:
                     bucket = self._buckets[width]
-                    taken = bucket[:self.max_batch_size]
-                    del bucket[:self.max_batch_size]
+                    cap = self._batch_cap()
+                    taken = bucket[:cap]
+                    del bucket[:cap]
                     if not bucket:
                         del self._buckets[width]
                     self._virtual = max(self._virtual, taken[-1].tag)

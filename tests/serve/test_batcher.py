@@ -305,18 +305,20 @@ def test_a_detector_bug_fails_its_batch_and_the_engine_thread_keeps_serving(ppoc
 
 class ConcurrencyRunner(OnnxRuntimeRunner):
     """Test double: the real ONNX Runtime runner, holding each call 0.2 s longer and
-    recording how many calls were in it at once."""
+    recording how many calls were in it at once and each call's batch size."""
 
     def __init__(self, path):
         super().__init__(path, threads=1)
         self.inside = 0
         self.most_inside = 0
+        self.sizes: list[int] = []
         self._lock = threading.Lock()
 
     def infer(self, feed):
         with self._lock:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
+            self.sizes.append(next(iter(feed.values())).shape[0])
         try:
             time.sleep(0.2)
             return super().infer(feed)
@@ -339,10 +341,11 @@ def test_two_lanes_run_two_widths_at_once_with_batch_1_answers(parts):
         batcher.start()
         texts = [f.result(10).text for f in futures]
         # admission counts the lanes: the queue ahead drains at twice the per-request rate,
-        # and the last batch (8 requests, answered together) runs on one lane
+        # and the last batch (a lane's share, here the full 8, answered together) runs on
+        # one lane
         assert batcher.request_seconds > 0
         ahead = batcher.depth + 20  # (this test submitted without reserving: depth < 0)
-        assert ahead > 8
+        assert ahead >= 16 and batcher.share(ahead) == 8
         assert batcher.expected_wait(20) == pytest.approx(
             (ahead - 8) * batcher.request_seconds / 2 + batcher.expected_batch_seconds(8))
         assert batcher.expected_batch_seconds(8) == pytest.approx(
@@ -351,3 +354,58 @@ def test_two_lanes_run_two_widths_at_once_with_batch_1_answers(parts):
     assert texts == expected
     assert runner.most_inside == 2  # two engine calls at once
     assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_two_lanes_split_a_queued_width_instead_of_one_lane_taking_it_all(parts):
+    """Eight requests of one width queued, two lanes, batches of up to 8: no batch takes
+    more than a lane's share of the queue (4 of 8, then 2 of the 4 left, ...) and the two
+    lanes run at once, instead of one batch of 8 on one lane while the other has nothing
+    to run."""
+    path, spec = parts
+    narrow = pixels_of_width(spec, "word", 96)
+    runner = ConcurrencyRunner(path)
+    with Recognizer(runner, spec) as recognizer:
+        expected = recognizer([narrow])[0].text
+        runner.most_inside, runner.sizes = 0, []
+        batcher = WidthBatcher(recognizer, max_batch_size=8, max_wait_s=0.0, max_queue=16,
+                               lanes=2)
+        assert [batcher.share(n) for n in (1, 2, 3, 8, 16, 40)] == [1, 1, 2, 4, 8, 8]
+        futures = [batcher.submit(narrow, time.monotonic() + 10) for _ in range(8)]
+        batcher.start()
+        texts = [f.result(10).text for f in futures]
+        batcher.close(timeout=5)
+    assert texts == [expected] * 8
+    assert max(runner.sizes) == 4 and sum(runner.sizes) == 8 and len(runner.sizes) > 2
+    assert runner.most_inside == 2
+
+
+def test_one_image_requests_go_first_come_first_served_across_widths(parts, widths):
+    """Batches of 1: the bucket with more requests queued gains nothing from its size, so
+    requests go in the order they came, whatever their widths; once every request has
+    waited past the batcher's patience, one-image requests (whose fair-queueing tags tie)
+    still go in the order they came."""
+    path, spec = parts
+    narrow, wide = widths
+    runner = RecordingRunner(path)
+    with Recognizer(runner, spec) as recognizer:
+        runner.shapes.clear()
+        # patience is 10 x max_wait_s = 1 s here, and a bucket of 1 is full (due) at once
+        batcher = WidthBatcher(recognizer, max_batch_size=1, max_wait_s=0.1, max_queue=16)
+        futures = [batcher.submit(p, time.monotonic() + 30) for p in (wide, narrow, narrow, narrow)]
+        batcher.start()
+        for future in futures:
+            future.result(10)
+        batcher.close()
+        fresh = [shape[-1] for shape in runner.shapes]
+        runner.shapes.clear()
+        batcher = WidthBatcher(recognizer, max_batch_size=1, max_wait_s=0.0, max_queue=16)
+        futures = [batcher.submit(p, time.monotonic() + 30) for p in (narrow, wide, narrow, wide)]
+        time.sleep(0.1)  # past the 50 ms patience: every bucket is overdue
+        batcher.start()
+        for future in futures:
+            future.result(10)
+        batcher.close()
+        overdue = [shape[-1] for shape in runner.shapes]
+    n, w = narrow.shape[1], wide.shape[1]
+    assert fresh == [w, n, n, n]
+    assert overdue == [n, w, n, w]
