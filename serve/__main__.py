@@ -20,7 +20,9 @@ deadlines and metrics.
 
 Requests of equal input width (after the model's width policy) share an engine call; a width's
 bucket goes to the engine when it holds --max-batch-size requests or its oldest request has
-waited --max-wait-ms. Nothing is padded, so every answer equals the offline batch-1 answer.
+waited --max-wait-ms, and a batch takes at most one lane's share of what is queued (the lanes
+split a few requests instead of one running them all). Nothing is padded, so every answer
+equals the offline batch-1 answer.
 
 Connections: at most --max-connections open at once (beyond: 503 and closed at once); a
 request's headers must arrive within --header-timeout-s and its body within
