@@ -96,7 +96,7 @@ def deployment(config: ServeConfig, replicas: int, access_log: bool = False):
     from ray import serve
 
     from serve.app import create_app
-    from serve.service import Service, State
+    from serve.service import Service, State, freeze_heap
 
     replica = replica_config(config)
     if replica.device and parse_device(replica.device).kind == "npu":
@@ -109,6 +109,7 @@ def deployment(config: ServeConfig, replicas: int, access_log: bool = False):
         def __init__(self, config: ServeConfig) -> None:
             self.service = Service(config)
             self.service.load()
+            freeze_heap()  # the replica's process serves this service until it exits
 
         def __serve_build_asgi_app__(self):  # noqa: PLW3201 - Ray Serve's hook
             return create_app(self.service)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import hmac
 import logging
 import threading
@@ -633,9 +634,21 @@ class Service:
         return results
 
 
+def freeze_heap() -> None:
+    """Collect, then move every object alive into the garbage collector's permanent
+    generation (``gc.freeze``, Python's gc module), for a process that serves one loaded
+    service until it exits: the modules, the app and the engines then stay out of every later
+    collection. Without it, a full collection walked them all under load (about 40 ms, every
+    few seconds, on the event loop's thread or an engine's); the requests' own objects are
+    collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 def load_in_background(service: Service, on_failure: Callable[[str], None]) -> threading.Thread:
-    """Load the service on a thread; a load that fails marks the service failed and calls
-    ``on_failure`` with the one-line reason (the server then exits)."""
+    """Load the service on a thread, then :func:`freeze_heap`; a load that fails marks the
+    service failed and calls ``on_failure`` with the one-line reason (the server then
+    exits)."""
 
     def run() -> None:
         try:
@@ -643,6 +656,8 @@ def load_in_background(service: Service, on_failure: Callable[[str], None]) -> t
         except ToolchainError as exc:  # EngineError is a ToolchainError
             service.fail(str(exc))
             on_failure(str(exc))
+            return
+        freeze_heap()
 
     thread = threading.Thread(target=run, name="load", daemon=True)
     thread.start()
