@@ -28,12 +28,12 @@ runs (default all):
 7. ``soak``: 64 in flight for --soak-seconds (10 minutes), every answer compared with the
    answer the idle server gave the same image, the server's RSS sampled every 10 s.
 
-The load tool is a small asyncio client on aiohttp and uvloop (one keep-alive connection per
-request in flight, each posting the next image as soon as its answer arrives; ``POST
-/service`` with the raw image as the body). It runs on the same 2 cores as the server, so the
-service's figures include the client's cost. The open-loop overload uses a leaner client
-(:class:`_Lean`: prebuilt requests on asyncio streams), since at 16x aiohttp's own cost would
-take the cores being measured. Every load level is bounded in requests (--requests) and time
+The load tool is a small asyncio client on uvloop (:class:`_Lean`: prebuilt HTTP/1.1
+requests on asyncio streams, one keep-alive connection per request in flight, each posting
+the next image as soon as its answer arrives; ``POST /service`` with the raw image as the
+body; the open-loop overload posts on a timer instead). It runs on the same 2 cores as the
+server, so the service's figures include the client's cost, which it keeps small (about a
+third of aiohttp's). Every load level is bounded in requests (--requests) and time
 (--seconds), the overload runs in time (--overload-seconds) and unanswered requests (1024).
 Server memory is ``VmRSS`` of the server process before and after the load.
 
@@ -117,8 +117,6 @@ def same_answer(expected: dict | None, answer: dict) -> bool:
 async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
                 seconds: float, path: str = "/service", reference: dict | None = None,
                 rss_pid: int | None = None, rss_every_s: float = 10.0) -> dict:
-    import aiohttp
-
     latencies: list[float] = []
     statuses: Counter = Counter()
     answers: dict[int, dict] = {}
@@ -126,46 +124,46 @@ async def _load(url: str, images: list[bytes], in_flight: int, requests: int,
     rss: list[tuple[float, float]] = []
     next_index = 0
     stop_at = time.monotonic() + seconds
+    client = _Lean(url, images, path)
 
     async def sample_rss(start: float) -> None:
         while True:
             rss.append((time.monotonic() - start, rss_kib(rss_pid) / 1024))
             await asyncio.sleep(rss_every_s)
 
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal next_index
+    async def worker() -> None:
+        nonlocal next_index, mismatches
         while next_index < requests and time.monotonic() < stop_at:
             index = next_index
             next_index += 1
-            body = images[index % len(images)]
             start = time.perf_counter()
             try:
-                async with session.post(url + path, data=body) as response:
-                    payload = await response.json()
-                    statuses[response.status] += 1
-            except aiohttp.ClientError as exc:
+                async with asyncio.timeout(60):
+                    status, body = await client.post(index)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                 statuses[type(exc).__name__] += 1
                 continue
             latency = time.perf_counter() - start
-            if response.status == 200:
-                nonlocal mismatches
+            statuses[status] += 1
+            if status == 200:
+                payload = json.loads(body)
                 latencies.append(latency)
                 answers[index % len(images)] = payload
                 if reference is not None and not same_answer(
                         reference.get(index % len(images)), payload):
                     mismatches += 1
 
-    connector = aiohttp.TCPConnector(limit=in_flight)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = time.perf_counter()
-        sampler = (asyncio.create_task(sample_rss(time.monotonic()))
-                   if rss_pid is not None else None)
-        await asyncio.gather(*(worker(session) for _ in range(in_flight)))
-        wall = time.perf_counter() - start
-        if sampler is not None:
-            sampler.cancel()
-            rss.append((time.monotonic() - stop_at + seconds, rss_kib(rss_pid) / 1024))
+    start = time.perf_counter()
+    sampler = (asyncio.create_task(sample_rss(time.monotonic()))
+               if rss_pid is not None else None)
+    try:
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+    finally:
+        client.close()
+    wall = time.perf_counter() - start
+    if sampler is not None:
+        sampler.cancel()
+        rss.append((time.monotonic() - stop_at + seconds, rss_kib(rss_pid) / 1024))
     latencies.sort()
     ok = len(latencies)
     return {
@@ -194,23 +192,29 @@ def run_client(coroutine):
 
 
 class _Lean:
-    """A lean HTTP/1.1 client for the open-loop overload: prebuilt ``POST /service`` requests
+    """The load client's HTTP/1.1: prebuilt ``POST`` requests (the raw image as the body)
     written on asyncio streams over kept connections, the answer's status line and
-    ``Content-Length`` body read back. At 16x overload aiohttp took most of one of the two
-    cores this bench shares with the server (about 1 ms of client time per request); this
-    costs a fraction of that, so the figures measure the server rather than the client."""
+    ``Content-Length`` body read back. It shares the 2 cores with the server it measures, so
+    it does as little as it can: aiohttp took about 0.3 ms of client CPU per request at 32 in
+    flight and most of a core at 16x overload; this takes a fraction of that."""
 
-    def __init__(self, url: str, images: list[bytes]) -> None:
+    def __init__(self, url: str, images: list[bytes], path: str = "/service") -> None:
         host, _, port = url.removeprefix("http://").partition(":")
         self.host, self.port = host, int(port)
-        self.requests = [b"POST /service HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
-                         b"\r\n%s" % (host.encode(), len(image), image) for image in images]
+        self.requests = [b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+                         b"\r\n%s" % (path.encode(), host.encode(), len(image), image)
+                         for image in images]
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def post(self, index: int) -> int:
-        """Send request ``index`` (modulo the images) and return the answer's status; a kept
-        connection the server closed while it was idle (its keep-alive timeout) is replaced
-        by a new one, as HTTP clients do."""
+    async def post(self, index: int) -> tuple[int, bytes]:
+        """Send request ``index`` (modulo the images) and return the answer's status and
+        body; a kept connection the server closed while it was idle (its keep-alive timeout)
+        is replaced by a new one, as HTTP clients do.
+
+        Raises:
+            OSError: the connection failed. asyncio.IncompleteReadError: the server closed it
+                mid-answer. ValueError: an answer without Content-Length (chunked).
+        """
         while self.idle:
             try:
                 return await self._exchange(*self.idle.pop(), index)
@@ -220,14 +224,16 @@ class _Lean:
         return await self._exchange(*await asyncio.open_connection(self.host, self.port), index)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        index: int) -> int:
+                        index: int) -> tuple[int, bytes]:
         try:
             writer.write(self.requests[index % len(self.requests)])
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.split(b"\r\n")
             status = int(lines[0].split()[1])
             fields = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
-            await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            if b"content-length" not in fields:
+                raise ValueError(f"an answer ({status}) without Content-Length: {head[:200]!r}")
+            body = await reader.readexactly(int(fields[b"content-length"]))
         except BaseException:
             writer.close()
             raise
@@ -235,7 +241,7 @@ class _Lean:
             writer.close()
         else:
             self.idle.append((reader, writer))
-        return status
+        return status, body
 
     def close(self) -> None:
         for _, writer in self.idle:
@@ -259,11 +265,11 @@ async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float,
         nonlocal outstanding
         start = time.perf_counter()
         try:
-            status = await asyncio.wait_for(client.post(index), 60)
+            status, _ = await asyncio.wait_for(client.post(index), 60)
             statuses[status] += 1
             if status == 200:
                 latencies.append(time.perf_counter() - start)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             statuses[type(exc).__name__] += 1
         finally:
             outstanding -= 1
