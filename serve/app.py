@@ -53,6 +53,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import ToolchainError
 from serve import kserve
@@ -174,6 +175,34 @@ def page_config(service: Service, model_api: V2Model) -> dict:
             "detector": None if detector is None else Path(str(detector)).stem,
             "endpoints": (["ocr"] if detector is not None else []) + ["service"],
             "token": service.config.token is not None}
+
+
+class Shortcut:
+    """ASGI middleware: a ``POST`` to one of ``routes``' exact paths goes straight to its
+    handler, past the framework's routing, dependency solving and inner middleware (on a
+    2-core EPYC, about 70 us of the 450 us of event-loop time a recognised image took); any
+    other request, and the same handlers at other spellings of their paths, go through the
+    application. The handlers answer their own errors; an exception escaping one is a bug,
+    answered 500 by the server-error middleware outside this one.
+
+    Args:
+        app: the application (the next ASGI layer).
+        routes: exact path -> ``async handler(request) -> Response``.
+    """
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Callable[[Request],
+                                                                Awaitable[Response]]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.routes.get(scope["path"])
+            if handler is not None:
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(service: Service, on_startup: Callable[[], None] | None = None,
@@ -394,6 +423,13 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
     async def metrics_endpoint(request: Request) -> Response:
         service.check_token(request.headers.get("authorization"))  # errors: service_error
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Shortcut, routes={
+        "/service": service_endpoint,
+        "/ocr": ocr_endpoint,
+        "/ocr/prediction": ocr_prediction_endpoint,
+        f"/v2/models/{name}/infer": lambda request: infer(request, name, None),
+    })
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

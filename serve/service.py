@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,10 +415,11 @@ class Service:
         ``key``'s; on the first failure the request's jobs not yet started are dropped."""
         futures = [self._preprocess.submit(key, function, *args) for function, args in jobs]
         try:
-            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+            failed = await settled(futures)
         finally:
             for future in futures:
                 future.cancel()
+        return results(futures, failed)
 
     def _admit(self, batcher: WidthBatcher, count: int, deadline: float | None = None,
                reserve: bool = True) -> None:
@@ -433,11 +435,8 @@ class Service:
 
     async def _gather(self, futures: list, deadline: float) -> list:
         """Await the batchers' futures until ``deadline``; their failures as ServiceErrors."""
-        loop = asyncio.get_running_loop()
-        waiting = [asyncio.wrap_future(f) for f in futures]
         try:
-            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                return list(await asyncio.gather(*waiting))
+            return results(futures, await settled(futures, deadline))
         except TimeoutError:
             raise ServiceError(504, f"no answer within the deadline "
                                     f"({self.config.timeout_ms:g} ms)") from None
@@ -448,7 +447,7 @@ class Service:
         except Stopped as exc:
             raise ServiceError(503, str(exc)) from None
         finally:
-            for future in waiting:
+            for future in futures:
                 future.cancel()
 
     def _decode(self, raw: bytes, where: str = "") -> np.ndarray:
@@ -632,6 +631,64 @@ class Service:
         for image_readings in readings:
             results.append(collapse([(turn, next(decoded)) for turn, _ in image_readings]))
         return results
+
+
+def settled(futures: list[Future], deadline: float | None = None) -> asyncio.Future:
+    """An asyncio future (of the running loop) done once every one of ``futures``
+    (``concurrent.futures.Future``, completed on other threads) is done, or as soon as one
+    fails or is cancelled: its result is that future, or None when all succeeded (read them
+    with :func:`results`). Given ``deadline`` (``time.monotonic()`` seconds), it fails with
+    ``TimeoutError`` if that comes first.
+
+    One wake-up of the event loop per call, from the thread that completes the last future
+    (or the first failure), where ``asyncio.wrap_future`` and ``asyncio.gather`` cost a
+    wake-up and a chain of callbacks per future. Cancelling it leaves ``futures`` as they
+    are.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    remaining = len(futures)
+    lock = threading.Lock()
+
+    def settle(failed: Future | None) -> None:
+        if not done.done():
+            done.set_result(failed)
+
+    def finished(future: Future) -> None:  # on the thread that completed ``future``
+        nonlocal remaining
+        failed = future.cancelled() or future.exception() is not None
+        with lock:
+            if remaining < 0:
+                return  # settled already
+            remaining -= 1
+            if not (failed or remaining == 0):
+                return
+            remaining = -1
+        loop.call_soon_threadsafe(settle, future if failed else None)
+
+    if deadline is not None:
+        def expire() -> None:
+            if not done.done():
+                done.set_exception(TimeoutError())
+
+        timer = loop.call_at(loop.time() + deadline - time.monotonic(), expire)
+        done.add_done_callback(lambda _: timer.cancel())
+    if not futures:
+        done.set_result(None)
+    for future in futures:
+        future.add_done_callback(finished)
+    return done
+
+
+def results(futures: list[Future], failed: Future | None) -> list:
+    """The results of ``futures`` in order, once :func:`settled` gave ``failed``.
+
+    Raises:
+        ``failed``'s exception (``concurrent.futures.CancelledError`` when it was cancelled).
+    """
+    if failed is not None:
+        failed.result()  # raises
+    return [future.result() for future in futures]
 
 
 def freeze_heap() -> None:
