@@ -6,10 +6,13 @@ runs (default all):
 
 1. offline: ``pipeline.Recognizer`` on all images in memory, batch 16, in this process
    (decode, resize, equal-width batches, engine, CTC), with the offline default's engine
-   lanes (one one-thread lane per core on ONNX Runtime): the ceiling for the service.
+   lanes (one one-thread lane per core on ONNX Runtime): the ceiling for the service. It
+   runs next to the loads it is compared with (before and after the batched levels, before
+   the replicas part), as a host's speed can drift by 10 % over minutes;
 2. ``levels``: the service, ``python -m serve`` in a child process with its defaults (batches
-   of up to 16 per width, 2 ms wait), at 1, 8, 32 and 128 requests in flight; and the same
-   service with ``--max-batch-size 1`` (no batching), at the same loads;
+   of up to 16 per width, 2 ms wait), at 1, 8, 32 and 128 requests in flight, against the
+   mean of the offline runs just before and after; and the same service with
+   ``--max-batch-size 1`` (no batching), at the same loads;
 3. ``overload``: the batched service with its default queue and a 2 s deadline
    (``--timeout-ms 2000``) offered 4x and 16x its capacity (its rate at 32 in flight, from
    the levels, or measured first without them), open loop (a request every 1/rate seconds
@@ -497,6 +500,15 @@ def soak(model: Path, images: list[bytes], in_flight: int, seconds: float) -> di
     return result
 
 
+def _offline_now(model: Path, images: list[bytes], when: str) -> dict:
+    """Measure the offline path now (:func:`offline`) and print its rate; the parts compare
+    with a run made next to their own loads, as this host's speed drifts over minutes."""
+    result = offline(model, images)
+    print(f"offline in-memory recogniser{when}: {result['images_per_s']:.0f} img/s "
+          f"({result['seconds']:.2f} s, {result['failed']} failed)", flush=True)
+    return result
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -601,20 +613,21 @@ def _run(args) -> int:
             _, _, _, model, build_seconds = build_models(Path(tmp), args.calibration)
             print(f"built int8 nano-ocr in {build_seconds:.0f} s (not timed below)")
         print(f"{len(images)} images from {args.data}; model {model.name}")
-        base = offline(model, images)
-        print(f"offline in-memory recogniser: {base['images_per_s']:.0f} img/s "
-              f"({base['seconds']:.2f} s, {base['failed']} failed)")
+        base = _offline_now(model, images, "")
         capacity = None  # the batched service at 32 in flight, once measured
         if "levels" in parts:
             batched = serve_levels(model, images, levels, ["--grpc-port", "0"], args.requests,
                                    args.seconds)
+            after = _offline_now(model, images, " after the batched service's levels")
+            rate = (base["images_per_s"] + after["images_per_s"]) / 2
+            print(f"x offline below: against {rate:.0f} img/s, the mean of the offline runs "
+                  f"just before and after the batched levels (this host's speed drifts)")
             unbatched = serve_levels(model, images, levels,
                                      ["--grpc-port", "0", "--max-batch-size", "1"],
                                      args.requests, args.seconds)
             _print_rows("service, batched (--max-batch-size 16 --max-wait-ms 2)", batched,
-                        unbatched, base["images_per_s"])
-            _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None,
-                        base["images_per_s"])
+                        unbatched, rate)
+            _print_rows("service, unbatched (--max-batch-size 1)", unbatched, None, rate)
             if 32 in levels:
                 capacity = batched["rows"][levels.index(32)]["images_per_s"]
             if args.predictions is not None:
@@ -635,7 +648,8 @@ def _run(args) -> int:
             print(f"offline pipeline on the same photos: "
                   f"{result['offline_images_per_s']:.2f} img/s")
         if "replicas" in parts:
-            _replicas_part(model, images, args, base)
+            _replicas_part(model, images, args,
+                           _offline_now(model, images, " before the replicas part"))
         if "soak" in parts:
             _soak_part(model, images, args)
     return 0
