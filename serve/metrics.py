@@ -87,11 +87,18 @@ class ServiceMetrics:
                                  registry=self.registry)
         self._statistics = ModelStatistics()
         self._lock = threading.Lock()
+        self._counters: dict[tuple[str, int], object] = {}
+        self._latencies: dict[str, object] = {}
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        counter = self._counters.get((endpoint, status))
+        if counter is None:  # the labelled series, looked up once per endpoint and status
+            counter = self._counters[endpoint, status] = self.requests.labels(endpoint,
+                                                                              str(status))
+            self._latencies[endpoint] = self.latency.labels(endpoint)
+        counter.inc()
+        self._latencies[endpoint].observe(seconds)
         if endpoint in INFERENCE_ENDPOINTS:
             with self._lock:
                 (self._statistics.success if status == 200 else self._statistics.fail).add(

@@ -86,7 +86,7 @@ def test_settled_fails_with_timeout_at_its_deadline_and_leaves_the_futures():
     asyncio.run(run())
 
 
-def _shortcut_app(calls: list[str]) -> FastAPI:
+def _shortcut_app(calls: list[str]) -> Shortcut:
     app = FastAPI()
 
     @app.post("/service")
@@ -105,8 +105,7 @@ def _shortcut_app(calls: list[str]) -> FastAPI:
     async def broken(request: Request) -> PlainTextResponse:
         raise RuntimeError("a bug in a handler")
 
-    app.add_middleware(Shortcut, routes={"/service": direct, "/broken": broken})
-    return app
+    return Shortcut(app, {"/service": direct, "/broken": broken})
 
 
 def test_the_shortcut_takes_exact_post_paths_and_leaves_the_rest_to_the_app():
