@@ -591,6 +591,8 @@ def _run(args) -> int:
     from bench.e2e import build_models
 
     levels, parts = args.levels, args.parts
+    if args.model is not None and not args.model.is_file():  # before reading the images
+        raise ToolchainError(f"{args.model}: no such model file (--model)")
     if args.predictions is not None:
         if args.predictions.exists():
             raise ToolchainError(f"{args.predictions}: exists; --predictions writes a new file")
