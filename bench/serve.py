@@ -592,7 +592,7 @@ def _run(args) -> int:
 
     levels, parts = args.levels, args.parts
     if args.model is not None and not args.model.is_file():  # before reading the images
-        raise ToolchainError(f"{args.model}: no such model file (--model)")
+        raise ToolchainError(f"{args.model}: not a model file (--model)")
     if args.predictions is not None:
         if args.predictions.exists():
             raise ToolchainError(f"{args.predictions}: exists; --predictions writes a new file")
@@ -615,13 +615,13 @@ def _run(args) -> int:
             _, _, _, model, build_seconds = build_models(Path(tmp), args.calibration)
             print(f"built int8 nano-ocr in {build_seconds:.0f} s (not timed below)")
         print(f"{len(images)} images from {args.data}; model {model.name}")
-        base = _offline_now(model, images, "")
         capacity = None  # the batched service at 32 in flight, once measured
         if "levels" in parts:
+            before = _offline_now(model, images, " before the batched service's levels")
             batched = serve_levels(model, images, levels, ["--grpc-port", "0"], args.requests,
                                    args.seconds)
             after = _offline_now(model, images, " after the batched service's levels")
-            rate = (base["images_per_s"] + after["images_per_s"]) / 2
+            rate = (before["images_per_s"] + after["images_per_s"]) / 2
             print(f"x offline below: against {rate:.0f} img/s, the mean of the offline runs "
                   f"just before and after the batched levels (this host's speed drifts)")
             unbatched = serve_levels(model, images, levels,
